@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -166,6 +167,25 @@ def to_torch_layout(array: np.ndarray, path: tuple) -> np.ndarray:
     return array
 
 
+class _ShapeOnlyRngs:
+    """Stands in for `nnx.Rngs` when a module is built only for its shapes (under `nnx.eval_shape`).
+
+    flax 0.12.8 re-derives a tracer's provenance on every RNG counter update inside a trace, which makes
+    building even a tiny UNet take seconds; a fixed key gives the same shapes in a fraction of that.
+    """
+
+    def __getattr__(self, stream: str) -> "_ShapeOnlyRngs":
+        return self
+
+    def __call__(self) -> jax.Array:
+        return jax.random.key(0)
+
+
+def abstract_module(build: Callable[[Any], nnx.Module]) -> nnx.Module:
+    """The module `build(rngs)` returns, with shapes and dtypes but no allocated parameters."""
+    return nnx.eval_shape(lambda: build(_ShapeOnlyRngs()))
+
+
 def load_module(
     abstract_module: nnx.Module,
     state_dict: dict[str, np.ndarray],
@@ -178,7 +198,7 @@ def load_module(
     """Fills an abstract module (from `nnx.eval_shape`) with a PyTorch state dict, all or nothing.
 
     Args:
-      abstract_module: the module built under `nnx.eval_shape`, so nothing is allocated twice.
+      abstract_module: the module from `abstract_module`, so nothing is allocated twice.
       state_dict: PyTorch keys to arrays in PyTorch layout.
       source: the weight file, named in errors.
       key_prefix: prepended to each module path (`text_model.` for transformers' CLIPTextModel).

@@ -61,3 +61,84 @@ def write_tiny_tokenizer(folder: Path, model_max_length: int = 16) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     return write_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def _randomize(module, scale: float = 0.1) -> None:
+    """Perturbs every parameter (norm scales and biases too) so that no layer is an identity by accident."""
+    import torch
+
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+# Tiny pipelines covering the two families. Block sizes are small but keep every structural feature:
+# several resolutions, cross-attention blocks in both halves, a plain down/up block, and a mid block.
+SD1_UNET = dict(block_out_channels=(8, 16, 16), layers_per_block=2, sample_size=8, cross_attention_dim=32,
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                norm_num_groups=4, attention_head_dim=2)
+SD2_UNET = dict(SD1_UNET, layers_per_block=1, attention_head_dim=(2, 4, 4), use_linear_projection=True,
+                upcast_attention=True)
+TINY_VAE = dict(block_out_channels=[8, 16], latent_channels=4, norm_num_groups=4, layers_per_block=1,
+                down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                   set_alpha_to_one=False, steps_offset=1)
+
+
+def build_tiny_pipeline(folder: Path, tokenizer_dir: Path, family: str, *, safe_serialization: bool = True) -> Path:
+    """Saves a random diffusers `StableDiffusionPipeline` of the SD-1.x ("sd1") or SD-2.x ("sd2") family."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0 if family == "sd1" else 1)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3, vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        hidden_act="quick_gelu" if family == "sd1" else "gelu")).eval()
+    unet = UNet2DConditionModel(**(SD1_UNET if family == "sd1" else SD2_UNET)).eval()
+    vae = AutoencoderKL(**TINY_VAE).eval()
+    for module in (text_encoder, unet, vae):
+        _randomize(module)
+    if family == "sd1":
+        scheduler = PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True)
+    else:
+        scheduler = DDIMScheduler(**SD_SCHEDULE, clip_sample=False, prediction_type="v_prediction")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=safe_serialization)
+    # transformers 5 saves only tokenizer.json; keep the BPE files too, as real SD folders have them.
+    for name in ("vocab.json", "merges.txt"):
+        (folder / "tokenizer" / name).write_bytes((tokenizer_dir / name).read_bytes())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sd1_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("sd1"), tiny_tokenizer_dir, "sd1")
+
+
+@pytest.fixture(scope="session")
+def sd2_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("sd2"), tiny_tokenizer_dir, "sd2")
+
+
+@pytest.fixture(scope="session")
+def sd1_bin_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """The SD-1.x pipeline saved as PyTorch `.bin` files."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("sd1_bin"), tiny_tokenizer_dir, "sd1",
+                               safe_serialization=False)
+
+
+def jitted(module, method: str = "__call__"):
+    """`module.method` compiled once, with the parameters as jit arguments (eager NNX dispatch is slow)."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(module)
+    fn = jax.jit(lambda state, *args: getattr(nnx.merge(graphdef, state), method)(*args))
+    return lambda *args: fn(state, *args)
