@@ -1,0 +1,114 @@
+"""NSYNC's gradient refinement as an optax transformation that any optax training loop can use.
+
+With proj(a, b) = (<a, b> / (<b, b> + eps)) b, the positive gradient g_p is refined with the gradient of
+the caption-matched synthetic negative g_n (and of a random other positive, the anchor g_a):
+
+  orthogonal         g_p - proj(g_p, g_n)
+  orthogonal_anchor  g_p - proj(g_p, g_n) + proj(g_p, g_a)     (the paper's rule; the default)
+  released           2 g_p - proj(g_p, g_p + g_n)              (what the released code's "v4.2" computes:
+                                                                its gradients accumulate between passes
+                                                                and its anchor term reduces to g_p)
+  mean               mean of g_p, g_n and, when given, g_a     (the released "v5.x" family)
+
+Put it first in a chain, and pass the other gradients as extra arguments to `update`::
+
+    tx = optax.chain(orthogonal_projection("orthogonal_anchor"), optax.adamw(1e-3, weight_decay=1e-2))
+    opt_state = tx.init(params)
+    ...
+    updates, opt_state = tx.update(pos_grads, opt_state, params,
+                                   negative_grads=neg_grads, anchor_grads=anchor_grads)
+    params = optax.apply_updates(params, updates)
+
+`granularity="global"` projects the whole pytree as one flat vector (the paper's single token);
+`"leaf"` projects each leaf on its own (LoRA-style pytrees). Dot products accumulate in float32, so
+bfloat16 gradients are fine, and a zero gradient gives zero, never NaN (the eps guards the division).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+VARIANTS = ("orthogonal", "orthogonal_anchor", "released", "mean")
+GRANULARITIES = ("global", "leaf")
+
+
+def _dot(a_leaves, b_leaves) -> jax.Array:
+    return sum(jnp.vdot(a.astype(jnp.float32), b.astype(jnp.float32)).real for a, b in zip(a_leaves, b_leaves))
+
+
+def _projection_coefficient(a_leaves, b_leaves, eps: float) -> jax.Array:
+    """<a, b> / (<b, b> + eps), the scale of b in proj(a, b), in float32."""
+    return _dot(a_leaves, b_leaves) / (_dot(b_leaves, b_leaves) + eps)
+
+
+def _refine(pos, neg, anchor, variant: str, eps: float):
+    """The refined gradient for lists of matching leaves (one group: the whole tree, or one leaf)."""
+    scaled = lambda leaves, c: [c * x.astype(jnp.float32) for x in leaves]
+    add = lambda *trees: [sum(xs) for xs in zip(*trees)]
+    if variant == "mean":
+        given = [pos, neg] + ([anchor] if anchor is not None else [])
+        return scaled(add(*given), 1.0 / len(given))
+    if variant == "released":
+        both = add(pos, neg)
+        return add(scaled(pos, 2.0), scaled(both, -_projection_coefficient(pos, both, eps)))
+    refined = add(scaled(pos, 1.0), scaled(neg, -_projection_coefficient(pos, neg, eps)))
+    if variant == "orthogonal_anchor":
+        refined = add(refined, scaled(anchor, _projection_coefficient(pos, anchor, eps)))
+    return refined
+
+
+def refine_gradients(pos_grads, negative_grads, anchor_grads=None, *, variant: str = "orthogonal_anchor",
+                     granularity: str = "global", eps: float = 1e-12):
+    """The refined gradient pytree (same structure and dtypes as `pos_grads`); see the module docstring."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if negative_grads is None:
+        raise ValueError("orthogonal_projection.update needs negative_grads=")
+    if variant == "orthogonal_anchor" and anchor_grads is None:
+        raise ValueError("variant 'orthogonal_anchor' needs anchor_grads=")
+    structure = jax.tree.structure(pos_grads)
+    for name, tree in (("negative_grads", negative_grads), ("anchor_grads", anchor_grads)):
+        if tree is not None and jax.tree.structure(tree) != structure:
+            raise ValueError(f"{name} has pytree structure {jax.tree.structure(tree)}, "
+                             f"pos_grads has {structure}")
+    pos = jax.tree.leaves(pos_grads)
+    neg = jax.tree.leaves(negative_grads)
+    anchor = jax.tree.leaves(anchor_grads) if anchor_grads is not None else None
+    if granularity == "global":
+        refined = _refine(pos, neg, anchor, variant, eps)
+    else:
+        refined = [_refine([p], [n], None if anchor is None else [anchor[i]], variant, eps)[0]
+                   for i, (p, n) in enumerate(zip(pos, neg))]
+    return jax.tree.unflatten(structure, [r.astype(p.dtype) for r, p in zip(refined, pos)])
+
+
+class OrthogonalProjectionState(NamedTuple):
+    """Stateless: the refinement uses only the current step's gradients."""
+
+
+def orthogonal_projection(variant: str = "orthogonal_anchor", granularity: str = "global",
+                          eps: float = 1e-12) -> optax.GradientTransformationExtraArgs:
+    """NSYNC's gradient refinement as an optax transformation; `update` takes `negative_grads=` and
+    `anchor_grads=` as keyword extra arguments (see the module docstring)."""
+    # Fail at construction on a bad name, not at the first step.
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+    def init(params):
+        del params
+        return OrthogonalProjectionState()
+
+    def update(updates, state, params=None, *, negative_grads=None, anchor_grads=None, **extra_args):
+        del params, extra_args
+        refined = refine_gradients(updates, negative_grads, anchor_grads, variant=variant,
+                                   granularity=granularity, eps=eps)
+        return refined, state
+
+    return optax.GradientTransformationExtraArgs(init, update)

@@ -1,0 +1,118 @@
+"""NSYNC's orthogonal-projection optax transformation against direct numpy formulas."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from nsync_jax.optim import orthogonal_projection, refine_gradients
+
+
+def proj(a, b):
+    return (a @ b) / (b @ b + 1e-12) * b
+
+
+def random_tree(seed):
+    rng = np.random.default_rng(seed)
+    return {"rows": rng.standard_normal((2, 5)).astype(np.float32), "lora": {"down": rng.standard_normal(3).astype(np.float32)}}
+
+
+def flat(tree):
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)]).astype(np.float64)
+
+
+EXPECTED = {
+    "orthogonal": lambda p, n, a: p - proj(p, n),
+    "orthogonal_anchor": lambda p, n, a: p - proj(p, n) + proj(p, a),
+    "released": lambda p, n, a: 2 * p - proj(p, p + n),
+    "mean": lambda p, n, a: (p + n + a) / 3,
+}
+
+
+@pytest.mark.parametrize("variant", list(EXPECTED))
+def test_global_variants_match_formulas(variant):
+    pos, neg, anchor = random_tree(0), random_tree(1), random_tree(2)
+    refined = refine_gradients(pos, neg, anchor, variant=variant)
+    expected = EXPECTED[variant](flat(pos), flat(neg), flat(anchor))
+    np.testing.assert_allclose(flat(refined), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", list(EXPECTED))
+def test_leaf_variants_project_each_leaf(variant):
+    pos, neg, anchor = random_tree(3), random_tree(4), random_tree(5)
+    refined = refine_gradients(pos, neg, anchor, variant=variant, granularity="leaf")
+    for r, p, n, a in zip(*(jax.tree.leaves(t) for t in (refined, pos, neg, anchor))):
+        expected = EXPECTED[variant](*(np.ravel(x).astype(np.float64) for x in (p, n, a)))
+        np.testing.assert_allclose(np.ravel(r), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mean_without_anchor_averages_two():
+    pos, neg = random_tree(0), random_tree(1)
+    refined = refine_gradients(pos, neg, variant="mean")
+    np.testing.assert_allclose(flat(refined), (flat(pos) + flat(neg)) / 2, rtol=1e-6)
+
+
+def test_orthogonal_result_is_orthogonal_to_negative():
+    pos, neg = random_tree(6), random_tree(7)
+    refined = refine_gradients(pos, neg, variant="orthogonal")
+    assert abs(flat(refined) @ flat(neg)) < 1e-5 * np.linalg.norm(flat(pos)) * np.linalg.norm(flat(neg))
+    # A negative parallel to the positive removes it entirely: what both share is not learned.
+    parallel = refine_gradients(pos, jax.tree.map(lambda x: 3 * x, pos), variant="orthogonal")
+    np.testing.assert_allclose(flat(parallel), 0, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", list(EXPECTED))
+def test_zero_gradients_never_nan(variant):
+    zeros = jax.tree.map(np.zeros_like, random_tree(0))
+    for pos, other in ((zeros, zeros), (random_tree(1), zeros), (zeros, random_tree(2))):
+        refined = refine_gradients(pos, other, other, variant=variant)
+        assert np.all(np.isfinite(flat(refined)))
+
+
+def test_bfloat16_gradients_accumulate_in_float32():
+    pos, neg, anchor = (jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), random_tree(s)) for s in (0, 1, 2))
+    refined = refine_gradients(pos, neg, anchor)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(refined))
+    as_f64 = lambda t: flat(jax.tree.map(lambda x: np.asarray(x, np.float32), t))
+    expected = EXPECTED["orthogonal_anchor"](as_f64(pos), as_f64(neg), as_f64(anchor))
+    np.testing.assert_allclose(as_f64(refined), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_in_optax_chain_under_jit():
+    params = jax.tree.map(jnp.asarray, random_tree(0))
+    tx = optax.chain(orthogonal_projection("orthogonal_anchor"), optax.sgd(1.0))
+    state = tx.init(params)
+    pos, neg, anchor = random_tree(1), random_tree(2), random_tree(3)
+
+    @jax.jit
+    def step(params, state, pos, neg, anchor):
+        updates, state = tx.update(pos, state, params, negative_grads=neg, anchor_grads=anchor)
+        return optax.apply_updates(params, updates), state
+
+    new_params, _ = step(params, state, pos, neg, anchor)
+    expected = flat(params) - EXPECTED["orthogonal_anchor"](flat(pos), flat(neg), flat(anchor))
+    np.testing.assert_allclose(flat(new_params), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_works_on_sharded_arrays():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    sharding = NamedSharding(mesh, P())
+    pos, neg, anchor = (jax.device_put(random_tree(s), sharding) for s in (0, 1, 2))
+    refined = jax.jit(lambda p, n, a: refine_gradients(p, n, a), out_shardings=sharding)(pos, neg, anchor)
+    expected = EXPECTED["orthogonal_anchor"](flat(pos), flat(neg), flat(anchor))
+    np.testing.assert_allclose(flat(refined), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_clear_errors():
+    tx = orthogonal_projection()
+    pos = random_tree(0)
+    with pytest.raises(ValueError, match="needs negative_grads="):
+        tx.update(pos, tx.init(pos))
+    with pytest.raises(ValueError, match="'orthogonal_anchor' needs anchor_grads="):
+        tx.update(pos, tx.init(pos), negative_grads=random_tree(1))
+    with pytest.raises(ValueError, match="negative_grads has pytree structure"):
+        tx.update(pos, tx.init(pos), negative_grads={"rows": pos["rows"]}, anchor_grads=random_tree(2))
+    with pytest.raises(ValueError, match="variant must be one of"):
+        orthogonal_projection("paper")
