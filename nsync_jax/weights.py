@@ -234,3 +234,30 @@ def module_state_dict(module: nnx.Module, *, key_prefix: str = "") -> dict[str, 
         key_prefix + torch_key(path): to_torch_layout(np.asarray(variable[...], np.float32), path)
         for path, variable in nnx.to_flat_state(state)
     }
+
+
+def load_model_folder(
+    folder: Path,
+    *,
+    parse_config: Callable[[dict, Path], Any],
+    build: Callable[[Any, Any], nnx.Module],
+    weight_stems: Iterable[str],
+    dtype=jnp.float32,
+    key_prefix: str = "",
+    ignored_keys: Callable[[str], bool] = lambda key: False,
+    rename_keys: Callable[[dict], dict] = lambda state: state,
+) -> nnx.Module:
+    """Loads a diffusers/transformers model folder: `config.json`, then the weights, all or nothing.
+
+    `parse_config(config_dict, path)` validates the config; `build(config, rngs)` constructs the module.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: model folder not found")
+    config_path = folder / "config.json"
+    config = parse_config(read_json(config_path), config_path)
+    abstract = abstract_module(lambda rngs: build(config, rngs))
+    weight_file = find_weight_file(folder, weight_stems)
+    state = rename_keys(read_state_dict(weight_file))
+    return load_module(abstract, state, source=weight_file, key_prefix=key_prefix, ignored_keys=ignored_keys,
+                       dtype=dtype)

@@ -299,12 +299,8 @@ def load_unet(folder: Path, *, dtype=jnp.float32, param_dtype=None, attention_ba
 
     `dtype` is the compute dtype; parameters are kept in `param_dtype` (default: `dtype`).
     """
-    folder = Path(folder)
-    config_path = folder / "config.json"
-    cfg = UNetConfig.from_dict(weights.read_json(config_path), config_path)
     param_dtype = param_dtype or dtype
-    abstract = weights.abstract_module(lambda rngs: UNet2DConditionModel(
-        cfg, dtype=dtype, param_dtype=param_dtype, attention_backend=attention_backend, rngs=rngs))
-    weight_file = weights.find_weight_file(folder, weights.DIFFUSERS_WEIGHTS)
-    return weights.load_module(abstract, weights.read_state_dict(weight_file), source=weight_file,
-                               dtype=param_dtype)
+    return weights.load_model_folder(
+        folder, parse_config=UNetConfig.from_dict, weight_stems=weights.DIFFUSERS_WEIGHTS, dtype=param_dtype,
+        build=lambda cfg, rngs: UNet2DConditionModel(cfg, dtype=dtype, param_dtype=param_dtype,
+                                                     attention_backend=attention_backend, rngs=rngs))

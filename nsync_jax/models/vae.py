@@ -208,12 +208,9 @@ def _rename_legacy_keys(state: dict) -> dict:
 def load_vae(folder: Path, *, dtype=jnp.float32, param_dtype=None, attention_backend: str = "auto"
              ) -> AutoencoderKL:
     """Loads a diffusers `vae/` folder into a Flax `AutoencoderKL`."""
-    folder = Path(folder)
-    config_path = folder / "config.json"
-    cfg = VAEConfig.from_dict(weights.read_json(config_path), config_path)
     param_dtype = param_dtype or dtype
-    abstract = weights.abstract_module(lambda rngs: AutoencoderKL(
-        cfg, dtype=dtype, param_dtype=param_dtype, attention_backend=attention_backend, rngs=rngs))
-    weight_file = weights.find_weight_file(folder, weights.DIFFUSERS_WEIGHTS)
-    state = _rename_legacy_keys(weights.read_state_dict(weight_file))
-    return weights.load_module(abstract, state, source=weight_file, dtype=param_dtype)
+    return weights.load_model_folder(
+        folder, parse_config=VAEConfig.from_dict, weight_stems=weights.DIFFUSERS_WEIGHTS, dtype=param_dtype,
+        rename_keys=_rename_legacy_keys,
+        build=lambda cfg, rngs: AutoencoderKL(cfg, dtype=dtype, param_dtype=param_dtype,
+                                              attention_backend=attention_backend, rngs=rngs))
