@@ -114,21 +114,26 @@ def _read_bf16_safetensors(path: Path) -> dict[str, np.ndarray]:
     return state
 
 
-def _read_torch_file(path: Path) -> dict[str, np.ndarray]:
+def read_torch_pickle(path: Path) -> dict:
+    """A dict saved with `torch.save`, read safely (`weights_only=True`); needs the `torch` extra."""
     try:
         import torch
     except ImportError:
         raise UserError(
-            f"{path}: reading .bin weights needs PyTorch; install the extra (pip install 'nsync_jax[torch]') "
-            "or convert the folder to .safetensors"
+            f"{path}: reading {path.suffix} weights needs PyTorch; install the extra (pip install 'nsync_jax[torch]') "
+            "or convert the file to .safetensors"
         ) from None
     try:
         raw = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe pickles
         raise UserError(f"{path}: cannot read PyTorch file ({type(e).__name__}: {e})") from None
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a state dict, found {type(raw).__name__}")
-    return {k: tensor_to_numpy(v) for k, v in raw.items() if hasattr(v, "detach")}
+        raise UserError(f"{path}: expected a dict, found {type(raw).__name__}")
+    return raw
+
+
+def _read_torch_file(path: Path) -> dict[str, np.ndarray]:
+    return {k: tensor_to_numpy(v) for k, v in read_torch_pickle(path).items() if hasattr(v, "detach")}
 
 
 def tensor_to_numpy(tensor) -> np.ndarray:
@@ -191,7 +196,6 @@ def load_module(
     state_dict: dict[str, np.ndarray],
     *,
     source: Path | str,
-    key_prefix: str = "",
     ignored_keys: Callable[[str], bool] = lambda key: False,
     dtype=jnp.float32,
 ) -> nnx.Module:
@@ -201,7 +205,6 @@ def load_module(
       abstract_module: the module from `abstract_module`, so nothing is allocated twice.
       state_dict: PyTorch keys to arrays in PyTorch layout.
       source: the weight file, named in errors.
-      key_prefix: prepended to each module path (`text_model.` for transformers' CLIPTextModel).
       ignored_keys: keys present in files that carry no parameter (buffers such as `position_ids`).
       dtype: the dtype parameters are kept in.
     """
@@ -209,7 +212,7 @@ def load_module(
     loaded = []
     used = set()
     for path, variable in nnx.to_flat_state(abstract_state):
-        key = key_prefix + torch_key(path)
+        key = torch_key(path)
         if key not in state_dict:
             raise UserError(f"{source}: missing weight {key!r}")
         array = to_flax_layout(state_dict[key], path)
@@ -227,11 +230,11 @@ def load_module(
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
-def module_state_dict(module: nnx.Module, *, key_prefix: str = "") -> dict[str, np.ndarray]:
+def module_state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
     """The module's parameters as a PyTorch-layout state dict of float32 numpy arrays."""
     state = nnx.state(module, nnx.Param)
     return {
-        key_prefix + torch_key(path): to_torch_layout(np.asarray(variable[...], np.float32), path)
+        torch_key(path): to_torch_layout(np.asarray(variable[...], np.float32), path)
         for path, variable in nnx.to_flat_state(state)
     }
 
@@ -243,7 +246,6 @@ def load_model_folder(
     build: Callable[[Any, Any], nnx.Module],
     weight_stems: Iterable[str],
     dtype=jnp.float32,
-    key_prefix: str = "",
     ignored_keys: Callable[[str], bool] = lambda key: False,
     rename_keys: Callable[[dict], dict] = lambda state: state,
 ) -> nnx.Module:
@@ -259,5 +261,5 @@ def load_model_folder(
     abstract = abstract_module(lambda rngs: build(config, rngs))
     weight_file = find_weight_file(folder, weight_stems)
     state = rename_keys(read_state_dict(weight_file))
-    return load_module(abstract, state, source=weight_file, key_prefix=key_prefix, ignored_keys=ignored_keys,
+    return load_module(abstract, state, source=weight_file, ignored_keys=ignored_keys,
                        dtype=dtype)
