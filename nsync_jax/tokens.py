@@ -3,7 +3,8 @@
 A learned token of n vectors is n tokenizer entries named as diffusers names them, `<tok>`, `<tok>_1`, ...,
 `<tok>_{n-1}`; a prompt mentioning `<tok>` is expanded to all of them. Their embedding rows live outside the
 frozen table: ids `>= len(table)` index `new_rows`, so a gradient reaches only the learned rows and the
-optimizer state is O(n x width) rather than the whole vocabulary.
+optimizer state is O(n x width) rather than the whole vocabulary. This needs the tokenizer's ids to run
+on from the table: `len(tokenizer) == len(table)` before any token is added (true of every SD folder).
 """
 from __future__ import annotations
 
@@ -19,52 +20,22 @@ from nsync_jax.errors import UserError
 
 
 def load_tokenizer(folder: Path):
-    """transformers' `CLIPTokenizer` from a diffusers `tokenizer/` folder."""
+    """transformers' `CLIPTokenizer` from a diffusers `tokenizer/` folder (tokenizer.json or vocab+merges)."""
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: tokenizer folder not found")
+    # from_pretrained builds an empty tokenizer from a folder without these files, without complaint.
+    if not (folder / "tokenizer.json").is_file() and not all((folder / n).is_file()
+                                                              for n in ("vocab.json", "merges.txt")):
+        raise UserError(f"{folder}: not a CLIP tokenizer folder (needs tokenizer.json, or vocab.json and "
+                        "merges.txt)")
     try:
-        # transformers 5 silently ignores vocab_file=/merges_file= keywords: from_pretrained reads the folder.
-        return CLIPTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError, TypeError) as e:
+        # transformers 5 silently ignores CLIPTokenizer(vocab_file=..., merges_file=...): read the folder.
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as e:
         raise UserError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
-
-
-def vector_names(token: str, num_vectors: int) -> list[str]:
-    """diffusers' names for the vectors of a multi-vector token."""
-    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
-
-
-def add_placeholder_tokens(tokenizer, token: str, num_vectors: int) -> list[int]:
-    """Adds `token` (and `token_1`...) to the tokenizer; returns their ids, consecutive from `len(tokenizer)`."""
-    names = vector_names(token, num_vectors)
-    vocabulary = tokenizer.get_vocab()
-    for name in names:
-        if name in vocabulary:
-            raise UserError(f"token {name!r} is already in the tokenizer: choose another placeholder name")
-    added = tokenizer.add_tokens(names)
-    if added != len(names):
-        raise UserError(f"could not add token {token!r} to the tokenizer")
-    ids = tokenizer.convert_tokens_to_ids(names)
-    if ids != list(range(ids[0], ids[0] + len(ids))):
-        raise UserError(f"token {token!r} did not get consecutive ids: {ids}")
-    return ids
-
-
-def expand_placeholders(prompt: str, tokenizer) -> str:
-    """Writes `<tok>` as `<tok> <tok>_1 ...` for every multi-vector token the tokenizer has been given."""
-    added = set(tokenizer.get_added_vocab())
-    for name in sorted(added, key=len, reverse=True):
-        if name + "_1" not in added or re.search(r"_\d+$", name):
-            continue
-        count = 1
-        while f"{name}_{count}" in added:
-            count += 1
-        pattern = re.escape(name) + r"(?!_\d)"
-        prompt = re.sub(pattern, lambda _: " ".join(vector_names(name, count)), prompt)
-    return prompt
 
 
 def tokenize(tokenizer, prompts: list[str]) -> np.ndarray:
@@ -74,10 +45,60 @@ def tokenize(tokenizer, prompts: list[str]) -> np.ndarray:
     return ids.astype(np.int32)
 
 
-def embed_tokens(table: jax.Array, new_rows: jax.Array, ids: jax.Array) -> jax.Array:
-    """Embeddings `(*ids.shape, width)` where ids `>= len(table)` select `new_rows`.
+def vector_names(token: str, num_vectors: int) -> list[str]:
+    """diffusers' tokenizer entries for the vectors of a multi-vector token: `tok, tok_1, ..., tok_{n-1}`."""
+    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
 
-    Only the rows the ids use receive gradient; the frozen table is never concatenated or copied.
+
+def _check_new_names(tokenizer, names: list[str]) -> None:
+    # CLIP lower-cases prompts and added tokens alike, so `<Style>` would shadow an existing `<style>`.
+    existing = {name.lower() for name in tokenizer.get_vocab()}
+    seen = set()
+    for name in names:
+        if name.lower() in existing or name.lower() in seen:
+            raise UserError(f"token {name!r} is already in the tokenizer: choose another placeholder name")
+        seen.add(name.lower())
+
+
+def add_placeholder_tokens(tokenizer, token: str, num_vectors: int) -> list[int]:
+    """Adds `token`, `token_1`, ... to the tokenizer; returns their ids, consecutive from the old `len(tokenizer)`."""
+    if num_vectors < 1:
+        raise UserError(f"token {token!r}: the number of vectors must be at least 1, got {num_vectors}")
+    names = vector_names(token, num_vectors)
+    _check_new_names(tokenizer, names)
+    first = len(tokenizer)
+    tokenizer.add_tokens(names)
+    ids = tokenizer.convert_tokens_to_ids(names)
+    if ids != list(range(first, first + num_vectors)):
+        raise UserError(f"token {token!r} got ids {ids}, not the next {num_vectors} after the vocabulary's "
+                        f"{first}: the tokenizer's ids have gaps")
+    return ids
+
+
+def expand_placeholders(prompt: str, tokenizer) -> str:
+    """Writes each multi-vector token `<tok>` of the tokenizer as `<tok> <tok>_1 ...` (diffusers'
+    `maybe_convert_prompt`), case-insensitively as the tokenizer matches; explicit `<tok>_i` stay as written."""
+    added = {name.lower(): name for name in tokenizer.get_added_vocab()}
+    counts = {}
+    for lower, name in added.items():
+        count = 1
+        while f"{lower}_{count}" in added:
+            count += 1
+        if count > 1:
+            counts[lower] = (name, count)
+    if not counts:
+        return prompt
+    # One pass over an alternation, longest first, so that no replacement is itself replaced again.
+    alternatives = "|".join(re.escape(lower) for lower in sorted(counts, key=len, reverse=True))
+    pattern = re.compile(f"(?:{alternatives})(?!_\\d)", re.IGNORECASE)
+    return pattern.sub(lambda m: " ".join(vector_names(*counts[m.group(0).lower()])), prompt)
+
+
+def embed_tokens(table: jax.Array, new_rows: jax.Array, ids: jax.Array) -> jax.Array:
+    """Embeddings `(*ids.shape, width)`: ids `< len(table)` select `table`, the others `new_rows[id - len(table)]`.
+
+    Only the rows the ids use receive gradient, and the frozen table is never concatenated or copied.
+    Ids past the new rows are clamped to the last one (an index error cannot be raised under jit).
     """
     vocab = table.shape[0]
     frozen = jnp.take(table, jnp.minimum(ids, vocab - 1), axis=0)
@@ -101,30 +122,59 @@ def load_learned_embeddings(path: Path) -> dict[str, np.ndarray]:
     * diffusers `learned_embeds.safetensors` / `.bin`: `{token: (width,) or (n, width)}`;
     * A1111 `.pt`: `{"string_to_param": {"*": (n, width)}, ...}`, the token being the file stem;
     * A1111 `.safetensors`: `{"emb_params": (n, width)}`, the token being the file stem.
+
+    `.bin`/`.pt` files need PyTorch (the `torch` extra).
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: embedding file not found")
-    raw = weights.read_state_dict(path) if path.suffix == ".safetensors" else weights.read_torch_pickle(path)
+    if path.suffix == ".safetensors":
+        raw = weights.read_state_dict(path)
+    elif path.suffix in (".bin", ".pt"):
+        raw = weights.read_torch_pickle(path)
+    else:
+        raise UserError(f"{path}: unknown embedding file type (expected .safetensors, .bin or .pt)")
     if "string_to_param" in raw:
-        raw = {"emb_params": next(iter(raw["string_to_param"].values()), None)}
+        params = raw["string_to_param"]
+        if not isinstance(params, dict) or len(params) != 1:
+            raise UserError(f"{path}: 'string_to_param' must hold exactly one embedding")
+        raw = {"emb_params": next(iter(params.values()))}
     if "emb_params" in raw:
         raw = {path.stem: raw["emb_params"]}
+    if {"clip_l", "clip_g"} <= set(raw):
+        raise UserError(f"{path}: an SDXL embedding (clip_l/clip_g); nsync-jax handles SD 1.x/2.x embeddings")
+    if not raw:
+        raise UserError(f"{path}: no embeddings found")
     embeddings = {}
     for name, value in raw.items():
-        array = _as_numpy(value)
-        if array is None or array.ndim not in (1, 2) or not np.issubdtype(array.dtype, np.floating):
-            raise UserError(f"{path}: entry {name!r} is not an embedding (expected a (width,) or (n, width) "
-                            "float array)")
-        embeddings[name] = np.atleast_2d(array.astype(np.float32))
-    if not embeddings:
-        raise UserError(f"{path}: no embeddings found")
+        array = weights.tensor_to_numpy(value) if hasattr(value, "detach") else value
+        floating = isinstance(array, np.ndarray) and (array.dtype.kind == "f" or array.dtype.name == "bfloat16")
+        if not floating or array.ndim not in (1, 2) or array.size == 0:
+            raise UserError(f"{path}: entry {name!r} is not an embedding (expected a float array of shape "
+                            "(width,) or (n, width))")
+        embeddings[str(name)] = np.atleast_2d(array.astype(np.float32))
     return embeddings
 
 
-def _as_numpy(value) -> np.ndarray | None:
-    if isinstance(value, np.ndarray):
-        return value
-    if hasattr(value, "detach"):
-        return weights.tensor_to_numpy(value)
-    return None
+def apply_learned_embeddings(tokenizer, table: np.ndarray, embeddings: dict[str, np.ndarray], *,
+                             source: Path | str) -> np.ndarray:
+    """Adds the tokens of `embeddings` (from `load_learned_embeddings(source)`) to the tokenizer, all or none.
+
+    Args:
+      table: the embedding rows `(V, width)` for ids `0..V-1`, `V == len(tokenizer)`.
+    Returns:
+      The table with the new rows appended, `(V + total vectors, width)`, in `table`'s dtype.
+    """
+    table = np.asarray(table)
+    width = table.shape[1]
+    if len(tokenizer) != table.shape[0]:
+        raise UserError(f"{source}: the tokenizer has {len(tokenizer)} tokens but the embedding table "
+                        f"{table.shape[0]} rows, so new token ids would not match new rows")
+    for name, rows in embeddings.items():
+        if rows.shape[-1] != width:
+            raise UserError(f"{source}: embedding {name!r} has width {rows.shape[-1]}, but the text encoder's "
+                            f"is {width} (an embedding for another model family?)")
+    _check_new_names(tokenizer, [n for name, rows in embeddings.items() for n in vector_names(name, len(rows))])
+    for name, rows in embeddings.items():
+        add_placeholder_tokens(tokenizer, name, len(rows))
+    return np.concatenate([table, *(rows.astype(table.dtype) for rows in embeddings.values())])

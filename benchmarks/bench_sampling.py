@@ -1,0 +1,183 @@
+"""UNet forward and full text-to-image sampling: nsync-jax against diffusers, same machine, same run.
+
+Builds a random Stable Diffusion pipeline of the chosen size with diffusers (torch), saves it, loads it
+with nsync-jax, and times both on the same inputs. Medians of `--repeats` runs after one warm-up (which
+includes JAX's compilation; compile time is reported separately). Appends a table to
+benchmarks/RESULTS.md unless `--no-write`.
+
+  python benchmarks/bench_sampling.py --preset small            # CPU-sized
+  python benchmarks/bench_sampling.py --preset sd15 --dtype bfloat16 --resolution 512 --batch 8   # GPU
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PRESETS = {
+    # SD 1.5's UNet layout with narrower channels: every block type, 2 layers per block, 8 heads.
+    "small": dict(unet=dict(block_out_channels=(64, 128, 256, 256), cross_attention_dim=256, attention_head_dim=8,
+                            norm_num_groups=32),
+                  vae=dict(block_out_channels=[32, 64, 128, 128], norm_num_groups=32, layers_per_block=1),
+                  text=dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_hidden_layers=4)),
+    # The real SD 1.5 sizes (random weights).
+    "sd15": dict(unet=dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                           norm_num_groups=32),
+                 vae=dict(block_out_channels=[128, 256, 512, 512], norm_num_groups=32, layers_per_block=2),
+                 text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)),
+}
+
+
+def build_pipeline(preset: str, folder: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import write_tiny_tokenizer  # the tests' offline CLIP BPE tokenizer
+
+    torch.manual_seed(0)
+    spec = PRESETS[preset]
+    tokenizer = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(folder / "_tokenizer", model_max_length=77))
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77,
+                                                bos_token_id=tokenizer.bos_token_id,
+                                                eos_token_id=tokenizer.eos_token_id, **spec["text"]))
+    unet = UNet2DConditionModel(
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2, **spec["unet"])
+    vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                        latent_channels=4, **spec["vae"])
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder / "model")
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """(first call seconds, median of `repeats` later calls)."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="small")
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1, help="images per call (the UNet sees twice that)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from flax import nnx
+
+    from nsync_jax.pipeline import load_pipeline
+    from nsync_jax.sampling import SampleSettings, generate
+
+    on_gpu = jax.default_backend() == "gpu"
+    torch_device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.float16 if torch_device == "cuda" else torch.float32}[
+        args.dtype]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        build_pipeline(args.preset, tmp)
+        folder = tmp / "model"
+        latent = args.resolution // 8
+        prompt = ["a red star and a blue circle in the style of painting"] * args.batch
+        rng = np.random.default_rng(0)
+        latents = rng.standard_normal((args.batch, 4, latent, latent)).astype(np.float32)
+        context = rng.standard_normal((2 * args.batch, 77, PRESETS[args.preset]["unet"]["cross_attention_dim"]))
+
+        # --- diffusers -------------------------------------------------------------------------------
+        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, dtype=torch_dtype).to(torch_device)
+        pipe.set_progress_bar_config(disable=True)
+        x_t = torch.tensor(np.concatenate([latents, latents]), dtype=torch_dtype, device=torch_device)
+        c_t = torch.tensor(context, dtype=torch_dtype, device=torch_device)
+        t_t = torch.tensor([500], device=torch_device)
+
+        def torch_unet():
+            with torch.no_grad():
+                pipe.unet(x_t, t_t, c_t)
+            if torch_device == "cuda":
+                torch.cuda.synchronize()
+
+        def torch_sample():
+            pipe(prompt, num_inference_steps=args.steps, guidance_scale=7.5, height=args.resolution,
+                 width=args.resolution, latents=torch.tensor(latents, dtype=torch_dtype, device=torch_device),
+                 output_type="np")
+
+        rows.append(("UNet forward (guided batch)", "diffusers", *timed(torch_unet, args.repeats)))
+        rows.append((f"sampling {args.steps} steps + decode", "diffusers", *timed(torch_sample, args.repeats)))
+        del pipe
+
+        # --- nsync-jax -------------------------------------------------------------------------------
+        dtype = jnp.dtype(args.dtype)
+        ours = load_pipeline(folder, dtype=dtype)
+        graphdef, state = nnx.split(ours.unet)
+        unet_fn = jax.jit(lambda state, x, t, c: nnx.merge(graphdef, state)(x, t, c))
+        x_j = jnp.asarray(np.concatenate([latents, latents]).transpose(0, 2, 3, 1), dtype)
+        c_j, t_j = jnp.asarray(context, dtype), jnp.array([500])
+
+        def jax_unet():
+            unet_fn(state, x_j, t_j, c_j).block_until_ready()
+
+        settings = SampleSettings(steps=args.steps, guidance=7.5, height=args.resolution, width=args.resolution,
+                                  batch_size=args.batch)
+
+        def jax_sample():
+            generate(ours, prompt, settings=settings, latents=latents.transpose(0, 2, 3, 1), progress=False)
+
+        rows.append(("UNet forward (guided batch)", "nsync-jax", *timed(jax_unet, args.repeats)))
+        rows.append((f"sampling {args.steps} steps + decode", "nsync-jax", *timed(jax_sample, args.repeats)))
+
+    by_key = {(r[0], r[1]): r for r in rows}
+    lines = [
+        f"\n## {datetime.date.today()} `{' '.join(sys.argv[1:]) or '(defaults)'}`\n",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, JAX backend "
+        f"{jax.default_backend()} ({jax.devices()[0].device_kind}); torch device {torch_device}. "
+        f"Preset {args.preset}, {args.resolution}x{args.resolution}, batch {args.batch} images "
+        f"(UNet batch {2 * args.batch} with guidance), {args.dtype} "
+        f"(diffusers {'float16' if torch_dtype == torch.float16 else 'float32'}), PNDM. "
+        f"jax {jax.__version__}, torch {torch.__version__}.\n",
+        "| what | diffusers median (s) | nsync-jax median (s) | speed-up | nsync-jax first call incl. compile (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for what in dict.fromkeys(r[0] for r in rows):
+        _, _, _, torch_median = by_key[(what, "diffusers")]
+        _, _, jax_first, jax_median = by_key[(what, "nsync-jax")]
+        lines.append(f"| {what} | {torch_median:.4f} | {jax_median:.4f} | {torch_median / jax_median:.2f}x | "
+                     f"{jax_first:.2f} |")
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if not args.no_write:
+        results = Path(__file__).with_name("RESULTS.md")
+        if not results.exists():
+            results.write_text("# Benchmark results\n\nProduced by the scripts in this folder; newest last.\n")
+        with results.open("a") as f:
+            f.write(report)
+
+
+if __name__ == "__main__":
+    main()

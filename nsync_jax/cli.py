@@ -1,0 +1,109 @@
+"""The `nsync-jax` command line: parse flags, call the library, report user errors in one line."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from nsync_jax.errors import UserError
+
+SCHEDULERS = ("ddim", "pndm", "euler", "dpm")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_sample_parser(subparsers) -> None:
+    p = subparsers.add_parser("sample", help="text-to-image sampling from a diffusers-format model folder")
+    p.add_argument("--model", type=Path, required=True, help="diffusers-format Stable Diffusion folder")
+    p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
+    p.add_argument("--negative-prompt", default="", help="the unconditional prompt of guidance")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="default: the model's own")
+    p.add_argument("--steps", type=_positive_int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=_positive_int, default=None, help="default: the model's resolution")
+    p.add_argument("--width", type=_positive_int, default=None)
+    p.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="images per compiled call")
+    p.add_argument("--latents", type=Path, default=None,
+                   help="float32 .npy of initial latents in diffusers' layout (N, C, H/8, W/8)")
+    p.add_argument("--embeddings", type=Path, action="append", default=[],
+                   help="learned embedding file (diffusers or A1111); repeatable")
+    p.add_argument("--clip-skip", type=int, default=0, help="use the text encoder's k-th layer from the end")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--attention", choices=("auto", "cudnn", "xla", "einsum"), default="auto",
+                   help="attention backend (auto: cuDNN on GPU in bfloat16, einsum otherwise)")
+    p.add_argument("--output", type=Path, required=True, help="folder for 000000.png, 000001.png, ...")
+    p.set_defaults(run=_run_sample)
+
+
+def _load_latents(path: Path, expected_nchw: tuple[int, ...]):
+    import numpy as np
+
+    try:
+        latents = np.load(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read latents ({e})") from None
+    if latents.shape != expected_nchw:
+        raise UserError(f"{path}: latents have shape {latents.shape}, expected {expected_nchw} (N, C, H/f, W/f)")
+    return latents.astype(np.float32).transpose(0, 2, 3, 1)
+
+
+def _run_sample(args) -> None:
+    import jax.numpy as jnp
+
+    from nsync_jax.imageio import write_png
+    from nsync_jax.pipeline import load_pipeline
+    from nsync_jax.sampling import SampleSettings, generate
+
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value % 8:
+            raise UserError(f"{flag} must be divisible by 8, got {value}")
+    pipe = load_pipeline(args.model, dtype=jnp.dtype(args.dtype), attention_backend=args.attention)
+    for path in args.embeddings:
+        pipe.add_embeddings(path)
+    settings = SampleSettings(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
+                              height=args.height, width=args.width, clip_skip=args.clip_skip,
+                              batch_size=args.batch_size)
+    latents = None
+    if args.latents is not None:
+        height = args.height or pipe.default_resolution
+        width = args.width or pipe.default_resolution
+        f = pipe.vae_scale_factor
+        expected = (len(args.prompt) * args.num_images, pipe.unet.config.in_channels, height // f, width // f)
+        latents = _load_latents(args.latents, expected)
+    args.output.mkdir(parents=True, exist_ok=True)
+
+    def save(first, images):
+        for offset, image in enumerate(images):
+            write_png(args.output / f"{first + offset:06d}.png", image)
+
+    generate(pipe, args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
+             seed=args.seed, settings=settings, latents=latents, on_batch=save)
+    print(f"wrote {len(args.prompt) * args.num_images} images to {args.output}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nsync-jax", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_sample_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except UserError as e:
+        print(f"nsync-jax: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""A loaded Stable Diffusion folder: the three Flax modules, the tokenizer and the scheduler config.
+
+`load_pipeline` reads a diffusers-format folder (`model_index.json`, `text_encoder/`, `tokenizer/`, `unet/`,
+`vae/`, `scheduler/`). Learned token embeddings (Textual Inversion, NSYNC) are kept apart from the frozen
+embedding table as `extra_token_rows`, so the frozen weights never change and only those rows are trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nsync_jax import tokens, weights
+from nsync_jax.errors import UserError
+from nsync_jax.models.clip_text import CLIPTextModel, load_text_encoder
+from nsync_jax.models.unet import UNet2DConditionModel, load_unet
+from nsync_jax.models.vae import AutoencoderKL, load_vae
+
+PARTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+    folder: Path
+    tokenizer: Any
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    scheduler_config: dict[str, Any]
+    # Learned embeddings appended after the tokenizer's base vocabulary: row i is token id `base_vocab + i`.
+    extra_token_rows: np.ndarray
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_resolution(self) -> int:
+        return (self.unet.config.sample_size or 64) * self.vae_scale_factor
+
+    def modules(self) -> dict[str, nnx.Module]:
+        return {"text_encoder": self.text_encoder, "unet": self.unet, "vae": self.vae}
+
+    def add_embeddings(self, path: Path) -> list[str]:
+        """Adds the tokens of a diffusers or A1111 embedding file; returns the token names added."""
+        learned = tokens.load_learned_embeddings(Path(path))
+        width = self.text_encoder.config.hidden_size
+        names = []
+        for name, rows in learned.items():
+            if rows.shape[-1] != width:
+                raise UserError(f"{path}: embedding {name!r} has width {rows.shape[-1]}, the text encoder {width}")
+            tokens.add_placeholder_tokens(self.tokenizer, name, len(rows))
+            self.extra_token_rows = np.concatenate([self.extra_token_rows, rows.astype(np.float32)])
+            names.append(name)
+        return names
+
+
+def load_pipeline(folder: Path, *, dtype=jnp.float32, attention_backend: str = "auto") -> StableDiffusion:
+    """Loads every part of a diffusers Stable Diffusion folder, failing on the first missing or bad part."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: model folder not found")
+    weights.read_json(folder / "model_index.json")
+    for part in PARTS:
+        if not (folder / part).is_dir():
+            raise UserError(f"{folder}: subfolder {part}/ missing (a diffusers Stable Diffusion folder needs "
+                            f"{', '.join(PARTS)})")
+    scheduler_config = weights.read_json(folder / "scheduler" / "scheduler_config.json")
+    text_encoder = load_text_encoder(folder / "text_encoder", dtype=dtype, attention_backend=attention_backend)
+    return StableDiffusion(
+        folder=folder,
+        tokenizer=tokens.load_tokenizer(folder / "tokenizer"),
+        text_encoder=text_encoder,
+        unet=load_unet(folder / "unet", dtype=dtype, attention_backend=attention_backend),
+        vae=load_vae(folder / "vae", dtype=dtype, attention_backend=attention_backend),
+        scheduler_config=scheduler_config,
+        extra_token_rows=np.zeros((0, text_encoder.config.hidden_size), np.float32),
+    )
+
+
+def encode_text(text_encoder: CLIPTextModel, extra_token_rows: jax.Array, ids: jax.Array, *,
+                clip_skip: int = 0) -> jax.Array:
+    """Text encoder states `(batch, tokens, hidden)` for token ids that may include learned tokens.
+
+    Gradients with respect to `extra_token_rows` flow only into the rows the ids use.
+    """
+    table = text_encoder.embeddings.token_embedding.embedding[...]
+    embeds = tokens.embed_tokens(table, extra_token_rows.astype(table.dtype), ids)
+    return text_encoder(inputs_embeds=embeds, clip_skip=clip_skip)

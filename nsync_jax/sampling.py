@@ -1,0 +1,163 @@
+"""Text-to-image sampling: classifier-free guidance, the whole denoising loop compiled once.
+
+`generate` is the entry point for every caller that draws images (the `sample` command, negative-set
+generation, demos): there is one denoising loop in the project, `_denoise_and_decode`. It is a pure
+function of the frozen weights (passed as arguments, never captured), the token ids and the initial
+latents, scanned over the sampler's steps with `lax.scan`, and jitted with the batch sharded over all
+local devices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from nsync_jax import distributed, tokens
+from nsync_jax.errors import UserError
+from nsync_jax.pipeline import StableDiffusion, encode_text
+from nsync_jax.schedulers import make_sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+    scheduler: str | None = None  # None: the model's own scheduler
+    steps: int = 50
+    guidance: float = 7.5
+    height: int | None = None  # None: the model's default resolution
+    width: int | None = None
+    clip_skip: int = 0
+    batch_size: int = 8  # images per compiled call; a multiple of the device count is best
+
+
+def image_noise_key(seed: int, index) -> jax.Array:
+    """The noise key of image `index`: the same image whatever the batch size or device count."""
+    return jax.random.fold_in(jax.random.key(seed), index)
+
+
+def initial_latents(seed: int, indices: Sequence[int], shape: tuple[int, int, int]) -> np.ndarray:
+    """Standard normal NHWC latents `(len(indices), *shape)`, one independent draw per image index."""
+    draw = jax.vmap(lambda index: jax.random.normal(image_noise_key(seed, index), shape))
+    return np.asarray(draw(jnp.asarray(indices, jnp.uint32)))
+
+
+def _denoise_and_decode(frozen, extra_rows, cond_ids, uncond_ids, latents, guidance, *, graphdefs, sampler,
+                        clip_skip: int, use_guidance: bool):
+    text_encoder = nnx.merge(graphdefs["text_encoder"], frozen["text_encoder"])
+    unet = nnx.merge(graphdefs["unet"], frozen["unet"])
+    vae = nnx.merge(graphdefs["vae"], frozen["vae"])
+    compute_dtype = unet.conv_in.kernel[...].dtype
+
+    context = encode_text(text_encoder, extra_rows, cond_ids, clip_skip=clip_skip)
+    if use_guidance:
+        uncond = encode_text(text_encoder, extra_rows, uncond_ids, clip_skip=clip_skip)
+        context = jnp.concatenate([uncond, context])
+    timesteps = jnp.asarray(sampler.timesteps)
+
+    def step(carry, index):
+        sample, state = carry
+        model_input = sampler.scale_model_input(sample, index).astype(compute_dtype)
+        if use_guidance:
+            model_input = jnp.concatenate([model_input, model_input])
+        prediction = unet(model_input, timesteps[index], context).astype(jnp.float32)
+        if use_guidance:
+            uncond_pred, cond_pred = jnp.split(prediction, 2)
+            prediction = uncond_pred + guidance * (cond_pred - uncond_pred)
+        return sampler.step(state, prediction, index, sample), None
+
+    latents = latents * sampler.init_noise_sigma
+    (latents, _), _ = jax.lax.scan(step, (latents, sampler.init_state(latents)),
+                                   jnp.arange(len(sampler.timesteps)))
+    images = vae.decode((latents / vae.config.scaling_factor).astype(compute_dtype))
+    return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(graphdefs_key, sampler_key, clip_skip, use_guidance, mesh):
+    """The jitted loop for one model structure and sampler; cached so repeated calls do not retrace."""
+    graphdefs = dict(graphdefs_key)
+    name, config_json, steps = sampler_key
+    sampler = make_sampler(name, json.loads(config_json), steps)
+    batch, whole = distributed.batch_sharded(mesh), distributed.replicated(mesh)
+    fn = functools.partial(_denoise_and_decode, graphdefs=graphdefs, sampler=sampler, clip_skip=clip_skip,
+                           use_guidance=use_guidance)
+    return jax.jit(fn, in_shardings=(whole, whole, batch, batch, batch, whole), out_shardings=batch)
+
+
+def generate(
+    pipe: StableDiffusion,
+    prompts: Sequence[str],
+    *,
+    negative_prompt: str = "",
+    num_images_per_prompt: int = 1,
+    seed: int = 0,
+    settings: SampleSettings = SampleSettings(),
+    latents: np.ndarray | None = None,
+    on_batch: Callable[[int, np.ndarray], Any] | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Draws `len(prompts) * num_images_per_prompt` images, prompt by prompt.
+
+    Args:
+      latents: optional initial latents, NHWC `(num_images, height/f, width/f, channels)` float32, used
+        instead of drawing noise (f is the VAE's downscale factor).
+      on_batch: called as `on_batch(first_index, images)` after each batch (to write files as they come).
+
+    Returns:
+      float32 images `(num_images, height, width, 3)` in [0, 1].
+    """
+    height = settings.height or pipe.default_resolution
+    width = settings.width or pipe.default_resolution
+    factor = pipe.vae_scale_factor
+    if height % factor or width % factor:
+        raise UserError(f"--height/--width must be divisible by {factor}, got {height}x{width}")
+    latent_shape = (height // factor, width // factor, pipe.unet.config.in_channels)
+    all_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+    if latents is not None and tuple(latents.shape) != (len(all_prompts), *latent_shape):
+        raise UserError(f"latents have shape {tuple(latents.shape)}, expected {(len(all_prompts), *latent_shape)} "
+                        f"(NHWC) for {len(all_prompts)} images of {height}x{width}")
+
+    # Built here too so that a bad scheduler name or option fails before anything is compiled.
+    make_sampler(settings.scheduler, pipe.scheduler_config, settings.steps,
+                 source=pipe.folder / "scheduler" / "scheduler_config.json")
+    sampler_key = (settings.scheduler, json.dumps(pipe.scheduler_config, sort_keys=True), settings.steps)
+    use_guidance = settings.guidance > 1.0
+    mesh = distributed.local_data_mesh()
+    graphdefs, frozen = {}, {}
+    for name, module in pipe.modules().items():
+        graphdefs[name], frozen[name] = nnx.split(module)
+    run = _compiled(tuple(sorted(graphdefs.items())), sampler_key, settings.clip_skip, use_guidance, mesh)
+    frozen = jax.device_put(frozen, distributed.replicated(mesh))
+    extra_rows = jnp.asarray(pipe.extra_token_rows)
+
+    cond_ids = tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(p, pipe.tokenizer) for p in all_prompts])
+    uncond_ids = tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(negative_prompt, pipe.tokenizer)]
+                                 * len(all_prompts))
+    batch_size = max(settings.batch_size, 1)
+    devices = mesh.devices.size
+    batch_size += -batch_size % devices
+    results = []
+    bar = tqdm(total=len(all_prompts), unit="img", disable=not progress)
+    start = time.perf_counter()
+    for first in range(0, len(all_prompts), batch_size):
+        indices = list(range(first, min(first + batch_size, len(all_prompts))))
+        batch_latents = (latents[indices] if latents is not None
+                         else initial_latents(seed, indices, latent_shape))
+        pad = lambda x: distributed.pad_batch(np.asarray(x), devices)
+        images = run(frozen, extra_rows, pad(cond_ids[indices]), pad(uncond_ids[indices]),
+                     pad(batch_latents.astype(np.float32)), jnp.float32(settings.guidance))
+        images = np.asarray(images)[: len(indices)]
+        results.append(images)
+        if on_batch is not None:
+            on_batch(first, images)
+        bar.update(len(indices))
+        bar.set_postfix(img_per_s=f"{(first + len(indices)) / (time.perf_counter() - start):.2f}")
+    bar.close()
+    return np.concatenate(results)

@@ -1,0 +1,102 @@
+"""The `nsync-jax sample` command: files written, parity with diffusers through the CLI, one-line errors."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nsync_jax.cli import main
+
+
+def run_cli(capsys, *args):
+    code = main(["sample", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def test_sample_writes_pngs_matching_diffusers(sd1_dir, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    latents = np.random.default_rng(1).standard_normal((3, 4, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "latents.npy", latents)
+    code, err = run_cli(capsys, "--model", sd1_dir, "--prompt", "a red star", "--prompt", "a blue circle",
+                        "--num-images", 1, "--steps", 4, "--height", 32, "--width", 32, "--seed", 0,
+                        "--output", tmp_path / "out", "--batch-size", 1, "--latents", tmp_path / "latents.npy")
+    assert code == 2 and "latents have shape (3, 4, 16, 16), expected (2, 4, 16, 16)" in err
+    np.save(tmp_path / "latents.npy", latents[:2])
+    code, err = run_cli(capsys, "--model", sd1_dir, "--prompt", "a red star", "--prompt", "a blue circle",
+                        "--steps", 4, "--height", 32, "--width", 32, "--output", tmp_path / "out",
+                        "--latents", tmp_path / "latents.npy")
+    assert code == 0, err
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["000000.png", "000001.png"]
+    pipe = StableDiffusionPipeline.from_pretrained(sd1_dir, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(["a red star", "a blue circle"], num_inference_steps=4, height=32, width=32,
+                     latents=torch.from_numpy(latents[:2]), output_type="pil").images
+    for name, expected in zip(files, reference):
+        ours = np.asarray(Image.open(tmp_path / "out" / name), np.int16)
+        assert np.abs(ours - np.asarray(expected, np.int16)).max() <= 2
+
+
+def test_sample_is_reproducible_from_seed(sd1_dir, tmp_path, capsys):
+    for name in ("a", "b"):
+        code, err = run_cli(capsys, "--model", sd1_dir, "--prompt", "a cat", "--num-images", 2, "--steps", 2,
+                            "--height", 32, "--width", 32, "--seed", 5, "--output", tmp_path / name)
+        assert code == 0, err
+    for index in ("000000.png", "000001.png"):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a" / index)),
+                                      np.asarray(Image.open(tmp_path / "b" / index)))
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "a" / "000000.png")),
+                              np.asarray(Image.open(tmp_path / "a" / "000001.png")))
+
+
+def test_user_errors_are_one_line(sd1_dir, tmp_path, capsys):
+    base = ["--prompt", "a cat", "--steps", "2", "--output", str(tmp_path / "out")]
+    code, err = run_cli(capsys, "--model", tmp_path / "nowhere", *base)
+    assert code == 2 and err.strip().count("\n") == 0 and "nowhere: model folder not found" in err
+
+    code, err = run_cli(capsys, "--model", sd1_dir, "--height", 30, *base)
+    assert code == 2 and "--height must be divisible by 8, got 30" in err
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sd1_dir, broken)
+    shutil.rmtree(broken / "vae")
+    code, err = run_cli(capsys, "--model", broken, *base)
+    assert code == 2 and "subfolder vae/ missing" in err
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--model", str(sd1_dir), "--scheduler", "heun", *base])
+    assert exit_info.value.code == 2 and "--scheduler: invalid choice: 'heun'" in capsys.readouterr().err
+
+    config = json.loads((sd1_dir / "scheduler" / "scheduler_config.json").read_text())
+    shutil.rmtree(broken)
+    shutil.copytree(sd1_dir, broken)
+    config["skip_prk_steps"] = False
+    (broken / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    code, err = run_cli(capsys, "--model", broken, *base)
+    assert code == 2 and "scheduler_config.json: scheduler option skip_prk_steps=False is not supported" in err
+
+
+def test_sample_with_learned_embeddings_matches_diffusers(sd1_dir, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.numpy import save_file
+
+    rows = np.random.default_rng(2).standard_normal((2, 32)).astype(np.float32)
+    save_file({"<style>": rows}, tmp_path / "learned_embeds.safetensors")
+    latents = np.random.default_rng(3).standard_normal((1, 4, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "latents.npy", latents)
+    prompt = "a cat in the style of <style>"
+    code, err = run_cli(capsys, "--model", sd1_dir, "--prompt", prompt, "--steps", 3, "--height", 32,
+                        "--width", 32, "--embeddings", tmp_path / "learned_embeds.safetensors",
+                        "--latents", tmp_path / "latents.npy", "--output", tmp_path / "out")
+    assert code == 0, err
+    pipe = StableDiffusionPipeline.from_pretrained(sd1_dir, safety_checker=None)
+    pipe.load_textual_inversion(str(tmp_path / "learned_embeds.safetensors"))
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(prompt, num_inference_steps=3, height=32, width=32, latents=torch.from_numpy(latents),
+                    output_type="pil").images[0]
+    ours = np.asarray(Image.open(tmp_path / "out" / "000000.png"), np.int16)
+    assert np.abs(ours - np.asarray(expected, np.int16)).max() <= 2

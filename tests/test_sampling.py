@@ -1,0 +1,72 @@
+"""Full text-to-image sampling against diffusers' StableDiffusionPipeline from the same initial latents."""
+import numpy as np
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler,
+                       StableDiffusionPipeline)
+
+from nsync_jax.pipeline import load_pipeline
+from nsync_jax.sampling import SampleSettings, generate, initial_latents
+
+PROMPTS = ["a red star in the style of painting", "a photo of a cat"]
+TORCH_SCHEDULERS = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler,
+                    "dpm": DPMSolverMultistepScheduler}
+
+
+def diffusers_images(folder, latents_nchw, *, scheduler=None, steps, guidance, negative="", clip_skip=0):
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    if scheduler is not None:
+        pipe.scheduler = TORCH_SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    embeds = {}
+    if clip_skip:
+        # diffusers 0.42's own clip_skip path reads `text_encoder.text_model`, which transformers 5 removed;
+        # this is what it computes: the hidden state `clip_skip` layers from the end, then the final norm.
+        def encode(prompts):
+            ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            with torch.no_grad():
+                hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+                return pipe.text_encoder.final_layer_norm(hidden)
+        embeds = dict(prompt_embeds=encode(PROMPTS), negative_prompt_embeds=encode([negative] * len(PROMPTS)))
+    else:
+        embeds = dict(prompt=PROMPTS, negative_prompt=[negative] * len(PROMPTS))
+    return pipe(**embeds, num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
+                latents=torch.from_numpy(latents_nchw), output_type="np").images
+
+
+@pytest.mark.parametrize("family, scheduler, steps, guidance, clip_skip", [
+    ("sd1", None, 6, 7.5, 0),         # PNDM (PLMS), epsilon, conv projections
+    ("sd2", None, 5, 4.0, 1),         # DDIM, v-prediction, linear projections, penultimate layer
+    ("sd1", "euler", 4, 7.5, 0),
+    ("sd2", "dpm", 4, 1.0, 0),        # guidance off: one UNet pass per step
+])
+def test_sampling_matches_diffusers(family, scheduler, steps, guidance, clip_skip, request):
+    folder = request.getfixturevalue(f"{family}_dir")
+    latents = np.random.default_rng(0).standard_normal((2, 4, 16, 16)).astype(np.float32)
+    reference = diffusers_images(folder, latents, scheduler=scheduler, steps=steps, guidance=guidance,
+                                 negative="blue", clip_skip=clip_skip)
+    pipe = load_pipeline(folder)
+    settings = SampleSettings(scheduler=scheduler, steps=steps, guidance=guidance, height=32, width=32,
+                              clip_skip=clip_skip, batch_size=2)
+    ours = generate(pipe, PROMPTS, negative_prompt="blue", settings=settings, progress=False,
+                    latents=latents.transpose(0, 2, 3, 1))
+    assert ours.shape == reference.shape == (2, 32, 32, 3)
+    assert np.abs(ours - reference).max() <= 2 / 255
+    # The images must depend on the prompt, or the comparison above proves little.
+    assert np.abs(ours[0] - ours[1]).max() > 10 / 255
+
+
+def test_noise_depends_only_on_seed_and_image_index():
+    together = initial_latents(7, [0, 1, 2, 3], (4, 4, 4))
+    apart = np.concatenate([initial_latents(7, [2, 3], (4, 4, 4)), initial_latents(7, [0, 1], (4, 4, 4))])
+    np.testing.assert_array_equal(together, apart[[2, 3, 0, 1]])
+    assert not np.allclose(together[0], together[1])
+    assert not np.allclose(together, initial_latents(8, [0, 1, 2, 3], (4, 4, 4)))
+
+
+def test_batch_size_does_not_change_images(sd1_dir):
+    pipe = load_pipeline(sd1_dir)
+    run = lambda batch: generate(pipe, PROMPTS, num_images_per_prompt=2, seed=3, progress=False,
+                                 settings=SampleSettings(steps=3, height=32, width=32, batch_size=batch))
+    np.testing.assert_allclose(run(4), run(3), atol=1e-5)
