@@ -88,15 +88,62 @@ def _run_sample(args) -> None:
     print(f"wrote {len(args.prompt) * args.num_images} images to {args.output}")
 
 
+def _add_train_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="learn a style token (NSYNC or Textual Inversion)",
+                              epilog="Override any config value with --config.KEY=VALUE, e.g. --config.train.steps=100")
+    p.add_argument("--config", type=Path, required=True, help="experiment file with get_config()")
+    p.add_argument("--workdir", type=Path, required=True, help="checkpoints, metrics and outputs; rerun to resume")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> None:
+    from nsync_jax.config import load_config
+    from nsync_jax.train.trainer import train
+
+    config = load_config(args.config, args.config_overrides)
+    train(config, args.workdir)
+    print(f"wrote {args.workdir / 'learned_embeds.safetensors'}")
+
+
+def _add_export_parser(subparsers) -> None:
+    from nsync_jax.export import FORMATS
+
+    p = subparsers.add_parser("export", help="write a checkpoint's learned embeddings for diffusers or A1111")
+    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+    p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--format", choices=FORMATS, default="diffusers")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> None:
+    import ml_collections
+
+    from nsync_jax.export import write_embeddings
+    from nsync_jax.train.trainer import export_metadata, read_checkpoint_rows
+
+    rows, meta = read_checkpoint_rows(args.workdir, args.step)
+    config = ml_collections.ConfigDict(meta["config"])
+    write_embeddings(args.output, config.placeholder_token, rows, fmt=args.format,
+                     metadata=export_metadata(config, meta["step"]))
+    print(f"wrote {args.output} ({config.placeholder_token}, {rows.shape[0]} vectors, step {meta['step']})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nsync-jax", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_sample_parser(subparsers)
+    _add_train_parser(subparsers)
+    _add_export_parser(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `--config.KEY=VALUE` overrides are collected apart from the declared flags.
+    overrides = [a for a in argv if a.startswith("--config.")]
+    args = build_parser().parse_args([a for a in argv if not a.startswith("--config.")])
+    args.config_overrides = overrides
     try:
         args.run(args)
     except UserError as e:

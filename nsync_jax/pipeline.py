@@ -47,17 +47,13 @@ class StableDiffusion:
         return {"text_encoder": self.text_encoder, "unet": self.unet, "vae": self.vae}
 
     def add_embeddings(self, path: Path) -> list[str]:
-        """Adds the tokens of a diffusers or A1111 embedding file; returns the token names added."""
+        """Adds the tokens of a diffusers or A1111 embedding file (all or none); returns their names."""
         learned = tokens.load_learned_embeddings(Path(path))
-        width = self.text_encoder.config.hidden_size
-        names = []
-        for name, rows in learned.items():
-            if rows.shape[-1] != width:
-                raise UserError(f"{path}: embedding {name!r} has width {rows.shape[-1]}, the text encoder {width}")
-            tokens.add_placeholder_tokens(self.tokenizer, name, len(rows))
-            self.extra_token_rows = np.concatenate([self.extra_token_rows, rows.astype(np.float32)])
-            names.append(name)
-        return names
+        table = np.asarray(self.text_encoder.embeddings.token_embedding.embedding[...], np.float32)
+        extended = tokens.apply_learned_embeddings(self.tokenizer, np.concatenate([table, self.extra_token_rows]),
+                                                   learned, source=path)
+        self.extra_token_rows = extended[len(table):]
+        return list(learned)
 
 
 def load_pipeline(folder: Path, *, dtype=jnp.float32, attention_backend: str = "auto") -> StableDiffusion:

@@ -34,7 +34,7 @@ def load_tokenizer(folder: Path):
     try:
         # transformers 5 silently ignores CLIPTokenizer(vocab_file=..., merges_file=...): read the folder.
         return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, TypeError, KeyError) as e:
+    except Exception as e:  # the Rust `tokenizers` raises a bare Exception for malformed vocab or merges
         raise UserError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
 
 
@@ -70,8 +70,8 @@ def add_placeholder_tokens(tokenizer, token: str, num_vectors: int) -> list[int]
     tokenizer.add_tokens(names)
     ids = tokenizer.convert_tokens_to_ids(names)
     if ids != list(range(first, first + num_vectors)):
-        raise UserError(f"token {token!r} got ids {ids}, not the next {num_vectors} after the vocabulary's "
-                        f"{first}: the tokenizer's ids have gaps")
+        raise UserError(f"token {token!r} got ids {ids}, but the tokenizer had {first} entries: its vocabulary "
+                        "ids have gaps, so new ids would not match new embedding rows")
     return ids
 
 

@@ -87,12 +87,20 @@ def test_clip_skip_matches_diffusers(clip_skip, sd1, ids):
         reference = torch_model.final_layer_norm(hidden[-(clip_skip + 1)]).numpy()
     ours = run(model, lambda m: m(jnp.asarray(ids), clip_skip=clip_skip))
     assert rel_error(ours, reference) <= 1e-4
-    assert rel_error(run(model, lambda m: m(jnp.asarray(ids))), reference) > 1e-2
 
 
 def test_clip_skip_out_of_range(sd1, ids):
     with pytest.raises(UserError, match="clip_skip=3 .*3 layers"):
         sd1[2](jnp.asarray(ids), clip_skip=3)
+
+
+def test_layer_norm_is_two_pass(sd1):
+    # Hidden states far from zero mean: E[x^2] - E[x]^2 in float32 (Flax's default) is 20% off here.
+    torch_model, _, model = sd1
+    x = np.random.default_rng(0).standard_normal((2, 16, 32)).astype(np.float32) + 1000
+    with torch.no_grad():
+        reference = torch_model.final_layer_norm(torch.from_numpy(x)).numpy()
+    assert rel_error(model.final_layer_norm(jnp.asarray(x)), reference) <= 1e-3
 
 
 def test_inputs_embeds_equal_ids(sd1, ids):

@@ -1,4 +1,5 @@
 """Tokenizer loading, placeholder tokens, learned-embedding files, and agreement with diffusers' loader."""
+import json
 import sys
 
 import jax
@@ -9,6 +10,7 @@ import torch
 from flax import nnx
 from safetensors.numpy import save_file
 
+from conftest import write_tiny_tokenizer
 from nsync_jax import tokens
 from nsync_jax.errors import UserError
 from nsync_jax.pipeline import encode_text, load_pipeline
@@ -78,10 +80,18 @@ def test_duplicate_placeholder_is_refused(tokenizer):
     for name, count in [("<monet>", 1), ("<MONET>", 1), ("<x>", 0), ("cat</w>", 1)]:
         with pytest.raises(UserError, match="already in the tokenizer|at least 1"):
             tokens.add_placeholder_tokens(tokenizer, name, count)
-    # `<monet>_1` exists, so a new `<monet>` of any length is refused before anything is added.
     with pytest.raises(UserError, match="'<monet>_1' is already in the tokenizer"):
         tokens.add_placeholder_tokens(tokenizer, "<monet>_1", 1)
     assert len(tokenizer) == size
+
+
+def test_tokenizer_with_id_gaps_is_refused(tmp_path):
+    folder = write_tiny_tokenizer(tmp_path)
+    vocab = json.loads((folder / "vocab.json").read_text())
+    del vocab["!"]  # id 0: the ids now run 1..548 for 548 entries
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(UserError, match=r"got ids \[549, 550\], but the tokenizer had 548 entries"):
+        tokens.add_placeholder_tokens(tokens.load_tokenizer(folder), "<x>", 2)
 
 
 def test_embed_tokens_sends_gradient_only_to_used_new_rows():
@@ -168,7 +178,7 @@ def test_apply_learned_embeddings(tokenizer):
     # All or nothing: a bad second entry leaves the tokenizer as it was.
     size = len(tokenizer)
     bad = {"<c>": np.ones((1, 4), np.float32), "<d>": np.ones((1, 5), np.float32)}
-    with pytest.raises(UserError, match="learned.safetensors: embedding '<d>' has width 5, but the text encoder's is 4"):
+    with pytest.raises(UserError, match="learned.safetensors: embedding '<d>' has width 5, but the text encoder's"):
         tokens.apply_learned_embeddings(tokenizer, extended, bad, source="learned.safetensors")
     with pytest.raises(UserError, match="'<a>' is already in the tokenizer"):
         tokens.apply_learned_embeddings(tokenizer, extended, {"<c>": bad["<c>"], "<a>": bad["<c>"]}, source="x")

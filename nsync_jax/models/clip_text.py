@@ -165,7 +165,6 @@ class CLIPTextModel(nnx.Module):
                  attention_backend: str = "auto", rngs: nnx.Rngs):
         opts = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = config
-        self.dtype = dtype
         self.embeddings = CLIPTextEmbeddings(config, opts)
         self.encoder = CLIPEncoder(config, attention_backend, opts)
         self.final_layer_norm = _layer_norm(config, opts)
@@ -195,8 +194,6 @@ class CLIPTextModel(nnx.Module):
         if length > positions.shape[0]:
             raise ValueError(f"{length} tokens, but the text encoder has {positions.shape[0]} positions")
         x = inputs_embeds + positions[:length]
-        if self.dtype is not None:
-            x = x.astype(self.dtype)
         for layer in self.encoder.layers[: num_layers - clip_skip]:
             x = layer(x)
         return self.final_layer_norm(x)

@@ -1,0 +1,58 @@
+"""Learned embeddings in the files the PyTorch world loads.
+
+* `diffusers`: `learned_embeds.safetensors` with one key, the placeholder token, holding float32
+  `(num_vectors, width)`; diffusers' `load_textual_inversion` reads it (expanding several vectors to
+  `<tok>`, `<tok>_1`, ...), and so does A1111 (the trigger word is then the file name). A JSON sidecar
+  records where it came from. Needs no torch.
+* `a1111`: A1111's `.pt` layout (`string_to_param`), written with torch (the `torch` extra).
+
+Files are written under a temporary name and renamed, so a crash never leaves half a file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nsync_jax.errors import UserError
+
+FORMATS = ("diffusers", "a1111")
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_embeddings(path: Path, token: str, rows: np.ndarray, *, fmt: str = "diffusers",
+                     metadata: dict[str, Any] | None = None) -> None:
+    """Writes `rows` `(num_vectors, width)` for `token` in format `fmt`, with a `.json` sidecar of `metadata`."""
+    rows = np.ascontiguousarray(np.asarray(rows, np.float32))
+    if fmt == "diffusers":
+        from safetensors.numpy import save_file
+
+        _atomic_write(path, lambda tmp: save_file({token: rows}, str(tmp)))
+    elif fmt == "a1111":
+        try:
+            import torch
+        except ImportError:
+            raise UserError("--format a1111 writes a PyTorch .pt file and needs the torch extra "
+                            "(pip install 'nsync_jax[torch]'); --format diffusers needs no torch") from None
+        payload = {"string_to_token": {"*": 265}, "string_to_param": {"*": torch.from_numpy(rows)},
+                   "name": token, "step": (metadata or {}).get("step", 0),
+                   "sd_checkpoint": None, "sd_checkpoint_name": None}
+        _atomic_write(path, lambda tmp: torch.save(payload, str(tmp)))
+    else:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if metadata is not None:
+        sidecar = Path(path).with_suffix(".json")
+        _atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(metadata, indent=2, sort_keys=True)))

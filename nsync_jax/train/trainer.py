@@ -1,0 +1,401 @@
+"""Learning a style token: Textual Inversion and NSYNC on one trainer.
+
+Read top to bottom: validate the config and the data, load the frozen model, cache the VAE posteriors,
+build the optimizer and the jitted step, restore a checkpoint if the workdir has one, loop, export.
+
+Only the new token rows `(num_vectors, width)` are trained. Every step is one pure function
+`train_step(rows, opt_state, frozen, batch, key)` under `jax.jit`: the frozen model is an argument (never a
+captured constant), the rows and optimizer state are donated, and the step's randomness is
+`fold_in(key(seed), step)`. Which examples a step uses is a function of `(seed, step)` as well, so a run
+resumed from a checkpoint continues exactly as the uninterrupted run would have.
+
+NSYNC's step runs its positive, negative and anchor groups through the text encoder and UNet as one batch.
+Each group reads its own copy of the token rows, so one backward pass returns the three gradients
+(g_p, g_n, g_a) at once; `optim.orthogonal_projection` then refines them inside the optax chain.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from nsync_jax import distributed, export, tokens
+from nsync_jax.data.style_dataset import StyleDataset, load_style_dataset
+from nsync_jax.errors import UserError
+from nsync_jax.optim import VARIANTS, orthogonal_projection
+from nsync_jax.pipeline import StableDiffusion, encode_text, load_pipeline
+from nsync_jax.schedulers import NoiseSchedule, add_noise, training_target
+from nsync_jax.models.vae import sample_posterior
+
+METHODS = ("textual_inversion", "nsync")
+# Prompts for images without captions (Textual Inversion's style templates).
+STYLE_TEMPLATES = ("a painting in the style of {}", "a rendering in the style of {}", "a picture in the style of {}",
+                   "a cropped painting in the style of {}", "a good painting in the style of {}",
+                   "a close-up painting in the style of {}", "a nice painting in the style of {}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Config: every key with its default; experiment files in configs/ start from this and change what they need.
+# ------------------------------------------------------------------------------------------------------------
+
+def default_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.model = ""  # diffusers-format Stable Diffusion folder
+    config.method = "nsync"  # or "textual_inversion"
+    config.placeholder_token = "<style>"
+    config.initializer_token = "painting"
+    config.num_vectors = 1
+    config.clip_skip = 0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.images = ""
+    config.data.captions = ""  # empty: Textual Inversion style templates instead of captions
+    config.data.negatives = ""
+    config.data.resolution = 512
+    config.data.resize = "squash"  # as the released code; or "center_crop"
+    config.data.skip_bad_items = False
+
+    config.train = ml_collections.ConfigDict()
+    config.train.steps = 8000
+    config.train.batch_size = 2  # NSYNC: triples (positive, negative, anchor) per step
+    config.train.learning_rate = 5e-4
+    config.train.scale_lr = True  # multiply by the batch size, as the released code
+    config.train.weight_decay = 1e-2  # torch's AdamW default; applies to the token rows only
+    config.train.seed = 0
+    config.train.dtype = "float32"  # compute dtype of the frozen model; rows and Adam state stay float32
+    config.train.log_every_steps = 10
+
+    config.nsync = ml_collections.ConfigDict()
+    config.nsync.variant = "orthogonal_anchor"  # the paper's rule; "released" reproduces the released code
+    config.nsync.granularity = "global"
+    config.nsync.share_noise = False  # positive and its negative draw the same latent noise and timestep
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 1000
+    config.checkpoint.keep = 3
+    return config
+
+
+
+REQUIRED_KEYS = ("model", "method", "placeholder_token", "initializer_token", "num_vectors", "data.images",
+                 "data.captions", "data.negatives", "data.resolution", "train.steps", "train.batch_size",
+                 "train.learning_rate", "train.seed", "nsync.variant", "checkpoint.every_steps")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    for key in REQUIRED_KEYS:
+        node = config
+        for part in key.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                raise UserError(f"config key {key} is missing")
+            node = node[part]
+    if config.method not in METHODS:
+        raise UserError(f"config method={config.method!r} must be one of {', '.join(METHODS)}")
+    if config.nsync.variant not in VARIANTS:
+        raise UserError(f"config nsync.variant={config.nsync.variant!r} must be one of {', '.join(VARIANTS)}")
+    if config.method == "nsync" and not config.data.negatives:
+        raise UserError("config data.negatives is required for method nsync")
+    for key in ("num_vectors", "train.steps", "train.batch_size", "checkpoint.every_steps", "data.resolution"):
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"config {key}={value!r} must be a positive integer")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The loss: one denoising pass over every group of the step.
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What the jitted step needs to know statically."""
+
+    graphdefs: Any
+    schedule: NoiseSchedule
+    scaling_factor: float
+    compute_dtype: Any
+    clip_skip: int
+
+
+def denoising_losses(spec: StepSpec, group_rows, frozen, ids, mean, logvar, group_keys):
+    """Per-group denoising losses `(groups,)`.
+
+    Args:
+      group_rows: `(groups, num_vectors, width)`, one copy of the token rows per group.
+      ids: `(groups, batch, tokens)`; mean, logvar: `(groups, batch, h, w, c)` cached VAE posteriors.
+      group_keys: `(groups,)` keys; each group's latent sample, noise and timesteps come from its own key.
+    """
+    groups, batch = ids.shape[:2]
+    text_encoder = nnx.merge(spec.graphdefs["text_encoder"], frozen["text_encoder"])
+    unet = nnx.merge(spec.graphdefs["unet"], frozen["unet"])
+    table = text_encoder.embeddings.token_embedding.embedding[...]
+    embeds = jax.vmap(lambda rows, group_ids: tokens.embed_tokens(table, rows, group_ids))(group_rows, ids)
+    context = text_encoder(inputs_embeds=embeds.reshape(groups * batch, *embeds.shape[2:]), clip_skip=spec.clip_skip)
+
+    def draw(key, group_mean, group_logvar):
+        k_latent, k_noise, k_time = jax.random.split(key, 3)
+        latents = sample_posterior(group_mean, group_logvar, k_latent) * spec.scaling_factor
+        noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
+        t = jax.random.randint(k_time, (batch,), 0, spec.schedule.num_train_timesteps)
+        return latents, noise, t
+
+    latents, noise, t = jax.vmap(draw)(group_keys, mean, logvar)
+    flat = lambda x: x.reshape(groups * batch, *x.shape[2:])
+    latents, noise, t = flat(latents), flat(noise), flat(t)
+    noisy = add_noise(spec.schedule.alphas_cumprod, latents, noise, t)
+    prediction = unet(noisy.astype(spec.compute_dtype), t, context.astype(spec.compute_dtype))
+    target = training_target(spec.schedule, latents, noise, t)
+    per_example = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=(1, 2, 3))
+    return per_example.reshape(groups, batch).mean(axis=1)
+
+
+def group_keys(key, groups: int, share_noise: bool):
+    """Group 1 (the negative) reuses group 0's key when the positive and its negative share noise."""
+    ids = [0, 0 if share_noise else 1, 2][:groups] if groups > 1 else [0]
+    return jnp.stack([jax.random.fold_in(key, i) for i in ids])
+
+
+def make_train_step(spec: StepSpec, tx: optax.GradientTransformationExtraArgs, method: str, share_noise: bool):
+    groups = 3 if method == "nsync" else 1
+
+    def train_step(rows, opt_state, frozen, batch, key):
+        def total_loss(group_rows):
+            losses = denoising_losses(spec, group_rows, frozen, batch["ids"], batch["mean"], batch["logvar"],
+                                      group_keys(key, groups, share_noise))
+            return losses.sum(), losses
+
+        group_rows = jnp.broadcast_to(rows, (groups, *rows.shape))
+        (_, losses), grads = jax.value_and_grad(total_loss, has_aux=True)(group_rows)
+        extra = {"negative_grads": grads[1], "anchor_grads": grads[2]} if method == "nsync" else {}
+        updates, opt_state = tx.update(grads[0], opt_state, rows, **extra)
+        new_rows = optax.apply_updates(rows, updates)
+        metrics = {"loss": losses[0], "grad_norm": optax.global_norm(grads[0]),
+                   "update_norm": optax.global_norm(updates), "row_norm": optax.global_norm(new_rows)}
+        if method == "nsync":
+            metrics.update(loss_negative=losses[1], loss_anchor=losses[2],
+                           negative_grad_norm=optax.global_norm(grads[1]))
+        return new_rows, opt_state, metrics
+
+    return train_step
+
+
+def make_optimizer(config) -> optax.GradientTransformationExtraArgs:
+    learning_rate = config.train.learning_rate * (config.train.batch_size if config.train.get("scale_lr") else 1)
+    adamw = optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.train.get("weight_decay", 1e-2))
+    if config.method == "nsync":
+        return optax.chain(orthogonal_projection(config.nsync.variant, config.nsync.get("granularity", "global")),
+                           adamw)
+    return optax.with_extra_args_support(adamw)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Data: prompts, cached posteriors, and the examples of each step (a function of seed and step).
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PreparedData:
+    ids: np.ndarray  # (N or templates, tokens) int32 prompt ids for each positive (captioned) or template
+    positives: np.ndarray  # (N, 2, h, w, 2c) posterior moments of each image and its mirror image
+    negatives: np.ndarray | None
+    captioned: bool
+
+
+def encode_posteriors(pipe: StableDiffusion, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
+    """VAE posterior moments `(N, 2, h, w, 2c)` of each image and its horizontal flip, computed once."""
+    graphdef, state = nnx.split(pipe.vae)
+    encode = jax.jit(lambda state, x: jnp.concatenate(nnx.merge(graphdef, state).encode(x), axis=-1))
+    both = np.stack([images, images[:, :, ::-1]], axis=1)
+    flat = both.reshape(-1, *images.shape[1:])
+    dtype = pipe.vae.encoder.conv_in.kernel[...].dtype
+    moments = [np.asarray(encode(state, jnp.asarray(flat[i:i + batch_size], dtype)), np.float32)
+               for i in range(0, len(flat), batch_size)]
+    moments = np.concatenate(moments)
+    return moments.reshape(len(images), 2, *moments.shape[1:])
+
+
+def prepare_data(pipe: StableDiffusion, dataset: StyleDataset, token: str) -> PreparedData:
+    captioned = any(dataset.captions)
+    if captioned:
+        prompts = [f"{caption} in the style of {token}" for caption in dataset.captions]
+    else:
+        prompts = [template.format(token) for template in STYLE_TEMPLATES]
+    ids = tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(p, pipe.tokenizer) for p in prompts])
+    negatives = encode_posteriors(pipe, dataset.negatives) if dataset.negatives is not None else None
+    return PreparedData(ids=ids, positives=encode_posteriors(pipe, dataset.positives), negatives=negatives,
+                        captioned=captioned)
+
+
+def step_batch(data: PreparedData, method: str, batch_size: int, seed: int, step: int) -> dict[str, np.ndarray]:
+    """The examples of one step: positives (and their negatives and random other positives for NSYNC)."""
+    rng = np.random.default_rng([seed, step])
+    count = len(data.positives)
+    index = rng.integers(0, count, batch_size)
+    groups = [(data.positives, index)]
+    if method == "nsync":
+        anchor = (index + rng.integers(1, count, batch_size)) % count if count > 1 else index
+        groups += [(data.negatives, index), (data.positives, anchor)]
+    flips = rng.integers(0, 2, (len(groups), batch_size))
+    moments = np.stack([source[i, flips[g]] for g, (source, i) in enumerate(groups)])
+    if data.captioned:
+        ids = np.stack([data.ids[i] for _, i in groups])
+    else:
+        template = rng.integers(0, len(data.ids), batch_size)
+        ids = np.stack([data.ids[template]] * len(groups))
+    mean, logvar = np.split(moments, 2, axis=-1)
+    return {"ids": ids, "mean": mean, "logvar": logvar}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoints (Orbax): the token rows, the optimizer state and the step; data order and noise are
+# functions of (seed, step), so nothing else is needed to resume exactly.
+# ------------------------------------------------------------------------------------------------------------
+
+def checkpoint_manager(workdir: Path, keep: int):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
+
+
+def save_checkpoint(manager, step: int, rows, opt_state, config) -> None:
+    import orbax.checkpoint as ocp
+
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"rows": rows, "opt_state": opt_state}),
+        meta=ocp.args.JsonSave({"step": step, "config": config.to_dict()})))
+
+
+def restore_checkpoint(manager, step: int, rows, opt_state):
+    import orbax.checkpoint as ocp
+
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          {"rows": rows, "opt_state": opt_state})
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    return restored["state"]["rows"], restored["state"]["opt_state"]
+
+
+def read_checkpoint_rows(workdir: Path, step: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The token rows and metadata of a checkpoint (the latest when `step` is None), for export."""
+    import orbax.checkpoint as ocp
+
+    manager = checkpoint_manager(Path(workdir), keep=1_000_000)
+    steps = manager.all_steps()
+    if not steps:
+        raise UserError(f"{workdir}: no checkpoints in {Path(workdir) / 'checkpoints'}")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise UserError(f"{workdir}: no checkpoint for step {step} (have {', '.join(map(str, sorted(steps)))})")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    return np.asarray(state["rows"], np.float32), meta
+
+
+def export_metadata(config, step: int) -> dict[str, Any]:
+    return {"base_model": str(config.model), "token": config.placeholder_token,
+            "num_vectors": config.num_vectors, "initializer_token": config.initializer_token, "step": step,
+            "method": config.method, "variant": config.nsync.variant if config.method == "nsync" else None}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The training loop.
+# ------------------------------------------------------------------------------------------------------------
+
+def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = True) -> np.ndarray:
+    """Trains the token rows; resumes from `workdir/checkpoints` if present. Returns the final rows."""
+    check_config(config)
+    workdir = Path(workdir)
+    dataset = load_style_dataset(config.data.images, captions=config.data.captions or None,
+                                 negatives=config.data.negatives or None, resolution=config.data.resolution,
+                                 resize=config.data.get("resize", "squash"),
+                                 skip_bad_items=config.data.get("skip_bad_items", False))
+    dtype = jnp.dtype(config.train.get("dtype", "float32"))
+    pipe = load_pipeline(config.model, dtype=dtype)
+    table = np.asarray(pipe.text_encoder.embeddings.token_embedding.embedding[...], np.float32)
+    if len(pipe.tokenizer) != len(table):
+        raise UserError(f"{config.model}: tokenizer has {len(pipe.tokenizer)} tokens, the text encoder "
+                        f"{len(table)} embedding rows")
+    initial = tokens.initial_rows(table, pipe.tokenizer, config.initializer_token, config.num_vectors)
+    tokens.add_placeholder_tokens(pipe.tokenizer, config.placeholder_token, config.num_vectors)
+    data = prepare_data(pipe, dataset, config.placeholder_token)
+    workdir.mkdir(parents=True, exist_ok=True)  # only after the data and the model passed their checks
+
+    # --- mesh, frozen state and the jitted step ---
+    mesh = distributed.local_data_mesh()
+    if config.train.batch_size % mesh.devices.size:
+        raise UserError(f"config train.batch_size={config.train.batch_size} must be a multiple of the "
+                        f"{mesh.devices.size} local devices")
+    whole = distributed.replicated(mesh)
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, distributed.DATA))
+    graphdefs, frozen = {}, {}
+    for name in ("text_encoder", "unet"):
+        graphdefs[name], frozen[name] = nnx.split(pipe.modules()[name])
+    frozen = jax.device_put(frozen, whole)
+    spec = StepSpec(graphdefs=graphdefs, schedule=NoiseSchedule.from_config(
+        pipe.scheduler_config, pipe.folder / "scheduler" / "scheduler_config.json"),
+        scaling_factor=pipe.vae.config.scaling_factor, compute_dtype=dtype, clip_skip=config.get("clip_skip", 0))
+    tx = make_optimizer(config)
+    step_fn = jax.jit(make_train_step(spec, tx, config.method, config.nsync.get("share_noise", False)),
+                      in_shardings=(whole, whole, whole, batch_sharding, whole), out_shardings=whole,
+                      donate_argnums=(0, 1))
+    rows = jax.device_put(jnp.asarray(initial), whole)
+    opt_state = jax.jit(tx.init, out_shardings=whole)(rows)
+
+    # --- resume ---
+    manager = checkpoint_manager(workdir, keep=config.checkpoint.get("keep", 3))
+    start = 0
+    if manager.latest_step() is not None:
+        start = manager.latest_step()
+        rows, opt_state = restore_checkpoint(manager, start, rows, opt_state)
+
+    # --- loop ---
+    stop_requested = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    key = jax.random.key(config.train.seed)
+    metrics_file = (workdir / "metrics.jsonl").open("a")
+    bar = tqdm(total=config.train.steps, initial=start, unit="step", disable=not progress)
+    last_time, last_step = time.perf_counter(), start
+    try:
+        for step in range(start, config.train.steps):
+            batch = step_batch(data, config.method, config.train.batch_size, config.train.seed, step)
+            new_rows, new_opt_state, metrics = step_fn(rows, opt_state, frozen, batch, jax.random.fold_in(key, step))
+            metrics = {k: float(v) for k, v in metrics.items()}
+            if not all(np.isfinite(v) for v in metrics.values()):
+                raise UserError(f"non-finite loss or gradient at step {step + 1} ({metrics}); the last good "
+                                f"checkpoint is step {manager.latest_step()}")
+            rows, opt_state = new_rows, new_opt_state
+            done = step + 1
+            bar.update(1)
+            if done % config.train.get("log_every_steps", 10) == 0 or done == config.train.steps:
+                now = time.perf_counter()
+                metrics.update(step=done, steps_per_sec=(done - last_step) / (now - last_time))
+                last_time, last_step = now, done
+                metrics_file.write(json.dumps(metrics) + "\n")
+                metrics_file.flush()
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if done % config.checkpoint.every_steps == 0 or done == config.train.steps or stop_requested:
+                save_checkpoint(manager, done, rows, opt_state, config)
+            if stop_requested:
+                break
+    finally:
+        manager.wait_until_finished()
+        metrics_file.close()
+        bar.close()
+        signal.signal(signal.SIGTERM, previous_handler)
+
+    final_rows = np.asarray(rows, np.float32)
+    if not stop_requested:
+        export.write_embeddings(workdir / "learned_embeds.safetensors", config.placeholder_token, final_rows,
+                                metadata=export_metadata(config, config.train.steps))
+    return final_rows

@@ -1,0 +1,170 @@
+"""Textual Inversion / NSYNC training on a tiny model: fused gradients, exact resume, data checks, export."""
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nsync_jax import tokens
+from nsync_jax.cli import main
+from nsync_jax.config import load_config
+from nsync_jax.errors import UserError
+from nsync_jax.pipeline import encode_text, load_pipeline
+from nsync_jax.train import trainer
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
+
+
+def write_style_dataset(root: Path, count: int = 4) -> Path:
+    rng = np.random.default_rng(0)
+    for sub in ("images", "captions", "negatives"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        stripes = (np.indices((40, 48)).sum(0) // (2 + i) % 2)[..., None] * rng.integers(0, 255, 3)
+        Image.fromarray(stripes.astype(np.uint8)).save(root / "images" / f"item{i}.png")
+        flat = np.full((40, 48, 3), rng.integers(0, 255, 3), np.uint8)
+        Image.fromarray(flat).save(root / "negatives" / f"item{i}.png")
+        (root / "captions" / f"item{i}.txt").write_text(["a red star", "a blue circle", "a cat", "a dog"][i % 4])
+    return root
+
+
+@pytest.fixture(scope="module")
+def style_dir(tmp_path_factory):
+    return write_style_dataset(tmp_path_factory.mktemp("style"))
+
+
+def tiny_config(model, data, **overrides):
+    config = load_config(CONFIG)
+    config.model = str(model)
+    config.data.images, config.data.captions, config.data.negatives = (str(data / s) for s in
+                                                                        ("images", "captions", "negatives"))
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def test_fused_gradients_equal_separate_gradients(sd1_dir, style_dir):
+    from flax import nnx
+
+    config = tiny_config(sd1_dir, style_dir)
+    pipe = load_pipeline(sd1_dir)
+    tokens.add_placeholder_tokens(pipe.tokenizer, config.placeholder_token, config.num_vectors)
+    dataset = trainer.load_style_dataset(style_dir / "images", captions=style_dir / "captions",
+                                         negatives=style_dir / "negatives", resolution=32)
+    data = trainer.prepare_data(pipe, dataset, config.placeholder_token)
+    batch = trainer.step_batch(data, "nsync", 2, seed=0, step=0)
+    graphdefs, frozen = {}, {}
+    for name in ("text_encoder", "unet"):
+        graphdefs[name], frozen[name] = nnx.split(pipe.modules()[name])
+    spec = trainer.StepSpec(graphdefs, trainer.NoiseSchedule.from_config(pipe.scheduler_config),
+                            pipe.vae.config.scaling_factor, jnp.float32, 0)
+    rows = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32)), jnp.float32)
+    keys = trainer.group_keys(jax.random.key(0), 3, share_noise=False)
+
+    def loss(group_rows, group):
+        take = lambda x: x[group] if group is not None else x
+        losses = trainer.denoising_losses(spec, group_rows, frozen, take(batch["ids"]), take(batch["mean"]),
+                                          take(batch["logvar"]), keys[group] if group is not None else keys)
+        return losses.sum()
+
+    fused = jax.jit(jax.grad(lambda r: loss(r, None)))(jnp.broadcast_to(rows, (3, 2, 32)))
+    for group in range(3):
+        separate = jax.jit(jax.grad(lambda r: loss(r, slice(group, group + 1))))(rows[None])[0]
+        np.testing.assert_allclose(fused[group], separate, rtol=2e-4, atol=1e-7)
+        assert np.abs(separate).max() > 0
+    # The three groups see different images and noise, so their gradients differ.
+    assert not np.allclose(fused[0], fused[1], rtol=0.1)
+
+
+@pytest.mark.parametrize("method", ["nsync", "textual_inversion"])
+def test_resume_is_bit_identical(sd1_dir, style_dir, tmp_path, method):
+    config = tiny_config(sd1_dir, style_dir, method=method)
+    straight = trainer.train(config, tmp_path / "straight", progress=False)
+    config.train.steps = 3
+    trainer.train(config, tmp_path / "resumed", progress=False)
+    config.train.steps = 6
+    resumed = trainer.train(config, tmp_path / "resumed", progress=False)
+    np.testing.assert_array_equal(straight, resumed)
+    from safetensors.numpy import load_file
+
+    exported = [load_file(tmp_path / d / "learned_embeds.safetensors")["<tiny-style>"] for d in ("straight", "resumed")]
+    np.testing.assert_array_equal(exported[0], exported[1])
+    initial = np.asarray(load_pipeline(sd1_dir).text_encoder.embeddings.token_embedding.embedding[...])
+    assert not np.allclose(straight, 0) and np.abs(straight - initial[
+        load_pipeline(sd1_dir).tokenizer.convert_tokens_to_ids("painting</w>")]).max() > 1e-3
+    metrics = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert all({"loss", "grad_norm", "steps_per_sec"} <= set(m) for m in metrics)
+
+
+def test_bad_dataset_lists_every_problem_and_writes_nothing(sd1_dir, tmp_path):
+    data = write_style_dataset(tmp_path / "data")
+    (data / "negatives" / "item1.png").unlink()
+    (data / "captions" / "item2.txt").unlink()
+    (data / "images" / "item3.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    config = tiny_config(sd1_dir, data)
+    with pytest.raises(UserError) as error:
+        trainer.train(config, tmp_path / "work", progress=False)
+    message = str(error.value)
+    for expected in ("missing negative", "negatives/item1.png", "missing caption", "captions/item2.txt",
+                     "unreadable image", "images/item3.png"):
+        assert expected in message
+    assert not (tmp_path / "work").exists()
+    config.data.skip_bad_items = True
+    config.train.steps = 1
+    with pytest.warns(UserWarning, match="skipping 3 bad item"):
+        trainer.train(config, tmp_path / "work", progress=False)
+
+
+def test_export_loads_in_diffusers(sd1_dir, style_dir, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    work = tmp_path / "work"
+    code = main(["train", "--config", str(CONFIG), "--workdir", str(work), f"--config.model={sd1_dir}",
+                 f"--config.data.images={style_dir / 'images'}", f"--config.data.captions={style_dir / 'captions'}",
+                 f"--config.data.negatives={style_dir / 'negatives'}", "--config.train.steps=3"])
+    assert code == 0, capsys.readouterr().err
+    for fmt, name in (("diffusers", "style.safetensors"), ("a1111", "style.pt")):
+        assert main(["export", "--workdir", str(work), "--step", "3", "--output", str(tmp_path / name),
+                     "--format", fmt]) == 0
+    sidecar = json.loads((tmp_path / "style.json").read_text())
+    assert sidecar["step"] == 3 and sidecar["method"] == "nsync" and sidecar["variant"] == "orthogonal_anchor"
+
+    prompt = ["a cat in the style of <tiny-style>"]
+    pipe = load_pipeline(sd1_dir)
+    pipe.add_embeddings(tmp_path / "style.safetensors")
+    ids = tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(p, pipe.tokenizer) for p in prompt])
+    ours = np.asarray(encode_text(pipe.text_encoder, jnp.asarray(pipe.extra_token_rows), jnp.asarray(ids)))
+    for name, token in (("style.safetensors", None), ("style.pt", "<tiny-style>")):
+        reference = StableDiffusionPipeline.from_pretrained(sd1_dir, safety_checker=None)
+        reference.load_textual_inversion(str(tmp_path / name), token=token)
+        text = reference.maybe_convert_prompt(prompt, reference.tokenizer)
+        torch_ids = reference.tokenizer(text, padding="max_length", max_length=16, truncation=True,
+                                        return_tensors="pt").input_ids
+        np.testing.assert_array_equal(torch_ids.numpy(), ids)
+        with torch.no_grad():
+            expected = reference.text_encoder(torch_ids).last_hidden_state.numpy()
+        assert np.abs(ours - expected).max() / np.abs(expected).max() <= 1e-5
+
+    assert main(["export", "--workdir", str(work), "--step", "7", "--output", str(tmp_path / "x.safetensors")]) == 2
+    assert "no checkpoint for step 7 (have 3)" in capsys.readouterr().err
+
+
+def test_config_overrides_and_errors(tmp_path):
+    config = load_config(CONFIG, ["--config.train.steps=9", "--config.train.learning_rate=1", "--config.model=/m"])
+    assert config.train.steps == 9 and config.train.learning_rate == 1.0 and config.model == "/m"
+    with pytest.raises(UserError, match="--config.train.stepz: no such config key"):
+        load_config(CONFIG, ["--config.train.stepz=3"])
+    with pytest.raises(UserError, match="--config.train.steps=many: not a valid int"):
+        load_config(CONFIG, ["--config.train.steps=many"])
+    config.method = "dreambooth"
+    with pytest.raises(UserError, match="config method='dreambooth' must be one of"):
+        trainer.check_config(config)
