@@ -1,11 +1,12 @@
 """Noise schedules and samplers, configured from diffusers' `scheduler_config.json`.
 
 Everything that depends only on the step (timesteps, alphas, sigmas, multistep weights) is computed once on
-the host in float64, laid out exactly as diffusers 0.42 lays it out, and becomes a small per-step table. The
-arithmetic that touches the latents is a pure JAX function of `(state, model_output, step_index, sample)`
-that reads row `step_index` of those tables, so a whole sampling loop is one `lax.scan` with `step_index`
-traced and no Python branching on it. diffusers' Python-side bookkeeping (PNDM's call counter and output
-list, DPM-Solver's order switching) is replayed on the host into those tables.
+the host, in float64 from diffusers' float32 `alphas_cumprod`, laid out exactly as diffusers 0.42 lays it out,
+and becomes a small per-step float32 table. The arithmetic that touches the latents is a pure JAX function of
+`(state, model_output, step_index, sample)` that reads row `step_index` of those tables, so a whole sampling
+loop is one `lax.scan` with `step_index` traced and no Python branching on it. diffusers' Python-side
+bookkeeping (PNDM's call counter and output list, DPM-Solver's order switching) is replayed on the host into
+those tables.
 
 Samplers (`make_sampler` names): `ddim` (DDIMScheduler with eta 0), `pndm` (PNDMScheduler's PLMS, SD 1.5's
 default), `euler` (EulerDiscreteScheduler without churn) and `dpm` (DPMSolverMultistepScheduler's
@@ -33,39 +34,39 @@ from nsync_jax.errors import UserError
 # without Karras sigmas, flow_shift, ...) are left out, so they are ignored like unknown keys.
 # ----------------------------------------------------------------------------------------------------------
 
-Options = dict[str, tuple[Any, tuple | None]]
+_Options = dict[str, tuple[Any, tuple | None]]
 
 _OFF = (False, None)
 _SPACINGS = ("leading", "trailing", "linspace")
 _ALL_PREDICTIONS = ("epsilon", "v_prediction", "sample")
-_BETAS: Options = {
+_BETAS: _Options = {
     "num_train_timesteps": (1000, None), "beta_start": (0.0001, None), "beta_end": (0.02, None),
     "beta_schedule": ("linear", ("linear", "scaled_linear", "squaredcos_cap_v2")), "trained_betas": (None, None),
     "rescale_betas_zero_snr": (False, _OFF),
 }
-_DDPM_OPTIONS: Options = {
+_DDPM_OPTIONS: _Options = {
     **_BETAS, "prediction_type": ("epsilon", _ALL_PREDICTIONS),
     # A learned variance needs its own loss term; the fixed variances only matter to DDPM sampling.
     "variance_type": ("fixed_small", ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")),
 }
-_DDIM_OPTIONS: Options = {
+_DDIM_OPTIONS: _Options = {
     **_BETAS, "prediction_type": ("epsilon", _ALL_PREDICTIONS), "timestep_spacing": ("leading", _SPACINGS),
     "steps_offset": (0, None), "set_alpha_to_one": (True, None), "clip_sample": (True, None),
     "clip_sample_range": (1.0, None), "thresholding": (False, _OFF),
 }
-_PNDM_OPTIONS: Options = {  # PNDMScheduler has no rescale_betas_zero_snr: from_config ignores it
+_PNDM_OPTIONS: _Options = {  # PNDMScheduler has no rescale_betas_zero_snr: from_config ignores it
     **{key: spec for key, spec in _BETAS.items() if key != "rescale_betas_zero_snr"},
     "prediction_type": ("epsilon", ("epsilon", "v_prediction")), "timestep_spacing": ("leading", _SPACINGS),
     "steps_offset": (0, None), "set_alpha_to_one": (False, None),
     "skip_prk_steps": (False, (True,)),  # the Runge-Kutta warm-up is not implemented, only PLMS
 }
-_EULER_OPTIONS: Options = {
+_EULER_OPTIONS: _Options = {
     **_BETAS, "prediction_type": ("epsilon", _ALL_PREDICTIONS), "timestep_spacing": ("linspace", _SPACINGS),
     "steps_offset": (0, None), "interpolation_type": ("linear", ("linear",)),
     "use_karras_sigmas": (False, _OFF), "use_exponential_sigmas": (False, _OFF), "use_beta_sigmas": (False, _OFF),
     "timestep_type": ("discrete", ("discrete", "continuous")), "final_sigmas_type": ("zero", ("zero", "sigma_min")),
 }
-_DPM_OPTIONS: Options = {
+_DPM_OPTIONS: _Options = {
     **_BETAS, "prediction_type": ("epsilon", _ALL_PREDICTIONS), "timestep_spacing": ("linspace", _SPACINGS),
     "steps_offset": (0, None), "solver_order": (2, (1, 2)), "algorithm_type": ("dpmsolver++", ("dpmsolver++",)),
     # diffusers maps DEIS's and UniPC's solver types to midpoint.
@@ -78,7 +79,7 @@ _DPM_OPTIONS: Options = {
 }
 
 
-def _resolve(config: dict[str, Any], options: Options, source: Path | str) -> dict[str, Any]:
+def _resolve(config: dict[str, Any], options: _Options, source: Path | str) -> dict[str, Any]:
     """The options of one scheduler class from `config` (its defaults for missing keys), refusing values it
     cannot honour."""
     resolved = {}
@@ -98,8 +99,8 @@ def _resolve(config: dict[str, Any], options: Options, source: Path | str) -> di
 def _alphas_cumprod(cfg: dict[str, Any], source: Path | str) -> np.ndarray:
     """abar_t for t = 0 .. num_train_timesteps - 1 (float64 values of a float32 table).
 
-    Rounded as diffusers rounds it: float32 betas and a float32 running product. A float64 table differs by
-    1e-5 relative where abar is near 1 (sigma at t = 0, DDIM's final step) and at the cosine schedule's tail.
+    Rounded as diffusers rounds it: float32 betas and a float32 running product. With a float64 table, the
+    sigmas near t = 0 (where 1 - abar is a few betas) would differ from diffusers' by up to 3e-4 relative.
     """
     steps = cfg["num_train_timesteps"]
     if cfg["trained_betas"] is not None:
@@ -191,14 +192,15 @@ def _check_timesteps(timesteps: np.ndarray, steps: int, cfg: dict[str, Any], sou
                         f"{cfg['num_train_timesteps']}")
 
 
-def _x0_and_eps(prediction_type: str, alpha: np.ndarray, sigma: np.ndarray):
-    """Coefficients on (sample, model output) of the predicted x_0 and noise, for x = alpha x_0 + sigma noise."""
+def _x0_and_eps(prediction_type: str, alpha: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, ...]:
+    """For samples x = alpha x_0 + sigma noise: the coefficients on (x, model output) of the predicted x_0,
+    then those of the predicted noise."""
     ones, zeros = np.ones_like(alpha), np.zeros_like(alpha)
     if prediction_type == "epsilon":
-        return (1 / alpha, -sigma / alpha), (zeros, ones)
+        return 1 / alpha, -sigma / alpha, zeros, ones
     if prediction_type == "v_prediction":  # v = alpha noise - sigma x_0
-        return (alpha, -sigma), (sigma, alpha)
-    return (zeros, ones), (1 / sigma, -alpha / sigma)
+        return alpha, -sigma, sigma, alpha
+    return zeros, ones, 1 / sigma, -alpha / sigma
 
 
 def _previous_alphas_cumprod(alphas_cumprod: np.ndarray, previous: np.ndarray, set_alpha_to_one: bool) -> np.ndarray:
@@ -207,7 +209,7 @@ def _previous_alphas_cumprod(alphas_cumprod: np.ndarray, previous: np.ndarray, s
     return np.where(previous >= 0, alphas_cumprod[np.maximum(previous, 0)], final)
 
 
-def _row(table: np.ndarray, step_index) -> jax.Array:
+def _row(table: np.ndarray, step_index: jax.Array | int) -> jax.Array:
     return jnp.asarray(table)[step_index]
 
 
@@ -223,7 +225,8 @@ class Sampler(abc.ABC):
     """A deterministic sampler; `step_index` indexes `timesteps` and may be a traced int32 scalar.
 
     Attributes:
-      timesteps: the model's timestep at each model call, in call order (numpy; diffusers' `timesteps`).
+      timesteps: the model's timestep at each model call, in call order: diffusers' `timesteps` (numpy int32;
+        float32 for Euler, whose timesteps are fractional).
       init_noise_sigma: the scale of the initial noise.
     """
 
@@ -234,12 +237,13 @@ class Sampler(abc.ABC):
         """The multistep history before the first step (a pytree of arrays)."""
         return ()
 
-    def scale_model_input(self, sample: jax.Array, step_index) -> jax.Array:
+    def scale_model_input(self, sample: jax.Array, step_index: jax.Array | int) -> jax.Array:
         """The UNet's input at step `step_index`."""
         return sample
 
     @abc.abstractmethod
-    def step(self, state, model_output: jax.Array, step_index, sample: jax.Array) -> tuple[jax.Array, Any]:
+    def step(self, state: Any, model_output: jax.Array, step_index: jax.Array | int,
+             sample: jax.Array) -> tuple[jax.Array, Any]:
         """One denoising step: `(previous_sample, new_state)`."""
 
 
@@ -255,12 +259,12 @@ class DDIMSampler(Sampler):
         timesteps = _timestep_grid(cfg["timestep_spacing"], num_inference_steps, train_steps, cfg["steps_offset"])
         _check_timesteps(timesteps, num_inference_steps, cfg, source)
         self.timesteps = timesteps.astype(np.int32)
-        # diffusers steps back by train_steps // steps whatever the spacing.
         abar = alphas_cumprod[self.timesteps]
+        # diffusers steps back by train_steps // steps whatever the spacing.
         abar_prev = _previous_alphas_cumprod(alphas_cumprod, self.timesteps - train_steps // num_inference_steps,
                                              cfg["set_alpha_to_one"])
-        (self.x0_sample, self.x0_output), (self.eps_sample, self.eps_output) = (
-            _f32(*pair) for pair in _x0_and_eps(cfg["prediction_type"], np.sqrt(abar), np.sqrt(1 - abar)))
+        self.x0_sample, self.x0_output, self.eps_sample, self.eps_output = _f32(
+            *_x0_and_eps(cfg["prediction_type"], np.sqrt(abar), np.sqrt(1 - abar)))
         self.x0_scale, self.eps_scale = _f32(np.sqrt(abar_prev), np.sqrt(1 - abar_prev))
         self.clip_range = cfg["clip_sample_range"] if cfg["clip_sample"] else None
 
@@ -296,29 +300,29 @@ class PNDMSampler(Sampler):
         grid = _timestep_grid(cfg["timestep_spacing"], num_inference_steps, cfg["num_train_timesteps"],
                               cfg["steps_offset"])
         _check_timesteps(grid, num_inference_steps, cfg, source)
-        grid = grid.astype(np.int64)
-        self.timesteps = np.concatenate([grid[:1], grid[1:2], grid[1:]]).astype(np.int32)
+        grid = grid.astype(np.int32)
+        self.timesteps = np.concatenate([grid[:1], grid[1:2], grid[1:]])
 
         calls = len(self.timesteps)
-        current, previous = self.timesteps.astype(np.int64), self.timesteps - ratio
-        self.weights = np.zeros((calls, 5))  # on (model_output, stored[0], ..., stored[3]), oldest stored first
-        self.store = np.arange(calls) != 1
+        current = self.timesteps.astype(np.int64)
+        previous = current - ratio  # diffusers steps back by train_steps // steps whatever the spacing
+        self.store = np.arange(calls) != 1  # call 1's output is averaged in, never stored
+        weights = np.zeros((calls, 5))  # on (model_output, stored[0], ..., stored[3]), oldest stored first
         for call in range(calls):
-            if call == 1:  # steps again from call 0's timestep with the average of both outputs
+            if call == 1:  # call 0's step again, from call 0's sample, with the mean of both outputs
                 current[1], previous[1] = current[1] + ratio, current[1]
-                self.weights[1, [0, 4]] = 0.5
+                weights[1, [0, 4]] = 0.5
             else:
-                stored = min(call + (call == 0), 4)  # call 1 is not stored
-                self.weights[call, 5 - stored:] = _ADAMS_BASHFORTH[stored]
+                stored = 1 if call == 0 else min(call, 4)
+                weights[call, 5 - stored:] = _ADAMS_BASHFORTH[stored]
         abar = alphas_cumprod[current]
         abar_prev = _previous_alphas_cumprod(alphas_cumprod, previous, cfg["set_alpha_to_one"])
-        _, (self.eps_sample, self.eps_output) = (
-            _f32(*pair) for pair in _x0_and_eps(cfg["prediction_type"], np.sqrt(abar), np.sqrt(1 - abar)))
+        _, _, eps_sample, eps_output = _x0_and_eps(cfg["prediction_type"], np.sqrt(abar), np.sqrt(1 - abar))
         # Formula (9) of the PNDM paper (arXiv 2202.09778), as diffusers' _get_prev_sample writes it.
-        self.sample_coeff, self.eps_coeff = _f32(
-            np.sqrt(abar_prev / abar),
-            -(abar_prev - abar) / (abar * np.sqrt(1 - abar_prev) + np.sqrt(abar * (1 - abar) * abar_prev)))
-        self.weights = self.weights.astype(np.float32)
+        sample_coeff = np.sqrt(abar_prev / abar)
+        eps_coeff = -(abar_prev - abar) / (abar * np.sqrt(1 - abar_prev) + np.sqrt(abar * (1 - abar) * abar_prev))
+        self.weights, self.eps_sample, self.eps_output, self.sample_coeff, self.eps_coeff = _f32(
+            weights, eps_sample, eps_output, sample_coeff, eps_coeff)
 
     def init_state(self, sample):
         # The last four stored model outputs, oldest first, and call 0's sample (which call 1 steps from again).
@@ -369,7 +373,7 @@ class EulerSampler(Sampler):
 
         sigma, sigma_next = sigmas[:-1].astype(np.float64), sigmas[1:].astype(np.float64)
         alpha = 1 / np.sqrt(sigma**2 + 1)  # the scaled latents are alpha x = alpha x_0 + sigma alpha noise
-        (x0_sample, x0_output), _ = _x0_and_eps(cfg["prediction_type"], alpha, sigma * alpha)
+        x0_sample, x0_output, _, _ = _x0_and_eps(cfg["prediction_type"], alpha, sigma * alpha)
         self.input_scale, self.x0_sample, self.x0_output, self.dt_over_sigma = _f32(
             alpha, x0_sample * alpha, x0_output, (sigma_next - sigma) / sigma)
 
@@ -414,11 +418,11 @@ class DPMSolverSampler(Sampler):
             lam = np.log(alpha) - np.log(sigma)
             h = lam[1:] - lam[:-1]
             expm1 = np.exp(-h) - 1
-            ratio = h / np.concatenate([[np.nan], h[:-1]])  # h / h_prev, the 1 / r0 of diffusers
+            h_ratio = h / np.concatenate([[np.nan], h[:-1]])  # h / h_prev, the 1 / r0 of diffusers
             if cfg["solver_type"] == "heun":
-                difference = alpha[1:] * (expm1 / h + 1) * ratio
+                difference = alpha[1:] * (expm1 / h + 1) * h_ratio
             else:
-                difference = -0.5 * alpha[1:] * expm1 * ratio
+                difference = -0.5 * alpha[1:] * expm1 * h_ratio
         steps = len(self.timesteps)
         first_order = np.arange(steps) == 0
         first_order[-1] |= (cfg["euler_at_final"] or (cfg["lower_order_final"] and steps < 15)
@@ -427,7 +431,7 @@ class DPMSolverSampler(Sampler):
             first_order[:] = True
         # x_next = (sigma_next / sigma) x - alpha_next (e^-h - 1) D0 + c D1, with D0 = x_0 and
         # D1 = (x_0 - previous x_0) h / h_prev, c per solver type; first order drops the D1 term.
-        (x0_sample, x0_output), _ = _x0_and_eps(cfg["prediction_type"], alpha[:-1], sigma[:-1])
+        x0_sample, x0_output, _, _ = _x0_and_eps(cfg["prediction_type"], alpha[:-1], sigma[:-1])
         self.x0_sample, self.x0_output, self.sample_coeff, self.x0_coeff, self.difference_coeff = _f32(
             x0_sample, x0_output, sigma[1:] / sigma[:-1], -alpha[1:] * expm1, np.where(first_order, 0.0, difference))
 

@@ -8,6 +8,9 @@ on from the table: `len(tokenizer) == len(table)` before any token is added (tru
 """
 from __future__ import annotations
 
+import gzip
+import json
+import os
 import re
 from pathlib import Path
 
@@ -36,6 +39,56 @@ def load_tokenizer(folder: Path):
         return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # the Rust `tokenizers` raises a bare Exception for malformed vocab or merges
         raise UserError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table (the base of the BPE vocabulary)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def clip_bpe_merges(path: Path) -> list[tuple[str, str]]:
+    """The 48,894 merges of OpenAI CLIP's `bpe_simple_vocab_16e6.txt.gz` (as CLIP's own tokenizer reads it)."""
+    try:
+        lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the CLIP BPE file ({e})") from None
+    return [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+
+
+def write_clip_tokenizer(folder: Path, merges: list[tuple[str, str]], model_max_length: int = 77) -> Path:
+    """Writes a transformers `CLIPTokenizer` folder whose vocabulary is built from `merges` as CLIP builds it.
+
+    With CLIP's own merges this is the 49,408-token vocabulary of every Stable Diffusion 1.x tokenizer.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = list(bytes_to_unicode().values())
+    vocab = base + [c + "</w>" for c in base]
+    vocab += list(dict.fromkeys("".join(merge) for merge in merges if "".join(merge) not in vocab))
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>"}
+    files = {
+        "vocab.json": json.dumps({token: i for i, token in enumerate(vocab)}, ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n",
+        "special_tokens_map.json": json.dumps(special),
+        "tokenizer_config.json": json.dumps({"model_max_length": model_max_length,
+                                             "tokenizer_class": "CLIPTokenizer", "do_lower_case": True, **special}),
+    }
+    for name, text in files.items():
+        temporary = folder / f".{name}.tmp"
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, folder / name)
+    return folder
 
 
 def tokenize(tokenizer, prompts: list[str]) -> np.ndarray:

@@ -33,9 +33,8 @@ class Options:
         return nnx.Conv(fan_in, fan_out, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
                         dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
 
-    def group_norm(self, channels: int, groups: int, eps: float) -> nnx.GroupNorm:
-        return nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, dtype=self.dtype,
-                             param_dtype=self.param_dtype, use_fast_variance=False, rngs=self.rngs)
+    def group_norm(self, channels: int, groups: int, eps: float) -> "GroupNorm":
+        return GroupNorm(channels, groups, eps, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def layer_norm(self, features: int, eps: float = 1e-5) -> nnx.LayerNorm:
         return nnx.LayerNorm(features, epsilon=eps, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -44,6 +43,36 @@ class Options:
     def attention(self, query_dim: int, **kwargs) -> Attention:
         return Attention(query_dim, backend=self.attention_backend, dtype=self.dtype,
                          param_dtype=self.param_dtype, rngs=self.rngs, **kwargs)
+
+
+class GroupNorm(nnx.Module):
+    """GroupNorm over NHWC (parameters `scale`, `bias`, as `nnx.GroupNorm`).
+
+    The statistics are reduced over space first, per channel, then over each group's channels: the same
+    numbers as one reduction over `(H, W, C/G)`, but XLA's CPU backend runs this form 2-5x faster than
+    reducing a reshaped `(B, HW, G, C/G)` tensor (the norms otherwise cost more than the convolutions).
+    """
+
+    def __init__(self, channels: int, groups: int, eps: float, *, dtype=None, param_dtype=jnp.float32):
+        if channels % groups:
+            raise ValueError(f"{groups} groups do not divide {channels} channels")
+        self.groups, self.eps, self.dtype = groups, eps, dtype
+        self.scale = nnx.Param(jnp.ones((channels,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((channels,), param_dtype))
+
+    def _group_mean(self, per_channel: jax.Array) -> jax.Array:
+        """`(B, C)` per-channel means -> `(B, 1, 1, C)` means of each channel's group."""
+        batch, channels = per_channel.shape
+        grouped = per_channel.reshape(batch, self.groups, channels // self.groups).mean(axis=-1)
+        return jnp.repeat(grouped, channels // self.groups, axis=1)[:, None, None, :]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        x32 = x.astype(jnp.float32)
+        centred = x32 - self._group_mean(x32.mean(axis=(1, 2)))
+        variance = self._group_mean(jnp.square(centred).mean(axis=(1, 2)))
+        y = centred * jax.lax.rsqrt(variance + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(dtype)
 
 
 class ResnetBlock2D(nnx.Module):

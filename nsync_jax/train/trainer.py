@@ -394,8 +394,10 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
         bar.close()
         signal.signal(signal.SIGTERM, previous_handler)
 
+    if stop_requested:
+        raise UserError(f"stopped by SIGTERM after step {manager.latest_step()}; the checkpoint is saved in "
+                        f"{workdir / 'checkpoints'}: run the same command again to resume")
     final_rows = np.asarray(rows, np.float32)
-    if not stop_requested:
-        export.write_embeddings(workdir / "learned_embeds.safetensors", config.placeholder_token, final_rows,
-                                metadata=export_metadata(config, config.train.steps))
+    export.write_embeddings(workdir / "learned_embeds.safetensors", config.placeholder_token, final_rows,
+                            metadata=export_metadata(config, config.train.steps))
     return final_rows

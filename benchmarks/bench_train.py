@@ -1,0 +1,208 @@
+"""Training steps per second: the fused NSYNC step against its alternatives, same machine, same model, same run.
+
+  * nsync-jax fused NSYNC step: positive, negative and anchor groups in one pass (B triples);
+  * nsync-jax NSYNC as three separate gradient passes (the same update, computed the slow way);
+  * nsync-jax Textual Inversion step at 3x the batch (the same number of images through the UNet);
+  * PyTorch, the released NSYNC algorithm on diffusers modules: three forward/backward passes with
+    accumulating gradients, the VAE re-encoding every image every step, AdamW on the whole embedding table.
+
+  python benchmarks/bench_train.py --preset tiny
+  python benchmarks/bench_train.py --preset small --resolution 128
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from bench_sampling import PRESETS, build_pipeline  # noqa: E402
+
+PRESETS = {"tiny": None, **PRESETS}
+
+
+def median_rate(fn, steps: int, repeats: int) -> float:
+    """Median steps/second over `repeats` runs of `steps` steps, after one warm-up step."""
+    fn()
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        rates.append(steps / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="tiny")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=2, help="triples per NSYNC step")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import torch
+    from flax import nnx
+
+    from conftest import build_tiny_pipeline, write_tiny_tokenizer
+    from nsync_jax import tokens
+    from nsync_jax.optim import refine_gradients
+    from nsync_jax.pipeline import load_pipeline
+    from nsync_jax.schedulers import NoiseSchedule
+    from nsync_jax.train import trainer
+
+    torch.set_num_threads(os.cpu_count())
+    rows_out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.preset == "tiny":
+            folder = build_tiny_pipeline(tmp / "model", write_tiny_tokenizer(tmp / "tok"), "sd1")
+        else:
+            build_pipeline(args.preset, tmp)
+            folder = tmp / "model"
+        rng = np.random.default_rng(0)
+        count, res, batch = 8, args.resolution, args.batch
+        images = rng.uniform(-1, 1, (count, res, res, 3)).astype(np.float32)
+        negatives = rng.uniform(-1, 1, (count, res, res, 3)).astype(np.float32)
+        token = "<style>"
+
+        # --- nsync-jax ------------------------------------------------------------------------------------
+        pipe = load_pipeline(folder)
+        table = np.asarray(pipe.text_encoder.embeddings.token_embedding.embedding[...])
+        initial = tokens.initial_rows(table, pipe.tokenizer, "painting", 1)
+        tokens.add_placeholder_tokens(pipe.tokenizer, token, 1)
+        dataset = trainer.StyleDataset(stems=tuple(map(str, range(count))), positives=images, negatives=negatives,
+                                       captions=("a red star",) * count)
+        data = trainer.prepare_data(pipe, dataset, token)
+        graphdefs, frozen = {}, {}
+        for name in ("text_encoder", "unet"):
+            graphdefs[name], frozen[name] = nnx.split(pipe.modules()[name])
+        spec = trainer.StepSpec(graphdefs, NoiseSchedule.from_config(pipe.scheduler_config),
+                                pipe.vae.config.scaling_factor, jnp.float32, 0)
+        config = trainer.default_config()
+        config.train.batch_size = batch
+        tx_nsync = trainer.make_optimizer(config)
+        config.method = "textual_inversion"
+        tx_ti = trainer.make_optimizer(config)
+
+        def runner(method, tx, batch_size):
+            step = jax.jit(trainer.make_train_step(spec, tx, method, False), donate_argnums=(0, 1))
+            state = {"rows": jnp.asarray(initial), "opt": tx.init(jnp.asarray(initial)), "i": 0}
+            batches = [trainer.step_batch(data, method, batch_size, 0, i) for i in range(4)]
+
+            def run():
+                state["rows"], state["opt"], metrics = step(state["rows"], state["opt"], frozen,
+                                                            batches[state["i"] % 4], jax.random.key(state["i"]))
+                jax.block_until_ready(metrics)
+                state["i"] += 1
+            return run
+
+        def separate_runner():
+            tx = tx_nsync
+            grad = jax.jit(jax.grad(lambda r, ids, mean, logvar, key: trainer.denoising_losses(
+                spec, r[None], frozen, ids[None], mean[None], logvar[None], key[None]).sum()))
+            update = jax.jit(lambda rows, opt, gp, gn, ga: (lambda u, o: (optax.apply_updates(rows, u), o))(
+                *tx.update(gp, opt, rows, negative_grads=gn, anchor_grads=ga)))
+            state = {"rows": jnp.asarray(initial), "opt": tx.init(jnp.asarray(initial)), "i": 0}
+            batches = [trainer.step_batch(data, "nsync", batch, 0, i) for i in range(4)]
+
+            def run():
+                b = batches[state["i"] % 4]
+                keys = trainer.group_keys(jax.random.key(state["i"]), 3, False)
+                g = [grad(state["rows"], b["ids"][k], b["mean"][k], b["logvar"][k], keys[k]) for k in range(3)]
+                state["rows"], state["opt"] = update(state["rows"], state["opt"], *g)
+                jax.block_until_ready(state["rows"])
+                state["i"] += 1
+            return run
+
+        rows_out.append(("nsync-jax NSYNC fused", batch, median_rate(runner("nsync", tx_nsync, batch),
+                                                                      args.steps, args.repeats)))
+        rows_out.append(("nsync-jax NSYNC three passes", batch, median_rate(separate_runner(), args.steps,
+                                                                             args.repeats)))
+        rows_out.append(("nsync-jax Textual Inversion, 3x batch", 3 * batch,
+                         median_rate(runner("textual_inversion", tx_ti, 3 * batch), args.steps, args.repeats)))
+        del pipe, frozen
+
+        # --- PyTorch: the released NSYNC algorithm on diffusers modules ---------------------------------------
+        from diffusers import StableDiffusionPipeline
+
+        tpipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+        tpipe.tokenizer.add_tokens(token)
+        tpipe.text_encoder.resize_token_embeddings(len(tpipe.tokenizer), mean_resizing=False)
+        embedding = tpipe.text_encoder.get_input_embeddings().weight
+        for module in (tpipe.vae, tpipe.unet, tpipe.text_encoder):
+            module.requires_grad_(False)
+        embedding.requires_grad_(True)
+        optimizer = torch.optim.AdamW([embedding], lr=1e-3)
+        ids = tpipe.tokenizer([f"a red star in the style of {token}"] * batch, padding="max_length",
+                              max_length=tpipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+        scheduler = tpipe.scheduler
+        alphas = torch.tensor(NoiseSchedule.from_config(dict(scheduler.config)).alphas_cumprod)
+        t_images, t_negatives = torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(negatives).permute(0, 3, 1, 2)
+
+        def torch_loss(pixels):
+            latents = tpipe.vae.encode(pixels).latent_dist.sample() * tpipe.vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, len(alphas), (len(latents),))
+            a = alphas[t].view(-1, 1, 1, 1)
+            noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+            context = tpipe.text_encoder(ids)[0]
+            return torch.nn.functional.mse_loss(tpipe.unet(noisy, t, context).sample, noise)
+
+        def torch_step():
+            index = torch.randint(0, count, (batch,))
+            anchor = torch.randint(0, count, (batch,))
+            snapshots = []
+            for pixels in (t_images[index], t_negatives[index], t_images[anchor]):
+                torch_loss(pixels).backward()  # no zero_grad in between, as released
+                snapshots.append(embedding.grad.clone())
+            g1, g2 = snapshots[0], snapshots[1]
+            proj = lambda a, b: (a * b).sum() / (b * b).sum() * b
+            embedding.grad = g1 + proj(g1, g1) - proj(g1, g2)
+            optimizer.step()
+            optimizer.zero_grad()
+
+        rows_out.append(("PyTorch released NSYNC (diffusers modules)", batch,
+                         median_rate(torch_step, args.steps, args.repeats)))
+
+    rates = {name: rate for name, _, rate in rows_out}
+    fused = rates["nsync-jax NSYNC fused"]
+    lines = [
+        f"\n## {datetime.date.today()} training steps, `bench_train.py {' '.join(sys.argv[1:]) or '(defaults)'}`\n",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, JAX backend "
+        f"{jax.default_backend()}; torch {torch.__version__} on CPU, float32. Preset {args.preset}, "
+        f"{args.resolution}x{args.resolution}, {args.batch} triples per NSYNC step. Medians of {args.repeats} "
+        f"runs of {args.steps} steps after a warm-up step.\n",
+        "| step | images per step | steps/s | fused NSYNC steps/s over this row |",
+        "|---|---|---|---|",
+    ]
+    for name, images_per_group, rate in rows_out:
+        per_step = images_per_group * (3 if "NSYNC" in name else 1)
+        lines.append(f"| {name} | {per_step} | {rate:.3f} | {fused / rate:.2f}x |")
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if not args.no_write:
+        results = Path(__file__).with_name("RESULTS.md")
+        if not results.exists():
+            results.write_text("# Benchmark results\n\nProduced by the scripts in this folder; newest last.\n")
+        with results.open("a") as f:
+            f.write(report)
+
+
+if __name__ == "__main__":
+    main()
