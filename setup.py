@@ -11,6 +11,8 @@ setup(
     description="NSYNC contrastive style learning for Stable Diffusion in JAX/Flax",
     python_requires=">=3.11",
     packages=find_packages(include=["nsync_jax", "nsync_jax.*"]),
+    # The bundled toy-world model, its judge and CLIP's BPE merges.
+    package_data={"nsync_jax.toyworld": ["assets/*", "assets/*/*", "assets/*/*/*"]},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",

@@ -129,12 +129,84 @@ def _run_export(args) -> None:
     print(f"wrote {args.output} ({config.placeholder_token}, {rows.shape[0]} vectors, step {meta['step']})")
 
 
+def _config_with_overrides(default_config, overrides):
+    from nsync_jax.config import apply_override
+
+    config = default_config()
+    for override in overrides:
+        apply_override(config, override)
+    return config
+
+
+def _add_demo_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo", help="the bundled end-to-end job: learn a held-out toy-world style with TI and NSYNC, and judge it",
+        epilog="Override any setting with --config.KEY=VALUE, e.g. --config.style=zigzag --config.train.steps=200")
+    p.add_argument("--output", type=Path, required=True, help="folder for every artefact (report.md, grid.png, ...)")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> None:
+    from nsync_jax.toyworld import demo
+
+    config = _config_with_overrides(demo.default_config, args.config_overrides)
+    scores = demo.run_demo(config, args.output)
+    best = max((m for m in config.methods), key=lambda m: scores[m]["style"])
+    print(f"wrote {args.output / 'report.md'} and {args.output / 'grid.png'}; best held-out style accuracy: "
+          f"{best} {scores[best]['style']:.2f} (content {scores[best]['content']:.2f})")
+
+
+def _add_toyworld_parser(subparsers) -> None:
+    p = subparsers.add_parser("toyworld", help="pretrain the bundled toy-world model or its judge")
+    commands = p.add_subparsers(dest="toyworld_command", required=True)
+    pretrain = commands.add_parser("pretrain", help="train the tiny Stable Diffusion from scratch on the world",
+                                   epilog="Override any setting with --config.KEY=VALUE, e.g. --config.unet.steps=100")
+    pretrain.add_argument("--output", type=Path, required=True, help="the diffusers-format model folder to write")
+    pretrain.set_defaults(run=_run_pretrain)
+    evaluate = commands.add_parser("evaluate", help="how often a model draws what seen-style captions ask (judged)",
+                                   epilog="Sampler settings come from the demo config: --config.sample.steps=...")
+    evaluate.add_argument("--model", type=Path, default=None, help="default: the bundled model")
+    evaluate.add_argument("--count", type=_positive_int, default=200, help="captions to draw")
+    evaluate.set_defaults(run=_run_evaluate)
+    judge = commands.add_parser("judge", help="train the style/shape/colour classifier on ground-truth renders")
+    judge.add_argument("--output", type=Path, required=True)
+    judge.add_argument("--seed", type=int, default=0)
+    judge.set_defaults(run=_run_judge)
+
+
+def _run_pretrain(args) -> None:
+    from nsync_jax.toyworld import pretrain
+
+    config = _config_with_overrides(pretrain.default_config, args.config_overrides)
+    pretrain.pretrain(config, args.output)
+    print(f"wrote {args.output}")
+
+
+def _run_evaluate(args) -> None:
+    import json
+
+    from nsync_jax.toyworld import demo
+
+    config = _config_with_overrides(demo.default_config, args.config_overrides)
+    if args.model is not None:
+        config.model = str(args.model)
+    print(json.dumps(demo.prompt_following(config, args.count), indent=2))
+
+
+def _run_judge(args) -> None:
+    from nsync_jax.toyworld import judge
+
+    judge.main(["--output", str(args.output), "--seed", str(args.seed)])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nsync-jax", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_sample_parser(subparsers)
     _add_train_parser(subparsers)
     _add_export_parser(subparsers)
+    _add_demo_parser(subparsers)
+    _add_toyworld_parser(subparsers)
     return parser
 
 

@@ -252,3 +252,20 @@ def test_learned_tokens_match_diffusers_load_textual_inversion(sd1_dir, tmp_path
     assert np.abs(np.asarray(ours) - expected).max() / np.abs(expected).max() <= 1e-5
     with pytest.raises(UserError, match="token '<style>' is already in the tokenizer"):
         pipe.add_embeddings(tmp_path / "learned_embeds.safetensors")
+
+
+def test_clip_vocabulary_built_from_the_bpe_file_has_clip_ids(tmp_path):
+    from nsync_jax.toyworld.pretrain import CLIP_BPE
+
+    folder = tokens.write_clip_tokenizer(tmp_path / "tok", tokens.clip_bpe_merges(CLIP_BPE), model_max_length=77)
+    tokenizer = tokens.load_tokenizer(folder)
+    assert len(tokenizer) == 49408
+    # OpenAI CLIP's ids (as in every SD 1.x tokenizer): "a photo of a cat".
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_unreadable_bpe_file_is_a_user_error(tmp_path):
+    bad = tmp_path / "bpe.txt.gz"
+    bad.write_text("not gzip")
+    with pytest.raises(UserError, match="bpe.txt.gz"):
+        tokens.clip_bpe_merges(bad)

@@ -117,7 +117,12 @@ class Upsample2D(nnx.Module):
         self.conv = opts.conv(channels, channels)
 
     def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
-        height, width = size or (2 * x.shape[1], 2 * x.shape[2])
+        batch, in_height, in_width, channels = x.shape
+        height, width = size or (2 * in_height, 2 * in_width)
+        if (height, width) == (2 * in_height, 2 * in_width):
+            # A broadcast, not a gather: the gather's backward is a scatter-add, slow on XLA's CPU backend.
+            doubled = jnp.broadcast_to(x[:, :, None, :, None, :], (batch, in_height, 2, in_width, 2, channels))
+            return self.conv(doubled.reshape(batch, height, width, channels))
         # torch's "nearest" picks source index floor(i * in / out) on each axis.
         rows = (jnp.arange(height) * x.shape[1]) // height
         cols = (jnp.arange(width) * x.shape[2]) // width

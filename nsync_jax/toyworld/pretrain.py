@@ -1,0 +1,318 @@
+"""Pretraining the bundled tiny Stable Diffusion on the toy world, from scratch, on a CPU.
+
+Three stages, each a few lines around one generic fitting loop (`fit`):
+  1. an AutoencoderKL learns to compress 64x64 renders of the seen styles (L1 + a tiny KL term);
+  2. the pool is encoded once; the latent scaling factor is 1 / std of the latents, as SD's 0.18215 was found;
+  3. a CLIP text encoder (the real CLIP BPE vocabulary) and a UNet learn denoising together, with captions that
+     name the seen style, say "drawing" (a random seen style: the generic style negatives are drawn in), leave
+     the style out, or are dropped entirely (so classifier-free guidance works).
+Held-out styles are never rendered here. The result is a diffusers-format folder that this project and
+diffusers' `StableDiffusionPipeline` both load; `pretrain_log.jsonl` beside the weights keeps the curves.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from nsync_jax import tokens, weights
+from nsync_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from nsync_jax.models.unet import UNet2DConditionModel, UNetConfig
+from nsync_jax.models.vae import AutoencoderKL, VAEConfig, sample_posterior
+from nsync_jax.schedulers import NoiseSchedule, add_noise, training_target
+from nsync_jax.toyworld import world
+
+ASSETS = Path(__file__).parent / "assets"
+BUNDLED_MODEL = ASSETS / "sd-toyworld"
+CLIP_BPE = ASSETS / "bpe_simple_vocab_16e6.txt.gz"  # from the open-clip-torch wheel (MIT licence)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.resolution = 64
+    c.pool_size = 16000  # rendered once; every stage samples from this pool
+    # Caption mix of the denoiser stage; the rest name the scene's own style.
+    c.captions = ml_collections.ConfigDict(dict(drop=0.1, generic=0.2, no_style=0.1))
+
+    # Sized for a 2-core CPU: full-resolution VAE layers are narrow, and the UNet attends (self and cross) only
+    # at 8x8 latents and in its mid block, because XLA's CPU attention over 256 tokens costs more than the convs.
+    c.vae = ml_collections.ConfigDict(dict(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4,
+                                           norm_num_groups=8, mid_block_add_attention=False, steps=800,
+                                           batch_size=8, learning_rate=1e-3, kl_weight=1e-6))
+    c.text_encoder = ml_collections.ConfigDict(dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                                    max_length=32))
+    c.unet = ml_collections.ConfigDict(dict(block_out_channels=(32, 64, 64), attention=(False, True, False),
+                                            layers_per_block=1, attention_heads=2, norm_num_groups=8, steps=2500,
+                                            batch_size=32, learning_rate=1e-3, ema_decay=0.998))
+    c.warmup_steps = 200
+    return c
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The model folder's configs: what diffusers and transformers read.
+# ------------------------------------------------------------------------------------------------------------
+
+def folder_configs(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+    vae, text, unet = config.vae, config.text_encoder, config.unet
+    return {
+        "vae": {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
+                "down_block_types": ["DownEncoderBlock2D"] * len(vae.block_out_channels),
+                "up_block_types": ["UpDecoderBlock2D"] * len(vae.block_out_channels),
+                "block_out_channels": list(vae.block_out_channels), "layers_per_block": vae.layers_per_block,
+                "latent_channels": vae.latent_channels, "norm_num_groups": vae.norm_num_groups,
+                "mid_block_add_attention": vae.mid_block_add_attention,
+                "act_fn": "silu", "sample_size": config.resolution, "scaling_factor": 1.0},
+        "text_encoder": {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": 49408,
+                         "hidden_size": text.hidden_size, "intermediate_size": 4 * text.hidden_size,
+                         "num_hidden_layers": text.num_hidden_layers,
+                         "num_attention_heads": text.num_attention_heads,
+                         "max_position_embeddings": text.max_length, "hidden_act": "quick_gelu",
+                         "layer_norm_eps": 1e-5, "projection_dim": text.hidden_size, "bos_token_id": 49406,
+                         "eos_token_id": 49407, "pad_token_id": 49407, "torch_dtype": "float32"},
+        "unet": {"_class_name": "UNet2DConditionModel", "sample_size": config.resolution // 2 ** (
+                     len(vae.block_out_channels) - 1),
+                 "in_channels": vae.latent_channels, "out_channels": vae.latent_channels,
+                 "block_out_channels": list(unet.block_out_channels), "layers_per_block": unet.layers_per_block,
+                 "down_block_types": [("CrossAttnDownBlock2D" if a else "DownBlock2D") for a in unet.attention],
+                 "up_block_types": [("CrossAttnUpBlock2D" if a else "UpBlock2D") for a in unet.attention[::-1]],
+                 "attention_head_dim": unet.attention_heads, "cross_attention_dim": text.hidden_size,
+                 "norm_num_groups": unet.norm_num_groups, "act_fn": "silu", "flip_sin_to_cos": True,
+                 "freq_shift": 0},
+        # SD 1.x's schedule and default sampler.
+        "scheduler": {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                      "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+                      "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+                      "timestep_spacing": "leading", "clip_sample": False},
+    }
+
+
+def build_modules(configs: dict[str, dict], seed: int) -> dict[str, nnx.Module]:
+    rngs = nnx.Rngs(seed)
+    return {
+        "vae": AutoencoderKL(VAEConfig.from_dict(configs["vae"]), rngs=rngs),
+        "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]), rngs=rngs),
+        "unet": UNet2DConditionModel(UNetConfig.from_dict(configs["unet"]), rngs=rngs),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One fitting loop for every stage: AdamW with warmup and cosine decay, optional EMA, a jitted step that takes
+# the trainable state as a donated argument and its randomness from fold_in(key, step).
+# ------------------------------------------------------------------------------------------------------------
+
+def fit(name: str, params, loss_fn: Callable, batch_fn: Callable[[int], Any], *, steps: int, learning_rate: float,
+        warmup: int, seed: int, log: Callable[[dict], None], ema_decay: float | None = None, progress: bool = True):
+    """Minimises `loss_fn(params, batch, key)` for `steps` steps; returns the (EMA, when asked) parameters."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(warmup, steps // 2), steps,
+                                                  end_value=0.1 * learning_rate)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
+
+    def step_fn(params, opt_state, ema, batch, key):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        if ema is not None:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+        return params, opt_state, ema, loss
+
+    step_fn = jax.jit(step_fn, donate_argnums=(0, 1, 2))
+    params = jax.tree.map(jnp.copy, params)  # donation must not delete the arrays of the caller's modules
+    opt_state = tx.init(params)
+    ema = jax.tree.map(jnp.copy, params) if ema_decay else None
+    key = jax.random.key(seed)
+    bar = tqdm(total=steps, desc=name, unit="step", disable=not progress)
+    start, running = time.perf_counter(), []
+    for step in range(steps):
+        params, opt_state, ema, loss = step_fn(params, opt_state, ema, batch_fn(step), jax.random.fold_in(key, step))
+        running.append(loss)
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            mean = float(np.mean(jax.device_get(running)))
+            running = []
+            log({"stage": name, "step": step + 1, "loss": mean, "seconds": round(time.perf_counter() - start, 1)})
+            bar.set_postfix(loss=f"{mean:.4f}")
+        bar.update(1)
+    bar.close()
+    return ema if ema_decay else params
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Data: one pool of seen-style renders and, for each scene, its caption variants as token ids.
+# ------------------------------------------------------------------------------------------------------------
+
+def caption_variants(tokenizer, scenes: list[world.Scene]) -> np.ndarray:
+    """Token ids `(4, N, tokens)`: own style named, "drawing", no style, empty (the unconditional prompt)."""
+    prompts = [
+        [world.caption(s) for s in scenes],
+        [world.caption(s, world.GENERIC_STYLE) for s in scenes],
+        [world.content_caption(s) for s in scenes],
+        [""] * len(scenes),
+    ]
+    return np.stack([tokens.tokenize(tokenizer, p) for p in prompts])
+
+
+def variant_choice(config, rng: np.random.Generator, size: int) -> np.ndarray:
+    mix = config.captions
+    named = 1.0 - mix.generic - mix.no_style - mix.drop
+    return rng.choice(4, size=size, p=[named, mix.generic, mix.no_style, mix.drop])
+
+
+def to_signed(images: np.ndarray) -> np.ndarray:
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The stages.
+# ------------------------------------------------------------------------------------------------------------
+
+def train_vae(vae: AutoencoderKL, images: np.ndarray, config, log, progress: bool) -> AutoencoderKL:
+    graphdef, params = nnx.split(vae)
+    c = config.vae
+
+    def loss_fn(params, batch, key):
+        model = nnx.merge(graphdef, params)
+        mean, logvar = model.encode(batch)
+        reconstruction = model.decode(sample_posterior(mean, logvar, key))
+        kl = 0.5 * jnp.mean(jnp.sum(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3)))
+        return jnp.mean(jnp.abs(reconstruction - batch)) + c.kl_weight * kl
+
+    def batch_fn(step):
+        rng = np.random.default_rng([config.seed, 1, step])
+        return to_signed(images[rng.integers(0, len(images), c.batch_size)])
+
+    params = fit("vae", params, loss_fn, batch_fn, steps=c.steps, learning_rate=c.learning_rate,
+                 warmup=config.warmup_steps, seed=config.seed + 1, log=log, progress=progress)
+    return nnx.merge(graphdef, params)
+
+
+def encode_pool(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Posterior moments `(N, h, w, 2c)` of every pool image."""
+    graphdef, state = nnx.split(vae)
+    encode = jax.jit(lambda state, x: jnp.concatenate(nnx.merge(graphdef, state).encode(x), axis=-1))
+    return np.concatenate([np.asarray(encode(state, to_signed(images[i:i + batch_size])))
+                           for i in range(0, len(images), batch_size)])
+
+
+def train_denoiser(text_encoder: CLIPTextModel, unet: UNet2DConditionModel, moments: np.ndarray, ids: np.ndarray,
+                   scaling_factor: float, schedule: NoiseSchedule, config, log, progress: bool):
+    graphdefs, params = {}, {}
+    for name, module in (("text_encoder", text_encoder), ("unet", unet)):
+        graphdefs[name], params[name] = nnx.split(module)
+    c = config.unet
+
+    def loss_fn(params, batch, key):
+        k_latent, k_noise, k_time = jax.random.split(key, 3)
+        mean, logvar = jnp.split(batch["moments"], 2, axis=-1)
+        latents = sample_posterior(mean, logvar, k_latent) * scaling_factor
+        noise = jax.random.normal(k_noise, latents.shape)
+        t = jax.random.randint(k_time, (latents.shape[0],), 0, schedule.num_train_timesteps)
+        context = nnx.merge(graphdefs["text_encoder"], params["text_encoder"])(batch["ids"])
+        prediction = nnx.merge(graphdefs["unet"], params["unet"])(
+            add_noise(schedule.alphas_cumprod, latents, noise, t), t, context)
+        return jnp.mean(jnp.square(prediction - training_target(schedule, latents, noise, t)))
+
+    def batch_fn(step):
+        rng = np.random.default_rng([config.seed, 2, step])
+        index = rng.integers(0, len(moments), c.batch_size)
+        variant = variant_choice(config, rng, c.batch_size)
+        return {"moments": moments[index], "ids": ids[variant, index]}
+
+    params = fit("unet", params, loss_fn, batch_fn, steps=c.steps, learning_rate=c.learning_rate,
+                 warmup=config.warmup_steps, seed=config.seed + 2, log=log, ema_decay=c.ema_decay,
+                 progress=progress)
+    return (nnx.merge(graphdefs["text_encoder"], params["text_encoder"]),
+            nnx.merge(graphdefs["unet"], params["unet"]))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Writing the diffusers folder (all parts into a temporary folder, then one rename).
+# ------------------------------------------------------------------------------------------------------------
+
+WEIGHT_FILES = {"vae": "diffusion_pytorch_model.safetensors", "unet": "diffusion_pytorch_model.safetensors",
+                "text_encoder": "model.safetensors"}
+
+
+def write_model_folder(output: Path, configs: dict[str, dict], modules: dict[str, nnx.Module], tokenizer_folder: Path,
+                       extra_files: dict[str, str]) -> Path:
+    output = Path(output)
+    temporary = output.with_name(output.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+             "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+             "image_encoder": [None, None],
+             "scheduler": ["diffusers", configs["scheduler"]["_class_name"]],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    (temporary / "model_index.json").write_text(json.dumps(index, indent=2))
+    (temporary / "scheduler").mkdir()
+    (temporary / "scheduler" / "scheduler_config.json").write_text(json.dumps(configs["scheduler"], indent=2))
+    shutil.copytree(tokenizer_folder, temporary / "tokenizer")
+    for name, module in modules.items():
+        (temporary / name).mkdir()
+        (temporary / name / "config.json").write_text(json.dumps(configs[name], indent=2))
+        state = weights.module_state_dict(module)
+        if name == "text_encoder":  # transformers' CLIPTextModel keys
+            state = {f"text_model.{key}": value for key, value in state.items()}
+        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(temporary / name / WEIGHT_FILES[name]),
+                  metadata={"format": "pt"})
+    for name, text in extra_files.items():
+        (temporary / name).write_text(text)
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(temporary, output)
+    return output
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The whole job.
+# ------------------------------------------------------------------------------------------------------------
+
+def pretrain(config: ml_collections.ConfigDict, output: Path, *, progress: bool = True) -> Path:
+    output = Path(output)
+    started = time.perf_counter()
+    curves: list[dict] = []
+    configs = folder_configs(config)
+    modules = build_modules(configs, config.seed)
+
+    tokenizer_folder = output.with_name(output.name + ".tokenizer.tmp")
+    tokens.write_clip_tokenizer(tokenizer_folder, tokens.clip_bpe_merges(CLIP_BPE),
+                                model_max_length=config.text_encoder.max_length)
+    tokenizer = tokens.load_tokenizer(tokenizer_folder)
+
+    scenes = world.sample_scenes(config.seed, config.pool_size, styles=world.SEEN_STYLES)
+    images = world.render_batch(scenes, size=config.resolution)
+    curves.append({"stage": "render", "images": len(images), "seconds": round(time.perf_counter() - started, 1)})
+
+    vae = train_vae(modules["vae"], images, config, curves.append, progress)
+    moments = encode_pool(vae, images)
+    mean, logvar = np.split(moments, 2, axis=-1)
+    draws = mean + np.exp(0.5 * logvar) * np.random.default_rng(config.seed).standard_normal(mean.shape)
+    scaling_factor = float(1.0 / draws.std())
+    configs["vae"]["scaling_factor"] = scaling_factor
+    vae.config = VAEConfig.from_dict(configs["vae"])
+
+    schedule = NoiseSchedule.from_config(configs["scheduler"])
+    text_encoder, unet = train_denoiser(modules["text_encoder"], modules["unet"], moments,
+                                        caption_variants(tokenizer, scenes), scaling_factor, schedule, config,
+                                        curves.append, progress)
+    curves.append({"stage": "done", "seconds": round(time.perf_counter() - started, 1)})
+    log_text = "".join(json.dumps(row) + "\n" for row in curves)
+    summary = {"config": config.to_dict(), "scaling_factor": scaling_factor, "jax": jax.__version__,
+               "devices": [str(d) for d in jax.devices()], "seconds": round(time.perf_counter() - started, 1)}
+    write_model_folder(output, configs, {"vae": vae, "text_encoder": text_encoder, "unet": unet}, tokenizer_folder,
+                       {"pretrain_log.jsonl": log_text, "pretrain.json": json.dumps(summary, indent=2, default=list)})
+    shutil.rmtree(tokenizer_folder, ignore_errors=True)
+    return output

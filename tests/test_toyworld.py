@@ -1,0 +1,154 @@
+"""The toy world: deterministic renders and captions, the committed judge's accuracy, FID/KID arithmetic."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from nsync_jax.errors import UserError
+from nsync_jax.metrics import frechet_distance, kernel_inception_distance
+from nsync_jax.toyworld import world
+from nsync_jax.toyworld.world import ALL_STYLES, HELD_OUT_STYLES, SEEN_STYLES, Scene
+
+# Scenes the judge never trained or was evaluated on (training uses seed 0, its evaluation seed 1).
+TEST_SEED = 20261202
+
+
+def test_sampling_is_a_function_of_the_seed():
+    assert world.sample_scenes(3, 50) == world.sample_scenes(3, 50)
+    assert world.sample_scenes(3, 50) != world.sample_scenes(4, 50)
+    for scene in world.sample_scenes(3, 200, styles=ALL_STYLES):
+        assert 1 <= len(scene.shapes) == len(scene.colours) == len(scene.layout) <= 2
+        assert len(set(scene.shapes)) == len(scene.shapes)
+        assert scene.style in ALL_STYLES and scene.background in world.BACKGROUNDS
+
+
+def test_held_out_styles_never_appear_by_default():
+    styles = {scene.style for scene in world.sample_scenes(0, 2000)}
+    assert styles == set(SEEN_STYLES)
+    assert {scene.style for scene in world.sample_scenes(0, 300, styles=HELD_OUT_STYLES)} == set(HELD_OUT_STYLES)
+    with pytest.raises(ValueError, match="drawing"):
+        world.sample_scenes(0, 1, styles=(world.GENERIC_STYLE,))
+
+
+def test_render_is_deterministic_with_shape_and_dtype():
+    scenes = world.sample_scenes(5, 30, styles=ALL_STYLES)
+    scenes.append(dataclasses.replace(scenes[0], style="grainy"))  # per-pixel noise, seeded from the scene
+    for size in (64, 128):
+        first, second = world.render_batch(scenes, size), world.render_batch(scenes, size)
+        assert first.shape == (len(scenes), size, size, 3) and first.dtype == np.uint8
+        assert first.tobytes() == second.tobytes()
+    assert world.render(scenes[0]).tobytes() != world.render(scenes[1]).tobytes()
+
+
+def test_captions():
+    one = Scene(("star",), ("red",), "white", "dotted", ((0.5, 0.5, 0.5, 0.0),))
+    two = Scene(("star", "circle"), ("red", "orange"), "black", "zigzag",
+                ((0.3, 0.3, 0.35, 0.0), (0.7, 0.7, 0.35, 10.0)))
+    assert world.content_caption(one) == "a red star on a white background"
+    assert world.content_caption(two) == "a red star and an orange circle on a black background"
+    assert world.caption(one) == "a red star on a white background in the style of dotted"
+    assert world.caption(two, "<style>") == ("a red star and an orange circle on a black background "
+                                             "in the style of <style>")
+
+
+def test_styles_change_pixels_not_content():
+    scene = Scene(("heart", "cross"), ("blue", "yellow"), "gray", "flat",
+                  ((0.3, 0.35, 0.4, 5.0), (0.72, 0.68, 0.38, -8.0)))
+    images = {style: world.render(dataclasses.replace(scene, style=style)).astype(np.float64)
+              for style in ALL_STYLES}
+    for a, b in itertools.combinations(ALL_STYLES, 2):
+        assert np.abs(images[a] - images[b]).mean() > 2.0, (a, b)
+    # Away from the shapes (beyond their circumscribed circles plus a pixel block) only grain touches the background.
+    yy, xx = np.mgrid[:64, :64] + 0.5
+    outside = np.ones((64, 64), bool)
+    for x, y, size, _ in scene.layout:
+        outside &= np.hypot(xx - x * 64, yy - y * 64) > 0.65 * size * 64 + 4
+    for style, image in images.items():
+        if style != "grainy":
+            assert np.abs(image[outside] - world.BACKGROUNDS["gray"]).max() < 1, style
+
+
+@pytest.fixture(scope="module")
+def committed_judge():
+    from nsync_jax.toyworld import judge
+
+    return judge.load_judge(judge.ASSET_DIR)
+
+
+def test_committed_judge_reads_fresh_renders(committed_judge):
+    from nsync_jax.toyworld import judge
+
+    scores = judge.evaluate_judge(committed_judge, TEST_SEED, count=300)
+    for head in ("style", "shape", "colour", "background", "content"):
+        assert scores[head] >= 0.95, scores
+    held_out = world.sample_scenes(TEST_SEED + 1, 90, styles=HELD_OUT_STYLES)
+    scores = judge.judge_scores(committed_judge, world.render_batch(held_out), held_out)
+    assert min(scores.values()) >= 0.9, scores
+
+
+def test_judge_round_trip_and_fid(committed_judge, tmp_path):
+    from nsync_jax.toyworld import judge
+
+    judge.save_judge(committed_judge, tmp_path, {"note": "copy"})
+    copy = judge.load_judge(tmp_path)
+    images = world.render_batch(world.sample_scenes(TEST_SEED + 2, 40, styles=ALL_STYLES))
+    np.testing.assert_array_equal(judge.logits(copy, images)["style"], judge.logits(committed_judge, images)["style"])
+    [prediction] = judge.predict(copy, images[:1])
+    assert set(prediction) == {"style", "shapes", "colours", "background"}
+    same = judge.world_fid_kid(copy, images[:20], images[:20])
+    assert abs(same["fid"]) < 1e-3
+    flat = world.render_batch(world.sample_scenes(TEST_SEED + 3, 40, styles=("flat",)))
+    assert judge.world_fid_kid(copy, images, flat)["fid"] > 1.0
+
+
+def test_load_judge_errors_name_the_file(committed_judge, tmp_path):
+    from nsync_jax.toyworld import judge
+
+    with pytest.raises(UserError, match=str(tmp_path / "missing")):
+        judge.load_judge(tmp_path / "missing")
+    folder = tmp_path / "judge"
+    shutil.copytree(judge.ASSET_DIR, folder)
+    (folder / "judge.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="judge.safetensors"):
+        judge.load_judge(folder)
+    shutil.copy(judge.ASSET_DIR / "judge.safetensors", folder / "judge.safetensors")
+    config = json.loads((folder / "judge.json").read_text())
+    config["style_classes"] = config["style_classes"][:-1]
+    (folder / "judge.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="judge.json.*style_classes"):
+        judge.load_judge(folder)
+    (folder / "judge.json").write_text("{")
+    with pytest.raises(UserError, match="judge.json"):
+        judge.load_judge(folder)
+
+
+def test_frechet_distance():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 6)) @ rng.normal(size=(6, 6))
+    assert abs(frechet_distance(a, a)) < 1e-8
+    # b = 2a + c: S_b = 4 S_a, so Tr(S_a + S_b - 2 (S_a S_b)^1/2) = Tr(S_a) exactly, on the sample statistics too.
+    b = 2 * a + np.arange(6)
+    expected = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(np.cov(a, rowvar=False))
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    # Two large samples of N(0, I) and N(m, I): the distance is close to |m|^2.
+    shift = np.array([1.0, -2.0, 0.5, 0.0])
+    x, y = rng.normal(size=(20000, 4)), rng.normal(size=(20000, 4)) + shift
+    assert frechet_distance(x, y) == pytest.approx(shift @ shift, abs=0.05)
+    # Fewer samples than dimensions: singular covariances still give a finite, real value.
+    assert np.isfinite(frechet_distance(rng.normal(size=(5, 16)), rng.normal(size=(5, 16))))
+
+
+def test_kernel_inception_distance():
+    rng = np.random.default_rng(1)
+    x, y, z = rng.normal(size=(400, 8)), rng.normal(size=(400, 8)), rng.normal(size=(300, 8)) + 0.5
+    same_mean, same_std = kernel_inception_distance(x, y)
+    assert abs(same_mean) < 0.05 and same_std > 0
+    far_mean, far_std = kernel_inception_distance(x, z)
+    assert far_mean > 0.2 and far_mean > 5 * far_std
+    # The subset size is capped at the smaller set.
+    assert np.isfinite(kernel_inception_distance(x[:30], z, subset_size=100)[0])

@@ -1,0 +1,73 @@
+"""The bundled toy-world Stable Diffusion, its pretraining code and the demo built on it."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nsync_jax.cli import main
+from nsync_jax.pipeline import load_pipeline
+from nsync_jax.sampling import SampleSettings, generate, initial_latents
+from nsync_jax.toyworld import pretrain
+
+PROMPTS = ["a red star on a white background in the style of striped", "a blue circle on a gray background"]
+
+
+def test_bundled_model_gives_the_same_image_in_diffusers():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    ours = load_pipeline(pretrain.BUNDLED_MODEL)
+    size = ours.default_resolution
+    latents = initial_latents(3, range(len(PROMPTS)), (size // ours.vae_scale_factor,) * 2 + (4,))
+    settings = SampleSettings(scheduler="ddim", steps=8, guidance=4.0)
+    images = generate(ours, PROMPTS, settings=settings, latents=latents, progress=False)
+
+    pipe = StableDiffusionPipeline.from_pretrained(pretrain.BUNDLED_MODEL, safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(PROMPTS, num_inference_steps=8, guidance_scale=4.0, height=size, width=size,
+                     latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()), output_type="np").images
+    assert images.shape == reference.shape == (2, size, size, 3)
+    assert np.abs(images - reference).max() < 2 / 255
+
+
+def test_bundled_model_folder_records_how_it_was_made():
+    summary = json.loads((pretrain.BUNDLED_MODEL / "pretrain.json").read_text())
+    # `nsync-jax toyworld pretrain` with no overrides reproduces the committed model.
+    assert summary["config"] == json.loads(json.dumps(pretrain.default_config().to_dict(), default=list))
+    curves = [json.loads(line) for line in (pretrain.BUNDLED_MODEL / "pretrain_log.jsonl").read_text().splitlines()]
+    unet = [row["loss"] for row in curves if row["stage"] == "unet"]
+    assert unet[-1] < unet[0]  # the denoiser learned something
+    total = sum(p.stat().st_size for p in pretrain.BUNDLED_MODEL.rglob("*") if p.is_file())
+    assert total < 40 * 2 ** 20
+
+
+@pytest.mark.slow
+def test_pretrain_writes_a_folder_both_loaders_read(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    config = pretrain.default_config()
+    config.pool_size, config.vae.steps, config.unet.steps, config.warmup_steps = 16, 2, 2, 1
+    folder = pretrain.pretrain(config, tmp_path / "model", progress=False)
+    load_pipeline(folder)
+    StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+
+
+def test_demo_short_run_writes_every_artefact(tmp_path):
+    out = tmp_path / "demo"
+    code = main(["demo", "--output", str(out), "--config.train_images=3", "--config.test_images=3",
+                 "--config.train.steps=2", "--config.train.batch_size=1", "--config.sample.steps=2"])
+    assert code == 0
+    for name in ("report.md", "report.json", "grid.png", "embeddings/textual_inversion.safetensors",
+                 "embeddings/nsync.safetensors", "data/negatives/toy_002.png", "samples/nsync/test_002.png",
+                 "samples/base/test_000.png", "data/captions/toy_000.txt"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["scores"]) == {"real", "base", "textual_inversion", "nsync"}
+    # The real renders are the held-out style itself: the judge must see it.
+    assert report["scores"]["real"]["style"] >= 2 / 3
+
+
+def test_demo_rejects_a_style_that_does_not_exist(tmp_path, capsys):
+    assert main(["demo", "--output", str(tmp_path), "--config.style=wobbly"]) == 2
+    assert "--config.style='wobbly'" in capsys.readouterr().err
