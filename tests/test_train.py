@@ -84,7 +84,8 @@ def test_fused_gradients_equal_separate_gradients(sd1_dir, style_dir):
     assert not np.allclose(fused[0], fused[1], rtol=0.1)
 
 
-@pytest.mark.parametrize("method", ["nsync", "textual_inversion"])
+# The same resume code serves both methods; the Textual Inversion case runs with `-m slow` (about 2 minutes).
+@pytest.mark.parametrize("method", ["nsync", pytest.param("textual_inversion", marks=pytest.mark.slow)])
 def test_resume_is_bit_identical(sd1_dir, style_dir, tmp_path, method):
     config = tiny_config(sd1_dir, style_dir, method=method)
     straight = trainer.train(config, tmp_path / "straight", progress=False)
