@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_file import append_report  # benchmarks/ is on sys.path when run as a script
 
 PRESETS = {
     # SD 1.5's UNet layout with narrower channels: every block type, 2 layers per block, 8 heads.
@@ -172,11 +173,7 @@ def main() -> None:
     report = "\n".join(lines) + "\n"
     print(report)
     if not args.no_write:
-        results = Path(__file__).with_name("RESULTS.md")
-        if not results.exists():
-            results.write_text("# Benchmark results\n\nProduced by the scripts in this folder; newest last.\n")
-        with results.open("a") as f:
-            f.write(report)
+        append_report(report)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench_sampling import PRESETS, build_pipeline  # noqa: E402
+from results_file import append_report  # benchmarks/ is on sys.path when run as a script
 
 PRESETS = {"tiny": None, **PRESETS}
 
@@ -197,11 +198,7 @@ def main() -> None:
     report = "\n".join(lines) + "\n"
     print(report)
     if not args.no_write:
-        results = Path(__file__).with_name("RESULTS.md")
-        if not results.exists():
-            results.write_text("# Benchmark results\n\nProduced by the scripts in this folder; newest last.\n")
-        with results.open("a") as f:
-            f.write(report)
+        append_report(report)
 
 
 if __name__ == "__main__":
