@@ -160,6 +160,21 @@ def training_target(schedule: NoiseSchedule, latents: jax.Array, noise: jax.Arra
     return latents
 
 
+
+def min_snr_weights(schedule: NoiseSchedule, timesteps: jax.Array, gamma: float) -> jax.Array:
+    """Per-example loss weights of Min-SNR-gamma (arXiv 2303.09556), as diffusers' `--snr_gamma` computes them.
+
+    High-SNR (low-noise) timesteps dominate an unweighted loss while teaching little; capping their weight at
+    `gamma` makes training converge several times faster. The weight is relative to each target's own scale."""
+    abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[timesteps]
+    snr = abar / (1 - abar)
+    capped = jnp.minimum(snr, gamma)
+    if schedule.prediction_type == "epsilon":
+        return capped / snr
+    if schedule.prediction_type == "v_prediction":
+        return capped / (snr + 1)
+    return capped
+
 # ----------------------------------------------------------------------------------------------------------
 # Host-side helpers shared by the samplers.
 # ----------------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ def test_bundled_model_gives_the_same_image_in_diffusers():
 
     ours = load_pipeline(pretrain.BUNDLED_MODEL)
     size = ours.default_resolution
-    latents = initial_latents(3, range(len(PROMPTS)), (size // ours.vae_scale_factor,) * 2 + (4,))
+    latents = initial_latents(3, range(len(PROMPTS)), (size // ours.vae_scale_factor,) * 2
+                              + (ours.unet.config.in_channels,))
     settings = SampleSettings(scheduler="ddim", steps=8, guidance=4.0)
     images = generate(ours, PROMPTS, settings=settings, latents=latents, progress=False)
 
