@@ -1,8 +1,11 @@
-"""UNet forward and full text-to-image sampling: nsync-jax against diffusers, same machine, same run.
+"""UNet forward, text-to-image sampling and negative-set generation: nsync-jax against diffusers, same machine,
+same run.
 
 Builds a random Stable Diffusion pipeline of the chosen size with diffusers (torch), saves it, loads it
 with nsync-jax, and times both on the same inputs. Medians of `--repeats` runs after one warm-up (which
-includes JAX's compilation; compile time is reported separately). Appends a table to
+includes JAX's compilation; compile time is reported separately). The negative set is `--set-size` captions
+drawn and written as PNG files (`nsync_jax.negatives.generate_set` against a loop over diffusers'
+`StableDiffusionPipeline` in batches of `--batch`, each image saved with PIL). Appends a table to
 benchmarks/RESULTS.md unless `--no-write`.
 
   python benchmarks/bench_sampling.py --preset small            # CPU-sized
@@ -83,6 +86,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="images per call (the UNet sees twice that)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--set-size", type=int, default=16, help="captions in the negative-set row")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -93,6 +97,7 @@ def main() -> None:
     from diffusers import StableDiffusionPipeline
     from flax import nnx
 
+    from nsync_jax import negatives
     from nsync_jax.pipeline import load_pipeline
     from nsync_jax.sampling import SampleSettings, generate
 
@@ -129,8 +134,21 @@ def main() -> None:
                  width=args.resolution, latents=torch.tensor(latents, dtype=torch_dtype, device=torch_device),
                  output_type="np")
 
+        captions = [f"a picture number {i} in the style of painting" for i in range(args.set_size)]
+
+        def torch_negative_set():
+            out = Path(tempfile.mkdtemp(dir=tmp))
+            generator = torch.Generator(torch_device).manual_seed(0)
+            for first in range(0, len(captions), args.batch):
+                images = pipe(captions[first:first + args.batch], num_inference_steps=args.steps, guidance_scale=7.5,
+                              height=args.resolution, width=args.resolution, generator=generator).images
+                for offset, image in enumerate(images):
+                    image.save(out / f"{first + offset}.png")
+
+        set_label = f"negative set: {args.set_size} images, {args.steps} steps, PNGs"
         rows.append(("UNet forward (guided batch)", "diffusers", *timed(torch_unet, args.repeats)))
         rows.append((f"sampling {args.steps} steps + decode", "diffusers", *timed(torch_sample, args.repeats)))
+        rows.append((set_label, "diffusers", *timed(torch_negative_set, args.repeats)))
         del pipe
 
         # --- nsync-jax -------------------------------------------------------------------------------
@@ -150,8 +168,13 @@ def main() -> None:
         def jax_sample():
             generate(ours, prompt, settings=settings, latents=latents.transpose(0, 2, 3, 1), progress=False)
 
+        def jax_negative_set():
+            negatives.generate_set(ours, {str(i): c for i, c in enumerate(captions)}, Path(tempfile.mkdtemp(dir=tmp)),
+                                   settings=settings, progress=False)
+
         rows.append(("UNet forward (guided batch)", "nsync-jax", *timed(jax_unet, args.repeats)))
         rows.append((f"sampling {args.steps} steps + decode", "nsync-jax", *timed(jax_sample, args.repeats)))
+        rows.append((set_label, "nsync-jax", *timed(jax_negative_set, args.repeats)))
 
     by_key = {(r[0], r[1]): r for r in rows}
     lines = [
@@ -170,6 +193,10 @@ def main() -> None:
         _, _, jax_first, jax_median = by_key[(what, "nsync-jax")]
         lines.append(f"| {what} | {torch_median:.4f} | {jax_median:.4f} | {torch_median / jax_median:.2f}x | "
                      f"{jax_first:.2f} |")
+    _, _, _, torch_set = by_key[(set_label, "diffusers")]
+    _, _, _, jax_set = by_key[(set_label, "nsync-jax")]
+    lines.append(f"\nNegative set: diffusers {args.set_size / torch_set:.2f} images/s, nsync-jax "
+                 f"{args.set_size / jax_set:.2f} images/s ({torch_set / jax_set:.2f}x).")
     report = "\n".join(lines) + "\n"
     print(report)
     if not args.no_write:

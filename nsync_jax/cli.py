@@ -17,8 +17,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _process_flags() -> argparse.ArgumentParser:
+    """Flags of commands that run on several processes (one per host); see launch/ for the launchers."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("multi-process runs (not needed under SLURM or on TPU pods, where they are detected)")
+    g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+    g.add_argument("--num-processes", type=_positive_int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
+    return p
+
+
 def _add_sample_parser(subparsers) -> None:
-    p = subparsers.add_parser("sample", help="text-to-image sampling from a diffusers-format model folder")
+    p = subparsers.add_parser("sample", parents=[_process_flags()],
+                              help="text-to-image sampling from a diffusers-format model folder")
     p.add_argument("--model", type=Path, required=True, help="diffusers-format Stable Diffusion folder")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
     p.add_argument("--negative-prompt", default="", help="the unconditional prompt of guidance")
@@ -57,6 +68,7 @@ def _load_latents(path: Path, expected_nchw: tuple[int, ...]):
 def _run_sample(args) -> None:
     import jax.numpy as jnp
 
+    from nsync_jax.distributed import is_main_process
     from nsync_jax.imageio import write_png
     from nsync_jax.pipeline import load_pipeline
     from nsync_jax.sampling import SampleSettings, generate
@@ -83,13 +95,88 @@ def _run_sample(args) -> None:
         for offset, image in enumerate(images):
             write_png(args.output / f"{first + offset:06d}.png", image)
 
+    main_process = is_main_process()
     generate(pipe, args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
-             seed=args.seed, settings=settings, latents=latents, on_batch=save)
-    print(f"wrote {len(args.prompt) * args.num_images} images to {args.output}")
+             seed=args.seed, settings=settings, latents=latents, on_batch=save if main_process else None)
+    if main_process:
+        print(f"wrote {len(args.prompt) * args.num_images} images to {args.output}")
+
+
+def _add_negatives_parser(subparsers) -> None:
+    from nsync_jax.negatives import DEFAULT_STYLE_PHRASE, DEFAULT_TEMPLATE
+
+    p = subparsers.add_parser(
+        "negatives", parents=[_process_flags()], help="draw a caption-matched image set with the base model",
+        description="One image per caption file <stem>.txt, named <stem>.png (or <stem>_<k>.png). Rerunning "
+                    "draws only missing or unreadable images. The same command makes the released code's "
+                    "content set (--style-phrase 'a natural image, no styles.') and base-model baseline "
+                    "(test captions, --style-phrase 'in the style of Claude Monet').")
+    p.add_argument("--model", type=Path, required=True, help="diffusers-format Stable Diffusion folder")
+    p.add_argument("--captions", type=Path, required=True, help="folder of <stem>.txt captions")
+    p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--style-phrase", default=DEFAULT_STYLE_PHRASE)
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt from {caption} and {style_phrase}")
+    p.add_argument("--negative-prompt", default="", help="the unconditional prompt of guidance")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="default: the model's own")
+    p.add_argument("--steps", type=_positive_int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--resolution", type=_positive_int, default=None, help="default: the model's resolution")
+    p.add_argument("--save-size", type=_positive_int, default=None, help="resize before saving (bicubic)")
+    p.add_argument("--images-per-caption", type=_positive_int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="images per compiled call")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--strict", action="store_true", help="a prompt longer than the text encoder's context is "
+                                                         "an error (default: truncated with a warning)")
+    p.set_defaults(run=_run_negatives)
+
+
+def _run_negatives(args) -> None:
+    import jax.numpy as jnp
+
+    from nsync_jax.distributed import is_main_process
+    from nsync_jax.negatives import generate_set, prepare_prompts
+    from nsync_jax.pipeline import load_pipeline
+    from nsync_jax.sampling import SampleSettings
+
+    pipe = load_pipeline(args.model, dtype=jnp.dtype(args.dtype))
+    if args.resolution is not None and args.resolution % pipe.vae_scale_factor:
+        raise UserError(f"--resolution must be divisible by {pipe.vae_scale_factor}, got {args.resolution}")
+    prompts = prepare_prompts(pipe, args.captions, args.template, args.style_phrase, args.strict)
+    settings = SampleSettings(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
+                              height=args.resolution, batch_size=args.batch_size)
+    counts = generate_set(pipe, prompts, args.output, settings=settings, seed=args.seed,
+                          images_per_caption=args.images_per_caption, save_size=args.save_size,
+                          negative_prompt=args.negative_prompt, model_name=str(args.model))
+    if is_main_process():
+        print(f"{args.output}: drew {counts['drawn']} images, kept {counts['kept']}")
+
+
+def _add_caption_parser(subparsers) -> None:
+    p = subparsers.add_parser("caption", help="caption a folder of images with a local image-to-text model",
+                              description="Writes <stem>.txt per image with a transformers image-to-text model "
+                                          "folder (BLIP, BLIP-2, LLaVA-style), on the CPU build of torch.")
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--output", type=Path, required=True, help="folder for the <stem>.txt captions")
+    p.add_argument("--model", type=Path, required=True, help="the captioner's transformers model folder")
+    p.add_argument("--prompt", default="", help="text the caption continues (e.g. 'a painting of')")
+    p.add_argument("--max-words", type=_positive_int, default=25)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--overwrite", action="store_true", help="recaption images that already have a caption")
+    p.set_defaults(run=_run_caption)
+
+
+def _run_caption(args) -> None:
+    from nsync_jax.captions import caption_folder
+
+    counts = caption_folder(args.images, args.output, args.model, prompt=args.prompt, max_words=args.max_words,
+                            overwrite=args.overwrite, batch_size=args.batch_size)
+    print(f"{args.output}: wrote {counts['written']} captions, kept {counts['kept']}")
 
 
 def _add_train_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="learn a style token (NSYNC or Textual Inversion)",
+    p = subparsers.add_parser("train", parents=[_process_flags()],
+                              help="learn a style token (NSYNC or Textual Inversion)",
                               epilog="Override any config value with --config.KEY=VALUE, e.g. --config.train.steps=100")
     p.add_argument("--config", type=Path, required=True, help="experiment file with get_config()")
     p.add_argument("--workdir", type=Path, required=True, help="checkpoints, metrics and outputs; rerun to resume")
@@ -98,11 +185,13 @@ def _add_train_parser(subparsers) -> None:
 
 def _run_train(args) -> None:
     from nsync_jax.config import load_config
+    from nsync_jax.distributed import is_main_process
     from nsync_jax.train.trainer import train
 
     config = load_config(args.config, args.config_overrides)
     train(config, args.workdir)
-    print(f"wrote {args.workdir / 'learned_embeds.safetensors'}")
+    if is_main_process():
+        print(f"wrote {args.workdir / 'learned_embeds.safetensors'}")
 
 
 def _add_export_parser(subparsers) -> None:
@@ -203,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nsync-jax", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_sample_parser(subparsers)
+    _add_negatives_parser(subparsers)
+    _add_caption_parser(subparsers)
     _add_train_parser(subparsers)
     _add_export_parser(subparsers)
     _add_demo_parser(subparsers)
@@ -217,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args([a for a in argv if not a.startswith("--config.")])
     args.config_overrides = overrides
     try:
+        if "coordinator" in args:
+            from nsync_jax.distributed import initialize
+
+            initialize(args.coordinator, args.num_processes, args.process_id)
         args.run(args)
     except UserError as e:
         print(f"nsync-jax: error: {e}", file=sys.stderr)

@@ -3,8 +3,8 @@
 `generate` is the entry point for every caller that draws images (the `sample` command, negative-set
 generation, demos): there is one denoising loop in the project, `_denoise_and_decode`. It is a pure
 function of the frozen weights (passed as arguments, never captured), the token ids and the initial
-latents, scanned over the sampler's steps with `lax.scan`, and jitted with the batch sharded over all
-local devices.
+latents, scanned over the sampler's steps with `lax.scan`, and jitted with the batch sharded over every
+device of every process (`distributed.make_mesh`); every process gets the whole batch of images back.
 """
 from __future__ import annotations
 
@@ -88,7 +88,9 @@ def _compiled(graphdefs_key, sampler_key, clip_skip, use_guidance, mesh):
     batch, whole = distributed.batch_sharded(mesh), distributed.replicated(mesh)
     fn = functools.partial(_denoise_and_decode, graphdefs=graphdefs, sampler=sampler, clip_skip=clip_skip,
                            use_guidance=use_guidance)
-    return jax.jit(fn, in_shardings=(whole, whole, batch, batch, batch, whole), out_shardings=batch)
+    # Images come back replicated: an all-gather of a few images is nothing next to the denoising loop, and
+    # every process (of a multi-host run too) can then read them.
+    return jax.jit(fn, in_shardings=(whole, whole, batch, batch, batch, whole), out_shardings=whole)
 
 
 def generate(
@@ -99,7 +101,7 @@ def generate(
     num_images_per_prompt: int = 1,
     seed: int = 0,
     settings: SampleSettings = SampleSettings(),
-    latents: np.ndarray | None = None,
+    latents: np.ndarray | Callable[[list[int]], np.ndarray] | None = None,
     on_batch: Callable[[int, np.ndarray], Any] | None = None,
     progress: bool = True,
 ) -> np.ndarray:
@@ -107,7 +109,8 @@ def generate(
 
     Args:
       latents: optional initial latents, NHWC `(num_images, height/f, width/f, channels)` float32, used
-        instead of drawing noise (f is the VAE's downscale factor).
+        instead of drawing noise (f is the VAE's downscale factor); or a function of a batch's image indices
+        returning that batch's latents (for large sets whose noise has its own scheme).
       on_batch: called as `on_batch(first_index, images)` after each batch (to write files as they come).
 
     Returns:
@@ -120,7 +123,7 @@ def generate(
         raise UserError(f"--height/--width must be divisible by {factor}, got {height}x{width}")
     latent_shape = (height // factor, width // factor, pipe.unet.config.in_channels)
     all_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-    if latents is not None and tuple(latents.shape) != (len(all_prompts), *latent_shape):
+    if isinstance(latents, np.ndarray) and tuple(latents.shape) != (len(all_prompts), *latent_shape):
         raise UserError(f"latents have shape {tuple(latents.shape)}, expected {(len(all_prompts), *latent_shape)} "
                         f"(NHWC) for {len(all_prompts)} images of {height}x{width}")
 
@@ -129,31 +132,38 @@ def generate(
                  source=pipe.folder / "scheduler" / "scheduler_config.json")
     sampler_key = (settings.scheduler, json.dumps(pipe.scheduler_config, sort_keys=True), settings.steps)
     use_guidance = settings.guidance > 1.0
-    mesh = distributed.local_data_mesh()
+    mesh = distributed.make_mesh()
     graphdefs, frozen = {}, {}
     for name, module in pipe.modules().items():
         graphdefs[name], frozen[name] = nnx.split(module)
     run = _compiled(tuple(sorted(graphdefs.items())), sampler_key, settings.clip_skip, use_guidance, mesh)
-    frozen = jax.device_put(frozen, distributed.replicated(mesh))
-    extra_rows = jnp.asarray(pipe.extra_token_rows)
+    whole = distributed.replicated(mesh)
+    frozen = distributed.put_tree(frozen, jax.tree.map(lambda _: whole, frozen))
+    extra_rows = distributed.put(pipe.extra_token_rows, whole)
 
     cond_ids = tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(p, pipe.tokenizer) for p in all_prompts])
     uncond_ids = tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(negative_prompt, pipe.tokenizer)]
                                  * len(all_prompts))
+    batch_sharding = distributed.batch_sharded(mesh)
     batch_size = max(settings.batch_size, 1)
-    devices = mesh.devices.size
+    devices = distributed.batch_size_of(mesh)
     batch_size += -batch_size % devices
-    results = []
-    bar = tqdm(total=len(all_prompts), unit="img", disable=not progress)
+    results, compiled = [], {}
+    bar = tqdm(total=len(all_prompts), unit="img", disable=not (progress and distributed.is_main_process()))
     start = time.perf_counter()
     for first in range(0, len(all_prompts), batch_size):
         indices = list(range(first, min(first + batch_size, len(all_prompts))))
-        batch_latents = (latents[indices] if latents is not None
-                         else initial_latents(seed, indices, latent_shape))
-        pad = lambda x: distributed.pad_batch(np.asarray(x), devices)
-        images = run(frozen, extra_rows, pad(cond_ids[indices]), pad(uncond_ids[indices]),
-                     pad(batch_latents.astype(np.float32)), jnp.float32(settings.guidance))
-        images = np.asarray(images)[: len(indices)]
+        if latents is None:
+            batch_latents = initial_latents(seed, indices, latent_shape)
+        else:
+            batch_latents = latents(indices) if callable(latents) else latents[indices]
+        put = lambda x: distributed.put(distributed.pad_batch(np.asarray(x), devices), batch_sharding)
+        args = (frozen, extra_rows, put(cond_ids[indices]), put(uncond_ids[indices]),
+                put(batch_latents.astype(np.float32)), distributed.put(np.float32(settings.guidance), whole))
+        if args[2].shape not in compiled:  # a full batch, and perhaps a smaller last one
+            compiled[args[2].shape] = distributed.compile_together(run, *args, name="sample")
+        images = compiled[args[2].shape](*args)
+        images = distributed.to_host(images)[: len(indices)]
         results.append(images)
         if on_batch is not None:
             on_batch(first, images)

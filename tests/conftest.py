@@ -110,3 +110,14 @@ def jitted(module, method: str = "__call__"):
     graphdef, state = nnx.split(module)
     fn = jax.jit(lambda state, *args: getattr(nnx.merge(graphdef, state), method)(*args))
     return lambda *args: fn(state, *args)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A JAX compilation cache for the session: every training run builds its step function anew, so a resumed
+    run or a second test on the same tiny model would otherwise compile the same program again."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

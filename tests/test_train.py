@@ -1,4 +1,5 @@
 """Textual Inversion / NSYNC training on a tiny model: fused gradients, exact resume, data checks, export."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def test_fused_gradients_equal_separate_gradients(sd1_dir, style_dir):
     dataset = trainer.load_style_dataset(style_dir / "images", captions=style_dir / "captions",
                                          negatives=style_dir / "negatives", resolution=32)
     data = trainer.prepare_data(pipe, dataset, config.placeholder_token)
-    batch = trainer.step_batch(data, "nsync", 2, seed=0, step=0)
+    batch = {k: jnp.asarray(v) for k, v in trainer.step_batch(data, "nsync", 2, seed=0, step=0).items()}
     graphdefs, frozen = {}, {}
     for name in ("text_encoder", "unet"):
         graphdefs[name], frozen[name] = nnx.split(pipe.modules()[name])
@@ -69,19 +70,66 @@ def test_fused_gradients_equal_separate_gradients(sd1_dir, style_dir):
     rows = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32)), jnp.float32)
     keys = trainer.group_keys(jax.random.key(0), 3, share_noise=False)
 
-    def loss(group_rows, group):
-        take = lambda x: x[group] if group is not None else x
-        losses = trainer.denoising_losses(spec, group_rows, frozen, take(batch["ids"]), take(batch["mean"]),
-                                          take(batch["logvar"]), keys[group] if group is not None else keys)
-        return losses.sum()
+    def fused_loss(group_rows, spec):
+        return trainer.denoising_losses(spec, group_rows, frozen, batch["ids"], batch["mean"], batch["logvar"],
+                                        keys).sum()
 
-    fused = jax.jit(jax.grad(lambda r: loss(r, None)))(jnp.broadcast_to(rows, (3, 2, 32)))
+    def one_group_loss(group_rows, group):  # `group` is traced: the three gradients share one compilation
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, group, 1)
+        return trainer.denoising_losses(spec, group_rows, frozen, take(batch["ids"]), take(batch["mean"]),
+                                        take(batch["logvar"]), take(keys)).sum()
+
+    fused = jax.jit(jax.grad(lambda r: fused_loss(r, spec)))(jnp.broadcast_to(rows, (3, 2, 32)))
+    separate = jax.jit(jax.grad(one_group_loss))
     for group in range(3):
-        separate = jax.jit(jax.grad(lambda r: loss(r, slice(group, group + 1))))(rows[None])[0]
-        np.testing.assert_allclose(fused[group], separate, rtol=2e-4, atol=1e-7)
-        assert np.abs(separate).max() > 0
+        alone = separate(rows[None], group)[0]
+        np.testing.assert_allclose(fused[group], alone, rtol=2e-4, atol=1e-7)
+        assert np.abs(alone).max() > 0
     # The three groups see different images and noise, so their gradients differ.
     assert not np.allclose(fused[0], fused[1], rtol=0.1)
+    # Rematerialising the UNet changes memory, not gradients.
+    remat_spec = dataclasses.replace(spec, remat=True)
+    remat = jax.jit(jax.grad(lambda r: fused_loss(r, remat_spec)))(jnp.broadcast_to(rows, (3, 2, 32)))
+    np.testing.assert_allclose(remat, fused, rtol=1e-5, atol=1e-8)
+
+
+def test_nonfinite_steps_are_skipped_when_asked(sd1_dir, style_dir):
+    from flax import nnx
+
+    config = tiny_config(sd1_dir, style_dir, method="textual_inversion")
+    pipe = load_pipeline(sd1_dir)
+    graphdefs, frozen = {}, {}
+    for name in ("text_encoder", "unet"):
+        graphdefs[name], frozen[name] = nnx.split(pipe.modules()[name])
+    spec = trainer.StepSpec(graphdefs, trainer.NoiseSchedule.from_config(pipe.scheduler_config),
+                            pipe.vae.config.scaling_factor, jnp.float32, 0)
+    tx = trainer.make_optimizer(config)
+    step = jax.jit(trainer.make_train_step(spec, tx, "textual_inversion", False, skip_nonfinite=True))
+    rows = jnp.ones((2, 32), jnp.float32)
+    opt_state = tx.init(rows)
+    ids = np.asarray(tokens.tokenize(pipe.tokenizer, ["a red star"]))[None]
+    good = {"ids": ids, "mean": np.zeros((1, 1, 8, 8, 4), np.float32), "logvar": np.zeros((1, 1, 8, 8, 4), np.float32)}
+    bad = dict(good, mean=np.full_like(good["mean"], np.nan))
+    skipped_rows, skipped_state, metrics = step(rows, opt_state, frozen, bad, jax.random.key(0))
+    assert not np.isfinite(metrics["loss"])
+    np.testing.assert_array_equal(skipped_rows, rows)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(skipped_state), jax.tree.leaves(opt_state)))
+    new_rows, _, metrics = step(rows, opt_state, frozen, good, jax.random.key(0))
+    assert np.isfinite(metrics["loss"]) and not np.allclose(new_rows, rows)
+
+
+def test_training_can_start_from_an_embedding_file(tmp_path):
+    from nsync_jax.export import write_embeddings
+
+    config = load_config(CONFIG)
+    table = np.random.default_rng(0).standard_normal((10, 32)).astype(np.float32)
+    learned = np.random.default_rng(1).standard_normal((2, 32)).astype(np.float32)
+    write_embeddings(tmp_path / "start.safetensors", "<old>", learned)
+    config.initializer_embedding = str(tmp_path / "start.safetensors")
+    np.testing.assert_array_equal(trainer.starting_rows(config, table, tokenizer=None), learned)
+    config.num_vectors = 3
+    with pytest.raises(UserError, match="start.safetensors: embedding of shape \\(2, 32\\), the run needs"):
+        trainer.starting_rows(config, table, tokenizer=None)
 
 
 # The same resume code serves both methods; the Textual Inversion case runs with `-m slow` (about 2 minutes).

@@ -32,7 +32,7 @@ class StyleDataset:
     captions: tuple[str, ...]
 
 
-def _images_by_stem(folder: Path, what: str) -> dict[str, Path]:
+def images_by_stem(folder: Path, what: str) -> dict[str, Path]:
     if not folder.is_dir():
         raise UserError(f"{folder}: {what} folder not found")
     found = {}
@@ -72,8 +72,8 @@ def load_style_dataset(images: Path, *, captions: Path | None, negatives: Path |
     if resize not in RESIZE_MODES:
         raise UserError(f"data.resize must be one of {RESIZE_MODES}, got {resize!r}")
     images, captions = Path(images), captions and Path(captions)
-    positives = _images_by_stem(images, "images")
-    negative_files = _images_by_stem(Path(negatives), "negatives") if negatives else {}
+    positives = images_by_stem(images, "images")
+    negative_files = images_by_stem(Path(negatives), "negatives") if negatives else {}
     if captions is not None and not captions.is_dir():
         raise UserError(f"{captions}: captions folder not found")
     if not positives:

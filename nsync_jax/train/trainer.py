@@ -55,6 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.method = "nsync"  # or "textual_inversion"
     config.placeholder_token = "<style>"
     config.initializer_token = "painting"
+    config.initializer_embedding = ""  # or a diffusers/A1111 embedding file to start from (num_vectors rows)
     config.num_vectors = 1
     config.clip_skip = 0
 
@@ -74,6 +75,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.weight_decay = 1e-2  # torch's AdamW default; applies to the token rows only
     config.train.seed = 0
     config.train.dtype = "float32"  # compute dtype of the frozen model; rows and Adam state stay float32
+    config.train.remat = False  # recompute UNet activations in the backward pass: less memory at 768 px and up
+    config.train.nonfinite = "stop"  # a NaN/Inf loss or gradient: "stop" the run, or "skip" that update
     config.train.log_every_steps = 10
 
     config.nsync = ml_collections.ConfigDict()
@@ -84,6 +87,12 @@ def default_config() -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 1000
     config.checkpoint.keep = 3
+
+    # The device mesh (all devices of all processes): the global batch is split over data x fsdp.
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1  # -1: every device not used by the other axis
+    config.mesh.fsdp = 1
+    config.mesh.shard_frozen_weights = False  # True: split the frozen UNet and text encoder over fsdp
     return config
 
 
@@ -104,6 +113,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"config method={config.method!r} must be one of {', '.join(METHODS)}")
     if config.nsync.variant not in VARIANTS:
         raise UserError(f"config nsync.variant={config.nsync.variant!r} must be one of {', '.join(VARIANTS)}")
+    if config.train.get("nonfinite", "stop") not in ("stop", "skip"):
+        raise UserError(f"config train.nonfinite={config.train.nonfinite!r} must be 'stop' or 'skip'")
     if config.method == "nsync" and not config.data.negatives:
         raise UserError("config data.negatives is required for method nsync")
     for key in ("num_vectors", "train.steps", "train.batch_size", "checkpoint.every_steps", "data.resolution"):
@@ -127,6 +138,7 @@ class StepSpec:
     scaling_factor: float
     compute_dtype: Any
     clip_skip: int
+    remat: bool = False
 
 
 def denoising_losses(spec: StepSpec, group_rows, frozen, ids, mean, logvar, group_keys):
@@ -139,7 +151,12 @@ def denoising_losses(spec: StepSpec, group_rows, frozen, ids, mean, logvar, grou
     """
     groups, batch = ids.shape[:2]
     text_encoder = nnx.merge(spec.graphdefs["text_encoder"], frozen["text_encoder"])
-    unet = nnx.merge(spec.graphdefs["unet"], frozen["unet"])
+
+    def run_unet(unet_state, x, t, context):
+        return nnx.merge(spec.graphdefs["unet"], unet_state)(x, t, context)
+
+    if spec.remat:  # keep only the UNet's inputs for the backward pass and recompute the rest
+        run_unet = jax.checkpoint(run_unet)
     table = text_encoder.embeddings.token_embedding.embedding[...]
     embeds = jax.vmap(lambda rows, group_ids: tokens.embed_tokens(table, rows, group_ids))(group_rows, ids)
     context = text_encoder(inputs_embeds=embeds.reshape(groups * batch, *embeds.shape[2:]), clip_skip=spec.clip_skip)
@@ -155,7 +172,7 @@ def denoising_losses(spec: StepSpec, group_rows, frozen, ids, mean, logvar, grou
     flat = lambda x: x.reshape(groups * batch, *x.shape[2:])
     latents, noise, t = flat(latents), flat(noise), flat(t)
     noisy = add_noise(spec.schedule.alphas_cumprod, latents, noise, t)
-    prediction = unet(noisy.astype(spec.compute_dtype), t, context.astype(spec.compute_dtype))
+    prediction = run_unet(frozen["unet"], noisy.astype(spec.compute_dtype), t, context.astype(spec.compute_dtype))
     target = training_target(spec.schedule, latents, noise, t)
     per_example = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=(1, 2, 3))
     return per_example.reshape(groups, batch).mean(axis=1)
@@ -167,7 +184,8 @@ def group_keys(key, groups: int, share_noise: bool):
     return jnp.stack([jax.random.fold_in(key, i) for i in ids])
 
 
-def make_train_step(spec: StepSpec, tx: optax.GradientTransformationExtraArgs, method: str, share_noise: bool):
+def make_train_step(spec: StepSpec, tx: optax.GradientTransformationExtraArgs, method: str, share_noise: bool,
+                    skip_nonfinite: bool = False):
     groups = 3 if method == "nsync" else 1
 
     def train_step(rows, opt_state, frozen, batch, key):
@@ -179,14 +197,18 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformationExtraArgs, m
         group_rows = jnp.broadcast_to(rows, (groups, *rows.shape))
         (_, losses), grads = jax.value_and_grad(total_loss, has_aux=True)(group_rows)
         extra = {"negative_grads": grads[1], "anchor_grads": grads[2]} if method == "nsync" else {}
-        updates, opt_state = tx.update(grads[0], opt_state, rows, **extra)
+        updates, new_opt_state = tx.update(grads[0], opt_state, rows, **extra)
         new_rows = optax.apply_updates(rows, updates)
+        if skip_nonfinite:  # a NaN/Inf anywhere leaves the rows and optimizer state as they were
+            finite = jnp.isfinite(losses).all() & jnp.isfinite(grads).all()
+            new_rows, new_opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                                   (new_rows, new_opt_state), (rows, opt_state))
         metrics = {"loss": losses[0], "grad_norm": optax.global_norm(grads[0]),
                    "update_norm": optax.global_norm(updates), "row_norm": optax.global_norm(new_rows)}
         if method == "nsync":
             metrics.update(loss_negative=losses[1], loss_anchor=losses[2],
                            negative_grad_norm=optax.global_norm(grads[1]))
-        return new_rows, opt_state, metrics
+        return new_rows, new_opt_state, metrics
 
     return train_step
 
@@ -266,7 +288,9 @@ def checkpoint_manager(workdir: Path, keep: int):
     import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
-    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
+    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options,
+                                 item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                "meta": ocp.JsonCheckpointHandler()})
 
 
 def save_checkpoint(manager, step: int, rows, opt_state, config) -> None:
@@ -297,9 +321,29 @@ def read_checkpoint_rows(workdir: Path, step: int | None = None) -> tuple[np.nda
     step = max(steps) if step is None else step
     if step not in steps:
         raise UserError(f"{workdir}: no checkpoint for step {step} (have {', '.join(map(str, sorted(steps)))})")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    return np.asarray(state["rows"], np.float32), meta
+    # Onto this process's first device, whatever mesh or hosts wrote the checkpoint.
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                          manager.item_metadata(step)["state"])
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                             meta=ocp.args.JsonRestore()))
+    return np.asarray(restored["state"]["rows"], np.float32), restored["meta"]
+
+
+def starting_rows(config, table: np.ndarray, tokenizer) -> np.ndarray:
+    """The token rows before training: an embedding file's (to continue or fine-tune a learned token), or
+    copies of the initializer word's row."""
+    if not config.get("initializer_embedding"):
+        return tokens.initial_rows(table, tokenizer, config.initializer_token, config.num_vectors)
+    path = Path(config.initializer_embedding)
+    learned = tokens.load_learned_embeddings(path)
+    if len(learned) != 1:
+        raise UserError(f"{path}: holds {len(learned)} tokens; config initializer_embedding needs a file with one")
+    rows = next(iter(learned.values()))
+    if rows.shape != (config.num_vectors, table.shape[1]):
+        raise UserError(f"{path}: embedding of shape {rows.shape}, the run needs (num_vectors, width) = "
+                        f"({config.num_vectors}, {table.shape[1]})")
+    return rows
 
 
 def export_metadata(config, step: int) -> dict[str, Any]:
@@ -326,30 +370,34 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
     if len(pipe.tokenizer) != len(table):
         raise UserError(f"{config.model}: tokenizer has {len(pipe.tokenizer)} tokens, the text encoder "
                         f"{len(table)} embedding rows")
-    initial = tokens.initial_rows(table, pipe.tokenizer, config.initializer_token, config.num_vectors)
+    initial = starting_rows(config, table, pipe.tokenizer)
     tokens.add_placeholder_tokens(pipe.tokenizer, config.placeholder_token, config.num_vectors)
     data = prepare_data(pipe, dataset, config.placeholder_token)
     workdir.mkdir(parents=True, exist_ok=True)  # only after the data and the model passed their checks
 
     # --- mesh, frozen state and the jitted step ---
-    mesh = distributed.local_data_mesh()
-    if config.train.batch_size % mesh.devices.size:
+    mesh_config = config.get("mesh", ml_collections.ConfigDict())
+    mesh = distributed.make_mesh(mesh_config.get("data", -1), mesh_config.get("fsdp", 1))
+    if config.train.batch_size % distributed.batch_size_of(mesh):
         raise UserError(f"config train.batch_size={config.train.batch_size} must be a multiple of the "
-                        f"{mesh.devices.size} local devices")
+                        f"{distributed.batch_size_of(mesh)} devices of the mesh")
     whole = distributed.replicated(mesh)
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, distributed.DATA))
+    batch_sharding = distributed.batch_sharded(mesh, batch_axis=1)  # batch arrays are (groups, batch, ...)
     graphdefs, frozen = {}, {}
     for name in ("text_encoder", "unet"):
         graphdefs[name], frozen[name] = nnx.split(pipe.modules()[name])
-    frozen = jax.device_put(frozen, whole)
+    frozen_sharding = distributed.frozen_shardings(mesh, frozen, mesh_config.get("shard_frozen_weights", False))
+    frozen = distributed.put_tree(frozen, frozen_sharding)
     spec = StepSpec(graphdefs=graphdefs, schedule=NoiseSchedule.from_config(
         pipe.scheduler_config, pipe.folder / "scheduler" / "scheduler_config.json"),
-        scaling_factor=pipe.vae.config.scaling_factor, compute_dtype=dtype, clip_skip=config.get("clip_skip", 0))
+        scaling_factor=pipe.vae.config.scaling_factor, compute_dtype=dtype, clip_skip=config.get("clip_skip", 0),
+        remat=config.train.get("remat", False))
     tx = make_optimizer(config)
-    step_fn = jax.jit(make_train_step(spec, tx, config.method, config.nsync.get("share_noise", False)),
-                      in_shardings=(whole, whole, whole, batch_sharding, whole), out_shardings=whole,
+    step_fn = jax.jit(make_train_step(spec, tx, config.method, config.nsync.get("share_noise", False),
+                                      skip_nonfinite=config.train.get("nonfinite", "stop") == "skip"),
+                      in_shardings=(whole, whole, frozen_sharding, batch_sharding, whole), out_shardings=whole,
                       donate_argnums=(0, 1))
-    rows = jax.device_put(jnp.asarray(initial), whole)
+    rows = distributed.put(initial, whole)
     opt_state = jax.jit(tx.init, out_shardings=whole)(rows)
 
     # --- resume ---
@@ -363,41 +411,54 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
     stop_requested = []
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
     key = jax.random.key(config.train.seed)
-    metrics_file = (workdir / "metrics.jsonl").open("a")
-    bar = tqdm(total=config.train.steps, initial=start, unit="step", disable=not progress)
+    main = distributed.is_main_process()  # only process 0 writes metrics and exports; checkpoints are collective
+    metrics_file = (workdir / "metrics.jsonl").open("a") if main else None
+    bar = tqdm(total=config.train.steps, initial=start, unit="step", disable=not (progress and main))
     last_time, last_step = time.perf_counter(), start
     try:
         for step in range(start, config.train.steps):
             batch = step_batch(data, config.method, config.train.batch_size, config.train.seed, step)
+            batch = {k: distributed.put(v, batch_sharding) for k, v in batch.items()}
+            if step == start:
+                step_fn = distributed.compile_together(step_fn, rows, opt_state, frozen, batch, key,
+                                                       name="train_step")
             new_rows, new_opt_state, metrics = step_fn(rows, opt_state, frozen, batch, jax.random.fold_in(key, step))
-            metrics = {k: float(v) for k, v in metrics.items()}
-            if not all(np.isfinite(v) for v in metrics.values()):
+            metrics = {k: float(distributed.to_host(v)) for k, v in metrics.items()}
+            finite = all(np.isfinite(v) for v in metrics.values())
+            if not finite and config.train.get("nonfinite", "stop") == "stop":
                 raise UserError(f"non-finite loss or gradient at step {step + 1} ({metrics}); the last good "
-                                f"checkpoint is step {manager.latest_step()}")
-            rows, opt_state = new_rows, new_opt_state
+                                f"checkpoint is step {manager.latest_step()} (train.nonfinite=skip skips such "
+                                "steps instead)")
+            rows, opt_state = new_rows, new_opt_state  # a non-finite step left them unchanged (skip_nonfinite)
+            metrics["skipped"] = int(not finite)
             done = step + 1
             bar.update(1)
             if done % config.train.get("log_every_steps", 10) == 0 or done == config.train.steps:
                 now = time.perf_counter()
                 metrics.update(step=done, steps_per_sec=(done - last_step) / (now - last_time))
                 last_time, last_step = now, done
-                metrics_file.write(json.dumps(metrics) + "\n")
-                metrics_file.flush()
+                if main:
+                    metrics_file.write(json.dumps(metrics) + "\n")
+                    metrics_file.flush()
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            if done % config.checkpoint.every_steps == 0 or done == config.train.steps or stop_requested:
+            stopping = distributed.any_process(bool(stop_requested))
+            if done % config.checkpoint.every_steps == 0 or done == config.train.steps or stopping:
                 save_checkpoint(manager, done, rows, opt_state, config)
-            if stop_requested:
+            if stopping:
+                stop_requested.append(True)
                 break
     finally:
         manager.wait_until_finished()
-        metrics_file.close()
+        if main:
+            metrics_file.close()
         bar.close()
         signal.signal(signal.SIGTERM, previous_handler)
 
     if stop_requested:
         raise UserError(f"stopped by SIGTERM after step {manager.latest_step()}; the checkpoint is saved in "
                         f"{workdir / 'checkpoints'}: run the same command again to resume")
-    final_rows = np.asarray(rows, np.float32)
-    export.write_embeddings(workdir / "learned_embeds.safetensors", config.placeholder_token, final_rows,
-                            metadata=export_metadata(config, config.train.steps))
+    final_rows = distributed.to_host(rows).astype(np.float32)
+    if main:
+        export.write_embeddings(workdir / "learned_embeds.safetensors", config.placeholder_token, final_rows,
+                                metadata=export_metadata(config, config.train.steps))
     return final_rows

@@ -1,0 +1,196 @@
+"""Caption-matched image sets drawn by the frozen base model: NSYNC's negatives and their relatives.
+
+For each caption file `<stem>.txt`, the model draws `template.format(caption=..., style_phrase=...)`, e.g.
+"a harbour at dawn in the style of painting" (the negatives), "... a natural image, no styles." (the
+released code's content set) or "... in the style of Claude Monet" on test captions (its base-model
+baseline). Outputs are `<stem>.png`, or `<stem>_<k>.png` for several images per caption.
+
+A set is resumable and reproducible: image k of a stem always starts from the noise of `(seed, stem, k)`,
+whatever the batch, the device count or which images were already there; a rerun keeps every valid image
+and draws only missing or unreadable ones; every file (images and `manifest.json`) is written under a
+temporary name and renamed, so a kill never leaves half a file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import jax
+import numpy as np
+from PIL import Image
+
+from nsync_jax import distributed, imageio
+from nsync_jax.errors import UserError
+from nsync_jax.pipeline import StableDiffusion
+from nsync_jax.sampling import SampleSettings, generate
+
+DEFAULT_TEMPLATE = "{caption} {style_phrase}"
+DEFAULT_STYLE_PHRASE = "in the style of painting"  # the released code's negatives (its initializer word)
+MANIFEST = "manifest.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    stem: str
+    k: int
+    prompt: str
+
+    def filename(self, images_per_caption: int) -> str:
+        return f"{self.stem}.png" if images_per_caption == 1 else f"{self.stem}_{self.k}.png"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Captions and prompts.
+# ------------------------------------------------------------------------------------------------------------
+
+def read_captions(folder: Path) -> dict[str, str]:
+    """`{stem: caption}` of every `*.txt` in `folder`; an empty or undecodable file is an error naming it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: captions folder not found")
+    captions = {}
+    for path in sorted(folder.glob("*.txt")):
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: cannot read the caption ({type(e).__name__}: {e})") from None
+        if not text:
+            raise UserError(f"{path}: the caption is empty")
+        captions[path.stem] = " ".join(text.split())
+    if not captions:
+        raise UserError(f"{folder}: no caption files (*.txt)")
+    return captions
+
+
+def build_prompts(captions: dict[str, str], template: str, style_phrase: str) -> dict[str, str]:
+    try:
+        return {stem: template.format(caption=caption, style_phrase=style_phrase).strip()
+                for stem, caption in captions.items()}
+    except (KeyError, IndexError, ValueError) as e:
+        raise UserError(f"--template {template!r}: only {{caption}} and {{style_phrase}} may appear ({e})") from None
+
+
+def check_prompt_lengths(prompts: dict[str, str], tokenizer, folder: Path, strict: bool) -> None:
+    """A prompt longer than the text encoder's context is truncated (as diffusers does) with a warning naming
+    its caption file, or is an error with `strict`."""
+    limit = tokenizer.model_max_length
+    too_long = [stem for stem, prompt in prompts.items() if len(tokenizer(prompt).input_ids) > limit]
+    if not too_long:
+        return
+    files = ", ".join(str(Path(folder) / f"{stem}.txt") for stem in too_long)
+    message = f"{len(too_long)} prompt(s) longer than the text encoder's {limit} tokens: {files}"
+    if strict:
+        raise UserError(message + " (--strict)")
+    warnings.warn(message + "; they are truncated", stacklevel=2)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Noise and validity.
+# ------------------------------------------------------------------------------------------------------------
+
+def stem_number(stem: str) -> int:
+    """A stable 31-bit number for a stem (Python's `hash` changes between runs)."""
+    return int.from_bytes(hashlib.sha256(stem.encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def item_latents(seed: int, items: list[Item], shape: tuple[int, int, int]) -> np.ndarray:
+    """Standard normal NHWC latents, image by image from `fold_in(fold_in(key(seed), stem), k)`."""
+    def draw(number, k):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), number), k)
+        return jax.random.normal(key, shape)
+
+    numbers = np.asarray([stem_number(item.stem) for item in items], np.uint32)
+    ks = np.asarray([item.k for item in items], np.uint32)
+    return np.asarray(jax.vmap(draw)(numbers, ks))
+
+
+def is_valid_image(path: Path, size: int) -> bool:
+    """True when `path` is a complete, decodable `size` x `size` image."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.size == (size, size)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def _read_manifest(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable manifest ({e}); move it away to redraw the whole set") from None
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(temporary, path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The set.
+# ------------------------------------------------------------------------------------------------------------
+
+def generate_set(pipe: StableDiffusion, prompts: dict[str, str], output: Path, *, settings: SampleSettings,
+                 seed: int = 0, images_per_caption: int = 1, save_size: int | None = None,
+                 negative_prompt: str = "", model_name: str = "", progress: bool = True) -> dict[str, int]:
+    """Draws every missing or invalid image of the set into `output`; returns counts of kept and drawn."""
+    output = Path(output)
+    resolution = settings.height or pipe.default_resolution
+    if settings.width not in (None, resolution):
+        raise UserError("negative sets are square: give --resolution only")
+    save_size = save_size or resolution
+    items = [Item(stem, k, prompt) for stem, prompt in sorted(prompts.items()) for k in range(images_per_caption)]
+    manifest = {"model": model_name or str(pipe.folder), "seed": seed, "negative_prompt": negative_prompt,
+                "sampler": {"scheduler": settings.scheduler or pipe.scheduler_config.get("_class_name"),
+                            "steps": settings.steps, "guidance": settings.guidance},
+                "resolution": resolution, "save_size": save_size, "images_per_caption": images_per_caption}
+    # A rerun may only complete the same set: other settings would mix two sets in one folder.
+    previous = _read_manifest(output / MANIFEST)
+    changed = sorted(key for key in manifest if key in previous and previous[key] != manifest[key])
+    if changed:
+        raise UserError(f"{output / MANIFEST}: this folder holds a set made with other settings "
+                        f"({', '.join(changed)}); use another --output folder")
+    # The manifest lists a file only once it is written, so a file it does not list (or lists with another
+    # prompt: an edited caption) is drawn again, as is one that does not decode.
+    files = previous.get("files", {})
+    todo = [item for item in items
+            if files.get(item.filename(images_per_caption)) != item.prompt
+            or not is_valid_image(output / item.filename(images_per_caption), save_size)]
+    main = distributed.is_main_process()
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        _write_json_atomically(output / MANIFEST, {**manifest, "files": files})
+
+    factor = pipe.vae_scale_factor
+    latent_shape = (resolution // factor, resolution // factor, pipe.unet.config.in_channels)
+
+    def save(first: int, images: np.ndarray) -> None:
+        for item, image in zip(todo[first:first + len(images)], images):
+            pixels = imageio.to_uint8(image)
+            if save_size != resolution:
+                pixels = np.asarray(Image.fromarray(pixels).resize((save_size, save_size), Image.BICUBIC))
+            imageio.write_png(output / item.filename(images_per_caption), pixels)
+            files[item.filename(images_per_caption)] = item.prompt
+        _write_json_atomically(output / MANIFEST, {**manifest, "files": files})
+
+    if todo:
+        generate(pipe, [item.prompt for item in todo], negative_prompt=negative_prompt, seed=seed,
+                 settings=dataclasses.replace(settings, height=resolution, width=resolution),
+                 latents=lambda indices: item_latents(seed, [todo[i] for i in indices], latent_shape),
+                 on_batch=save if main else None, progress=progress)
+    return {"kept": len(items) - len(todo), "drawn": len(todo)}
+
+
+def prepare_prompts(pipe: StableDiffusion, captions_folder: Path, template: str, style_phrase: str,
+                    strict: bool) -> dict[str, str]:
+    prompts = build_prompts(read_captions(captions_folder), template, style_phrase)
+    check_prompt_lengths(prompts, pipe.tokenizer, captions_folder, strict)
+    return prompts
+

@@ -1,0 +1,164 @@
+"""Negative-set generation: names, resumability, reproducibility, manifest and caption checks."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nsync_jax import negatives
+from nsync_jax.cli import main
+from nsync_jax.errors import UserError
+from nsync_jax.pipeline import load_pipeline
+from nsync_jax.sampling import SampleSettings
+
+SETTINGS = SampleSettings(steps=2, guidance=3.0, batch_size=2)
+CAPTIONS = {"harbour": "a harbour", "cat": "a cat", "star": "a red star"}
+
+
+def write_captions(folder, captions=CAPTIONS):
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, text in captions.items():
+        (folder / f"{stem}.txt").write_text(text + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipe(sd1_dir):
+    return load_pipeline(sd1_dir)
+
+
+def draw(pipe, folder, output, **kwargs):
+    prompts = negatives.prepare_prompts(pipe, folder, negatives.DEFAULT_TEMPLATE, "in the style of painting",
+                                        strict=False)
+    return negatives.generate_set(pipe, prompts, output, settings=SETTINGS, progress=False, **kwargs)
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
+def test_one_image_per_caption_named_by_stem(pipe, tmp_path):
+    captions = write_captions(tmp_path / "captions")
+    assert draw(pipe, captions, tmp_path / "out") == {"kept": 0, "drawn": 3}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cat.png", "harbour.png", "manifest.json",
+                                                                     "star.png"]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["files"]["cat.png"] == "a cat in the style of painting"
+    assert manifest["sampler"] == {"scheduler": "PNDMScheduler", "steps": 2, "guidance": 3.0}
+    images = [pixels(tmp_path / "out" / f"{stem}.png") for stem in ("cat", "harbour", "star")]
+    assert not np.array_equal(images[0], images[1])  # each image has its own noise and prompt
+
+    draw(pipe, captions, tmp_path / "two", images_per_caption=2, save_size=8)
+    names = sorted(p.name for p in (tmp_path / "two").iterdir() if p.suffix == ".png")
+    assert names == ["cat_0.png", "cat_1.png", "harbour_0.png", "harbour_1.png", "star_0.png", "star_1.png"]
+    assert pixels(tmp_path / "two" / "cat_0.png").shape == (8, 8, 3)
+
+
+def test_rerun_redraws_exactly_the_missing_and_corrupt_images(pipe, tmp_path):
+    captions = write_captions(tmp_path / "captions")
+    out = tmp_path / "out"
+    draw(pipe, captions, out)
+    first = {stem: pixels(out / f"{stem}.png") for stem in CAPTIONS}
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+
+    assert draw(pipe, captions, out) == {"kept": 3, "drawn": 0}
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+
+    (out / "cat.png").unlink()
+    (out / "star.png").write_bytes((out / "star.png").read_bytes()[:40])  # a truncated PNG
+    assert draw(pipe, captions, out) == {"kept": 1, "drawn": 2}
+    assert (out / "harbour.png").stat().st_mtime_ns == stamps["harbour.png"]
+    for stem, image in first.items():  # the same noise from (seed, stem, k): the same pixels again
+        np.testing.assert_array_equal(pixels(out / f"{stem}.png"), image)
+
+    (captions / "cat.txt").write_text("a dog")  # an edited caption is drawn again
+    assert draw(pipe, captions, out) == {"kept": 2, "drawn": 1}
+    with pytest.raises(UserError, match="other settings \\(seed\\)"):
+        draw(pipe, captions, out, seed=1)
+    assert not list(out.glob(".*tmp*"))  # no temporary file left behind
+
+
+def test_bad_captions_are_reported_by_file(pipe, tmp_path):
+    captions = write_captions(tmp_path / "captions")
+    (captions / "empty.txt").write_text("  \n")
+    with pytest.raises(UserError, match=f"{captions / 'empty.txt'}: the caption is empty"):
+        draw(pipe, captions, tmp_path / "out")
+    (captions / "empty.txt").write_bytes(b"\xff\xfe\xfa")
+    with pytest.raises(UserError, match="empty.txt: cannot read the caption"):
+        draw(pipe, captions, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+    long_captions = write_captions(tmp_path / "long", {"long": " ".join(["star"] * 40)})
+    prompts = negatives.build_prompts(negatives.read_captions(long_captions), "{caption}", "")
+    with pytest.raises(UserError, match=f"{long_captions / 'long.txt'} \\(--strict\\)"):
+        negatives.check_prompt_lengths(prompts, pipe.tokenizer, long_captions, strict=True)
+    with pytest.warns(UserWarning, match="truncated"):
+        negatives.check_prompt_lengths(prompts, pipe.tokenizer, long_captions, strict=False)
+
+
+def test_command_line(sd1_dir, tmp_path, capsys):
+    captions = write_captions(tmp_path / "captions")
+    args = ["negatives", "--model", str(sd1_dir), "--captions", str(captions), "--output", str(tmp_path / "out"),
+            "--steps", "2", "--style-phrase", "a natural image, no styles."]
+    assert main(args) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["files"]["star.png"] == "a red star a natural image, no styles."
+    assert "drew 3 images, kept 0" in capsys.readouterr().out
+    assert main(args + ["--template", "{caption} {artist}"]) == 2
+    assert "--template '{caption} {artist}'" in capsys.readouterr().err
+    assert main(["negatives", "--model", str(sd1_dir), "--captions", str(tmp_path / "nope"), "--output",
+                 str(tmp_path / "o")]) == 2
+    assert f"{tmp_path / 'nope'}: captions folder not found" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "out")  # untouched by the failed runs
+
+
+def build_tiny_blip(folder):
+    """A random BLIP captioner with a 20-word vocabulary, saved as transformers saves real ones."""
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    folder.mkdir(parents=True)
+    words = "a an the cat dog red blue star circle picture of photo painting on with and".split()
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    torch.manual_seed(0)
+    config = BlipConfig(
+        text_config=dict(vocab_size=5 + len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=37, bos_token_id=2, sep_token_id=3, pad_token_id=0,
+                         max_position_embeddings=64),
+        vision_config=dict(hidden_size=32, image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=37), projection_dim=32)
+    BlipForConditionalGeneration(config).eval().save_pretrained(folder)
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                  tokenizer=BertTokenizer(str(folder / "vocab.txt"))).save_pretrained(folder)
+    return folder
+
+
+def test_caption_command_writes_one_caption_per_image(tmp_path, capsys):
+    blip = build_tiny_blip(tmp_path / "blip")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for stem in ("one", "two", "three"):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), np.uint8)).save(images / f"{stem}.png")
+    (tmp_path / "captions").mkdir()
+    (tmp_path / "captions" / "one.txt").write_text("kept as it is\n")
+    args = ["caption", "--images", str(images), "--output", str(tmp_path / "captions"), "--model", str(blip),
+            "--prompt", "a picture of", "--max-words", "4"]
+    assert main(args) == 0
+    assert "wrote 2 captions, kept 1" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "captions").iterdir()) == ["one.txt", "three.txt", "two.txt"]
+    assert (tmp_path / "captions" / "one.txt").read_text() == "kept as it is\n"
+    for stem in ("two", "three"):
+        words = (tmp_path / "captions" / f"{stem}.txt").read_text().split()
+        assert 1 <= len(words) <= 4 and words[:3] != ["a", "picture", "of"]  # the prompt is not repeated
+    # Negatives can be drawn from what it wrote.
+    assert set(negatives.read_captions(tmp_path / "captions")) == {"one", "two", "three"}
+
+    (images / "bad.png").write_bytes(b"not a png")
+    assert main(args + ["--overwrite"]) == 2
+    assert f"cannot read 1 image(s): {images / 'bad.png'}" in capsys.readouterr().err
+    (images / "bad.png").unlink()
+    assert main(["caption", "--images", str(images), "--output", str(tmp_path / "c2"), "--model",
+                 str(tmp_path)]) == 2
+    assert "not a transformers model folder" in capsys.readouterr().err

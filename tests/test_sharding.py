@@ -1,0 +1,177 @@
+"""Sharded training: the same embedding on any mesh, with frozen weights split over fsdp, and across processes.
+
+Meshes need several devices, which a JAX process fixes when it starts: the multi-device runs happen in child
+processes with 8 simulated CPU devices (`--xla_force_host_platform_device_count`).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import load_file
+
+from nsync_jax import distributed
+from nsync_jax.errors import UserError
+from test_train import write_style_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, BATCH = 4, 8
+MESHES = {"8x1": (8, 1, False), "4x2": (4, 2, False), "1x1": (1, 1, False), "4x2-fsdp-weights": (4, 2, True)}
+
+# Runs in a child process with 8 CPU devices: trains the tiny config on each mesh and saves the rows.
+SAMPLE_PROMPTS = ["a red star", "a blue circle", "a cat"]
+MESH_RUNS = f"SAMPLE_PROMPTS = {SAMPLE_PROMPTS!r}\n" + """
+import json, sys
+from pathlib import Path
+import jax, numpy as np
+from flax import nnx
+from nsync_jax import distributed
+from nsync_jax.config import load_config
+from nsync_jax.pipeline import load_pipeline
+from nsync_jax.train import trainer
+
+spec = json.loads(sys.argv[1])
+out = Path(spec["out"])
+distributed.MIN_SHARDED_SIZE = 256  # the tiny model's weights are small: split most of them
+mesh = distributed.make_mesh(4, 2)
+_, unet_state = nnx.split(load_pipeline(spec["model"]).unet)
+shardings = jax.tree.leaves(distributed.frozen_shardings(mesh, unet_state, True))
+sharded = sum(distributed.FSDP in str(s.spec) for s in shardings)
+(out / "sharded_weights.json").write_text(json.dumps({"sharded": sharded, "total": len(shardings),
+                                                      "devices": jax.device_count()}))
+from nsync_jax import negatives
+from nsync_jax.sampling import SampleSettings, generate
+pipe = load_pipeline(spec["model"])
+settings = SampleSettings(steps=3, guidance=4.0, batch_size=8)
+np.save(out / "samples.npy", generate(pipe, SAMPLE_PROMPTS, settings=settings, progress=False))
+prompts = {f"p{i}": p for i, p in enumerate(SAMPLE_PROMPTS)}
+negatives.generate_set(pipe, prompts, out / "negatives", settings=settings, images_per_caption=2, progress=False)
+for name, (data, fsdp, shard_weights) in spec["meshes"].items():
+    config = load_config(spec["config"], spec["overrides"] + [
+        f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.shard_frozen_weights={shard_weights}"])
+    np.save(out / f"{name}.npy", trainer.train(config, out / name, progress=False))
+"""
+
+
+def overrides(model: Path, data: Path) -> list[str]:
+    return [f"model={model}", f"data.images={data / 'images'}", f"data.captions={data / 'captions'}",
+            f"data.negatives={data / 'negatives'}", f"train.steps={STEPS}", f"train.batch_size={BATCH}",
+            "checkpoint.every_steps=2"]
+
+
+def cpu_env(cache: Path, devices: int | None = None) -> dict[str, str]:
+    """CPU only, `devices` simulated devices, and a compilation cache (the resumed run reuses the first's)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+@pytest.fixture(scope="module")
+def style_data(tmp_path_factory):
+    return write_style_dataset(tmp_path_factory.mktemp("style"), count=6)
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(sd2_dir, style_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("meshes")
+    spec = {"out": str(out), "model": str(sd2_dir), "config": str(ROOT / "configs" / "tiny.py"),
+            "overrides": overrides(sd2_dir, style_data), "meshes": MESHES}
+    subprocess.run([sys.executable, "-c", MESH_RUNS, json.dumps(spec)], check=True, env=cpu_env(out / "cache", 8),
+                   cwd=ROOT, timeout=900)
+    return out
+
+
+def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_every_mesh_learns_the_same_embedding(mesh_runs, sd2_dir):
+    info = json.loads((mesh_runs / "sharded_weights.json").read_text())
+    assert info["devices"] == 8
+    assert info["sharded"] >= info["total"] // 4, info  # fsdp really splits the weights
+    rows = {name: np.load(mesh_runs / f"{name}.npy") for name in MESHES}
+    initial = np.load(mesh_runs / "1x1.npy")
+    for name, learned in rows.items():
+        assert relative_difference(learned, rows["1x1"]) <= 1e-5, name
+    # ... and the runs did learn something, so agreeing is not trivial.
+    from nsync_jax.pipeline import load_pipeline
+
+    pipe = load_pipeline(sd2_dir)
+    start = np.asarray(pipe.text_encoder.embeddings.token_embedding.embedding[...])[
+        pipe.tokenizer.convert_tokens_to_ids("painting</w>")]
+    assert relative_difference(initial, np.broadcast_to(start, initial.shape)) > 1e-3
+
+
+def test_sampling_on_8_devices_draws_the_same_images(mesh_runs, sd2_dir):
+    from nsync_jax.pipeline import load_pipeline
+    from nsync_jax.sampling import SampleSettings, generate
+
+    one_device = generate(load_pipeline(sd2_dir), SAMPLE_PROMPTS, progress=False,
+                          settings=SampleSettings(steps=3, guidance=4.0, batch_size=2))
+    eight = np.load(mesh_runs / "samples.npy")
+    assert eight.shape == one_device.shape and len(eight) == 3
+    np.testing.assert_allclose(eight, one_device, atol=2e-5)
+
+
+def test_negative_set_on_8_devices_is_the_same_files(mesh_runs, sd2_dir, tmp_path):
+    from nsync_jax import negatives
+    from nsync_jax.pipeline import load_pipeline
+    from nsync_jax.sampling import SampleSettings
+
+    prompts = {f"p{i}": p for i, p in enumerate(SAMPLE_PROMPTS)}
+    negatives.generate_set(load_pipeline(sd2_dir), prompts, tmp_path, images_per_caption=2, progress=False,
+                           settings=SampleSettings(steps=3, guidance=4.0, batch_size=2))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(p.name for p in (mesh_runs / "negatives").iterdir()) and len(names) == 7
+    for name in names:
+        if name.endswith(".png"):
+            np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / name)),
+                                          np.asarray(Image.open(mesh_runs / "negatives" / name)), err_msg=name)
+
+
+# About 2 minutes on 2 cores (two launches of two processes, each compiling): run with `-m slow`.
+@pytest.mark.slow
+def test_two_processes_train_resume_export_like_one(mesh_runs, sd2_dir, style_data, tmp_path):
+    workdir = tmp_path / "run"
+    command = [str(ROOT / "launch" / "local.sh"), "2", "4", sys.executable, "-m", "nsync_jax.cli", "train",
+               "--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(workdir)]
+    flags = [f"--config.{o}" for o in overrides(sd2_dir, style_data)]
+    first = [f if not f.startswith("--config.train.steps=") else "--config.train.steps=2" for f in flags]
+    env = cpu_env(tmp_path / "cache")
+    for stage_flags in (first, flags):  # two steps, then resume from that checkpoint to the end
+        result = subprocess.run(command + stage_flags, env=env, cwd=ROOT, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [2, 4]
+    metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]  # one writer: process 0
+
+    exported = tmp_path / "exported.safetensors"
+    subprocess.run([sys.executable, "-m", "nsync_jax.cli", "export", "--workdir", str(workdir), "--output",
+                    str(exported)], check=True, cwd=ROOT, env=env, timeout=300)
+    single = np.load(mesh_runs / "8x1.npy")
+    for path in (exported, workdir / "learned_embeds.safetensors"):
+        assert relative_difference(load_file(path)["<tiny-style>"], single) <= 1e-5, path
+
+
+def test_mesh_sizes_are_checked():
+    assert dict(distributed.make_mesh().shape) == {"data": 1, "fsdp": 1}
+    for data, fsdp, message in ((2, 1, "mesh.data=2 x mesh.fsdp=1 needs 2 devices, this run has 1"),
+                                (-1, -1, "both be -1"), (0, 1, "mesh.data=0")):
+        with pytest.raises(UserError, match=message):
+            distributed.make_mesh(data, fsdp)
+
+
+def test_process_flags_are_checked():
+    distributed.initialize()  # one process and no cluster: nothing to join
+    with pytest.raises(UserError, match="--process-id must be in"):
+        distributed.initialize("127.0.0.1:1", 2, 5)
+    with pytest.raises(UserError, match="must be given together"):
+        distributed.initialize("127.0.0.1:1", None, None)
