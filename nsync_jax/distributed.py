@@ -100,7 +100,10 @@ def compile_together(jitted, *args, name: str):
 
     A process that starts a collective while another is still compiling waits inside it, and gloo (CPU)
     gives up after 30 s; compile times differ between hosts (load, cache hits), so they meet here first.
+    A single process has no one to wait for and keeps `jitted` itself, with its own compilation cache.
     """
+    if jax.process_count() == 1:
+        return jitted
     compiled = jitted.lower(*args).compile()
     barrier(name)
     return compiled

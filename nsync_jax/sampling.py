@@ -79,6 +79,11 @@ def _denoise_and_decode(frozen, extra_rows, cond_ids, uncond_ids, latents, guida
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
+# Per jitted loop and batch shape, what runs it: the loop itself, or (several processes) its executable
+# compiled by every process before any of them starts (`distributed.compile_together`).
+_EXECUTABLES: dict = {}
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled(graphdefs_key, sampler_key, clip_skip, use_guidance, mesh):
     """The jitted loop for one model structure and sampler; cached so repeated calls do not retrace."""
@@ -148,7 +153,7 @@ def generate(
     batch_size = max(settings.batch_size, 1)
     devices = distributed.batch_size_of(mesh)
     batch_size += -batch_size % devices
-    results, compiled = [], {}
+    results = []
     bar = tqdm(total=len(all_prompts), unit="img", disable=not (progress and distributed.is_main_process()))
     start = time.perf_counter()
     for first in range(0, len(all_prompts), batch_size):
@@ -160,9 +165,10 @@ def generate(
         put = lambda x: distributed.put(distributed.pad_batch(np.asarray(x), devices), batch_sharding)
         args = (frozen, extra_rows, put(cond_ids[indices]), put(uncond_ids[indices]),
                 put(batch_latents.astype(np.float32)), distributed.put(np.float32(settings.guidance), whole))
-        if args[2].shape not in compiled:  # a full batch, and perhaps a smaller last one
-            compiled[args[2].shape] = distributed.compile_together(run, *args, name="sample")
-        images = compiled[args[2].shape](*args)
+        key = (run, args[2].shape)  # a full batch, and perhaps a smaller last one
+        if key not in _EXECUTABLES:
+            _EXECUTABLES[key] = distributed.compile_together(run, *args, name="sample")
+        images = _EXECUTABLES[key](*args)
         images = distributed.to_host(images)[: len(indices)]
         results.append(images)
         if on_batch is not None:
