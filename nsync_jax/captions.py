@@ -7,12 +7,12 @@ Captions are written as `<stem>.txt`, each atomically; existing ones are kept un
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from nsync_jax import files
 from nsync_jax.data.style_dataset import IMAGE_SUFFIXES, images_by_stem
 from nsync_jax.errors import UserError
 
@@ -81,9 +81,7 @@ def caption_folder(images: Path, output: Path, model: Path, *, prompt: str = "",
                 raise UserError(f"{model}: produced an empty caption for {Path(images) / stem} "
                                 "(try another --prompt or captioner)")
             path = output / f"{stem}.txt"
-            temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            temporary.write_text(caption + "\n", encoding="utf-8")
-            os.replace(temporary, path)
+            files.write_text(path, caption + "\n")
         bar.update(len(stems))
     bar.close()
     return {"written": len(todo), "kept": len(pictures) - len(todo)}

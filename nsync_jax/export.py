@@ -10,27 +10,15 @@ Files are written under a temporary name and renamed, so a crash never leaves ha
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from nsync_jax.errors import UserError
+from nsync_jax.files import atomic_write, write_json
 
 FORMATS = ("diffusers", "a1111")
-
-
-def _atomic_write(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def write_embeddings(path: Path, token: str, rows: np.ndarray, *, fmt: str = "diffusers",
@@ -40,7 +28,7 @@ def write_embeddings(path: Path, token: str, rows: np.ndarray, *, fmt: str = "di
     if fmt == "diffusers":
         from safetensors.numpy import save_file
 
-        _atomic_write(path, lambda tmp: save_file({token: rows}, str(tmp)))
+        atomic_write(path, lambda tmp: save_file({token: rows}, str(tmp)))
     elif fmt == "a1111":
         try:
             import torch
@@ -50,9 +38,9 @@ def write_embeddings(path: Path, token: str, rows: np.ndarray, *, fmt: str = "di
         payload = {"string_to_token": {"*": 265}, "string_to_param": {"*": torch.from_numpy(rows)},
                    "name": token, "step": (metadata or {}).get("step", 0),
                    "sd_checkpoint": None, "sd_checkpoint_name": None}
-        _atomic_write(path, lambda tmp: torch.save(payload, str(tmp)))
+        atomic_write(path, lambda tmp: torch.save(payload, str(tmp)))
     else:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if metadata is not None:
         sidecar = Path(path).with_suffix(".json")
-        _atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(metadata, indent=2, sort_keys=True)))
+        write_json(sidecar, metadata, sort_keys=True)

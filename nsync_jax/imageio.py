@@ -1,11 +1,12 @@
 """Image files: PNGs written atomically (temporary name, then rename), so a kill never leaves half a file."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from nsync_jax.files import atomic_write
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -17,9 +18,4 @@ def write_png(path: Path, image: np.ndarray) -> None:
     """Writes an `(height, width, 3)` image in [0, 1] (or uint8) to `path` atomically."""
     path = Path(path)
     pixels = image if image.dtype == np.uint8 else to_uint8(image)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        Image.fromarray(pixels).save(temporary, format="PNG")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from PIL import Image
 
 from nsync_jax import distributed, imageio
 from nsync_jax.errors import UserError
+from nsync_jax.files import write_json
 from nsync_jax.pipeline import StableDiffusion
 from nsync_jax.sampling import SampleSettings, generate
 
@@ -127,12 +127,6 @@ def _read_manifest(path: Path) -> dict:
         raise UserError(f"{path}: unreadable manifest ({e}); move it away to redraw the whole set") from None
 
 
-def _write_json_atomically(path: Path, data: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(temporary, path)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # The set.
 # ------------------------------------------------------------------------------------------------------------
@@ -166,7 +160,7 @@ def generate_set(pipe: StableDiffusion, prompts: dict[str, str], output: Path, *
     main = distributed.is_main_process()
     if main:
         output.mkdir(parents=True, exist_ok=True)
-        _write_json_atomically(output / MANIFEST, {**manifest, "files": files})
+        write_json(output / MANIFEST, {**manifest, "files": files}, sort_keys=True)
 
     factor = pipe.vae_scale_factor
     latent_shape = (resolution // factor, resolution // factor, pipe.unet.config.in_channels)
@@ -178,7 +172,7 @@ def generate_set(pipe: StableDiffusion, prompts: dict[str, str], output: Path, *
                 pixels = np.asarray(Image.fromarray(pixels).resize((save_size, save_size), Image.BICUBIC))
             imageio.write_png(output / item.filename(images_per_caption), pixels)
             files[item.filename(images_per_caption)] = item.prompt
-        _write_json_atomically(output / MANIFEST, {**manifest, "files": files})
+        write_json(output / MANIFEST, {**manifest, "files": files}, sort_keys=True)
 
     if todo:
         generate(pipe, [item.prompt for item in todo], negative_prompt=negative_prompt, seed=seed,

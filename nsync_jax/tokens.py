@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from nsync_jax import weights
 from nsync_jax.errors import UserError
+from nsync_jax.files import write_text
 
 
 def load_tokenizer(folder: Path):
@@ -85,9 +85,7 @@ def write_clip_tokenizer(folder: Path, merges: list[tuple[str, str]], model_max_
                                              "tokenizer_class": "CLIPTokenizer", "do_lower_case": True, **special}),
     }
     for name, text in files.items():
-        temporary = folder / f".{name}.tmp"
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, folder / name)
+        write_text(folder / name, text)
     return folder
 
 

@@ -26,7 +26,9 @@ from nsync_jax.errors import UserError
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model",)
 TRANSFORMERS_WEIGHTS = ("model", "pytorch_model")
 
-_FLAX_TO_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+# `mean`/`var` are `nnx.BatchNorm`'s running statistics (`BatchStat`s), torch's `running_mean`/`running_var`.
+_FLAX_TO_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "mean": "running_mean",
+                       "var": "running_var"}
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -98,7 +100,7 @@ def read_state_dict(path: Path) -> dict[str, np.ndarray]:
         except TypeError:
             # numpy has no bfloat16 of its own: safetensors.numpy refuses such files.
             return _read_bf16_safetensors(path)
-    if path.suffix in (".bin", ".pt", ".ckpt"):
+    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
         return _read_torch_file(path)
     raise UserError(f"{path}: unknown weight file type (expected .safetensors or .bin)")
 

@@ -34,7 +34,7 @@ from nsync_jax import distributed, export, tokens
 from nsync_jax.data.style_dataset import StyleDataset, load_style_dataset
 from nsync_jax.errors import UserError
 from nsync_jax.optim import VARIANTS, orthogonal_projection
-from nsync_jax.pipeline import StableDiffusion, encode_text, load_pipeline
+from nsync_jax.pipeline import StableDiffusion, load_pipeline
 from nsync_jax.schedulers import NoiseSchedule, add_noise, training_target
 from nsync_jax.models.vae import sample_posterior
 
