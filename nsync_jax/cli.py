@@ -244,6 +244,66 @@ def _run_demo(args) -> None:
     print(f"wrote {args.output / 'report.md'} and {args.output / 'grid.png'}; best held-out style accuracy: "
           f"{best} {scores[best]['style']:.2f} (content {scores[best]['content']:.2f})")
 
+def _add_evaluate_parser(subparsers) -> None:
+    from nsync_jax.evaluate import METRICS, PROTOCOLS
+
+    p = subparsers.add_parser("evaluate", help="FID, KID, CMMD, CSD and CLIP score of generated against real images",
+                              epilog="Convert the networks into --weights with `nsync-jax convert-weights`.")
+    p.add_argument("--real", type=Path, required=True, help="folder of real (reference style) images")
+    p.add_argument("--generated", type=Path, required=True, help="folder of generated images")
+    p.add_argument("--captions", type=Path, default=None, help="<stem>.txt per generated image (clip metric)")
+    p.add_argument("--metrics", default="fid,kid,cmmd,csd", help=f"comma-separated, from {','.join(METRICS)}")
+    p.add_argument("--weights", type=Path, required=True, help="folder of converted metric networks")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="standard",
+                   help="standard tools' choices, or the NSYNC paper's scripts'")
+    p.add_argument("--output", type=Path, required=True, help="JSON file to write")
+    p.add_argument("--batch-size", type=_positive_int, default=50)
+    p.add_argument("--seed", type=int, default=0, help="KID subsets and the FID bootstrap")
+    p.add_argument("--kid-subset-size", type=_positive_int, default=1000)
+    p.add_argument("--kid-subsets", type=_positive_int, default=100)
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args) -> None:
+    from nsync_jax import evaluate
+    from nsync_jax.files import write_json
+
+    settings = evaluate.Evaluation(protocol=args.protocol, metrics=tuple(m for m in args.metrics.split(",") if m),
+                                   weights=args.weights, batch_size=args.batch_size, seed=args.seed,
+                                   kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets)
+    result = evaluate.evaluate(settings, args.real, args.generated, args.captions)
+    write_json(args.output, result)
+    print(evaluate.table(result))
+    print(f"wrote {args.output}")
+
+
+CONVERSIONS = ("inception-fid", "inception-torchvision", "openai-clip", "csd")
+
+
+def _add_convert_parser(subparsers) -> None:
+    p = subparsers.add_parser("convert-weights", help="convert a metric network's PyTorch weights for `evaluate`",
+                              epilog="inception-fid: pytorch-fid's pt_inception-2015-12-05-6726825d.pth; "
+                                     "inception-torchvision: torchvision's inception_v3_google-0cc3c7bd.pth; "
+                                     "openai-clip: OpenAI's ViT-L-14(-336px).pt; csd: the CSD checkpoint. "
+                                     "These need the torch extra.")
+    p.add_argument("kind", choices=CONVERSIONS)
+    p.add_argument("source", type=Path, help="the PyTorch file")
+    p.add_argument("destination", type=Path, help="a .safetensors file (Inception) or a folder (CLIP, CSD)")
+    p.set_defaults(run=_run_convert)
+
+
+def _run_convert(args) -> None:
+    if args.kind.startswith("inception-"):
+        from nsync_jax.models.inception import convert_inception
+
+        convert_inception(args.source, args.destination, args.kind.removeprefix("inception-"))
+    else:
+        from nsync_jax.models import clip_vision
+
+        convert = clip_vision.convert_openai_clip if args.kind == "openai-clip" else clip_vision.convert_csd
+        convert(args.source, args.destination)
+    print(f"wrote {args.destination}")
+
 
 def _add_toyworld_parser(subparsers) -> None:
     p = subparsers.add_parser("toyworld", help="pretrain the bundled toy-world model or its judge")
@@ -256,7 +316,7 @@ def _add_toyworld_parser(subparsers) -> None:
                                    epilog="Sampler settings come from the demo config: --config.sample.steps=...")
     evaluate.add_argument("--model", type=Path, default=None, help="default: the bundled model")
     evaluate.add_argument("--count", type=_positive_int, default=200, help="captions to draw")
-    evaluate.set_defaults(run=_run_evaluate)
+    evaluate.set_defaults(run=_run_toyworld_evaluate)
     judge = commands.add_parser("judge", help="train the style/shape/colour classifier on ground-truth renders")
     judge.add_argument("--output", type=Path, required=True)
     judge.add_argument("--seed", type=int, default=0)
@@ -271,7 +331,7 @@ def _run_pretrain(args) -> None:
     print(f"wrote {args.output}")
 
 
-def _run_evaluate(args) -> None:
+def _run_toyworld_evaluate(args) -> None:
     import json
 
     from nsync_jax.toyworld import demo
@@ -296,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_caption_parser(subparsers)
     _add_train_parser(subparsers)
     _add_export_parser(subparsers)
+    _add_evaluate_parser(subparsers)
+    _add_convert_parser(subparsers)
     _add_demo_parser(subparsers)
     _add_toyworld_parser(subparsers)
     return parser

@@ -129,10 +129,13 @@ def test_negative_set_on_8_devices_is_the_same_files(mesh_runs, sd2_dir, tmp_pat
                            settings=SampleSettings(steps=3, guidance=4.0, batch_size=2))
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted(p.name for p in (mesh_runs / "negatives").iterdir()) and len(names) == 7
+    # The same noise and prompts on 1 and 8 devices; the float images agree to ~1e-5 (see the test above), so
+    # a pixel can only land on the other side of a rounding boundary: at most one grey level, very rarely.
     for name in names:
         if name.endswith(".png"):
-            np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / name)),
-                                          np.asarray(Image.open(mesh_runs / "negatives" / name)), err_msg=name)
+            one = np.asarray(Image.open(tmp_path / name), np.int16)
+            eight = np.asarray(Image.open(mesh_runs / "negatives" / name), np.int16)
+            assert np.abs(one - eight).max() <= 1 and np.mean(one != eight) < 0.01, name
 
 
 # About 2 minutes on 2 cores (two launches of two processes, each compiling): run with `-m slow`.

@@ -1,16 +1,20 @@
-"""transformers' `CLIPTextModel` (the Stable Diffusion text encoder) in Flax NNX.
+"""transformers' `CLIPTextModel` (the Stable Diffusion text encoder) in Flax NNX, and the transformer encoder
+that CLIP's text and image towers share.
 
 The attribute tree is transformers', so `encoder.layers.3.mlp.fc1` loads into `encoder.layers[3].mlp.fc1`.
 Checkpoints saved before transformers 5 (every released SD folder) prefix their keys with `text_model.`;
 both spellings load. SD 1.x uses OpenAI's ViT-L/14 text tower (quick GELU); SD 2.x uses OpenCLIP-H's
 (exact GELU) and conditions on the penultimate layer, which is `clip_skip=1` here, as in diffusers' pipeline.
+
+`CLIPEncoder` (pre-LN layers of attention and MLP) is the one encoder of both towers: causal here, not causal
+in `nsync_jax.models.clip_vision`. It reads only the fields the two configs share (`EncoderConfig`).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -29,39 +33,40 @@ ACTIVATIONS = {
 }
 
 _int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-_positive_int = lambda v: _int(v) and v > 0
+positive_int = lambda v: _int(v) and v > 0
 _number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
 _optional_int = lambda v: v is None or _int(v)
 _optional_bool = lambda v: v is None or isinstance(v, bool)
 _optional_str = lambda v: v is None or isinstance(v, str)
 _anything = lambda v: True
 
-# Every key transformers writes for a CLIPTextConfig (5.x writes all of them; 4.x wrote `torch_dtype` and
-# `dropout` too), plus the generic PreTrainedConfig keys that appear when set. Accepted without effect:
+# The keys of a text or vision CLIP config that shape the shared encoder, and the generic PreTrainedConfig keys
+# transformers writes (5.x writes few; 4.x wrote them all, and they fill the sub-configs of every released
+# CLIPModel folder). Accepted without effect:
 # * `dropout` (read by no CLIP layer), `attention_dropout`: training-time regularisers. This encoder is
 #   deterministic, as transformers' in eval mode; nsync-jax never trains it (only new token rows).
-# * `projection_dim`: used by CLIPTextModelWithProjection only (rejected through `architectures`).
-# * `bos_token_id`, `pad_token_id`: the tokenizer's business; `eos_token_id` selects the pooled state.
-# * initialisation scales, dtype and version stamps, transformers' output switches, classification-head labels.
-_SUPPORTED = {
-    "vocab_size": _positive_int,
-    "hidden_size": _positive_int,
-    "intermediate_size": _positive_int,
-    "num_hidden_layers": _positive_int,
-    "num_attention_heads": _positive_int,
-    "max_position_embeddings": _positive_int,
+# * `projection_dim`: read by the models with a projection, not by the encoder.
+# * `bos_token_id`, `pad_token_id`, `eos_token_id`: the tokenizer's business (the text config gives
+#   `eos_token_id` a meaning of its own: it selects the pooled state).
+# * initialisation scales, dtype and version stamps, transformers' output switches, classification-head labels,
+#   and 4.x's generation settings (beam search, sampling, length limits), which no encoder reads.
+# Options that would change the computation are accepted only at their no-op value (`pruned_heads`,
+# `is_decoder`, `add_cross_attention`, ...).
+ENCODER_CONFIG_KEYS = {
+    "hidden_size": positive_int,
+    "intermediate_size": positive_int,
+    "num_hidden_layers": positive_int,
+    "num_attention_heads": positive_int,
     "hidden_act": lambda v: v in ACTIVATIONS,
     "layer_norm_eps": lambda v: _number(v) and v > 0,
-    "eos_token_id": _int,
-    "bos_token_id": _optional_int,
-    "pad_token_id": _optional_int,
     "projection_dim": _optional_int,
     "dropout": lambda v: _number(v) and v >= 0,
     "attention_dropout": lambda v: _number(v) and v >= 0,
     "initializer_range": _number,
     "initializer_factor": _number,
-    "architectures": lambda v: v is None or v == ["CLIPTextModel"],
-    "model_type": lambda v: v == "clip_text_model",
+    "bos_token_id": _optional_int,
+    "pad_token_id": _optional_int,
+    "eos_token_id": _optional_int,
     "dtype": _optional_str,
     "torch_dtype": _optional_str,
     "transformers_version": _optional_str,
@@ -72,10 +77,52 @@ _SUPPORTED = {
     "tie_word_embeddings": _optional_bool,
     "chunk_size_feed_forward": _int,  # no CLIP layer chunks its feed-forward
     "is_encoder_decoder": lambda v: v is False,
+    "is_decoder": lambda v: v is False,
+    "add_cross_attention": lambda v: v is False,
+    "cross_attention_hidden_size": lambda v: v is None,
+    "pruned_heads": lambda v: v == {},
+    "tie_encoder_decoder": _optional_bool,
+    "torchscript": _optional_bool,
+    "use_bfloat16": _optional_bool,
+    "tf_legacy_loss": _optional_bool,
     "id2label": _anything,
     "label2id": _anything,
     "problem_type": _anything,
+    "finetuning_task": _anything,
+    "tokenizer_class": _anything,
+    "prefix": _anything,
+    "task_specific_params": _anything,
+    **dict.fromkeys(
+        ("max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+         "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
+         "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
+         "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+         "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+         "decoder_start_token_id", "sep_token_id"),
+        _anything),
 }
+
+# Every key transformers writes for a CLIPTextConfig. `projection_dim` is used by CLIPTextModelWithProjection
+# only (rejected through `architectures`) and by CLIPModel, which reads its own top-level value.
+_SUPPORTED = {
+    **ENCODER_CONFIG_KEYS,
+    "vocab_size": positive_int,
+    "max_position_embeddings": positive_int,
+    "eos_token_id": _int,
+    "architectures": lambda v: v is None or v == ["CLIPTextModel"],
+    "model_type": lambda v: v == "clip_text_model",
+}
+
+
+class EncoderConfig(Protocol):
+    """The config fields `CLIPEncoder` reads; `CLIPTextConfig` and `CLIPVisionConfig` both have them."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    hidden_act: str
+    layer_norm_eps: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,29 +145,34 @@ class CLIPTextConfig:
         weights.check_config(config, _SUPPORTED, source)
         fields = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in config.items() if k in fields})
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise UserError(f"{source}: config num_attention_heads={cfg.num_attention_heads} does not divide "
-                            f"hidden_size={cfg.hidden_size}")
+        check_heads(cfg, source)
         return cfg
 
 
+def check_heads(cfg: EncoderConfig, source: Path | str) -> None:
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise UserError(f"{source}: config num_attention_heads={cfg.num_attention_heads} does not divide "
+                        f"hidden_size={cfg.hidden_size}")
+
+
 class CLIPAttention(nnx.Module):
-    def __init__(self, cfg: CLIPTextConfig, backend: str, opts: dict):
+    def __init__(self, cfg: EncoderConfig, *, causal: bool, backend: str, opts: dict):
         self.heads = cfg.num_attention_heads
+        self.causal = causal
         self.backend = backend
         dim = cfg.hidden_size
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nnx.Linear(dim, dim, **opts) for _ in range(4))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """Causal self-attention over `(batch, tokens, hidden)`; scale head_dim**-0.5 (in the attention core)."""
+        """Self-attention over `(batch, tokens, hidden)`; scale head_dim**-0.5 (in the attention core)."""
         split = lambda t: t.reshape(*t.shape[:2], self.heads, -1)
         out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
-                                    causal=True, backend=self.backend)
+                                    causal=self.causal, backend=self.backend)
         return self.out_proj(out.reshape(x.shape))
 
 
 class CLIPMLP(nnx.Module):
-    def __init__(self, cfg: CLIPTextConfig, opts: dict):
+    def __init__(self, cfg: EncoderConfig, opts: dict):
         self.activation = cfg.hidden_act
         self.fc1 = nnx.Linear(cfg.hidden_size, cfg.intermediate_size, **opts)
         self.fc2 = nnx.Linear(cfg.intermediate_size, cfg.hidden_size, **opts)
@@ -129,17 +181,17 @@ class CLIPMLP(nnx.Module):
         return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
 
 
-def _layer_norm(cfg: CLIPTextConfig, opts: dict) -> nnx.LayerNorm:
+def layer_norm(cfg: EncoderConfig, opts: dict) -> nnx.LayerNorm:
     # Flax computes the statistics in float32 whatever the compute dtype; the two-pass variance (torch's)
     # rather than E[x^2] - E[x]^2 keeps the large-magnitude channels of CLIP's residual stream exact.
     return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, use_fast_variance=False, **opts)
 
 
 class CLIPEncoderLayer(nnx.Module):
-    def __init__(self, cfg: CLIPTextConfig, backend: str, opts: dict):
-        self.layer_norm1 = _layer_norm(cfg, opts)
-        self.self_attn = CLIPAttention(cfg, backend, opts)
-        self.layer_norm2 = _layer_norm(cfg, opts)
+    def __init__(self, cfg: EncoderConfig, *, causal: bool, backend: str, opts: dict):
+        self.layer_norm1 = layer_norm(cfg, opts)
+        self.self_attn = CLIPAttention(cfg, causal=causal, backend=backend, opts=opts)
+        self.layer_norm2 = layer_norm(cfg, opts)
         self.mlp = CLIPMLP(cfg, opts)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -148,8 +200,17 @@ class CLIPEncoderLayer(nnx.Module):
 
 
 class CLIPEncoder(nnx.Module):
-    def __init__(self, cfg: CLIPTextConfig, backend: str, opts: dict):
-        self.layers = nnx.List([CLIPEncoderLayer(cfg, backend, opts) for _ in range(cfg.num_hidden_layers)])
+    """transformers' `CLIPEncoder`: pre-LN layers; `causal` masks later tokens (the text tower)."""
+
+    def __init__(self, cfg: EncoderConfig, *, causal: bool, backend: str, opts: dict):
+        self.layers = nnx.List([CLIPEncoderLayer(cfg, causal=causal, backend=backend, opts=opts)
+                                for _ in range(cfg.num_hidden_layers)])
+
+    def __call__(self, x: jax.Array, num_layers: int | None = None) -> jax.Array:
+        """`(batch, tokens, hidden)` through the first `num_layers` layers (default: all)."""
+        for layer in self.layers[:num_layers]:
+            x = layer(x)
+        return x
 
 
 class CLIPTextEmbeddings(nnx.Module):
@@ -166,8 +227,8 @@ class CLIPTextModel(nnx.Module):
         opts = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = config
         self.embeddings = CLIPTextEmbeddings(config, opts)
-        self.encoder = CLIPEncoder(config, attention_backend, opts)
-        self.final_layer_norm = _layer_norm(config, opts)
+        self.encoder = CLIPEncoder(config, causal=True, backend=attention_backend, opts=opts)
+        self.final_layer_norm = layer_norm(config, opts)
 
     def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                  clip_skip: int = 0) -> jax.Array:
@@ -193,9 +254,7 @@ class CLIPTextModel(nnx.Module):
         length = inputs_embeds.shape[1]
         if length > positions.shape[0]:
             raise ValueError(f"{length} tokens, but the text encoder has {positions.shape[0]} positions")
-        x = inputs_embeds + positions[:length]
-        for layer in self.encoder.layers[: num_layers - clip_skip]:
-            x = layer(x)
+        x = self.encoder(inputs_embeds + positions[:length], num_layers=num_layers - clip_skip)
         return self.final_layer_norm(x)
 
 

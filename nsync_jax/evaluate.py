@@ -1,0 +1,311 @@
+"""`nsync-jax evaluate`: FID, KID, CMMD, CSD and CLIP score between a folder of generated and of real images.
+
+Two protocols, because the NSYNC paper's scripts differ from the standard tools (../docs/metrics.md):
+
+| metric | `standard` | `nsync` (the NSYNC paper's scripts) |
+| --- | --- | --- |
+| FID, KID | FID Inception (pytorch-fid's TF port); clean-fid's input: PIL bicubic on float channels to 299, (x - 128) / 128; plain FID | torchvision's ImageNet Inception; gan-metrics' input: x / 255, bilinear to 299 (torch's, no antialias), 2x - 1; FID is the mean (std) of 10 bootstrap draws; the remainder after batches of 50 is dropped |
+| KID | 100 subsets of min(1000, N) | the same (gan-metrics crashes below 1000 images) |
+| CMMD | CLIP ViT-L/14@336 image embeddings, L2-normalised; square centre crop, PIL bicubic to 336; biased MMD^2 x 1000, sigma 10 | the same |
+| CSD | CSD style embeddings; torchvision's Resize(224, bicubic) + CenterCrop(224); mean cos to the mean real embedding | the same |
+| CLIP | CLIP ViT-L/14 image and caption embeddings, transformers' CLIPImageProcessor; 100 cos, mean clamped at 0 (torchmetrics) | the same |
+
+Images are decoded on the host with Pillow and converted to RGB (grayscale, palette, RGBA and CMYK files are
+converted and counted); resizing that must be bit-compatible with the reference tools stays in Pillow. A file
+that cannot be decoded is reported in the output and left out; nothing is dropped silently, and every metric
+records how many images it used. Networks run under jit with `highest` matmul precision: the TF32 or bf16
+default of GPUs and TPUs moves CMMD, a difference of kernel sums all within 2% of 1.
+
+`--weights DIR` holds the converted networks under the names in `WEIGHT_FILES`; `nsync-jax convert-weights`
+writes them from the files users have.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image, UnidentifiedImageError
+
+from nsync_jax import metrics
+from nsync_jax.data.style_dataset import IMAGE_SUFFIXES
+from nsync_jax.errors import UserError
+from nsync_jax.models.clip_vision import CLIP_MEAN, CLIP_STD
+
+PROTOCOLS = ("standard", "nsync")
+METRICS = ("fid", "kid", "cmmd", "csd", "clip")
+INCEPTION_SIZE = 299
+# gan-metrics-pytorch loads images in batches of 50 and drops the last, incomplete batch.
+NSYNC_BATCH = 50
+
+# What each network is called in --weights DIR, and how to make it.
+WEIGHT_FILES = {
+    "inception-fid": ("inception-fid.safetensors",
+                      "convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth with "
+                      "`nsync-jax convert-weights inception-fid FILE.pth DIR/inception-fid.safetensors`"),
+    "inception-torchvision": ("inception-torchvision.safetensors",
+                              "convert torchvision's inception_v3_google-0cc3c7bd.pth with `nsync-jax "
+                              "convert-weights inception-torchvision FILE.pth DIR/inception-torchvision.safetensors`"),
+    "clip-336": ("clip-vit-large-patch14-336",
+                 "copy the transformers folder openai/clip-vit-large-patch14-336 there, or convert OpenAI's "
+                 "ViT-L-14-336px.pt with `nsync-jax convert-weights openai-clip FILE.pt DIR/clip-vit-large-patch14-336`"),
+    "clip": ("clip-vit-large-patch14",
+             "copy the transformers folder openai/clip-vit-large-patch14 (with its tokenizer files) there"),
+    "csd": ("csd", "convert the CSD checkpoint (tomg-group-umd/CSD-ViT-L pytorch_model.bin) with "
+                   "`nsync-jax convert-weights csd FILE DIR/csd`"),
+}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Image folders
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ImageFolder:
+    """The decodable images of a folder, and what happened to the others."""
+
+    folder: Path
+    stems: list[str]
+    images: list[np.ndarray]  # (height, width, 3) uint8 RGB
+    converted: dict[str, int]  # original mode -> number of files converted to RGB
+    unreadable: list[dict[str, str]]  # {"file", "error"}
+
+    def report(self) -> dict:
+        return {"folder": str(self.folder), "images": len(self.images), "converted_to_rgb": self.converted,
+                "unreadable": self.unreadable}
+
+
+def read_image_folder(folder: Path) -> ImageFolder:
+    """Every image file (by suffix) in `folder`, sorted by name, decoded to RGB uint8."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: image folder not found")
+    result = ImageFolder(folder, [], [], {}, [])
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        try:
+            with Image.open(path) as image:
+                image.load()
+                if image.mode != "RGB":
+                    result.converted[image.mode] = result.converted.get(image.mode, 0) + 1
+                    image = image.convert("RGB")
+                result.images.append(np.asarray(image, np.uint8))
+                result.stems.append(path.stem)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            result.unreadable.append({"file": path.name, "error": f"{type(e).__name__}: {e}"})
+    if len(result.images) < 2:
+        raise UserError(f"{folder}: {len(result.images)} readable images; the metrics need at least 2")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Preprocessing (host, numpy/Pillow): each reference tool's resize, crop and scaling
+# ------------------------------------------------------------------------------------------------------------
+
+def clean_fid_input(image: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
+    """clean-fid's "clean" mode: PIL bicubic per channel on float32 ('F' images), clipped, then (x - 128) / 128."""
+    channels = [np.asarray(Image.fromarray(image[..., c].astype(np.float32)).resize(
+        (size, size), Image.Resampling.BICUBIC)) for c in range(3)]
+    return (np.clip(np.stack(channels, -1), 0, 255) - 128) / 128
+
+
+def gan_metrics_input(image: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
+    """gan-metrics' (and pytorch-fid's): x / 255, torch's bilinear (align_corners=False, no antialias), 2x - 1."""
+    resized = jax.image.resize(jnp.asarray(image, jnp.float32) / 255, (size, size, 3), "bilinear", antialias=False)
+    return np.asarray(resized) * 2 - 1
+
+
+def _clip_normalise(image: Image.Image) -> np.ndarray:
+    return (np.asarray(image, np.float32) / 255 - np.float32(CLIP_MEAN)) / np.float32(CLIP_STD)
+
+
+def cmmd_input(image: np.ndarray, size: int) -> np.ndarray:
+    """The CMMD pipeline's: centre crop to a square, PIL bicubic to `size` on uint8, /255, CLIP normalisation."""
+    height, width = image.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    square = Image.fromarray(image[top:top + side, left:left + side])
+    return _clip_normalise(square.resize((size, size), Image.Resampling.BICUBIC))
+
+
+def clip_input(image: np.ndarray, size: int, crop_rounding: str = "floor") -> np.ndarray:
+    """Shorter side to `size` (PIL bicubic), centre crop, /255, CLIP normalisation.
+
+    transformers' CLIPImageProcessor and torchvision's Resize + CenterCrop (CSD's pipeline) differ only in
+    the crop offset: floor((h - size) / 2) (`"floor"`) against round-half-even (`"round"`).
+    """
+    height, width = image.shape[:2]
+    short, long = min(height, width), max(height, width)
+    long = int(size * long / short)
+    new_h, new_w = (size, long) if height <= width else (long, size)
+    resized = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC)
+    offset = (lambda extra: extra // 2) if crop_rounding == "floor" else (lambda extra: int(round(extra / 2)))
+    top, left = offset(new_h - size), offset(new_w - size)
+    return _clip_normalise(resized.crop((left, top, left + size, top + size)))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Feature extraction: one jitted forward per network, fixed batch shape, frozen weights as an argument
+# ------------------------------------------------------------------------------------------------------------
+
+def batched_features(module: nnx.Module, forward: Callable, inputs: Iterator[np.ndarray], count: int,
+                     batch_size: int) -> np.ndarray:
+    """`forward(module, batch)` over `count` preprocessed inputs, in batches padded to one compiled shape."""
+    graphdef, state = nnx.split(module)
+
+    @jax.jit
+    def run(state, batch):
+        with jax.default_matmul_precision("highest"):
+            return forward(nnx.merge(graphdef, state), batch)
+
+    out = []
+    pending = []
+    for i, x in enumerate(inputs):
+        pending.append(x)
+        if len(pending) == batch_size or i == count - 1:
+            batch = np.stack(pending + [np.zeros_like(pending[0])] * (batch_size - len(pending)))
+            out.append(np.asarray(run(state, batch), np.float64)[:len(pending)])
+            pending = []
+    return np.concatenate(out)
+
+
+def _weight_path(weights_dir: Path, name: str) -> Path:
+    file_name, how = WEIGHT_FILES[name]
+    path = Path(weights_dir) / file_name
+    if not path.exists():
+        raise UserError(f"{path}: not found; {how}")
+    return path
+
+
+def _normalise_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@dataclasses.dataclass
+class Evaluation:
+    protocol: str
+    metrics: tuple[str, ...]
+    weights: Path
+    batch_size: int = 50
+    seed: int = 0
+    kid_subset_size: int = 1000
+    kid_subsets: int = 100
+
+
+def _inception_features(ev: Evaluation, folders: list[ImageFolder]) -> list[np.ndarray]:
+    from nsync_jax.models.inception import load_inception
+
+    variant = "fid" if ev.protocol == "standard" else "torchvision"
+    model = load_inception(_weight_path(ev.weights, f"inception-{variant}"), variant)
+    prepare = clean_fid_input if ev.protocol == "standard" else gan_metrics_input
+    result = []
+    for folder in folders:
+        images = folder.images
+        if ev.protocol == "nsync":
+            images = images[:len(images) // NSYNC_BATCH * NSYNC_BATCH] or images
+        result.append(batched_features(model, lambda m, x: m(x), (prepare(i) for i in images), len(images),
+                                       ev.batch_size))
+    return result
+
+
+def _clip_image_features(ev: Evaluation, folders: list[ImageFolder], name: str, prepare) -> list[np.ndarray]:
+    from nsync_jax.models.clip_vision import load_clip_vision
+
+    model = load_clip_vision(_weight_path(ev.weights, name))
+    size = model.config.image_size
+    return [_normalise_rows(batched_features(model, lambda m, x: m(x).image_embeds,
+                                             (prepare(i, size) for i in f.images), len(f.images), ev.batch_size))
+            for f in folders]
+
+
+def _csd_features(ev: Evaluation, folders: list[ImageFolder]) -> list[np.ndarray]:
+    from nsync_jax.models.clip_vision import load_csd
+
+    model = load_csd(_weight_path(ev.weights, "csd"))
+    size = model.config.image_size
+    return [batched_features(model, lambda m, x: m(x), (clip_input(i, size, "round") for i in f.images),
+                             len(f.images), ev.batch_size) for f in folders]
+
+
+def _clip_score(ev: Evaluation, generated: ImageFolder, captions_dir: Path | None) -> dict:
+    from nsync_jax.models.clip_vision import load_clip_model
+    from nsync_jax.negatives import read_captions
+    from nsync_jax.tokens import load_tokenizer
+
+    if captions_dir is None:
+        raise UserError("--captions: the clip metric needs a caption (<stem>.txt) for each generated image")
+    captions = read_captions(captions_dir)
+    missing = [s for s in generated.stems if s not in captions]
+    if missing:
+        raise UserError(f"{Path(captions_dir) / (missing[0] + '.txt')}: no caption for generated image "
+                        f"{missing[0]!r} ({len(missing)} missing)")
+    folder = _weight_path(ev.weights, "clip")
+    model = load_clip_model(folder)
+    tokenizer = load_tokenizer(folder)
+    size = model.config.vision.image_size
+    image = batched_features(model, lambda m, x: m.image_features(x),
+                             (clip_input(i, size) for i in generated.images), len(generated.images), ev.batch_size)
+    # Truncation keeps the end-of-text token in the last position (OpenAI's `clip.tokenize(truncate=True)`).
+    ids = tokenizer([captions[s] for s in generated.stems], padding="max_length", truncation=True,
+                    max_length=tokenizer.model_max_length, return_tensors="np").input_ids
+    text = batched_features(model, lambda m, x: m.text_features(x), iter(ids), len(ids), ev.batch_size)
+    score = metrics.clip_score(image, text)
+    return {"value": score.value, "std": score.std, "images": len(image),
+            "definition": "100 * cos(image, caption), mean clamped at 0 (torchmetrics CLIPScore)"}
+
+
+def evaluate(ev: Evaluation, real_dir: Path, generated_dir: Path, captions_dir: Path | None = None) -> dict:
+    """Every metric in `ev.metrics` between the two folders, as a JSON-ready dict."""
+    if ev.protocol not in PROTOCOLS:
+        raise UserError(f"--protocol {ev.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    unknown = [m for m in ev.metrics if m not in METRICS]
+    if unknown or not ev.metrics:
+        raise UserError(f"--metrics: unknown metric {unknown[0] if unknown else '(none)'!r}; "
+                        f"choose from {','.join(METRICS)}")
+    real, generated = read_image_folder(real_dir), read_image_folder(generated_dir)
+    results: dict[str, dict] = {}
+    if {"fid", "kid"} & set(ev.metrics):
+        real_f, gen_f = _inception_features(ev, [real, generated])
+        counts = {"images_real": len(real_f), "images_generated": len(gen_f)}
+        if "fid" in ev.metrics:
+            if ev.protocol == "nsync":
+                fid = metrics.bootstrap_frechet_distance(real_f, gen_f, seed=ev.seed)
+                results["fid"] = {"value": fid.value, "std": fid.std, "bootstrap_draws": fid.subset_size, **counts}
+            else:
+                results["fid"] = {"value": metrics.frechet_distance(real_f, gen_f), **counts}
+        if "kid" in ev.metrics:
+            kid = metrics.kernel_inception_distance(real_f, gen_f, ev.kid_subset_size, ev.kid_subsets, ev.seed)
+            results["kid"] = {"value": kid.value, "std": kid.std, "value_x1000": 1000 * kid.value,
+                              "subset_size": kid.subset_size, "subsets": ev.kid_subsets, **counts}
+    if "cmmd" in ev.metrics:
+        real_f, gen_f = _clip_image_features(ev, [real, generated], "clip-336", cmmd_input)
+        results["cmmd"] = {"value": metrics.cmmd(real_f, gen_f).value,
+                           "value_unbiased": metrics.cmmd(real_f, gen_f, biased=False).value,
+                           "images_real": len(real_f), "images_generated": len(gen_f)}
+    if "csd" in ev.metrics:
+        real_f, gen_f = _csd_features(ev, [real, generated])
+        csd = metrics.csd_score(gen_f, real_f)
+        results["csd"] = {"value": csd.value, "std": csd.std, "images_real": len(real_f),
+                          "images_generated": len(gen_f)}
+    if "clip" in ev.metrics:
+        results["clip"] = _clip_score(ev, generated, captions_dir)
+    return {"protocol": ev.protocol, "real": real.report(), "generated": generated.report(),
+            "settings": {"seed": ev.seed, "kid_subset_size": ev.kid_subset_size, "kid_subsets": ev.kid_subsets,
+                         "weights": str(ev.weights)},
+            "metrics": {m: results[m] for m in ev.metrics}}
+
+
+def table(result: dict) -> str:
+    """The scores as a small text table."""
+    rows = [f"{'metric':<6} {'value':>12} {'std':>10}  images (real / generated)"]
+    for name, m in result["metrics"].items():
+        std = f"{m['std']:.4g}" if m.get("std") is not None else "-"
+        images = f"{m.get('images_real', '-')} / {m.get('images_generated', m.get('images', '-'))}"
+        rows.append(f"{name:<6} {m['value']:>12.6g} {std:>10}  {images}")
+    for side in ("real", "generated"):
+        for bad in result[side]["unreadable"]:
+            rows.append(f"unreadable {side} image {bad['file']}: {bad['error']}")
+    return "\n".join(rows)
