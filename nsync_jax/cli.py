@@ -244,6 +244,30 @@ def _run_demo(args) -> None:
     print(f"wrote {args.output / 'report.md'} and {args.output / 'grid.png'}; best held-out style accuracy: "
           f"{best} {scores[best]['style']:.2f} (content {scores[best]['content']:.2f})")
 
+def _add_data_parser(subparsers) -> None:
+    p = subparsers.add_parser("data", help="prepare a style dataset as a tensorflow-datasets dataset")
+    commands = p.add_subparsers(dest="data_command", required=True)
+    prepare = commands.add_parser(
+        "prepare", help="validate a style dataset and write it as array_record (train with --config.data.prepared)",
+        epilog="SOURCE is NSYNC's layout (images/, captions/, negatives/) or an extracted CycleGAN folder "
+               "(trainA/, testA/, ...), whose captions and negatives have one subfolder per split.")
+    prepare.add_argument("source", type=Path)
+    prepare.add_argument("--captions", type=Path, default=None, help="default: SOURCE/captions if present")
+    prepare.add_argument("--negatives", type=Path, default=None, help="default: SOURCE/negatives if present")
+    prepare.add_argument("--output", type=Path, required=True, help="a new folder")
+    prepare.add_argument("--skip-bad-items", action="store_true",
+                         help="leave out items with a missing caption or negative or an unreadable image")
+    prepare.set_defaults(run=_run_data_prepare)
+
+
+def _run_data_prepare(args) -> None:
+    from nsync_jax.data import tfds_style
+
+    counts = tfds_style.prepare(args.output, args.source, captions=args.captions, negatives=args.negatives,
+                                skip_bad_items=args.skip_bad_items)
+    print(f"wrote {args.output}: " + ", ".join(f"{split} {n} examples" for split, n in counts.items()))
+
+
 def _add_evaluate_parser(subparsers) -> None:
     from nsync_jax.evaluate import METRICS, PROTOCOLS
 
@@ -354,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample_parser(subparsers)
     _add_negatives_parser(subparsers)
     _add_caption_parser(subparsers)
+    _add_data_parser(subparsers)
     _add_train_parser(subparsers)
     _add_export_parser(subparsers)
     _add_evaluate_parser(subparsers)

@@ -13,6 +13,7 @@ from PIL import Image
 from nsync_jax import tokens
 from nsync_jax.cli import main
 from nsync_jax.config import load_config
+from nsync_jax.data.style_dataset import load_style_dataset
 from nsync_jax.errors import UserError
 from nsync_jax.pipeline import encode_text, load_pipeline
 from nsync_jax.train import trainer
@@ -58,7 +59,7 @@ def test_fused_gradients_equal_separate_gradients(sd1_dir, style_dir):
     config = tiny_config(sd1_dir, style_dir)
     pipe = load_pipeline(sd1_dir)
     tokens.add_placeholder_tokens(pipe.tokenizer, config.placeholder_token, config.num_vectors)
-    dataset = trainer.load_style_dataset(style_dir / "images", captions=style_dir / "captions",
+    dataset = load_style_dataset(style_dir / "images", captions=style_dir / "captions",
                                          negatives=style_dir / "negatives", resolution=32)
     data = trainer.prepare_data(pipe, dataset, config.placeholder_token)
     batch = {k: jnp.asarray(v) for k, v in trainer.step_batch(data, "nsync", 2, seed=0, step=0).items()}

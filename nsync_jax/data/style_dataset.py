@@ -12,6 +12,7 @@ or by a centre crop, and returned as float32 NHWC in [-1, 1].
 from __future__ import annotations
 
 import dataclasses
+import io
 import warnings
 from pathlib import Path
 
@@ -42,9 +43,20 @@ def images_by_stem(folder: Path, what: str) -> dict[str, Path]:
     return found
 
 
-def load_image(path: Path, resolution: int, resize: str) -> np.ndarray:
-    """An RGB image as float32 `(resolution, resolution, 3)` in [-1, 1] (bicubic, as the released code)."""
-    with Image.open(path) as image:
+@dataclasses.dataclass(frozen=True)
+class StyleItem:
+    """One validated training example: the encoded image files (as stored), and the caption."""
+
+    stem: str
+    image: bytes
+    caption: str
+    negative: bytes | None
+
+
+def decode_image(data: bytes, resolution: int, resize: str) -> np.ndarray:
+    """Encoded image bytes as float32 RGB `(resolution, resolution, 3)` in [-1, 1] (bicubic, as the released
+    code), squashed or centre-cropped to a square."""
+    with Image.open(io.BytesIO(data)) as image:
         image = image.convert("RGB")
         if resize == "center_crop":
             side = min(image.size)
@@ -54,23 +66,25 @@ def load_image(path: Path, resolution: int, resize: str) -> np.ndarray:
         return np.asarray(image, np.float32) / 127.5 - 1.0
 
 
-def _try_load(path: Path, resolution: int, resize: str, problems: list[str]) -> np.ndarray | None:
+def _read_valid_image(path: Path, problems: list[str]) -> bytes | None:
+    """The file's bytes if they decode as an image; otherwise the problem is recorded."""
     try:
-        return load_image(path, resolution, resize)
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+        return data
     except (OSError, UnidentifiedImageError, ValueError) as e:
         problems.append(f"unreadable image {path} ({type(e).__name__})")
         return None
 
 
-def load_style_dataset(images: Path, *, captions: Path | None, negatives: Path | None, resolution: int,
-                       resize: str = "squash", skip_bad_items: bool = False) -> StyleDataset:
-    """Validates and loads a style dataset; see the module docstring for the layout.
+def find_style_items(images: Path, *, captions: Path | None, negatives: Path | None,
+                     skip_bad_items: bool = False) -> list[StyleItem]:
+    """Validates a style dataset in NSYNC's layout and reads its files; see the module docstring.
 
     Raises `UserError` listing every missing caption, missing negative and unreadable image, unless
     `skip_bad_items`, which drops those items with a warning instead.
     """
-    if resize not in RESIZE_MODES:
-        raise UserError(f"data.resize must be one of {RESIZE_MODES}, got {resize!r}")
     images, captions = Path(images), captions and Path(captions)
     positives = images_by_stem(images, "images")
     negative_files = images_by_stem(Path(negatives), "negatives") if negatives else {}
@@ -93,14 +107,14 @@ def load_style_dataset(images: Path, *, captions: Path | None, negatives: Path |
         negative = None
         if negatives:
             if stem in negative_files:
-                negative = _try_load(negative_files[stem], resolution, resize, item_problems)
+                negative = _read_valid_image(negative_files[stem], item_problems)
             else:
                 item_problems.append(f"missing negative {Path(negatives) / (stem + '.png')}")
-        positive = _try_load(path, resolution, resize, item_problems)
+        positive = _read_valid_image(path, item_problems)
         if item_problems:
             problems[stem] = item_problems
         else:
-            kept.append((stem, positive, negative, caption))
+            kept.append(StyleItem(stem, positive, caption, negative))
 
     if problems:
         listing = "; ".join(p for item in problems.values() for p in item)
@@ -109,6 +123,26 @@ def load_style_dataset(images: Path, *, captions: Path | None, negatives: Path |
         warnings.warn(f"skipping {len(problems)} bad item(s): {listing}", stacklevel=2)
     if not kept:
         raise UserError(f"{images}: no usable items left")
-    stems, pos, neg, caps = zip(*kept)
-    return StyleDataset(stems=stems, positives=np.stack(pos), negatives=np.stack(neg) if negatives else None,
-                        captions=caps)
+    return kept
+
+
+def build_style_dataset(items: list[StyleItem], resolution: int, resize: str = "squash") -> StyleDataset:
+    """Decodes and resizes validated items (from folders or a prepared tfds dataset) into arrays."""
+    if resize not in RESIZE_MODES:
+        raise UserError(f"data.resize must be one of {RESIZE_MODES}, got {resize!r}")
+    with_negatives = items[0].negative is not None
+    return StyleDataset(
+        stems=tuple(item.stem for item in items),
+        positives=np.stack([decode_image(item.image, resolution, resize) for item in items]),
+        negatives=np.stack([decode_image(item.negative, resolution, resize) for item in items])
+        if with_negatives else None,
+        captions=tuple(item.caption for item in items))
+
+
+def load_style_dataset(images: Path, *, captions: Path | None, negatives: Path | None, resolution: int,
+                       resize: str = "squash", skip_bad_items: bool = False) -> StyleDataset:
+    """`find_style_items`, then `build_style_dataset`."""
+    if resize not in RESIZE_MODES:
+        raise UserError(f"data.resize must be one of {RESIZE_MODES}, got {resize!r}")
+    items = find_style_items(images, captions=captions, negatives=negatives, skip_bad_items=skip_bad_items)
+    return build_style_dataset(items, resolution, resize)

@@ -31,7 +31,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from nsync_jax import distributed, export, tokens
-from nsync_jax.data.style_dataset import StyleDataset, load_style_dataset
+from nsync_jax.data import tfds_style
+from nsync_jax.data.style_dataset import StyleDataset, build_style_dataset, find_style_items
 from nsync_jax.errors import UserError
 from nsync_jax.optim import VARIANTS, orthogonal_projection
 from nsync_jax.pipeline import StableDiffusion, load_pipeline
@@ -63,6 +64,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.data.images = ""
     config.data.captions = ""  # empty: Textual Inversion style templates instead of captions
     config.data.negatives = ""
+    # Or a dataset written by `nsync-jax data prepare` (tfds, array_record) and its split: replaces the three.
+    config.data.prepared = ""
+    config.data.split = "train"
     config.data.resolution = 512
     config.data.resize = "squash"  # as the released code; or "center_crop"
     config.data.skip_bad_items = False
@@ -115,7 +119,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"config nsync.variant={config.nsync.variant!r} must be one of {', '.join(VARIANTS)}")
     if config.train.get("nonfinite", "stop") not in ("stop", "skip"):
         raise UserError(f"config train.nonfinite={config.train.nonfinite!r} must be 'stop' or 'skip'")
-    if config.method == "nsync" and not config.data.negatives:
+    if config.method == "nsync" and not (config.data.negatives or config.data.get("prepared")):
         raise UserError("config data.negatives is required for method nsync")
     for key in ("num_vectors", "train.steps", "train.batch_size", "checkpoint.every_steps", "data.resolution"):
         value = config
@@ -352,6 +356,19 @@ def export_metadata(config, step: int) -> dict[str, Any]:
             "method": config.method, "variant": config.nsync.variant if config.method == "nsync" else None}
 
 
+def load_training_data(config: ml_collections.ConfigDict) -> StyleDataset:
+    """The validated style dataset: from folders (`data.images`, ...) or a prepared tfds dataset."""
+    data = config.data
+    if data.get("prepared"):
+        items = tfds_style.read(data.prepared, data.get("split", "train"))
+        if config.method == "nsync" and items[0].negative is None:
+            raise UserError(f"{data.prepared}: the prepared dataset has no negatives, which method nsync needs")
+    else:
+        items = find_style_items(data.images, captions=data.captions or None, negatives=data.negatives or None,
+                                 skip_bad_items=data.get("skip_bad_items", False))
+    return build_style_dataset(items, data.resolution, data.get("resize", "squash"))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The training loop.
 # ------------------------------------------------------------------------------------------------------------
@@ -360,10 +377,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
     """Trains the token rows; resumes from `workdir/checkpoints` if present. Returns the final rows."""
     check_config(config)
     workdir = Path(workdir)
-    dataset = load_style_dataset(config.data.images, captions=config.data.captions or None,
-                                 negatives=config.data.negatives or None, resolution=config.data.resolution,
-                                 resize=config.data.get("resize", "squash"),
-                                 skip_bad_items=config.data.get("skip_bad_items", False))
+    dataset = load_training_data(config)
     dtype = jnp.dtype(config.train.get("dtype", "float32"))
     pipe = load_pipeline(config.model, dtype=dtype)
     table = np.asarray(pipe.text_encoder.embeddings.token_embedding.embedding[...], np.float32)
