@@ -3,6 +3,8 @@
   * nsync-jax fused NSYNC step: positive, negative and anchor groups in one pass (B triples);
   * nsync-jax NSYNC as three separate gradient passes (the same update, computed the slow way);
   * nsync-jax Textual Inversion step at 3x the batch (the same number of images through the UNet);
+  * nsync-jax DreamArtist step on B images (the negative and the positive word's prompts: 2B through the UNet;
+    the extension's 3 + 6 vectors, no reconstruction), and Textual Inversion at 2x the batch to compare with;
   * PyTorch, the released NSYNC algorithm on diffusers modules: three forward/backward passes with
     accumulating gradients, the VAE re-encoding every image every step, AdamW on the whole embedding table.
 
@@ -62,7 +64,6 @@ def main() -> None:
 
     from conftest import build_tiny_pipeline, write_tiny_tokenizer
     from nsync_jax import tokens
-    from nsync_jax.optim import refine_gradients
     from nsync_jax.pipeline import load_pipeline
     from nsync_jax.schedulers import NoiseSchedule
     from nsync_jax.train import trainer
@@ -100,9 +101,17 @@ def main() -> None:
         tx_nsync = trainer.make_optimizer(config)
         config.method = "textual_inversion"
         tx_ti = trainer.make_optimizer(config)
+        # DreamArtist: the same frozen weights, a tokenizer of its own with `<style>` (3) and `<style>-neg` (6).
+        da_config = trainer.default_config()
+        da_config.method, da_config.placeholder_token, da_config.num_vectors = "dreamartist", token, 3
+        da_pipe = load_pipeline(folder)
+        da_initial = trainer.starting_rows(da_config, table, da_pipe.tokenizer)
+        trainer.add_learned_words(da_pipe.tokenizer, da_config)
+        da_data = trainer.prepare_data(da_pipe, dataset, token, negative_word=trainer.learned_words(da_config)[1][1])
 
-        def runner(method, tx, batch_size):
-            step = jax.jit(trainer.make_train_step(spec, tx, method, False), donate_argnums=(0, 1))
+        def runner(method, tx, batch_size, data=data, initial=initial, dreamartist=None):
+            step = jax.jit(trainer.make_train_step(spec, tx, method, False, dreamartist=dreamartist),
+                           donate_argnums=(0, 1))
             state = {"rows": jnp.asarray(initial), "opt": tx.init(jnp.asarray(initial)), "i": 0}
             batches = [trainer.step_batch(data, method, batch_size, 0, i) for i in range(4)]
 
@@ -131,13 +140,19 @@ def main() -> None:
                 state["i"] += 1
             return run
 
-        rows_out.append(("nsync-jax NSYNC fused", batch, median_rate(runner("nsync", tx_nsync, batch),
-                                                                      args.steps, args.repeats)))
-        rows_out.append(("nsync-jax NSYNC three passes", batch, median_rate(separate_runner(), args.steps,
-                                                                             args.repeats)))
+        # (row, images through the UNet per step, steps/s)
+        rows_out.append(("nsync-jax NSYNC fused", 3 * batch, median_rate(runner("nsync", tx_nsync, batch),
+                                                                          args.steps, args.repeats)))
+        rows_out.append(("nsync-jax NSYNC three passes", 3 * batch, median_rate(separate_runner(), args.steps,
+                                                                                 args.repeats)))
         rows_out.append(("nsync-jax Textual Inversion, 3x batch", 3 * batch,
                          median_rate(runner("textual_inversion", tx_ti, 3 * batch), args.steps, args.repeats)))
-        del pipe, frozen
+        rows_out.append(("nsync-jax DreamArtist (3 + 6 vectors)", 2 * batch, median_rate(
+            runner("dreamartist", trainer.make_optimizer(da_config), batch, da_data, da_initial,
+                   trainer.DreamArtistSpec.from_config(da_config)), args.steps, args.repeats)))
+        rows_out.append(("nsync-jax Textual Inversion, 2x batch", 2 * batch,
+                         median_rate(runner("textual_inversion", tx_ti, 2 * batch), args.steps, args.repeats)))
+        pipe = da_pipe = frozen = None  # frees the JAX models before the PyTorch run
 
         # --- PyTorch: the released NSYNC algorithm on diffusers modules ---------------------------------------
         from diffusers import StableDiffusionPipeline
@@ -178,7 +193,7 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad()
 
-        rows_out.append(("PyTorch released NSYNC (diffusers modules)", batch,
+        rows_out.append(("PyTorch released NSYNC (diffusers modules)", 3 * batch,
                          median_rate(torch_step, args.steps, args.repeats)))
 
     rates = {name: rate for name, _, rate in rows_out}
@@ -187,14 +202,15 @@ def main() -> None:
         f"\n## {datetime.date.today()} training steps, `bench_train.py {' '.join(sys.argv[1:]) or '(defaults)'}`\n",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, JAX backend "
         f"{jax.default_backend()}; torch {torch.__version__} on CPU, float32. Preset {args.preset}, "
-        f"{args.resolution}x{args.resolution}, {args.batch} triples per NSYNC step. Medians of {args.repeats} "
-        f"runs of {args.steps} steps after a warm-up step.\n",
-        "| step | images per step | steps/s | fused NSYNC steps/s over this row |",
+        f"{args.resolution}x{args.resolution}, {args.batch} triples per NSYNC step, {args.batch} images per "
+        f"DreamArtist step. Medians of {args.repeats} runs of {args.steps} steps after a warm-up step.\n",
+        "| step | UNet images per step | steps/s | fused NSYNC steps/s over this row |",
         "|---|---|---|---|",
     ]
-    for name, images_per_group, rate in rows_out:
-        per_step = images_per_group * (3 if "NSYNC" in name else 1)
-        lines.append(f"| {name} | {per_step} | {rate:.3f} | {fused / rate:.2f}x |")
+    for name, unet_images, rate in rows_out:
+        lines.append(f"| {name} | {unet_images} | {rate:.3f} | {fused / rate:.2f}x |")
+    dreamartist_ratio = rates["nsync-jax DreamArtist (3 + 6 vectors)"] / rates["nsync-jax Textual Inversion, 2x batch"]
+    lines.append(f"\nDreamArtist steps/s over Textual Inversion steps/s at the same UNet batch: {dreamartist_ratio:.2f}x")
     report = "\n".join(lines) + "\n"
     print(report)
     if not args.no_write:

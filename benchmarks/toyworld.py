@@ -1,7 +1,7 @@
-"""Style-learning benchmark on the bundled toy world: Textual Inversion against each NSYNC variant.
+"""Style-learning benchmark on the bundled toy world: Textual Inversion against each NSYNC variant and DreamArtist.
 
 Every run of `nsync_jax.toyworld.demo` learns one held-out style from the same images with every method, with
-equal steps and images per step; this repeats it over held-out styles and seeds and tabulates the judge's
+equal steps and images per step (DreamArtist's samples use its negative word as the negative prompt); this repeats it over held-out styles and seeds and tabulates the judge's
 style accuracy (the world's stand-in for CSD), content accuracy (prompt fidelity), FID and KID (judge
 features) as mean +- std over the runs.
 

@@ -176,7 +176,7 @@ def _run_caption(args) -> None:
 
 def _add_train_parser(subparsers) -> None:
     p = subparsers.add_parser("train", parents=[_process_flags()],
-                              help="learn a style token (NSYNC or Textual Inversion)",
+                              help="learn a style token (NSYNC, Textual Inversion or DreamArtist)",
                               epilog="Override any config value with --config.KEY=VALUE, e.g. --config.train.steps=100")
     p.add_argument("--config", type=Path, required=True, help="experiment file with get_config()")
     p.add_argument("--workdir", type=Path, required=True, help="checkpoints, metrics and outputs; rerun to resume")
@@ -186,18 +186,22 @@ def _add_train_parser(subparsers) -> None:
 def _run_train(args) -> None:
     from nsync_jax.config import load_config
     from nsync_jax.distributed import is_main_process
-    from nsync_jax.train.trainer import train
+    from nsync_jax.export import sibling_path
+    from nsync_jax.train.trainer import learned_words, train
 
     config = load_config(args.config, args.config_overrides)
     train(config, args.workdir)
     if is_main_process():
-        print(f"wrote {args.workdir / 'learned_embeds.safetensors'}")
+        first = args.workdir / "learned_embeds.safetensors"
+        print("wrote " + ", ".join(str(sibling_path(first, suffix)) for suffix, _, _ in learned_words(config)))
 
 
 def _add_export_parser(subparsers) -> None:
     from nsync_jax.export import FORMATS
 
-    p = subparsers.add_parser("export", help="write a checkpoint's learned embeddings for diffusers or A1111")
+    p = subparsers.add_parser("export", help="write a checkpoint's learned embeddings for diffusers or A1111",
+                              epilog="DreamArtist runs also write the negative word next to --output, as "
+                                     "NAME-neg.EXT (token <token>-neg).")
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
     p.add_argument("--output", type=Path, required=True)
@@ -208,14 +212,13 @@ def _add_export_parser(subparsers) -> None:
 def _run_export(args) -> None:
     import ml_collections
 
-    from nsync_jax.export import write_embeddings
-    from nsync_jax.train.trainer import export_metadata, read_checkpoint_rows
+    from nsync_jax.train.trainer import export_words, learned_words, read_checkpoint_rows
 
     rows, meta = read_checkpoint_rows(args.workdir, args.step)
     config = ml_collections.ConfigDict(meta["config"])
-    write_embeddings(args.output, config.placeholder_token, rows, fmt=args.format,
-                     metadata=export_metadata(config, meta["step"]))
-    print(f"wrote {args.output} ({config.placeholder_token}, {rows.shape[0]} vectors, step {meta['step']})")
+    paths = export_words(args.output, config, rows, meta["step"], fmt=args.format)
+    written = [f"{path} ({token}, {count} vectors)" for path, (_, token, count) in zip(paths, learned_words(config))]
+    print(f"wrote {', '.join(written)}, step {meta['step']}")
 
 
 def _config_with_overrides(default_config, overrides):
@@ -229,7 +232,8 @@ def _config_with_overrides(default_config, overrides):
 
 def _add_demo_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "demo", help="the bundled end-to-end job: learn a held-out toy-world style with TI and NSYNC, and judge it",
+        "demo", help="the bundled end-to-end job: learn a held-out toy-world style with TI, NSYNC and "
+                     "DreamArtist, and judge it",
         epilog="Override any setting with --config.KEY=VALUE, e.g. --config.style=zigzag --config.train.steps=200")
     p.add_argument("--output", type=Path, required=True, help="folder for every artefact (report.md, grid.png, ...)")
     p.set_defaults(run=_run_demo)

@@ -6,6 +6,10 @@
   records where it came from. Needs no torch.
 * `a1111`: A1111's `.pt` layout (`string_to_param`), written with torch (the `torch` extra).
 
+One file holds one word: diffusers' `load_textual_inversion` refuses a file with several keys. A run that
+learns several words (DreamArtist's `<tok>` and `<tok>-neg`) writes one file per word, named by
+`sibling_path` (`name.pt`, `name-neg.pt`: A1111 takes the file name as the word).
+
 Files are written under a temporary name and renamed, so a crash never leaves half a file.
 """
 from __future__ import annotations
@@ -19,6 +23,12 @@ from nsync_jax.errors import UserError
 from nsync_jax.files import atomic_write, write_json
 
 FORMATS = ("diffusers", "a1111")
+
+
+def sibling_path(path: Path, suffix: str) -> Path:
+    """`dir/name.ext` -> `dir/name<suffix>.ext`: where a run's other words go next to its first."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}{suffix}{path.suffix}")
 
 
 def write_embeddings(path: Path, token: str, rows: np.ndarray, *, fmt: str = "diffusers",

@@ -1,4 +1,5 @@
-"""NSYNC's gradient refinement as an optax transformation that any optax training loop can use.
+"""The contrastive methods' optimizer pieces as optax transformations that any optax training loop can use:
+NSYNC's gradient refinement, and DreamArtist's per-word clipping, per-word learning rates and EMA reset.
 
 With proj(a, b) = (<a, b> / (<b, b> + eps)) b, the positive gradient g_p is refined with the gradient of
 the caption-matched synthetic negative g_n (and of a random other positive, the anchor g_a):
@@ -22,6 +23,13 @@ Put it first in a chain, and pass the other gradients as extra arguments to `upd
 `granularity="global"` projects the whole pytree as one flat vector (the paper's single token);
 `"leaf"` projects each leaf on its own (LoRA-style pytrees). Dot products accumulate in float32, so
 bfloat16 gradients are fine, and a zero gradient gives zero, never NaN (the eps guards the division).
+
+DreamArtist trains two words stored as consecutive row blocks of one matrix `(rows, width)` (the positive
+word's rows, then the negative's): `clip_row_blocks` and `scale_row_blocks` treat each block as the separate
+torch parameter it is in the released code, and `ema_reset` keeps its embedding EMA::
+
+    tx = optax.chain(clip_row_blocks((3, 6), 1.0), optax.adamw(3e-3, weight_decay=1e-2),
+                     scale_row_blocks((3, 6), (1.0, 0.5)), ema_reset(0.97, every=25))
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 VARIANTS = ("orthogonal", "orthogonal_anchor", "released", "mean")
@@ -112,3 +121,68 @@ def orthogonal_projection(variant: str = "orthogonal_anchor", granularity: str =
         return refined, state
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# DreamArtist: transformations over blocks of rows (one block per learned word).
+# ------------------------------------------------------------------------------------------------------------
+
+def _split_rows(x: jax.Array, block_sizes: tuple[int, ...]) -> list[jax.Array]:
+    if x.shape[0] != sum(block_sizes):
+        raise ValueError(f"an array of {x.shape[0]} rows does not split into blocks of {block_sizes} rows")
+    return jnp.split(x, np.cumsum(block_sizes)[:-1], axis=0)
+
+
+def clip_row_blocks(block_sizes: tuple[int, ...], max_norm: float) -> optax.GradientTransformation:
+    """Clips each block of rows to norm `max_norm` on its own, as torch's `clip_grad_norm_` called once per
+    parameter: g * min(1, max_norm / (||g|| + 1e-6)). Updates are arrays `(sum(block_sizes), width)`."""
+    block_sizes = tuple(block_sizes)
+
+    def clip(x):
+        blocks = []
+        for block in _split_rows(x, block_sizes):
+            norm = jnp.sqrt(jnp.sum(jnp.square(block.astype(jnp.float32))))
+            blocks.append(block * jnp.minimum(1.0, max_norm / (norm + 1e-6)).astype(block.dtype))
+        return jnp.concatenate(blocks)
+
+    return optax.stateless(lambda updates, params=None: jax.tree.map(clip, updates))
+
+
+def scale_row_blocks(block_sizes: tuple[int, ...], scales: tuple[float, ...]) -> optax.GradientTransformation:
+    """Multiplies the updates of block i by `scales[i]`. After `optax.adamw` this is a per-block learning rate,
+    weight decay included, as torch's AdamW parameter groups with their own `lr`."""
+    if len(scales) != len(block_sizes):
+        raise ValueError(f"{len(scales)} scales for {len(block_sizes)} blocks")
+    per_row = np.repeat(np.asarray(scales, np.float32), block_sizes)[:, None]
+    return optax.stateless(lambda updates, params=None: jax.tree.map(lambda u: u * per_row.astype(u.dtype), updates))
+
+
+class EmaResetState(NamedTuple):
+    count: jax.Array  # int32 updates taken
+    ema: optax.Params  # exponential moving average of the parameters after each update
+
+
+def ema_reset(decay: float, every: int) -> optax.GradientTransformation:
+    """Keeps an EMA of the parameters, ema <- decay ema + (1 - decay) params after each update (starting from
+    the initial parameters), and every `every` updates sets the parameters to it (DreamArtist's `ema_w`,
+    `ema_rep_step`). Put it last in a chain: it reads the parameters the other updates lead to."""
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"decay must be in (0, 1], got {decay}")
+    if every < 1:
+        raise ValueError(f"every must be at least 1, got {every}")
+
+    def init(params):
+        return EmaResetState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.array, params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("ema_reset needs params")
+        stepped = optax.apply_updates(params, updates)
+        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema, stepped)
+        count = state.count + 1
+        reset = count % every == 0
+        # On a reset step the update moves the parameters onto the EMA instead (exact up to rounding).
+        updates = jax.tree.map(lambda u, e, p: jnp.where(reset, (e - p).astype(u.dtype), u), updates, ema, params)
+        return updates, EmaResetState(count, ema)
+
+    return optax.GradientTransformation(init, update)

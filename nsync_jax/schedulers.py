@@ -160,6 +160,18 @@ def training_target(schedule: NoiseSchedule, latents: jax.Array, noise: jax.Arra
     return latents
 
 
+def predicted_original(schedule: NoiseSchedule, noisy: jax.Array, prediction: jax.Array,
+                       timesteps: jax.Array) -> jax.Array:
+    """The x_0 a model output implies for `noisy = add_noise(..., timesteps)` (the x_0 estimate of DDIM), for
+    `timesteps` of shape `(batch,)`; differentiable in `prediction` (training losses on the estimate)."""
+    abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[timesteps]
+    alpha, sigma = _per_example(jnp.sqrt(abar), noisy), _per_example(jnp.sqrt(1 - abar), noisy)
+    if schedule.prediction_type == "epsilon":
+        return (noisy - sigma * prediction) / alpha
+    if schedule.prediction_type == "v_prediction":  # v = alpha noise - sigma x_0
+        return alpha * noisy - sigma * prediction
+    return prediction
+
 
 def min_snr_weights(schedule: NoiseSchedule, timesteps: jax.Array, gamma: float) -> jax.Array:
     """Per-example loss weights of Min-SNR-gamma (arXiv 2303.09556), as diffusers' `--snr_gamma` computes them.

@@ -140,6 +140,12 @@ class Encoder(nnx.Module):
         return self.conv_out(nnx.silu(self.conv_norm_out(self.mid_block(x))))
 
 
+def _rematerialised(block: nnx.Module, x: jax.Array) -> jax.Array:
+    """`block(x)`, its activations recomputed in the backward pass (weights passed in: they may be traced)."""
+    graphdef, state = nnx.split(block)
+    return jax.checkpoint(lambda state, x: nnx.merge(graphdef, state)(x))(state, x)
+
+
 class Decoder(nnx.Module):
     def __init__(self, opts: Options, cfg: VAEConfig):
         channels, groups = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
@@ -153,10 +159,13 @@ class Decoder(nnx.Module):
         self.conv_norm_out = opts.group_norm(channels[-1], groups, 1e-6)
         self.conv_out = opts.conv(channels[-1], cfg.out_channels)
 
-    def __call__(self, z: jax.Array) -> jax.Array:
-        x = self.mid_block(self.conv_in(z))
+    def __call__(self, z: jax.Array, *, remat: bool = False) -> jax.Array:
+        # remat: the backward pass keeps only each block's input and recomputes the rest, so a loss through the
+        # decoder at 512 px holds one block's activations at a time instead of all of them.
+        run = _rematerialised if remat else (lambda block, x: block(x))
+        x = run(self.mid_block, self.conv_in(z))
         for block in self.up_blocks:
-            x = block(x)
+            x = run(block, x)
         return self.conv_out(nnx.silu(self.conv_norm_out(x)))
 
 
@@ -180,11 +189,13 @@ class AutoencoderKL(nnx.Module):
         mean, logvar = jnp.split(moments, 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
-    def decode(self, latents: jax.Array) -> jax.Array:
-        """Unscaled latents `(batch, h, w, 4)` -> images `(batch, 8h, 8w, 3)`, nominally in [-1, 1]."""
+    def decode(self, latents: jax.Array, *, remat: bool = False) -> jax.Array:
+        """Unscaled latents `(batch, h, w, 4)` -> images `(batch, 8h, 8w, 3)`, nominally in [-1, 1].
+
+        `remat=True` recomputes each decoder block in the backward pass (for losses through the decoder)."""
         if self.post_quant_conv is not None:
             latents = self.post_quant_conv(latents)
-        return self.decoder(latents)
+        return self.decoder(latents, remat=remat)
 
 
 def sample_posterior(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Array:

@@ -4,7 +4,8 @@ Stages (each with its own progress bar), every artefact in one output folder:
   data/        the style's images (a style the model never saw), their captions, and the negatives the base
                model draws for the same captions "in the style of drawing" (its generic style)
   runs/<m>/    one training run per method (checkpoints, metrics.jsonl, learned_embeds.safetensors)
-  embeddings/  the learned tokens, in diffusers' format (load with `load_textual_inversion`)
+  embeddings/  the learned tokens, in diffusers' format (load with `load_textual_inversion`); DreamArtist's
+               negative word as `dreamartist-neg.safetensors`, used as the negative prompt of its samples
   samples/<row>/  the test captions drawn by the base model and with each learned token
   grid.png, report.md, report.json   rows real / base / methods, judged by the bundled classifier
 """
@@ -30,7 +31,8 @@ from nsync_jax.train import trainer
 BUNDLED_JUDGE = Path(__file__).parent / "assets" / "judge"
 # Each run: (trainer method, NSYNC variant). "nsync" is the paper's rule; the others are for comparisons.
 RUNS = {"textual_inversion": ("textual_inversion", None), "nsync": ("nsync", "orthogonal_anchor"),
-        "nsync_orthogonal": ("nsync", "orthogonal"), "nsync_released": ("nsync", "released")}
+        "nsync_orthogonal": ("nsync", "orthogonal"), "nsync_released": ("nsync", "released"),
+        "dreamartist": ("dreamartist", None)}
 
 
 def token(run: str) -> str:
@@ -45,7 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.train_images = 20
     c.test_images = 32
-    c.methods = ("textual_inversion", "nsync")
+    c.methods = ("textual_inversion", "nsync", "dreamartist")
     c.sample = ml_collections.ConfigDict(dict(scheduler="ddim", steps=25, guidance=5.0))
     c.train = ml_collections.ConfigDict(dict(steps=400, batch_size=4, learning_rate=5e-3, num_vectors=1,
                                              initializer_token="drawing"))
@@ -79,11 +81,12 @@ def write_style_dataset(folder: Path, scenes: list[world.Scene], size: int) -> l
     return stems
 
 
-def draw(pipe, prompts: list[str], config, folder: Path, stems: list[str], progress: bool) -> np.ndarray:
+def draw(pipe, prompts: list[str], config, folder: Path, stems: list[str], progress: bool,
+         negative_prompt: str = "") -> np.ndarray:
     """Samples one image per prompt (seeded per index) and writes `<stem>.png`; returns uint8 images."""
     folder.mkdir(parents=True, exist_ok=True)
-    images = imageio.to_uint8(sampling.generate(pipe, prompts, seed=config.seed, settings=_settings(config),
-                                                progress=progress))
+    images = imageio.to_uint8(sampling.generate(pipe, prompts, negative_prompt=negative_prompt, seed=config.seed,
+                                                settings=_settings(config), progress=progress))
     for stem, image in zip(stems, images):
         imageio.write_png(folder / f"{stem}.png", image)
     return images
@@ -172,14 +175,20 @@ def run_demo(config: ml_collections.ConfigDict, output: Path, *, progress: bool 
     draw(pipe, [world.caption(s, world.GENERIC_STYLE) for s in scenes], config, data / "negatives", stems, progress)
 
     # --- one training run per method; the learned tokens exported in diffusers' format ---
+    negative_prompts = {}  # DreamArtist's negative word is its samples' negative prompt, as released
     for run in config.methods:
         workdir = output / "runs" / run
         shutil.rmtree(workdir, ignore_errors=True)  # a rerun trains from scratch rather than resuming a finished run
-        trainer.train(training_config(config, run, data), workdir, progress=progress)
+        run_config = training_config(config, run, data)
+        trainer.train(run_config, workdir, progress=progress)
         (output / "embeddings").mkdir(exist_ok=True)
-        for suffix in (".safetensors", ".json"):
-            shutil.copyfile(workdir / f"learned_embeds{suffix}", output / "embeddings" / f"{run}{suffix}")
-        pipe.add_embeddings(output / "embeddings" / f"{run}.safetensors")
+        for word_suffix, word, _ in trainer.learned_words(run_config):
+            for suffix in (".safetensors", ".json"):
+                shutil.copyfile(workdir / f"learned_embeds{word_suffix}{suffix}",
+                                output / "embeddings" / f"{run}{word_suffix}{suffix}")
+            pipe.add_embeddings(output / "embeddings" / f"{run}{word_suffix}.safetensors")
+            if word_suffix == trainer.NEGATIVE_SUFFIX:
+                negative_prompts[run] = word
 
     # --- test captions: real renders, the base model, each learned token ---
     test_scenes = world.sample_scenes(config.seed + 1, config.test_images, styles=(config.style,))
@@ -189,7 +198,7 @@ def run_demo(config: ml_collections.ConfigDict, output: Path, *, progress: bool 
                         output / "samples" / "base", test_stems, progress)
     for run in config.methods:
         rows[run] = draw(pipe, [world.caption(s, token(run)) for s in test_scenes], config,
-                         output / "samples" / run, test_stems, progress)
+                         output / "samples" / run, test_stems, progress, negative_prompts.get(run, ""))
 
     # --- judge, grid, report ---
     reference = world.render_batch(world.sample_scenes(config.seed + 2, config.test_images,

@@ -1,9 +1,10 @@
-"""Learning a style token: Textual Inversion and NSYNC on one trainer.
+"""Learning a style token: Textual Inversion, NSYNC and DreamArtist on one trainer.
 
 Read top to bottom: validate the config and the data, load the frozen model, cache the VAE posteriors,
 build the optimizer and the jitted step, restore a checkpoint if the workdir has one, loop, export.
 
-Only the new token rows `(num_vectors, width)` are trained. Every step is one pure function
+Only the new token rows `(num_vectors, width)` are trained (DreamArtist: the positive word's rows, then
+its negative word's, one matrix). Every step is one pure function
 `train_step(rows, opt_state, frozen, batch, key)` under `jax.jit`: the frozen model is an argument (never a
 captured constant), the rows and optimizer state are donated, and the step's randomness is
 `fold_in(key(seed), step)`. Which examples a step uses is a function of `(seed, step)` as well, so a run
@@ -12,10 +13,17 @@ resumed from a checkpoint continues exactly as the uninterrupted run would have.
 NSYNC's step runs its positive, negative and anchor groups through the text encoder and UNet as one batch.
 Each group reads its own copy of the token rows, so one backward pass returns the three gradients
 (g_p, g_n, g_a) at once; `optim.orthogonal_projection` then refines them inside the optax chain.
+
+DreamArtist's step runs the same pass with two groups on the same noisy latents: the prompts with the
+negative word `<token>-neg`, then the prompts with `<token>`. It fuses the two predictions as classifier-free
+guidance does, eps_n + gamma(t) (eps_p - eps_n), and takes the denoising loss (and optionally a pixel L1
+through the frozen VAE decoder) on the fused prediction, so one gradient reaches both words: the positive's
+through gamma, the negative's through (1 - gamma).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import signal
 import time
@@ -34,12 +42,16 @@ from nsync_jax import distributed, export, tokens
 from nsync_jax.data import tfds_style
 from nsync_jax.data.style_dataset import StyleDataset, build_style_dataset, find_style_items
 from nsync_jax.errors import UserError
-from nsync_jax.optim import VARIANTS, orthogonal_projection
+from nsync_jax.optim import VARIANTS, clip_row_blocks, ema_reset, orthogonal_projection, scale_row_blocks
 from nsync_jax.pipeline import StableDiffusion, load_pipeline
-from nsync_jax.schedulers import NoiseSchedule, add_noise, training_target
+from nsync_jax.schedulers import NoiseSchedule, add_noise, predicted_original, training_target
 from nsync_jax.models.vae import sample_posterior
 
-METHODS = ("textual_inversion", "nsync")
+METHODS = ("textual_inversion", "nsync", "dreamartist")
+# DreamArtist's gamma(t) = lo + (hi - lo) r(t / (T - 1)), as the released extension's dynamic CFG.
+GUIDANCE_SCHEDULES = ("constant", "ln", "cos", "cos2")
+# DreamArtist's negative word is `<token>-neg` in prompts and `<name>-neg.pt` on disk, as released.
+NEGATIVE_SUFFIX = "-neg"
 # Prompts for images without captions (Textual Inversion's style templates).
 STYLE_TEMPLATES = ("a painting in the style of {}", "a rendering in the style of {}", "a picture in the style of {}",
                    "a cropped painting in the style of {}", "a good painting in the style of {}",
@@ -53,11 +65,11 @@ STYLE_TEMPLATES = ("a painting in the style of {}", "a rendering in the style of
 def default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model = ""  # diffusers-format Stable Diffusion folder
-    config.method = "nsync"  # or "textual_inversion"
+    config.method = "nsync"  # or "textual_inversion", "dreamartist"
     config.placeholder_token = "<style>"
     config.initializer_token = "painting"
     config.initializer_embedding = ""  # or a diffusers/A1111 embedding file to start from (num_vectors rows)
-    config.num_vectors = 1
+    config.num_vectors = 1  # rows of the learned word (DreamArtist: of the positive word)
     config.clip_skip = 0
 
     config.data = ml_collections.ConfigDict()
@@ -87,6 +99,20 @@ def default_config() -> ml_collections.ConfigDict:
     config.nsync.variant = "orthogonal_anchor"  # the paper's rule; "released" reproduces the released code
     config.nsync.granularity = "global"
     config.nsync.share_noise = False  # positive and its negative draw the same latent noise and timestep
+
+    # DreamArtist (configs/dreamartist_*.py hold the released settings).
+    config.dreamartist = ml_collections.ConfigDict()
+    config.dreamartist.num_negative_vectors = 6  # rows of the negative word `<placeholder_token>-neg`
+    config.dreamartist.negative_init_std = 1e-3  # the negative rows start at the initializer plus N(0, std^2)
+    config.dreamartist.guidance = 3.0  # gamma of the fusion; with a schedule, gamma at t = T - 1
+    config.dreamartist.guidance_schedule = "constant"  # or "ln", "cos", "cos2": from guidance_min at t = 0
+    config.dreamartist.guidance_min = None  # gamma at t = 0: set with a schedule only
+    config.dreamartist.reconstruction = False  # add the pixel L1 of the fused x0 through the frozen decoder
+    config.dreamartist.reconstruction_weight = 1.0  # lambda_rec
+    config.dreamartist.grad_clip_norm = 1.0  # each word's gradient clipped to this norm on its own
+    config.dreamartist.neg_lr_weight = 1.0  # the negative word's learning rate is this times train.learning_rate
+    config.dreamartist.ema_weight = 1.0  # < 1: keep an EMA of the rows (this decay) ...
+    config.dreamartist.ema_rep_step = 25  # ... and copy it into the rows every this many steps
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 1000
@@ -127,6 +153,41 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             value = value[part]
         if not isinstance(value, int) or value < 1:
             raise UserError(f"config {key}={value!r} must be a positive integer")
+    if config.method == "dreamartist":
+        check_dreamartist_config(config)
+
+
+def check_dreamartist_config(config: ml_collections.ConfigDict) -> None:
+    if "dreamartist" not in config:
+        raise UserError("config key dreamartist is missing (start from trainer.default_config())")
+    da = config.dreamartist
+    for key in ("num_negative_vectors", "ema_rep_step"):
+        if not isinstance(da[key], int) or da[key] < 1:
+            raise UserError(f"config dreamartist.{key}={da[key]!r} must be a positive integer")
+    if da.guidance_schedule not in GUIDANCE_SCHEDULES:
+        raise UserError(f"config dreamartist.guidance_schedule={da.guidance_schedule!r} must be one of "
+                        f"{', '.join(GUIDANCE_SCHEDULES)}")
+    scheduled = da.guidance_schedule != "constant"
+    if scheduled != (da.guidance_min is not None):
+        raise UserError(f"config dreamartist.guidance_min={da.guidance_min!r}: set it (gamma at t = 0) exactly when "
+                        f"dreamartist.guidance_schedule is not 'constant' (it is {da.guidance_schedule!r})")
+    if not 0.0 < da.ema_weight <= 1.0:
+        raise UserError(f"config dreamartist.ema_weight={da.ema_weight!r} must be in (0, 1] (1: no EMA)")
+    if not da.grad_clip_norm > 0:
+        raise UserError(f"config dreamartist.grad_clip_norm={da.grad_clip_norm!r} must be positive")
+    for key in ("neg_lr_weight", "negative_init_std"):
+        if da[key] < 0:
+            raise UserError(f"config dreamartist.{key}={da[key]!r} must not be negative")
+    if da.reconstruction and not da.reconstruction_weight > 0:
+        raise UserError(f"config dreamartist.reconstruction_weight={da.reconstruction_weight!r} must be positive "
+                        "with dreamartist.reconstruction=True")
+    # The negative of DreamArtist is a learned word, not an image set; one embedding file holds one word.
+    if config.data.negatives:
+        raise UserError(f"config data.negatives={config.data.negatives!r} is not used by method dreamartist (its "
+                        "negative is the learned word <token>-neg): leave it empty")
+    if config.get("initializer_embedding"):
+        raise UserError("config initializer_embedding is not supported with method dreamartist (it starts both "
+                        "words from initializer_token)")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -145,13 +206,26 @@ class StepSpec:
     remat: bool = False
 
 
-def denoising_losses(spec: StepSpec, group_rows, frozen, ids, mean, logvar, group_keys):
-    """Per-group denoising losses `(groups,)`.
+def draw_latents(spec: StepSpec, key, mean, logvar):
+    """One group's training inputs from its key: a latent sample of each cached posterior `(batch, h, w, c)`
+    (scaled), its noise, and timesteps `(batch,)`."""
+    k_latent, k_noise, k_time = jax.random.split(key, 3)
+    latents = sample_posterior(mean, logvar, k_latent) * spec.scaling_factor
+    noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
+    t = jax.random.randint(k_time, (mean.shape[0],), 0, spec.schedule.num_train_timesteps)
+    return latents, noise, t
+
+
+def denoise(spec: StepSpec, group_rows, frozen, ids, mean, logvar, group_keys):
+    """One denoising pass over every group of a step: text encoder and UNet each run once on all groups.
 
     Args:
       group_rows: `(groups, num_vectors, width)`, one copy of the token rows per group.
       ids: `(groups, batch, tokens)`; mean, logvar: `(groups, batch, h, w, c)` cached VAE posteriors.
       group_keys: `(groups,)` keys; each group's latent sample, noise and timesteps come from its own key.
+    Returns:
+      The UNet's float32 predictions and their training targets `(groups, batch, h, w, c)`, the noisy latents
+      `(groups, batch, h, w, c)` and the timesteps `(groups, batch)`.
     """
     groups, batch = ids.shape[:2]
     text_encoder = nnx.merge(spec.graphdefs["text_encoder"], frozen["text_encoder"])
@@ -165,53 +239,138 @@ def denoising_losses(spec: StepSpec, group_rows, frozen, ids, mean, logvar, grou
     embeds = jax.vmap(lambda rows, group_ids: tokens.embed_tokens(table, rows, group_ids))(group_rows, ids)
     context = text_encoder(inputs_embeds=embeds.reshape(groups * batch, *embeds.shape[2:]), clip_skip=spec.clip_skip)
 
-    def draw(key, group_mean, group_logvar):
-        k_latent, k_noise, k_time = jax.random.split(key, 3)
-        latents = sample_posterior(group_mean, group_logvar, k_latent) * spec.scaling_factor
-        noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
-        t = jax.random.randint(k_time, (batch,), 0, spec.schedule.num_train_timesteps)
-        return latents, noise, t
-
-    latents, noise, t = jax.vmap(draw)(group_keys, mean, logvar)
+    latents, noise, t = jax.vmap(functools.partial(draw_latents, spec))(group_keys, mean, logvar)
     flat = lambda x: x.reshape(groups * batch, *x.shape[2:])
     latents, noise, t = flat(latents), flat(noise), flat(t)
     noisy = add_noise(spec.schedule.alphas_cumprod, latents, noise, t)
     prediction = run_unet(frozen["unet"], noisy.astype(spec.compute_dtype), t, context.astype(spec.compute_dtype))
     target = training_target(spec.schedule, latents, noise, t)
-    per_example = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=(1, 2, 3))
-    return per_example.reshape(groups, batch).mean(axis=1)
+    by_group = lambda x: x.reshape(groups, batch, *x.shape[1:])
+    return by_group(prediction.astype(jnp.float32)), by_group(target), by_group(noisy), by_group(t)
+
+
+def denoising_losses(spec: StepSpec, group_rows, frozen, ids, mean, logvar, group_keys):
+    """Per-group denoising losses `(groups,)` (arguments as `denoise`)."""
+    prediction, target, _, _ = denoise(spec, group_rows, frozen, ids, mean, logvar, group_keys)
+    return jnp.mean(jnp.square(prediction - target), axis=(2, 3, 4)).mean(axis=1)
 
 
 def group_keys(key, groups: int, share_noise: bool):
-    """Group 1 (the negative) reuses group 0's key when the positive and its negative share noise."""
+    """One key per group; group 1 reuses group 0's key when the two share their noise (NSYNC's positive and
+    its negative with `share_noise`; DreamArtist's two words always)."""
     ids = [0, 0 if share_noise else 1, 2][:groups] if groups > 1 else [0]
     return jnp.stack([jax.random.fold_in(key, i) for i in ids])
 
 
+def group_gradients(spec: StepSpec, groups: int, share_noise: bool, rows, frozen, batch, key):
+    """Textual Inversion (one group) and NSYNC (positive, negative, anchor): each group's gradient of its own
+    denoising loss, from one pass. Returns (the positive gradient, NSYNC's extra optimizer arguments, metrics)."""
+    def total_loss(group_rows):
+        losses = denoising_losses(spec, group_rows, frozen, batch["ids"], batch["mean"], batch["logvar"],
+                                  group_keys(key, groups, share_noise))
+        return losses.sum(), losses
+
+    group_rows = jnp.broadcast_to(rows, (groups, *rows.shape))
+    (_, losses), grads = jax.value_and_grad(total_loss, has_aux=True)(group_rows)
+    metrics = {"loss": losses[0], "grad_norm": optax.global_norm(grads[0])}
+    if groups == 1:
+        return grads[0], {}, metrics
+    metrics.update(loss_negative=losses[1], loss_anchor=losses[2], negative_grad_norm=optax.global_norm(grads[1]))
+    return grads[0], {"negative_grads": grads[1], "anchor_grads": grads[2]}, metrics
+
+
+# ------------------------------------------------------------------------------------------------------------
+# DreamArtist: the negative word's and the positive word's predictions fused as classifier-free guidance.
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DreamArtistSpec:
+    """What DreamArtist's step needs to know statically (from `config.dreamartist`)."""
+
+    num_positive_vectors: int  # the first rows are the positive word's, the rest the negative word's
+    guidance: float  # gamma, or gamma at t = T - 1 with a schedule
+    guidance_schedule: str = "constant"
+    guidance_min: float | None = None  # gamma at t = 0 with a schedule
+    reconstruction_weight: float = 0.0  # 0: no pixel reconstruction term
+
+    @classmethod
+    def from_config(cls, config) -> DreamArtistSpec:
+        da = config.dreamartist
+        return cls(num_positive_vectors=config.num_vectors, guidance=da.guidance,
+                   guidance_schedule=da.guidance_schedule, guidance_min=da.guidance_min,
+                   reconstruction_weight=da.reconstruction_weight if da.reconstruction else 0.0)
+
+
+def fusion_guidance(da: DreamArtistSpec, t: jax.Array, num_train_timesteps: int) -> jax.Array:
+    """gamma(t) `(batch,)` float32: constant, or guidance_min + (guidance - guidance_min) r(t / (T - 1)), rising
+    with the noise level."""
+    if da.guidance_schedule == "constant":
+        return jnp.full(t.shape, da.guidance, jnp.float32)
+    rho = t.astype(jnp.float32) / (num_train_timesteps - 1)
+    ramp = {"ln": lambda: rho, "cos": lambda: jnp.cos((rho - 1) * jnp.pi / 2),
+            "cos2": lambda: 1 - jnp.cos(rho * jnp.pi / 2)}[da.guidance_schedule]()
+    return da.guidance_min + (da.guidance - da.guidance_min) * ramp
+
+
+def dreamartist_losses(spec: StepSpec, da: DreamArtistSpec, rows, frozen, batch, key):
+    """DreamArtist's loss and its parts `{"loss_denoise", "loss_reconstruction"}` for one step.
+
+    Args:
+      rows: `(num_positive_vectors + num_negative_vectors, width)`, the positive word's rows, then the negative's.
+      batch: ids `(2, batch, tokens)`, the negative word's prompts then the positive word's (as released);
+        mean, logvar `(1, batch, h, w, c)`; with reconstruction, pixels `(1, batch, H, W, 3)` in [-1, 1].
+    """
+    # Both groups read the same posteriors with the same key: the two words see the same noisy latents and
+    # timesteps, and the UNet runs once on the batch of both.
+    both = lambda x: jnp.broadcast_to(x, (2, *x.shape[1:]))
+    prediction, target, noisy, t = denoise(spec, both(rows[None]), frozen, batch["ids"], both(batch["mean"]),
+                                           both(batch["logvar"]), group_keys(key, 2, share_noise=True))
+    negative, positive = prediction[0], prediction[1]
+    gamma = fusion_guidance(da, t[1], spec.schedule.num_train_timesteps)[:, None, None, None]
+    fused = negative + gamma * (positive - negative)
+    # In the model's own parameterisation (v for v-prediction models), as the other methods' loss: fusing v is
+    # fusing eps (the two are affine in each other at fixed x_t), and the v loss is the eps loss / abar_t.
+    parts = {"loss_denoise": jnp.mean(jnp.square(fused - target[1]))}
+    loss = parts["loss_denoise"]
+    if da.reconstruction_weight:
+        vae = nnx.merge(spec.graphdefs["vae"], frozen["vae"])
+        latents = predicted_original(spec.schedule, noisy[1], fused, t[1]) / spec.scaling_factor
+        images = vae.decode(latents.astype(spec.compute_dtype), remat=True).astype(jnp.float32)
+        parts["loss_reconstruction"] = jnp.mean(jnp.abs(images - batch["pixels"][0]))
+        loss = loss + da.reconstruction_weight * parts["loss_reconstruction"]
+    return loss, parts
+
+
+def dreamartist_gradients(spec: StepSpec, da: DreamArtistSpec, rows, frozen, batch, key):
+    """The gradient of DreamArtist's loss on both words' rows, no extra optimizer arguments, and metrics."""
+    (loss, parts), grads = jax.value_and_grad(dreamartist_losses, argnums=2, has_aux=True)(
+        spec, da, rows, frozen, batch, key)
+    positive, negative = grads[:da.num_positive_vectors], grads[da.num_positive_vectors:]
+    metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(positive),
+               "negative_grad_norm": optax.global_norm(negative)}
+    return grads, {}, metrics
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The step and its optimizer.
+# ------------------------------------------------------------------------------------------------------------
+
 def make_train_step(spec: StepSpec, tx: optax.GradientTransformationExtraArgs, method: str, share_noise: bool,
-                    skip_nonfinite: bool = False):
-    groups = 3 if method == "nsync" else 1
+                    skip_nonfinite: bool = False, dreamartist: DreamArtistSpec | None = None):
+    if method == "dreamartist":
+        gradients = functools.partial(dreamartist_gradients, spec, dreamartist)
+    else:
+        gradients = functools.partial(group_gradients, spec, 3 if method == "nsync" else 1, share_noise)
 
     def train_step(rows, opt_state, frozen, batch, key):
-        def total_loss(group_rows):
-            losses = denoising_losses(spec, group_rows, frozen, batch["ids"], batch["mean"], batch["logvar"],
-                                      group_keys(key, groups, share_noise))
-            return losses.sum(), losses
-
-        group_rows = jnp.broadcast_to(rows, (groups, *rows.shape))
-        (_, losses), grads = jax.value_and_grad(total_loss, has_aux=True)(group_rows)
-        extra = {"negative_grads": grads[1], "anchor_grads": grads[2]} if method == "nsync" else {}
-        updates, new_opt_state = tx.update(grads[0], opt_state, rows, **extra)
+        grads, extra, metrics = gradients(rows, frozen, batch, key)
+        updates, new_opt_state = tx.update(grads, opt_state, rows, **extra)
         new_rows = optax.apply_updates(rows, updates)
         if skip_nonfinite:  # a NaN/Inf anywhere leaves the rows and optimizer state as they were
-            finite = jnp.isfinite(losses).all() & jnp.isfinite(grads).all()
+            finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves((grads, extra, metrics))]))
             new_rows, new_opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                                    (new_rows, new_opt_state), (rows, opt_state))
-        metrics = {"loss": losses[0], "grad_norm": optax.global_norm(grads[0]),
-                   "update_norm": optax.global_norm(updates), "row_norm": optax.global_norm(new_rows)}
-        if method == "nsync":
-            metrics.update(loss_negative=losses[1], loss_anchor=losses[2],
-                           negative_grad_norm=optax.global_norm(grads[1]))
+        metrics.update(update_norm=optax.global_norm(updates), row_norm=optax.global_norm(new_rows))
         return new_rows, new_opt_state, metrics
 
     return train_step
@@ -223,6 +382,13 @@ def make_optimizer(config) -> optax.GradientTransformationExtraArgs:
     if config.method == "nsync":
         return optax.chain(orthogonal_projection(config.nsync.variant, config.nsync.get("granularity", "global")),
                            adamw)
+    if config.method == "dreamartist":
+        da, sizes = config.dreamartist, tuple(count for _, _, count in learned_words(config))
+        # Each word is its own torch parameter in the released code: clipped alone, with its own learning rate.
+        chain = [clip_row_blocks(sizes, da.grad_clip_norm), adamw, scale_row_blocks(sizes, (1.0, da.neg_lr_weight))]
+        if da.ema_weight < 1:
+            chain.append(ema_reset(da.ema_weight, da.ema_rep_step))
+        return optax.chain(*chain)
     return optax.with_extra_args_support(adamw)
 
 
@@ -230,12 +396,31 @@ def make_optimizer(config) -> optax.GradientTransformationExtraArgs:
 # Data: prompts, cached posteriors, and the examples of each step (a function of seed and step).
 # ------------------------------------------------------------------------------------------------------------
 
+def learned_words(config) -> list[tuple[str, str, int]]:
+    """(file suffix, token, rows) of each word a run learns, in the order of the trained row matrix: the
+    placeholder token, then for DreamArtist its negative word `<token>-neg` (file `<name>-neg.<ext>`)."""
+    words = [("", config.placeholder_token, config.num_vectors)]
+    if config.method == "dreamartist":
+        words.append((NEGATIVE_SUFFIX, config.placeholder_token + NEGATIVE_SUFFIX,
+                      config.dreamartist.num_negative_vectors))
+    return words
+
+
+def add_learned_words(tokenizer, config) -> None:
+    """Adds every learned word to the tokenizer, with consecutive ids from `len(tokenizer)`: row i of the
+    trained matrix is token id `len(table) + i`."""
+    for _, token, count in learned_words(config):
+        tokens.add_placeholder_tokens(tokenizer, token, count)
+
+
 @dataclasses.dataclass
 class PreparedData:
     ids: np.ndarray  # (N or templates, tokens) int32 prompt ids for each positive (captioned) or template
     positives: np.ndarray  # (N, 2, h, w, 2c) posterior moments of each image and its mirror image
     negatives: np.ndarray | None
     captioned: bool
+    negative_word_ids: np.ndarray | None = None  # DreamArtist: `ids` with the negative word for the token
+    images: np.ndarray | None = None  # (N, H, W, 3) in [-1, 1], for DreamArtist's pixel reconstruction
 
 
 def encode_posteriors(pipe: StableDiffusion, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
@@ -251,20 +436,29 @@ def encode_posteriors(pipe: StableDiffusion, images: np.ndarray, batch_size: int
     return moments.reshape(len(images), 2, *moments.shape[1:])
 
 
-def prepare_data(pipe: StableDiffusion, dataset: StyleDataset, token: str) -> PreparedData:
+def prepare_data(pipe: StableDiffusion, dataset: StyleDataset, token: str, *, negative_word: str | None = None,
+                 keep_images: bool = False) -> PreparedData:
+    """Prompt ids and cached posteriors. `negative_word`: also the same prompts with it in place of `token`
+    (DreamArtist's negative prompts); `keep_images`: keep the pixels (for a reconstruction loss)."""
     captioned = any(dataset.captions)
-    if captioned:
-        prompts = [f"{caption} in the style of {token}" for caption in dataset.captions]
-    else:
-        prompts = [template.format(token) for template in STYLE_TEMPLATES]
-    ids = tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(p, pipe.tokenizer) for p in prompts])
+
+    def prompt_ids(word):
+        if captioned:
+            prompts = [f"{caption} in the style of {word}" for caption in dataset.captions]
+        else:
+            prompts = [template.format(word) for template in STYLE_TEMPLATES]
+        return tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(p, pipe.tokenizer) for p in prompts])
+
     negatives = encode_posteriors(pipe, dataset.negatives) if dataset.negatives is not None else None
-    return PreparedData(ids=ids, positives=encode_posteriors(pipe, dataset.positives), negatives=negatives,
-                        captioned=captioned)
+    return PreparedData(ids=prompt_ids(token), positives=encode_posteriors(pipe, dataset.positives),
+                        negatives=negatives, captioned=captioned,
+                        negative_word_ids=prompt_ids(negative_word) if negative_word else None,
+                        images=dataset.positives if keep_images else None)
 
 
 def step_batch(data: PreparedData, method: str, batch_size: int, seed: int, step: int) -> dict[str, np.ndarray]:
-    """The examples of one step: positives (and their negatives and random other positives for NSYNC)."""
+    """The examples of one step: positives (and their negatives and random other positives for NSYNC; for
+    DreamArtist, their prompts with the negative word, then with the token)."""
     rng = np.random.default_rng([seed, step])
     count = len(data.positives)
     index = rng.integers(0, count, batch_size)
@@ -280,7 +474,14 @@ def step_batch(data: PreparedData, method: str, batch_size: int, seed: int, step
         template = rng.integers(0, len(data.ids), batch_size)
         ids = np.stack([data.ids[template]] * len(groups))
     mean, logvar = np.split(moments, 2, axis=-1)
-    return {"ids": ids, "mean": mean, "logvar": logvar}
+    batch = {"ids": ids, "mean": mean, "logvar": logvar}
+    if method == "dreamartist":
+        prompt = index if data.captioned else template
+        batch["ids"] = np.stack([data.negative_word_ids[prompt], data.ids[prompt]])  # negatives first, as released
+        if data.images is not None:
+            pixels = [data.images[i][:, ::-1] if flip else data.images[i] for i, flip in zip(index, flips[0])]
+            batch["pixels"] = np.stack(pixels)[None]
+    return batch
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -336,7 +537,14 @@ def read_checkpoint_rows(workdir: Path, step: int | None = None) -> tuple[np.nda
 
 def starting_rows(config, table: np.ndarray, tokenizer) -> np.ndarray:
     """The token rows before training: an embedding file's (to continue or fine-tune a learned token), or
-    copies of the initializer word's row."""
+    copies of the initializer word's row (DreamArtist: for both words, the negative's plus small noise)."""
+    if config.method == "dreamartist":
+        (_, _, positive), (_, _, negative) = learned_words(config)
+        rows = tokens.initial_rows(table, tokenizer, config.initializer_token, positive + negative)
+        noise = np.random.default_rng(config.train.seed).normal(0.0, config.dreamartist.negative_init_std,
+                                                                rows[positive:].shape)
+        rows[positive:] += noise.astype(np.float32)
+        return rows
     if not config.get("initializer_embedding"):
         return tokens.initial_rows(table, tokenizer, config.initializer_token, config.num_vectors)
     path = Path(config.initializer_embedding)
@@ -351,9 +559,26 @@ def starting_rows(config, table: np.ndarray, tokenizer) -> np.ndarray:
 
 
 def export_metadata(config, step: int) -> dict[str, Any]:
-    return {"base_model": str(config.model), "token": config.placeholder_token,
-            "num_vectors": config.num_vectors, "initializer_token": config.initializer_token, "step": step,
-            "method": config.method, "variant": config.nsync.variant if config.method == "nsync" else None}
+    metadata = {"base_model": str(config.model), "token": config.placeholder_token,
+                "num_vectors": config.num_vectors, "initializer_token": config.initializer_token, "step": step,
+                "method": config.method, "variant": config.nsync.variant if config.method == "nsync" else None}
+    if config.method == "dreamartist":  # the training gamma is the CFG scale to start sampling from
+        metadata.update(negative_token=config.placeholder_token + NEGATIVE_SUFFIX,
+                        guidance=config.dreamartist.guidance)
+    return metadata
+
+
+def export_words(path: Path, config, rows: np.ndarray, step: int, fmt: str = "diffusers") -> list[Path]:
+    """Writes each learned word of a run in its own file (see `learned_words`): the token at `path`,
+    DreamArtist's negative word at `<stem>-neg<suffix>` next to it. Returns the files written."""
+    written, first = [], 0
+    for suffix, token, count in learned_words(config):
+        target = export.sibling_path(Path(path), suffix)
+        metadata = dict(export_metadata(config, step), token=token, num_vectors=count)
+        export.write_embeddings(target, token, rows[first:first + count], fmt=fmt, metadata=metadata)
+        written.append(target)
+        first += count
+    return written
 
 
 def load_training_data(config: ml_collections.ConfigDict) -> StyleDataset:
@@ -385,8 +610,12 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
         raise UserError(f"{config.model}: tokenizer has {len(pipe.tokenizer)} tokens, the text encoder "
                         f"{len(table)} embedding rows")
     initial = starting_rows(config, table, pipe.tokenizer)
-    tokens.add_placeholder_tokens(pipe.tokenizer, config.placeholder_token, config.num_vectors)
-    data = prepare_data(pipe, dataset, config.placeholder_token)
+    add_learned_words(pipe.tokenizer, config)
+    dreamartist = DreamArtistSpec.from_config(config) if config.method == "dreamartist" else None
+    reconstruction = bool(dreamartist and dreamartist.reconstruction_weight)
+    data = prepare_data(pipe, dataset, config.placeholder_token,
+                        negative_word=learned_words(config)[1][1] if dreamartist else None,
+                        keep_images=reconstruction)
     workdir.mkdir(parents=True, exist_ok=True)  # only after the data and the model passed their checks
 
     # --- mesh, frozen state and the jitted step ---
@@ -398,7 +627,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
     whole = distributed.replicated(mesh)
     batch_sharding = distributed.batch_sharded(mesh, batch_axis=1)  # batch arrays are (groups, batch, ...)
     graphdefs, frozen = {}, {}
-    for name in ("text_encoder", "unet"):
+    for name in ("text_encoder", "unet") + (("vae",) if reconstruction else ()):
         graphdefs[name], frozen[name] = nnx.split(pipe.modules()[name])
     frozen_sharding = distributed.frozen_shardings(mesh, frozen, mesh_config.get("shard_frozen_weights", False))
     frozen = distributed.put_tree(frozen, frozen_sharding)
@@ -408,7 +637,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
         remat=config.train.get("remat", False))
     tx = make_optimizer(config)
     step_fn = jax.jit(make_train_step(spec, tx, config.method, config.nsync.get("share_noise", False),
-                                      skip_nonfinite=config.train.get("nonfinite", "stop") == "skip"),
+                                      skip_nonfinite=config.train.get("nonfinite", "stop") == "skip",
+                                      dreamartist=dreamartist),
                       in_shardings=(whole, whole, frozen_sharding, batch_sharding, whole), out_shardings=whole,
                       donate_argnums=(0, 1))
     rows = distributed.put(initial, whole)
@@ -473,6 +703,5 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
                         f"{workdir / 'checkpoints'}: run the same command again to resume")
     final_rows = distributed.to_host(rows).astype(np.float32)
     if main:
-        export.write_embeddings(workdir / "learned_embeds.safetensors", config.placeholder_token, final_rows,
-                                metadata=export_metadata(config, config.train.steps))
+        export_words(workdir / "learned_embeds.safetensors", config, final_rows, config.train.steps)
     return final_rows
