@@ -27,6 +27,7 @@ setup(
         "numpy>=2.0",
         "pillow",
         "tqdm",
+        "tensorboardX",
     ],
     extras_require={
         # torch (CPU build) reads `.bin`/`.pt` files and writes A1111 `.pt` embeddings.

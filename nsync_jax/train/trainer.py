@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import signal
 import time
 from pathlib import Path
@@ -44,6 +43,8 @@ from nsync_jax.data.style_dataset import StyleDataset, build_style_dataset, find
 from nsync_jax.errors import UserError
 from nsync_jax.optim import VARIANTS, clip_row_blocks, ema_reset, orthogonal_projection, scale_row_blocks
 from nsync_jax.pipeline import StableDiffusion, load_pipeline
+from nsync_jax.sampling import SampleSettings
+from nsync_jax.train import outputs
 from nsync_jax.schedulers import NoiseSchedule, add_noise, predicted_original, training_target
 from nsync_jax.models.vae import sample_posterior
 
@@ -93,7 +94,16 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.dtype = "float32"  # compute dtype of the frozen model; rows and Adam state stay float32
     config.train.remat = False  # recompute UNet activations in the backward pass: less memory at 768 px and up
     config.train.nonfinite = "stop"  # a NaN/Inf loss or gradient: "stop" the run, or "skip" that update
-    config.train.log_every_steps = 10
+    config.train.log_every_steps = 10  # metrics.jsonl and TensorBoard scalars (WORKDIR/tensorboard)
+    # A grid of the first `sample.count` training prompts drawn with the token as learned so far, every this
+    # many steps (0: never), as WORKDIR/samples/step_NNNNNN.png; the same noise every time.
+    config.train.sample_every_steps = 0
+    config.sample = ml_collections.ConfigDict()
+    config.sample.count = 4
+    config.sample.steps = 25
+    config.sample.scheduler = "ddim"
+    config.sample.guidance = 7.5
+    config.sample.seed = 0
 
     config.nsync = ml_collections.ConfigDict()
     config.nsync.variant = "orthogonal_anchor"  # the paper's rule; "released" reproduces the released code
@@ -272,10 +282,10 @@ def group_gradients(spec: StepSpec, groups: int, share_noise: bool, rows, frozen
 
     group_rows = jnp.broadcast_to(rows, (groups, *rows.shape))
     (_, losses), grads = jax.value_and_grad(total_loss, has_aux=True)(group_rows)
-    metrics = {"loss": losses[0], "grad_norm": optax.global_norm(grads[0])}
+    metrics = {"loss": losses[0], "grad_norm": optax.tree.norm(grads[0])}
     if groups == 1:
         return grads[0], {}, metrics
-    metrics.update(loss_negative=losses[1], loss_anchor=losses[2], negative_grad_norm=optax.global_norm(grads[1]))
+    metrics.update(loss_negative=losses[1], loss_anchor=losses[2], negative_grad_norm=optax.tree.norm(grads[1]))
     return grads[0], {"negative_grads": grads[1], "anchor_grads": grads[2]}, metrics
 
 
@@ -346,8 +356,8 @@ def dreamartist_gradients(spec: StepSpec, da: DreamArtistSpec, rows, frozen, bat
     (loss, parts), grads = jax.value_and_grad(dreamartist_losses, argnums=2, has_aux=True)(
         spec, da, rows, frozen, batch, key)
     positive, negative = grads[:da.num_positive_vectors], grads[da.num_positive_vectors:]
-    metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(positive),
-               "negative_grad_norm": optax.global_norm(negative)}
+    metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(positive),
+               "negative_grad_norm": optax.tree.norm(negative)}
     return grads, {}, metrics
 
 
@@ -370,7 +380,7 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformationExtraArgs, m
             finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves((grads, extra, metrics))]))
             new_rows, new_opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                                    (new_rows, new_opt_state), (rows, opt_state))
-        metrics.update(update_norm=optax.global_norm(updates), row_norm=optax.global_norm(new_rows))
+        metrics.update(update_norm=optax.tree.norm(updates), row_norm=optax.tree.norm(new_rows))
         return new_rows, new_opt_state, metrics
 
     return train_step
@@ -436,6 +446,13 @@ def encode_posteriors(pipe: StableDiffusion, images: np.ndarray, batch_size: int
     return moments.reshape(len(images), 2, *moments.shape[1:])
 
 
+def training_prompts(dataset: StyleDataset, word: str) -> list[str]:
+    """"<caption> in the style of <word>" per image, or Textual Inversion's style templates without captions."""
+    if any(dataset.captions):
+        return [f"{caption} in the style of {word}" for caption in dataset.captions]
+    return [template.format(word) for template in STYLE_TEMPLATES]
+
+
 def prepare_data(pipe: StableDiffusion, dataset: StyleDataset, token: str, *, negative_word: str | None = None,
                  keep_images: bool = False) -> PreparedData:
     """Prompt ids and cached posteriors. `negative_word`: also the same prompts with it in place of `token`
@@ -443,10 +460,7 @@ def prepare_data(pipe: StableDiffusion, dataset: StyleDataset, token: str, *, ne
     captioned = any(dataset.captions)
 
     def prompt_ids(word):
-        if captioned:
-            prompts = [f"{caption} in the style of {word}" for caption in dataset.captions]
-        else:
-            prompts = [template.format(word) for template in STYLE_TEMPLATES]
+        prompts = training_prompts(dataset, word)
         return tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(p, pipe.tokenizer) for p in prompts])
 
     negatives = encode_posteriors(pipe, dataset.negatives) if dataset.negatives is not None else None
@@ -656,7 +670,16 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
     key = jax.random.key(config.train.seed)
     main = distributed.is_main_process()  # only process 0 writes metrics and exports; checkpoints are collective
-    metrics_file = (workdir / "metrics.jsonl").open("a") if main else None
+    metrics_log = outputs.MetricsLog(workdir, enabled=main)
+    sample_every = config.train.get("sample_every_steps", 0)
+    if sample_every:
+        sample = config.sample
+        sample_prompts = training_prompts(dataset, config.placeholder_token)[:sample.count]
+        # DreamArtist draws with its negative word as the negative prompt, as it is meant to be used.
+        sample_negative = learned_words(config)[1][1] if dreamartist else ""
+        sample_settings = SampleSettings(scheduler=sample.scheduler, steps=sample.steps, guidance=sample.guidance,
+                                         height=config.data.resolution, width=config.data.resolution,
+                                         clip_skip=config.get("clip_skip", 0), batch_size=len(sample_prompts))
     bar = tqdm(total=config.train.steps, initial=start, unit="step", disable=not (progress and main))
     last_time, last_step = time.perf_counter(), start
     try:
@@ -681,10 +704,12 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
                 now = time.perf_counter()
                 metrics.update(step=done, steps_per_sec=(done - last_step) / (now - last_time))
                 last_time, last_step = now, done
-                if main:
-                    metrics_file.write(json.dumps(metrics) + "\n")
-                    metrics_file.flush()
+                metrics_log.write(metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if sample_every and done % sample_every == 0:
+                pipe.extra_token_rows = distributed.to_host(rows).astype(np.float32)
+                outputs.write_sample_grid(workdir / "samples" / f"step_{done:06d}.png" if main else None, pipe,
+                                          sample_prompts, sample_settings, sample.seed, sample_negative)
             stopping = distributed.any_process(bool(stop_requested))
             if done % config.checkpoint.every_steps == 0 or done == config.train.steps or stopping:
                 save_checkpoint(manager, done, rows, opt_state, config)
@@ -693,8 +718,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
                 break
     finally:
         manager.wait_until_finished()
-        if main:
-            metrics_file.close()
+        metrics_log.close()
         bar.close()
         signal.signal(signal.SIGTERM, previous_handler)
 
