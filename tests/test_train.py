@@ -218,3 +218,20 @@ def test_config_overrides_and_errors(tmp_path):
     config.method = "dreambooth"
     with pytest.raises(UserError, match="config method='dreambooth' must be one of"):
         trainer.check_config(config)
+
+
+def test_bfloat16_compute_keeps_float32_rows_and_state(sd1_dir, style_dir, tmp_path):
+    """train.dtype=bfloat16 runs the frozen model in bf16; the rows and AdamW moments stay float32, and the
+    run follows the float32 one closely (a bf16 master copy would lose updates of 1e-3 relative size)."""
+    config = tiny_config(sd1_dir, style_dir, train__steps=3)
+    full = trainer.train(config, tmp_path / "float32", progress=False)
+    config.train.dtype = "bfloat16"
+    half = trainer.train(config, tmp_path / "bfloat16", progress=False)
+    manager = trainer.checkpoint_manager(tmp_path / "bfloat16", keep=3)
+    state = manager.item_metadata(3)["state"]
+    assert {leaf.dtype for leaf in jax.tree.leaves(state) if leaf.dtype != np.int32} == {np.dtype(np.float32)}
+    pipe = load_pipeline(sd1_dir)
+    initial = trainer.starting_rows(config, np.asarray(pipe.text_encoder.embeddings.token_embedding.embedding[...]),
+                                    pipe.tokenizer)
+    moved = np.abs(full - initial).max()
+    assert moved > 1e-3 and np.abs(half - full).max() < 0.2 * moved
