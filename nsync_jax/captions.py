@@ -56,11 +56,20 @@ def clean_caption(text: str, prompt: str, max_words: int) -> str:
     return " ".join(text.split()[:max_words])
 
 
+def caption_images(processor, captioner, images: list[Image.Image], *, prompt: str = "", max_words: int = 25
+                   ) -> list[str]:
+    """One cleaned caption per image (greedy decoding, in one batch); a caption may come out empty."""
+    import torch
+
+    inputs = processor(images=images, text=[prompt] * len(images) if prompt else None, return_tensors="pt")
+    with torch.no_grad():
+        ids = captioner.generate(**inputs, max_new_tokens=2 * max_words + 8, min_new_tokens=1, do_sample=False)
+    return [clean_caption(text, prompt, max_words) for text in processor.batch_decode(ids, skip_special_tokens=True)]
+
+
 def caption_folder(images: Path, output: Path, model: Path, *, prompt: str = "", max_words: int = 25,
                    overwrite: bool = False, batch_size: int = 8, progress: bool = True) -> dict[str, int]:
     """Writes `output/<stem>.txt` for every image without one (all when `overwrite`); returns the counts."""
-    import torch
-
     output = Path(output)
     pictures = read_images(images)
     todo = [stem for stem in pictures if overwrite or not (output / f"{stem}.txt").is_file()]
@@ -72,11 +81,8 @@ def caption_folder(images: Path, output: Path, model: Path, *, prompt: str = "",
     for first in range(0, len(todo), batch_size):
         stems = todo[first:first + batch_size]
         batch = [pictures[stem] for stem in stems]
-        inputs = processor(images=batch, text=[prompt] * len(batch) if prompt else None, return_tensors="pt")
-        with torch.no_grad():
-            ids = captioner.generate(**inputs, max_new_tokens=2 * max_words + 8, min_new_tokens=1, do_sample=False)
-        for stem, text in zip(stems, processor.batch_decode(ids, skip_special_tokens=True)):
-            caption = clean_caption(text, prompt, max_words)
+        for stem, caption in zip(stems, caption_images(processor, captioner, batch, prompt=prompt,
+                                                       max_words=max_words)):
             if not caption:
                 raise UserError(f"{model}: produced an empty caption for {Path(images) / stem} "
                                 "(try another --prompt or captioner)")

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from nsync_jax import distributed, tokens
 from nsync_jax.errors import UserError
+from nsync_jax.models.vae import AutoencoderKL
 from nsync_jax.pipeline import StableDiffusion, encode_text
 from nsync_jax.schedulers import make_sampler
 
@@ -75,6 +76,11 @@ def _denoise_and_decode(frozen, extra_rows, cond_ids, uncond_ids, latents, guida
     latents = latents * sampler.init_noise_sigma
     (latents, _), _ = jax.lax.scan(step, (latents, sampler.init_state(latents)),
                                    jnp.arange(len(sampler.timesteps)))
+    return decode_latents(vae, latents, compute_dtype)
+
+
+def decode_latents(vae: AutoencoderKL, latents: jax.Array, compute_dtype) -> jax.Array:
+    """Scaled latents `(batch, h, w, c)` -> float32 images `(batch, f h, f w, 3)` in [0, 1]."""
     images = vae.decode((latents / vae.config.scaling_factor).astype(compute_dtype))
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 

@@ -15,6 +15,8 @@ Setting `record_probs = True` on an instance (or on a whole model with
 `model.set_attributes(record_probs=True)`) makes it sow its attention probabilities, shape
 `(batch, heads, query_len, key_len)`, as `nnx.Intermediate` under the name `attention_probs`; read them with
 `nnx.capture(model, nnx.Intermediate)(...)`. They stay differentiable, which attention-guided editing needs.
+`record_output = True` likewise sows the layer's output `(batch, query_len, query_dim)` as `attention_output`
+(the features of patch-wise contrastive editing losses); it does not change the backend.
 """
 from __future__ import annotations
 
@@ -108,6 +110,7 @@ class Attention(nnx.Module):
         self.upcast = upcast
         self.backend = backend
         self.record_probs = False
+        self.record_output = False
         self.to_q = nnx.Linear(query_dim, inner, use_bias=qkv_bias, **linear)
         self.to_k = nnx.Linear(context_dim, inner, use_bias=qkv_bias, **linear)
         self.to_v = nnx.Linear(context_dim, inner, use_bias=qkv_bias, **linear)
@@ -124,4 +127,7 @@ class Attention(nnx.Module):
         if self.record_probs:
             result, probs = result
             self.sow(nnx.Intermediate, "attention_probs", probs)
-        return self.to_out[0](result.reshape(*result.shape[:2], -1))
+        output = self.to_out[0](result.reshape(*result.shape[:2], -1))
+        if self.record_output:
+            self.sow(nnx.Intermediate, "attention_output", output)
+        return output
