@@ -28,7 +28,7 @@ from test_sd15_sizes import SD15_UNET  # noqa: E402  the real SD 1.5 UNet config
 
 from nsync_jax import schedulers  # noqa: E402
 from nsync_jax.editing import zerocon  # noqa: E402
-from nsync_jax.editing.inversion import DDIMInversion, NoiseRegularization, invert  # noqa: E402
+from nsync_jax.editing.inversion import NoiseRegularization, invert  # noqa: E402
 from nsync_jax.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
 
 SD15_SCHEDULER = dict(_class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -58,7 +58,7 @@ def main() -> None:
     graphdef, weights = nnx.split(unet)
     recording = zerocon.recording_graphdef(unet, features=True)
     sampler = schedulers.DDIMSampler(SD15_SCHEDULER, args.steps)
-    inversion = DDIMInversion(SD15_SCHEDULER, args.steps)
+    inversion = schedulers.DDIMInverseSampler(SD15_SCHEDULER, args.steps)
     cut = zerocon.CutSettings()
     side = args.resolution // 8
     spec = jax.ShapeDtypeStruct

@@ -305,6 +305,42 @@ class DDIMSampler(Sampler):
         return previous.astype(sample.dtype), state
 
 
+class DDIMInverseSampler:
+    """diffusers' `DDIMInverseScheduler` (eta 0), for DDIM inversion: step i evaluates the model at
+    `timesteps[i]` (ascending) on a sample at the noise level of DDIM's previous timestep t - T/steps, and
+    moves the sample to the level of t: `DDIMSampler`'s step at t, run backwards, so DDIM sampling from the
+    inverted noise reconstructs the image up to the model's error. Same config (checked the same way) and
+    steps as `DDIMSampler`; `step` is pure and traceable with a traced `step_index`.
+    """
+
+    def __init__(self, config: dict[str, Any], num_inference_steps: int, *,
+                 source: Path | str = "scheduler_config.json"):
+        forward = DDIMSampler(config, num_inference_steps, source=source)
+        cfg = _resolve(config, _DDIM_OPTIONS, source)
+        alphas_cumprod = _alphas_cumprod(cfg, source)
+        self.timesteps = forward.timesteps[::-1].copy()
+        # Before the first timestep the level is 1 or abar_0 (`set_alpha_to_one`), as in DDIM.
+        abar_from = _previous_alphas_cumprod(
+            alphas_cumprod, self.timesteps - cfg["num_train_timesteps"] // num_inference_steps, cfg["set_alpha_to_one"])
+        abar_to = alphas_cumprod[self.timesteps]
+        self.x0_sample, self.x0_output, self.eps_sample, self.eps_output = _f32(
+            *_x0_and_eps(cfg["prediction_type"], np.sqrt(abar_from), np.sqrt(1 - abar_from)))
+        self.x0_scale, self.eps_scale = _f32(np.sqrt(abar_to), np.sqrt(1 - abar_to))
+        self.clip_range = forward.clip_range
+
+    def epsilon(self, model_output: jax.Array, step_index, sample: jax.Array) -> jax.Array:
+        """The noise a model output implies at step `step_index`."""
+        return _row(self.eps_sample, step_index) * sample + _row(self.eps_output, step_index) * model_output
+
+    def step(self, model_output: jax.Array, step_index, sample: jax.Array) -> jax.Array:
+        """The sample one step noisier."""
+        x0 = _row(self.x0_sample, step_index) * sample + _row(self.x0_output, step_index) * model_output
+        if self.clip_range is not None:
+            x0 = jnp.clip(x0, -self.clip_range, self.clip_range)
+        eps = self.epsilon(model_output, step_index, sample)
+        return (_row(self.x0_scale, step_index) * x0 + _row(self.eps_scale, step_index) * eps).astype(sample.dtype)
+
+
 # Adams-Bashforth weights on the stored outputs, oldest first, by how many are stored.
 _ADAMS_BASHFORTH = {1: [1.0], 2: [-1 / 2, 3 / 2], 3: [5 / 12, -16 / 12, 23 / 12],
                     4: [-9 / 24, 37 / 24, -59 / 24, 55 / 24]}

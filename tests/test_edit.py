@@ -15,9 +15,10 @@ from flax import nnx
 from PIL import Image
 
 from conftest import SD_SCHEDULE
+from nsync_jax import schedulers
 from nsync_jax.cli import main
 from nsync_jax.editing import directions, zerocon
-from nsync_jax.editing.inversion import DDIMInversion, NoiseRegularization, auto_correlation_loss, kl_loss, \
+from nsync_jax.editing.inversion import NoiseRegularization, auto_correlation_loss, kl_loss, \
     regularize_noise
 from nsync_jax.editing.losses import cut_loss, patch_nce
 from nsync_jax.models.unet import load_unet
@@ -44,7 +45,7 @@ def test_ddim_inversion_step_matches_diffusers(config):
     from diffusers import DDIMInverseScheduler
 
     for steps in (7, 50):
-        ours = DDIMInversion(config, steps)
+        ours = schedulers.DDIMInverseSampler(config, steps)
         reference = DDIMInverseScheduler.from_config(config)
         reference.set_timesteps(steps)
         np.testing.assert_array_equal(ours.timesteps, reference.timesteps.numpy())

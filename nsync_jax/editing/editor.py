@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from nsync_jax import distributed, imageio, schedulers
 from nsync_jax.data.style_dataset import IMAGE_SUFFIXES
 from nsync_jax.editing import directions, zerocon
-from nsync_jax.editing.inversion import DDIMInversion, NoiseRegularization, invert
+from nsync_jax.editing.inversion import NoiseRegularization, invert
 from nsync_jax.errors import UserError
 from nsync_jax.files import write_json
 from nsync_jax.models.vae import sample_posterior
@@ -113,9 +113,9 @@ def _ddim(scheduler) -> schedulers.DDIMSampler:
     return schedulers.DDIMSampler(json.loads(config_json), steps)
 
 
-def _inversion(scheduler) -> DDIMInversion:
+def _inversion(scheduler) -> schedulers.DDIMInverseSampler:
     config_json, steps = scheduler
-    return DDIMInversion(json.loads(config_json), steps)
+    return schedulers.DDIMInverseSampler(json.loads(config_json), steps)
 
 
 def _encode(vae, images, keys):

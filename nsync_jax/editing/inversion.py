@@ -1,9 +1,7 @@
 """DDIM inversion of image latents to noise, with pix2pix-zero's noise regularisation.
 
-`DDIMInversion` is diffusers' `DDIMInverseScheduler` (eta 0) laid out as the project's samplers are: per-step
-float32 tables computed once on the host, and a pure `step(model_output, step_index, sample)` that a
-`lax.scan` can trace. Its steps mirror `DDIMSampler`'s for the same config and step count, so DDIM sampling
-from the inverted noise reconstructs the image up to the model's error.
+The inverse steps are `schedulers.DDIMInverseSampler` (diffusers' `DDIMInverseScheduler`): DDIM sampling from
+the inverted noise reconstructs the image up to the model's error.
 
 pix2pix-zero pushes each predicted noise towards white noise before using it (`regularize_noise`): a few
 gradient steps on the model output against the auto-correlation of the noise it implies (at random shifts,
@@ -12,56 +10,13 @@ over a pyramid of resolutions) and its KL divergence from N(0, 1).
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from nsync_jax import schedulers
+from nsync_jax.schedulers import DDIMInverseSampler
 from nsync_jax.models.unet import UNet2DConditionModel
-
-
-class DDIMInversion:
-    """Step i evaluates the model at `timesteps[i]` (ascending) on a sample at the noise level of DDIM's
-    previous timestep t - T/steps, and moves the sample to the level of t: DDIM's step at t, run backwards.
-
-    Built from the same scheduler config as `DDIMSampler` (which checks every option); diffusers'
-    `DDIMInverseScheduler.from_config(config)` takes the same steps.
-    """
-
-    def __init__(self, config: dict[str, Any], num_inference_steps: int, *,
-                 source: Path | str = "scheduler_config.json"):
-        forward = schedulers.DDIMSampler(config, num_inference_steps, source=source)
-        schedule = schedulers.NoiseSchedule.from_config(config, source)
-        alphas_cumprod = schedule.alphas_cumprod.astype(np.float64)
-        self.timesteps = forward.timesteps[::-1].copy()
-        start = self.timesteps.astype(np.int64) - schedule.num_train_timesteps // num_inference_steps
-        # Before the first timestep the level is 1 or abar_0; True is DDIMScheduler's default.
-        first = 1.0 if config.get("set_alpha_to_one", True) else alphas_cumprod[0]
-        abar_from = np.where(start >= 0, alphas_cumprod[np.maximum(start, 0)], first)
-        abar_to = alphas_cumprod[self.timesteps]
-        coefficients = schedulers._x0_and_eps(schedule.prediction_type, np.sqrt(abar_from), np.sqrt(1 - abar_from))
-        self.x0_sample, self.x0_output, self.eps_sample, self.eps_output = (c.astype(np.float32) for c in coefficients)
-        self.x0_scale, self.eps_scale = np.sqrt(abar_to).astype(np.float32), np.sqrt(1 - abar_to).astype(np.float32)
-        self.clip_range = forward.clip_range
-
-    def epsilon(self, model_output: jax.Array, step_index, sample: jax.Array) -> jax.Array:
-        """The noise a model output implies at step `step_index` (which may be traced)."""
-        return _row(self.eps_sample, step_index) * sample + _row(self.eps_output, step_index) * model_output
-
-    def step(self, model_output: jax.Array, step_index, sample: jax.Array) -> jax.Array:
-        """The sample one step noisier."""
-        x0 = _row(self.x0_sample, step_index) * sample + _row(self.x0_output, step_index) * model_output
-        if self.clip_range is not None:
-            x0 = jnp.clip(x0, -self.clip_range, self.clip_range)
-        eps = self.epsilon(model_output, step_index, sample)
-        return (_row(self.x0_scale, step_index) * x0 + _row(self.eps_scale, step_index) * eps).astype(sample.dtype)
-
-
-def _row(table: np.ndarray, step_index) -> jax.Array:
-    return jnp.asarray(table)[step_index]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -133,7 +88,7 @@ def regularize_noise(model_output: jax.Array, to_epsilon: Callable[[jax.Array], 
     return jax.lax.fori_loop(0, settings.iterations, iteration, model_output)
 
 
-def invert(unet: UNet2DConditionModel, inversion: DDIMInversion, latents: jax.Array, context: jax.Array,
+def invert(unet: UNet2DConditionModel, inversion: DDIMInverseSampler, latents: jax.Array, context: jax.Array,
            keys: jax.Array, regularization: NoiseRegularization | None) -> jax.Array:
     """DDIM-inverts scaled latents `(batch, h, w, c)` under `context` without guidance; returns the noise.
 
