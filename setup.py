@@ -33,7 +33,7 @@ setup(
         # torch (CPU build) reads `.bin`/`.pt` files and writes A1111 `.pt` embeddings.
         "torch": ["torch==2.13.0"],
         # the parity oracle: diffusers/transformers PyTorch models on CPU.
-        "test": ["torch==2.13.0", "diffusers==0.42.1", "accelerate", "pytest"],
+        "test": ["torch==2.13.0", "diffusers==0.42.1", "accelerate", "peft", "pytest"],
     },
     entry_points={"console_scripts": ["nsync-jax=nsync_jax.cli:main"]},
 )

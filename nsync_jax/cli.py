@@ -45,6 +45,9 @@ def _add_sample_parser(subparsers) -> None:
                    help="float32 .npy of initial latents in diffusers' layout (N, C, H/8, W/8)")
     p.add_argument("--embeddings", type=Path, action="append", default=[],
                    help="learned embedding file (diffusers or A1111); repeatable")
+    p.add_argument("--lora", type=Path, action="append", default=[],
+                   help="diffusers LoRA .safetensors, merged into the weights at load; repeatable")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="weight of every --lora (W + scale * delta)")
     p.add_argument("--clip-skip", type=int, default=0, help="use the text encoder's k-th layer from the end")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--attention", choices=("auto", "cudnn", "xla", "einsum"), default="auto",
@@ -79,6 +82,11 @@ def _run_sample(args) -> None:
     pipe = load_pipeline(args.model, dtype=jnp.dtype(args.dtype), attention_backend=args.attention)
     for path in args.embeddings:
         pipe.add_embeddings(path)
+    if args.lora:
+        from nsync_jax.lora import merge_lora, read_lora_file
+
+        for path in args.lora:
+            merge_lora(pipe.modules(), read_lora_file(path), args.lora_scale, source=path)
     settings = SampleSettings(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
                               height=args.height, width=args.width, clip_skip=args.clip_skip,
                               batch_size=args.batch_size)
@@ -191,26 +199,42 @@ def _run_train(args) -> None:
 
     config = load_config(args.config, args.config_overrides)
     train(config, args.workdir)
+    kind = config.get("trainable", "embeddings")
+    if kind != "embeddings":
+        if is_main_process():
+            wrote = args.workdir / "lora.safetensors" if kind == "lora" else args.workdir / "checkpoints"
+            print(f"wrote {wrote} (nsync-jax export --format diffusers-pipeline writes a model folder)")
+        return
     if is_main_process():
         first = args.workdir / "learned_embeds.safetensors"
         print("wrote " + ", ".join(str(sibling_path(first, suffix)) for suffix, _, _ in learned_words(config)))
 
 
 def _add_export_parser(subparsers) -> None:
-    from nsync_jax.export import FORMATS
+    from nsync_jax.export import FORMATS, MODEL_FORMATS
 
-    p = subparsers.add_parser("export", help="write a checkpoint's learned embeddings for diffusers or A1111",
+    p = subparsers.add_parser("export", help="write a checkpoint's learned embeddings for diffusers or A1111, "
+                                             "or a LoRA / fine-tuned model for diffusers",
                               epilog="DreamArtist runs also write the negative word next to --output, as "
-                                     "NAME-neg.EXT (token <token>-neg).")
+                                     "NAME-neg.EXT (token <token>-neg). LoRA runs: --format diffusers-lora (a "
+                                     ".safetensors for load_lora_weights) or diffusers-pipeline; full runs: "
+                                     "--format diffusers-pipeline (a new model folder).")
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
     p.add_argument("--output", type=Path, required=True)
-    p.add_argument("--format", choices=FORMATS, default="diffusers")
+    p.add_argument("--format", choices=FORMATS + MODEL_FORMATS, default="diffusers")
     p.set_defaults(run=_run_export)
 
 
 def _run_export(args) -> None:
     import ml_collections
+
+    from nsync_jax.export import MODEL_FORMATS
+    if args.format in MODEL_FORMATS:
+        from nsync_jax.train.trainer import export_run
+
+        print(export_run(args.workdir, args.output, args.format, args.step))
+        return
 
     from nsync_jax.train.trainer import export_words, learned_words, read_checkpoint_rows
 

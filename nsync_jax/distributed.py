@@ -195,6 +195,15 @@ def to_host(array: jax.Array) -> np.ndarray:
     return np.asarray(array.addressable_data(0))
 
 
+def gather_to_host(array: jax.Array) -> np.ndarray:
+    """Any global array (replicated or sharded, over one or several processes) as a full numpy array."""
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
 def pad_batch(array: np.ndarray, multiple: int) -> np.ndarray:
     """Pads the leading axis with copies of the last row up to a multiple of `multiple`."""
     missing = -len(array) % multiple

@@ -14,6 +14,8 @@ Files are written under a temporary name and renamed, so a crash never leaves ha
 """
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,10 @@ from nsync_jax.errors import UserError
 from nsync_jax.files import atomic_write, write_json
 
 FORMATS = ("diffusers", "a1111")
+# Formats of LoRA and full fine-tuning runs (trainer.export_run).
+MODEL_FORMATS = ("diffusers-lora", "diffusers-pipeline")
+# The weight files a diffusers folder's unet/ and text_encoder/ may hold; replaced on export.
+_WEIGHT_FILE_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 
 
 def sibling_path(path: Path, suffix: str) -> Path:
@@ -54,3 +60,37 @@ def write_embeddings(path: Path, token: str, rows: np.ndarray, *, fmt: str = "di
     if metadata is not None:
         sidecar = Path(path).with_suffix(".json")
         write_json(sidecar, metadata, sort_keys=True)
+
+
+def write_diffusers_pipeline(output: Path, base: Path, modules: dict[str, Any]) -> None:
+    """A complete diffusers Stable Diffusion folder at `output`: every file of the base folder `base`, with the
+    weights of `unet/` and `text_encoder/` replaced by those of `modules` (`{"unet": ..., "text_encoder": ...}`,
+    NNX modules), as float32 safetensors. Written to a temporary folder, then renamed: never half a folder."""
+    from safetensors.numpy import save_file
+
+    from nsync_jax.weights import module_state_dict
+
+    output, base = Path(output), Path(base)
+    if output.exists():
+        raise UserError(f"{output}: already exists; give a new folder")
+
+    def skip_weights(folder, names):
+        if Path(folder).name not in modules:
+            return []
+        return [n for n in names if n.split(".")[0] in _WEIGHT_FILE_STEMS and not n.endswith(".json")
+                or n.endswith(".index.json")]
+
+    temporary = output.with_name(f".{output.name}.tmp{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        shutil.copytree(base, temporary, ignore=skip_weights)
+        for name, module in modules.items():
+            state = module_state_dict(module)
+            if name == "text_encoder":  # transformers' CLIPTextModel keeps its weights under text_model.
+                state = {f"text_model.{k}": v for k, v in state.items()}
+            file = "diffusion_pytorch_model.safetensors" if name == "unet" else "model.safetensors"
+            save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(temporary / name / file),
+                      metadata={"format": "pt"})
+        os.replace(temporary, output)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)

@@ -56,8 +56,13 @@ class StableDiffusion:
         return list(learned)
 
 
-def load_pipeline(folder: Path, *, dtype=jnp.float32, attention_backend: str = "auto") -> StableDiffusion:
-    """Loads every part of a diffusers Stable Diffusion folder, failing on the first missing or bad part."""
+def load_pipeline(folder: Path, *, dtype=jnp.float32, attention_backend: str = "auto",
+                  param_dtype=None) -> StableDiffusion:
+    """Loads every part of a diffusers Stable Diffusion folder, failing on the first missing or bad part.
+
+    `dtype` is the compute dtype; the text encoder and UNet keep their parameters in `param_dtype` (default:
+    `dtype`; float32 master weights for bfloat16 training), the VAE in `dtype`.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: model folder not found")
@@ -67,12 +72,13 @@ def load_pipeline(folder: Path, *, dtype=jnp.float32, attention_backend: str = "
             raise UserError(f"{folder}: subfolder {part}/ missing (a diffusers Stable Diffusion folder needs "
                             f"{', '.join(PARTS)})")
     scheduler_config = weights.read_json(folder / "scheduler" / "scheduler_config.json")
-    text_encoder = load_text_encoder(folder / "text_encoder", dtype=dtype, attention_backend=attention_backend)
+    text_encoder = load_text_encoder(folder / "text_encoder", dtype=dtype, param_dtype=param_dtype,
+                                     attention_backend=attention_backend)
     return StableDiffusion(
         folder=folder,
         tokenizer=tokens.load_tokenizer(folder / "tokenizer"),
         text_encoder=text_encoder,
-        unet=load_unet(folder / "unet", dtype=dtype, attention_backend=attention_backend),
+        unet=load_unet(folder / "unet", dtype=dtype, param_dtype=param_dtype, attention_backend=attention_backend),
         vae=load_vae(folder / "vae", dtype=dtype, attention_backend=attention_backend),
         scheduler_config=scheduler_config,
         extra_token_rows=np.zeros((0, text_encoder.config.hidden_size), np.float32),

@@ -37,7 +37,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from nsync_jax import distributed, export, tokens
+from nsync_jax import distributed, export, lora, tokens
 from nsync_jax.data import tfds_style
 from nsync_jax.data.style_dataset import StyleDataset, build_style_dataset, find_style_items
 from nsync_jax.errors import UserError
@@ -49,6 +49,7 @@ from nsync_jax.schedulers import NoiseSchedule, add_noise, predicted_original, t
 from nsync_jax.models.vae import sample_posterior
 
 METHODS = ("textual_inversion", "nsync", "dreamartist")
+TRAINABLE = ("embeddings", "lora", "full")
 # DreamArtist's gamma(t) = lo + (hi - lo) r(t / (T - 1)), as the released extension's dynamic CFG.
 GUIDANCE_SCHEDULES = ("constant", "ln", "cos", "cos2")
 # DreamArtist's negative word is `<token>-neg` in prompts and `<name>-neg.pt` on disk, as released.
@@ -72,6 +73,18 @@ def default_config() -> ml_collections.ConfigDict:
     config.initializer_embedding = ""  # or a diffusers/A1111 embedding file to start from (num_vectors rows)
     config.num_vectors = 1  # rows of the learned word (DreamArtist: of the positive word)
     config.clip_skip = 0
+    # What is trained: "embeddings" (the token rows: Textual Inversion, NSYNC, DreamArtist), "lora" (low-rank
+    # adapters on attention projections) or "full" (the UNet, and the text encoder with full.train_text_encoder).
+    # With lora/full no token rows are added: prompts use placeholder_token as plain text (pick a rare word such
+    # as "zwx", as DreamBooth and StyleForge do).
+    config.trainable = "embeddings"
+    config.lora = ml_collections.ConfigDict()
+    config.lora.rank = 4
+    config.lora.alpha = 4.0  # the update is (alpha / rank) x down up
+    config.lora.targets = ("to_q", "to_k", "to_v", "to_out.0")  # UNet linear layers (path suffixes)
+    config.lora.text_encoder = False  # also adapt the text encoder's q_proj, k_proj, v_proj, out_proj
+    config.full = ml_collections.ConfigDict()
+    config.full.train_text_encoder = True  # the VAE is always frozen
 
     config.data = ml_collections.ConfigDict()
     config.data.images = ""
@@ -165,6 +178,28 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise UserError(f"config {key}={value!r} must be a positive integer")
     if config.method == "dreamartist":
         check_dreamartist_config(config)
+    check_trainable_config(config)
+
+
+def check_trainable_config(config: ml_collections.ConfigDict) -> None:
+    trainable = config.get("trainable", "embeddings")
+    if trainable not in TRAINABLE:
+        raise UserError(f"config trainable={trainable!r} must be one of {', '.join(TRAINABLE)}")
+    if trainable == "embeddings":
+        return
+    if config.method == "dreamartist":
+        raise UserError(f"config trainable={trainable!r} is not supported with method dreamartist (its negative "
+                        "word is learned token rows): use trainable='embeddings'")
+    if config.train.get("sample_every_steps", 0):
+        raise UserError(f"config train.sample_every_steps is not supported yet with trainable={trainable!r}")
+    if trainable == "lora":
+        lora = config.lora
+        if not isinstance(lora.rank, int) or lora.rank < 1:
+            raise UserError(f"config lora.rank={lora.rank!r} must be a positive integer")
+        if not lora.alpha > 0:
+            raise UserError(f"config lora.alpha={lora.alpha!r} must be positive")
+        if not lora.targets:
+            raise UserError("config lora.targets must name at least one UNet linear layer (e.g. to_q)")
 
 
 def check_dreamartist_config(config: ml_collections.ConfigDict) -> None:
@@ -226,42 +261,72 @@ def draw_latents(spec: StepSpec, key, mean, logvar):
     return latents, noise, t
 
 
-def denoise(spec: StepSpec, group_rows, frozen, ids, mean, logvar, group_keys):
+def module_states(spec: StepSpec, name: str, params, frozen) -> tuple:
+    """The states `nnx.merge` needs for module `name`: its trainable part (a flat dict of `params`, see
+    `lora.flat_params`) when it has one, then its frozen part."""
+    if isinstance(params, dict) and name in params:
+        return lora.nested_params(params[name]), frozen[name]
+    return (frozen[name],)
+
+
+def denoise(spec: StepSpec, group_params, frozen, ids, mean, logvar, group_keys):
     """One denoising pass over every group of a step: text encoder and UNet each run once on all groups.
 
     Args:
-      group_rows: `(groups, num_vectors, width)`, one copy of the token rows per group.
+      group_params: one copy per group of what is trained: the token rows `(groups, num_vectors, width)`, or
+        `{"unet": {path: (groups, ...)}, "text_encoder": ...}` (LoRA or full weights, flat dicts).
       ids: `(groups, batch, tokens)`; mean, logvar: `(groups, batch, h, w, c)` cached VAE posteriors.
       group_keys: `(groups,)` keys; each group's latent sample, noise and timesteps come from its own key.
     Returns:
       The UNet's float32 predictions and their training targets `(groups, batch, h, w, c)`, the noisy latents
       `(groups, batch, h, w, c)` and the timesteps `(groups, batch)`.
     """
-    groups, batch = ids.shape[:2]
-    text_encoder = nnx.merge(spec.graphdefs["text_encoder"], frozen["text_encoder"])
-
-    def run_unet(unet_state, x, t, context):
-        return nnx.merge(spec.graphdefs["unet"], unet_state)(x, t, context)
+    def run_unet(unet_states, x, t, context):
+        return nnx.merge(spec.graphdefs["unet"], *unet_states)(x, t, context)
 
     if spec.remat:  # keep only the UNet's inputs for the backward pass and recompute the rest
         run_unet = jax.checkpoint(run_unet)
-    table = text_encoder.embeddings.token_embedding.embedding[...]
-    embeds = jax.vmap(lambda rows, group_ids: tokens.embed_tokens(table, rows, group_ids))(group_rows, ids)
-    context = text_encoder(inputs_embeds=embeds.reshape(groups * batch, *embeds.shape[2:]), clip_skip=spec.clip_skip)
 
+    def one_pass(params, rows, ids, latents, noise, t):
+        """Text encoder and UNet on a batch `(n, ...)`, with `params` the trainable weights (or None)."""
+        text_encoder = nnx.merge(spec.graphdefs["text_encoder"], *module_states(spec, "text_encoder", params,
+                                                                               frozen))
+        table = text_encoder.embeddings.token_embedding.embedding[...]
+        rows = jnp.zeros((0, table.shape[-1]), table.dtype) if rows is None else rows
+        embeds = tokens.embed_tokens(table, rows, ids)
+        context = text_encoder(inputs_embeds=embeds, clip_skip=spec.clip_skip)
+        noisy = add_noise(spec.schedule.alphas_cumprod, latents, noise, t)
+        prediction = run_unet(module_states(spec, "unet", params, frozen), noisy.astype(spec.compute_dtype), t,
+                              context.astype(spec.compute_dtype))
+        target = training_target(spec.schedule, latents, noise, t)
+        return prediction.astype(jnp.float32), target, noisy
+
+    groups, batch = ids.shape[:2]
     latents, noise, t = jax.vmap(functools.partial(draw_latents, spec))(group_keys, mean, logvar)
+    if isinstance(group_params, dict):
+        # Trained weights: each group runs with its own copy (vmapped), so one backward pass gives every group's
+        # gradient. The frozen weights are shared (not mapped).
+        prediction, target, noisy = jax.vmap(lambda p, i, x, n, s: one_pass(p, None, i, x, n, s))(
+            group_params, ids, latents, noise, t)
+        return prediction, target, noisy, t
+    # Token rows: each group embeds its prompts with its own copy, then every group runs as one batch.
+    embed_rows = group_params
     flat = lambda x: x.reshape(groups * batch, *x.shape[2:])
+    by_group = lambda x: x.reshape(groups, batch, *x.shape[1:])
+    text_encoder = nnx.merge(spec.graphdefs["text_encoder"], frozen["text_encoder"])
+    table = text_encoder.embeddings.token_embedding.embedding[...]
+    embeds = jax.vmap(lambda rows, group_ids: tokens.embed_tokens(table, rows, group_ids))(embed_rows, ids)
+    context = text_encoder(inputs_embeds=flat(embeds), clip_skip=spec.clip_skip)
     latents, noise, t = flat(latents), flat(noise), flat(t)
     noisy = add_noise(spec.schedule.alphas_cumprod, latents, noise, t)
-    prediction = run_unet(frozen["unet"], noisy.astype(spec.compute_dtype), t, context.astype(spec.compute_dtype))
+    prediction = run_unet((frozen["unet"],), noisy.astype(spec.compute_dtype), t, context.astype(spec.compute_dtype))
     target = training_target(spec.schedule, latents, noise, t)
-    by_group = lambda x: x.reshape(groups, batch, *x.shape[1:])
     return by_group(prediction.astype(jnp.float32)), by_group(target), by_group(noisy), by_group(t)
 
 
-def denoising_losses(spec: StepSpec, group_rows, frozen, ids, mean, logvar, group_keys):
+def denoising_losses(spec: StepSpec, group_params, frozen, ids, mean, logvar, group_keys):
     """Per-group denoising losses `(groups,)` (arguments as `denoise`)."""
-    prediction, target, _, _ = denoise(spec, group_rows, frozen, ids, mean, logvar, group_keys)
+    prediction, target, _, _ = denoise(spec, group_params, frozen, ids, mean, logvar, group_keys)
     return jnp.mean(jnp.square(prediction - target), axis=(2, 3, 4)).mean(axis=1)
 
 
@@ -272,16 +337,18 @@ def group_keys(key, groups: int, share_noise: bool):
     return jnp.stack([jax.random.fold_in(key, i) for i in ids])
 
 
-def group_gradients(spec: StepSpec, groups: int, share_noise: bool, rows, frozen, batch, key):
+def group_gradients(spec: StepSpec, groups: int, share_noise: bool, params, frozen, batch, key):
     """Textual Inversion (one group) and NSYNC (positive, negative, anchor): each group's gradient of its own
-    denoising loss, from one pass. Returns (the positive gradient, NSYNC's extra optimizer arguments, metrics)."""
-    def total_loss(group_rows):
-        losses = denoising_losses(spec, group_rows, frozen, batch["ids"], batch["mean"], batch["logvar"],
+    denoising loss, from one pass. `params` is what is trained (token rows, or LoRA or full weights).
+    Returns (the positive gradient, NSYNC's extra optimizer arguments, metrics)."""
+    def total_loss(group_params):
+        losses = denoising_losses(spec, group_params, frozen, batch["ids"], batch["mean"], batch["logvar"],
                                   group_keys(key, groups, share_noise))
         return losses.sum(), losses
 
-    group_rows = jnp.broadcast_to(rows, (groups, *rows.shape))
-    (_, losses), grads = jax.value_and_grad(total_loss, has_aux=True)(group_rows)
+    group_params = jax.tree.map(lambda x: jnp.broadcast_to(x, (groups, *x.shape)), params)
+    (_, losses), grads = jax.value_and_grad(total_loss, has_aux=True)(group_params)
+    grads = [jax.tree.map(lambda g, i=i: g[i], grads) for i in range(groups)]
     metrics = {"loss": losses[0], "grad_norm": optax.tree.norm(grads[0])}
     if groups == 1:
         return grads[0], {}, metrics
@@ -380,7 +447,8 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformationExtraArgs, m
             finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves((grads, extra, metrics))]))
             new_rows, new_opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                                    (new_rows, new_opt_state), (rows, opt_state))
-        metrics.update(update_norm=optax.tree.norm(updates), row_norm=optax.tree.norm(new_rows))
+        norm_name = "param_norm" if isinstance(new_rows, dict) else "row_norm"
+        metrics.update({"update_norm": optax.tree.norm(updates), norm_name: optax.tree.norm(new_rows)})
         return new_rows, new_opt_state, metrics
 
     return train_step
@@ -512,25 +580,42 @@ def checkpoint_manager(workdir: Path, keep: int):
                                                 "meta": ocp.JsonCheckpointHandler()})
 
 
+def trained_key(params) -> str:
+    """The checkpoint's name for what is trained: "rows" (token rows) or "params" (LoRA or full weights)."""
+    return "params" if isinstance(params, dict) else "rows"
+
+
 def save_checkpoint(manager, step: int, rows, opt_state, config) -> None:
     import orbax.checkpoint as ocp
 
     manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({"rows": rows, "opt_state": opt_state}),
+        state=ocp.args.StandardSave({trained_key(rows): rows, "opt_state": opt_state}),
         meta=ocp.args.JsonSave({"step": step, "config": config.to_dict()})))
 
 
 def restore_checkpoint(manager, step: int, rows, opt_state):
+    """Restores onto the shardings of `rows` (or trained weights) and `opt_state` as they are now."""
     import orbax.checkpoint as ocp
 
+    key = trained_key(rows)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          {"rows": rows, "opt_state": opt_state})
+                          {key: rows, "opt_state": opt_state})
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    return restored["state"]["rows"], restored["state"]["opt_state"]
+    return restored["state"][key], restored["state"]["opt_state"]
 
 
 def read_checkpoint_rows(workdir: Path, step: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """The token rows and metadata of a checkpoint (the latest when `step` is None), for export."""
+    trained, meta = read_checkpoint(workdir, step)
+    if "rows" not in trained:
+        raise UserError(f"{workdir}: the run trained trainable={meta['config'].get('trainable')!r}, not token "
+                        "embeddings: export it with --format diffusers-lora or diffusers-pipeline")
+    return np.asarray(trained["rows"], np.float32), meta
+
+
+def read_checkpoint(workdir: Path, step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What a checkpoint trained (`{"rows": array}` or `{"params": {component: {path: array}}}`, as numpy,
+    without the optimizer state) and its metadata; the latest checkpoint when `step` is None."""
     import orbax.checkpoint as ocp
 
     manager = checkpoint_manager(Path(workdir), keep=1_000_000)
@@ -546,7 +631,8 @@ def read_checkpoint_rows(workdir: Path, step: int | None = None) -> tuple[np.nda
                           manager.item_metadata(step)["state"])
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                              meta=ocp.args.JsonRestore()))
-    return np.asarray(restored["state"]["rows"], np.float32), restored["meta"]
+    state = restored["state"]
+    return ({k: jax.tree.map(np.asarray, v) for k, v in state.items() if k != "opt_state"}, restored["meta"])
 
 
 def starting_rows(config, table: np.ndarray, tokenizer) -> np.ndarray:
@@ -576,6 +662,12 @@ def export_metadata(config, step: int) -> dict[str, Any]:
     metadata = {"base_model": str(config.model), "token": config.placeholder_token,
                 "num_vectors": config.num_vectors, "initializer_token": config.initializer_token, "step": step,
                 "method": config.method, "variant": config.nsync.variant if config.method == "nsync" else None}
+    kind = config.get("trainable", "embeddings")
+    if kind != "embeddings":
+        metadata.update(trainable=kind, num_vectors=0)
+    if kind == "lora":
+        metadata.update(lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
+                        lora_text_encoder=config.lora.get("text_encoder", False))
     if config.method == "dreamartist":  # the training gamma is the CFG scale to start sampling from
         metadata.update(negative_token=config.placeholder_token + NEGATIVE_SUFFIX,
                         guidance=config.dreamartist.guidance)
@@ -593,6 +685,40 @@ def export_words(path: Path, config, rows: np.ndarray, step: int, fmt: str = "di
         written.append(target)
         first += count
     return written
+
+
+def export_run(workdir: Path, output: Path, fmt: str, step: int | None = None) -> str:
+    """Writes a LoRA or full fine-tuning checkpoint for diffusers; returns a line saying what was written.
+
+    `diffusers-lora` (LoRA runs): a `.safetensors` for `pipe.load_lora_weights`. `diffusers-pipeline`: a
+    complete diffusers folder from the base model with the trained UNet and text encoder (LoRA runs: the
+    adapters merged into the weights).
+    """
+    trained, meta = read_checkpoint(workdir, step)
+    config = ml_collections.ConfigDict(meta["config"])
+    kind = config.get("trainable", "embeddings")
+    if "params" not in trained:
+        raise UserError(f"{workdir}: the run trained token embeddings: export it with --format diffusers or "
+                        "a1111")
+    params = trained["params"]
+    if fmt == "diffusers-lora":
+        if kind != "lora":
+            raise UserError(f"{workdir}: --format diffusers-lora needs a run with trainable='lora' (this one is "
+                            f"{kind!r}): use --format diffusers-pipeline")
+        lora.write_lora_file(output, params, lora_scale(config), metadata=export_metadata(config, meta["step"]))
+        return f"wrote {output} (LoRA rank {config.lora.rank}, {', '.join(params)}), step {meta['step']}"
+    if fmt != "diffusers-pipeline":
+        raise UserError(f"--format must be diffusers-lora or diffusers-pipeline for a {kind} run, got {fmt!r}")
+    pipe = load_pipeline(config.model)
+    modules = {name: pipe.modules()[name] for name in params}
+    if kind == "lora":
+        deltas = lora.read_lora_state(lora.lora_state_dict(params, lora_scale(config)), source=workdir)
+        lora.merge_lora(modules, deltas, source=workdir)
+    else:
+        for name, flat in params.items():
+            nnx.update(modules[name], lora.nested_params({k: jnp.asarray(v) for k, v in flat.items()}))
+    export.write_diffusers_pipeline(output, config.model, modules)
+    return f"wrote {output} (base {config.model}, trained {', '.join(params)}), step {meta['step']}"
 
 
 def load_training_data(config: ml_collections.ConfigDict) -> StyleDataset:
@@ -618,13 +744,16 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
     workdir = Path(workdir)
     dataset = load_training_data(config)
     dtype = jnp.dtype(config.train.get("dtype", "float32"))
-    pipe = load_pipeline(config.model, dtype=dtype)
+    kind = config.get("trainable", "embeddings")
+    # Trained weights keep float32 master copies whatever the compute dtype (train.dtype).
+    pipe = load_pipeline(config.model, dtype=dtype, param_dtype=jnp.float32 if kind == "full" else None)
     table = np.asarray(pipe.text_encoder.embeddings.token_embedding.embedding[...], np.float32)
     if len(pipe.tokenizer) != len(table):
         raise UserError(f"{config.model}: tokenizer has {len(pipe.tokenizer)} tokens, the text encoder "
                         f"{len(table)} embedding rows")
-    initial = starting_rows(config, table, pipe.tokenizer)
-    add_learned_words(pipe.tokenizer, config)
+    if kind == "embeddings":
+        initial = starting_rows(config, table, pipe.tokenizer)
+        add_learned_words(pipe.tokenizer, config)
     dreamartist = DreamArtistSpec.from_config(config) if config.method == "dreamartist" else None
     reconstruction = bool(dreamartist and dreamartist.reconstruction_weight)
     data = prepare_data(pipe, dataset, config.placeholder_token,
@@ -640,9 +769,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
                         f"{distributed.batch_size_of(mesh)} devices of the mesh")
     whole = distributed.replicated(mesh)
     batch_sharding = distributed.batch_sharded(mesh, batch_axis=1)  # batch arrays are (groups, batch, ...)
-    graphdefs, frozen = {}, {}
-    for name in ("text_encoder", "unet") + (("vae",) if reconstruction else ()):
-        graphdefs[name], frozen[name] = nnx.split(pipe.modules()[name])
+    graphdefs, frozen, trained = split_models(pipe, config, ("text_encoder", "unet") + (("vae",) if reconstruction
+                                                                                      else ()))
     frozen_sharding = distributed.frozen_shardings(mesh, frozen, mesh_config.get("shard_frozen_weights", False))
     frozen = distributed.put_tree(frozen, frozen_sharding)
     spec = StepSpec(graphdefs=graphdefs, schedule=NoiseSchedule.from_config(
@@ -650,13 +778,22 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
         scaling_factor=pipe.vae.config.scaling_factor, compute_dtype=dtype, clip_skip=config.get("clip_skip", 0),
         remat=config.train.get("remat", False))
     tx = make_optimizer(config)
+    if kind == "embeddings":  # the token rows and their optimizer state are small: replicated
+        rows = distributed.put(initial, whole)
+        trained_sharding = opt_sharding = whole
+    else:
+        # Full weights, their gradients and optimizer state are split over fsdp like frozen weights (a
+        # replicated copy when mesh.fsdp is 1); LoRA adapters are small and replicated.
+        full = kind == "full"
+        trained_sharding = distributed.frozen_shardings(mesh, trained, full)
+        opt_sharding = distributed.frozen_shardings(mesh, jax.eval_shape(tx.init, trained), full)
+        rows = distributed.put_tree(trained, trained_sharding)
     step_fn = jax.jit(make_train_step(spec, tx, config.method, config.nsync.get("share_noise", False),
                                       skip_nonfinite=config.train.get("nonfinite", "stop") == "skip",
                                       dreamartist=dreamartist),
-                      in_shardings=(whole, whole, frozen_sharding, batch_sharding, whole), out_shardings=whole,
-                      donate_argnums=(0, 1))
-    rows = distributed.put(initial, whole)
-    opt_state = jax.jit(tx.init, out_shardings=whole)(rows)
+                      in_shardings=(trained_sharding, opt_sharding, frozen_sharding, batch_sharding, whole),
+                      out_shardings=(trained_sharding, opt_sharding, whole), donate_argnums=(0, 1))
+    opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(rows)
 
     # --- resume ---
     manager = checkpoint_manager(workdir, keep=config.checkpoint.get("keep", 3))
@@ -725,7 +862,50 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
     if stop_requested:
         raise UserError(f"stopped by SIGTERM after step {manager.latest_step()}; the checkpoint is saved in "
                         f"{workdir / 'checkpoints'}: run the same command again to resume")
+    if kind != "embeddings":
+        final = jax.tree.map(lambda x: distributed.gather_to_host(x).astype(np.float32), rows)
+        if main and kind == "lora":
+            lora.write_lora_file(workdir / "lora.safetensors", final, lora_scale(config),
+                                 metadata=export_metadata(config, config.train.steps))
+        return final
     final_rows = distributed.to_host(rows).astype(np.float32)
     if main:
         export_words(workdir / "learned_embeds.safetensors", config, final_rows, config.train.steps)
     return final_rows
+
+
+def lora_scale(config) -> float:
+    return float(config.lora.alpha) / config.lora.rank
+
+
+def split_models(pipe: StableDiffusion, config, names) -> tuple[dict, dict, dict | None]:
+    """Each module's graphdef and frozen state, and what is trained of them (None for token embeddings).
+
+    The parameter filter is the config's choice: `nnx.LoRAParam` after `lora.add_lora` put adapters on the
+    targeted layers (`trainable=lora`), every `nnx.Param` of the UNet and optionally of the text encoder
+    (`trainable=full`). Trained parts come as flat dicts `{component: {path: array}}` (`lora.flat_params`);
+    the VAE is always frozen.
+    """
+    kind = config.get("trainable", "embeddings")
+    trained_names = ()
+    if kind == "lora":
+        trained_names = ("unet",) + (("text_encoder",) if config.lora.get("text_encoder", False) else ())
+    elif kind == "full":
+        trained_names = ("unet",) + (("text_encoder",) if config.full.get("train_text_encoder", True) else ())
+    # Adapter initialisation has its own stream, apart from the steps' fold_in(key(seed), step).
+    lora_key = jax.random.fold_in(jax.random.key(config.train.seed), 0x4C6F5241)
+    graphdefs, frozen, trained = {}, {}, {}
+    for index, name in enumerate(names):
+        module = pipe.modules()[name]
+        if name not in trained_names:
+            graphdefs[name], frozen[name] = nnx.split(module)
+            continue
+        selected = nnx.Param
+        if kind == "lora":
+            targets = tuple(config.lora.targets) if name == "unet" else lora.TEXT_ENCODER_TARGETS
+            lora.add_lora(module, targets, rank=config.lora.rank, alpha=config.lora.alpha,
+                          key=jax.random.fold_in(lora_key, index))
+            selected = nnx.LoRAParam
+        graphdefs[name], trained_state, frozen[name] = nnx.split(module, selected, ...)
+        trained[name] = lora.flat_params(trained_state)
+    return graphdefs, frozen, (trained or None)

@@ -1,0 +1,200 @@
+"""LoRA: low-rank adapters on the linear layers of the UNet and the text encoder, and their diffusers files.
+
+Where LoRA lives: `add_lora` replaces each targeted `nnx.Linear` of a loaded module, in place, by a
+`LoRALinear` that keeps the same `kernel` and `bias` variables under the same names (so the frozen part of
+the model has exactly the paths and values of the base model) and adds two `nnx.LoRAParam`s next to them:
+
+  lora_down `(in, rank)`   random: kaiming-uniform, bound 1/sqrt(in) (peft's default for lora_A)
+  lora_up   `(rank, out)`  zero, so the adapted model is the base model until the first update
+
+and computes `x W + b + (alpha / rank) (x down) up`. The trainer selects the adapters with the NNX filter
+`nnx.LoRAParam` (`nnx.split(module, nnx.LoRAParam, ...)`); everything else stays frozen.
+
+Files: `lora_state_dict` writes peft-style keys, which diffusers' `load_lora_weights` reads for Stable
+Diffusion 1.x/2.x (`unet.<module>.lora_A.weight` `(rank, in)`, `unet.<module>.lora_B.weight` `(out, rank)`,
+`text_encoder.text_model.<module>...`). diffusers gives a file without alphas the scale 1, so the
+alpha/rank scale is folded into lora_B on export. `read_lora_file` and `merge_lora` fold such a file into
+plain weights (W + scale * B A, with an optional per-module `<module>.alpha` key giving alpha/rank).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nsync_jax.errors import UserError
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' attention projections
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention projections
+# The prefix of each component's keys in a diffusers LoRA file (transformers' CLIP keeps `text_model.`).
+FILE_PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder.text_model."}
+_LINEAR_ATTRIBUTES = ("in_features", "out_features", "use_bias", "dtype", "param_dtype", "precision",
+                      "dot_general", "promote_dtype", "preferred_element_type")
+
+
+class LoRALinear(nnx.Module):
+    """An `nnx.Linear` plus a low-rank update; the base layer's variables and arithmetic are kept as they are."""
+
+    def __init__(self, base: nnx.Linear, *, rank: int, alpha: float, key: jax.Array):
+        for name in _LINEAR_ATTRIBUTES:
+            setattr(self, name, getattr(base, name))
+        self.kernel, self.bias = base.kernel, base.bias
+        self.scale = alpha / rank
+        bound = 1.0 / np.sqrt(base.in_features)
+        self.lora_down = nnx.LoRAParam(jax.random.uniform(key, (base.in_features, rank), jnp.float32, -bound, bound))
+        self.lora_up = nnx.LoRAParam(jnp.zeros((rank, base.out_features), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = nnx.Linear.__call__(self, x)  # the base layer exactly (its dtype promotion and precision)
+        down, up = self.lora_down[...], self.lora_up[...]
+        x, down, up = self.promote_dtype((x, down, up), dtype=self.dtype)
+        return y + ((x @ down) @ up * self.scale).astype(y.dtype)
+
+
+def _path_matches(path: str, targets) -> bool:
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def add_lora(module: nnx.Module, targets, *, rank: int, alpha: float, key: jax.Array) -> list[str]:
+    """Puts a `LoRALinear` in place of every `nnx.Linear` of `module` whose dotted path ends with one of
+    `targets` (e.g. `to_q`, `to_out.0`); returns their paths. Each adapter's key is `fold_in(key, index)`."""
+    found = [(path, m) for path, m in nnx.iter_modules(module)
+             if type(m) is nnx.Linear and _path_matches(".".join(map(str, path)), targets)]
+    if not found:
+        raise UserError(f"config lora.targets={list(targets)}: no linear layer of the "
+                        f"{type(module).__name__} matches")
+    for index, (path, linear) in enumerate(found):
+        parent = module
+        for part in path[:-1]:
+            parent = parent[part] if isinstance(part, int) else getattr(parent, part)
+        adapted = LoRALinear(linear, rank=rank, alpha=alpha, key=jax.random.fold_in(key, index))
+        if isinstance(path[-1], int):
+            parent[path[-1]] = adapted
+        else:
+            setattr(parent, path[-1], adapted)
+    return [".".join(map(str, path)) for path, _ in found]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Trainable parameters as flat dicts {dotted path: array}: what the optimizer, Orbax and export see.
+# ------------------------------------------------------------------------------------------------------------
+
+def flat_params(state) -> dict[str, jax.Array]:
+    """An NNX state as `{"down_blocks.0....to_q.lora_down": array}`."""
+    return {".".join(map(str, path)): variable[...] for path, variable in nnx.to_flat_state(state)}
+
+
+def nested_params(flat: dict) -> dict:
+    """The inverse of `flat_params`, as the nested pure dict `nnx.merge` accepts (list indices as ints)."""
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = [int(p) if p.isdigit() else p for p in key.split(".")]
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+# ------------------------------------------------------------------------------------------------------------
+# diffusers LoRA files.
+# ------------------------------------------------------------------------------------------------------------
+
+def lora_state_dict(params: dict[str, dict[str, np.ndarray]], scale: float) -> dict[str, np.ndarray]:
+    """diffusers/peft keys from trained adapters `{component: {"<module>.lora_down": (in, r), ...}}`, with
+    `scale` (alpha / rank) folded into lora_B."""
+    state = {}
+    for component, flat in params.items():
+        for key, down in flat.items():
+            if not key.endswith(".lora_down"):
+                continue
+            module = key.removesuffix(".lora_down")
+            up = np.asarray(flat[module + ".lora_up"], np.float32)
+            prefix = FILE_PREFIXES[component] + module
+            state[prefix + ".lora_A.weight"] = np.ascontiguousarray(np.asarray(down, np.float32).T)
+            state[prefix + ".lora_B.weight"] = np.ascontiguousarray((up * scale).T)
+    return state
+
+
+_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_A|lora\.down)\.weight$")
+
+
+def read_lora_file(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """The weight deltas of a diffusers LoRA file: `{component: {module path: delta kernel (in, out)}}`, in
+    this project's module paths and Flax layout (delta = alpha/rank B A, transposed)."""
+    from nsync_jax.weights import read_state_dict
+
+    return read_lora_state(read_state_dict(Path(path)), source=path)
+
+
+def read_lora_state(state: dict[str, np.ndarray], source: Path | str) -> dict[str, dict[str, np.ndarray]]:
+    """`read_lora_file` for a state dict already read."""
+    path = source
+    deltas: dict[str, dict[str, np.ndarray]] = {"unet": {}, "text_encoder": {}}
+    used = set()
+    for key in state:
+        match = _KEY.match(key)
+        if not match:
+            continue
+        name = match["module"]
+        up_key = key.replace("lora_A.weight", "lora_B.weight").replace("lora.down.weight", "lora.up.weight")
+        if up_key not in state:
+            raise UserError(f"{path}: {key!r} has no matching {up_key!r}")
+        down, up = np.asarray(state[key], np.float32), np.asarray(state[up_key], np.float32)
+        rank = down.shape[0]
+        alpha = float(np.asarray(state[name + ".alpha"])) if name + ".alpha" in state else rank
+        for component, prefix in FILE_PREFIXES.items():
+            short = prefix.split(".")[0] + "."
+            if name.startswith(short):
+                module = name[len(prefix):] if name.startswith(prefix) else name[len(short):]
+                deltas[component][module] = ((alpha / rank) * (up @ down)).T
+                break
+        else:
+            raise UserError(f"{path}: LoRA key {key!r} is not for the unet or the text_encoder")
+        used.update({key, up_key, name + ".alpha"})
+    unexpected = sorted(set(state) - used)
+    if unexpected:
+        raise UserError(f"{path}: unexpected key {unexpected[0]!r} (expected diffusers/peft LoRA keys "
+                        "'unet.<module>.lora_A.weight', 'unet.<module>.lora_B.weight')")
+    if not any(deltas.values()):
+        raise UserError(f"{path}: no LoRA weights in the file")
+    return deltas
+
+
+def merge_lora(modules: dict[str, nnx.Module], deltas: dict[str, dict[str, np.ndarray]], scale: float = 1.0,
+               source: Path | str = "LoRA file") -> None:
+    """Adds `scale * delta` to each targeted linear kernel of `modules` (`{"unet": ..., "text_encoder": ...}`),
+    in float32, keeping each kernel's dtype."""
+    for component, per_module in deltas.items():
+        if not per_module:
+            continue
+        linears = {".".join(map(str, path)): m for path, m in nnx.iter_modules(modules[component])
+                   if isinstance(m, nnx.Linear)}
+        for name, delta in per_module.items():
+            if name not in linears:
+                raise UserError(f"{source}: the {component} has no linear layer {name!r}")
+            kernel = linears[name].kernel
+            if tuple(kernel.shape) != delta.shape:
+                raise UserError(f"{source}: {component} {name}: LoRA of shape {delta.shape[::-1]}, the layer is "
+                                f"{tuple(kernel.shape)[::-1]}")
+            merged = kernel[...].astype(jnp.float32) + scale * jnp.asarray(delta)
+            kernel[...] = merged.astype(kernel.dtype)
+
+
+def write_lora_file(path: Path, params: dict[str, dict[str, np.ndarray]], scale: float,
+                    metadata: dict | None = None) -> None:
+    """Writes trained adapters as a diffusers LoRA `.safetensors` (see `lora_state_dict`), atomically; `metadata`
+    goes into the file's header as JSON under `nsync_jax`."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from nsync_jax.files import atomic_write
+
+    state = lora_state_dict(params, scale)
+    header = {"format": "pt", "nsync_jax": json.dumps(metadata or {}, sort_keys=True)}
+    atomic_write(Path(path), lambda tmp: save_file(state, str(tmp), metadata=header))

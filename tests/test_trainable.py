@@ -1,0 +1,207 @@
+"""What is trained is a config choice (trainable = embeddings, lora or full) on the one trainer: LoRA starts at
+the base model and trains only its adapters, full fine-tuning only the chosen modules, both resume exactly,
+and their exports load in diffusers (load_lora_weights, StableDiffusionPipeline) and in `sample`."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from conftest import jitted
+from nsync_jax import lora, tokens
+from nsync_jax.cli import main
+from nsync_jax.pipeline import encode_text, load_pipeline
+from nsync_jax.train import trainer
+from test_train import tiny_config, write_style_dataset
+
+PROMPT = "a cat in the style of zwx"
+
+
+@pytest.fixture(scope="module")
+def style_dir(tmp_path_factory):
+    return write_style_dataset(tmp_path_factory.mktemp("style"))
+
+
+def lora_config(model, data, **overrides):
+    return tiny_config(model, data, trainable="lora", placeholder_token="zwx", lora__rank=2, lora__alpha=4.0,
+                       **overrides)
+
+
+def unet_inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32), jnp.array([3, 901]),
+            jnp.asarray(rng.standard_normal((2, 16, 32)), jnp.float32))
+
+
+def flat_state(module):
+    return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def first_step(pipe, config):
+    """One jitted step as `trainer.train` builds it: (trained before, trained after, frozen states)."""
+    data = trainer.prepare_data(pipe, trainer.load_training_data(config), config.placeholder_token)
+    graphdefs, frozen, trained = trainer.split_models(pipe, config, ("text_encoder", "unet"))
+    spec = trainer.StepSpec(graphdefs, trainer.NoiseSchedule.from_config(pipe.scheduler_config),
+                            pipe.vae.config.scaling_factor, jnp.float32, 0)
+    tx = trainer.make_optimizer(config)
+    step = jax.jit(trainer.make_train_step(spec, tx, config.method, False))
+    batch = trainer.step_batch(data, config.method, 2, seed=0, step=0)
+    before = jax.tree.map(np.asarray, trained)
+    after, _, metrics = step(trained, tx.init(trained), frozen, batch, jax.random.key(0))
+    assert np.isfinite(metrics["loss"])
+    return before, jax.tree.map(np.asarray, after), frozen
+
+
+def test_lora_starts_at_the_base_model_and_a_step_trains_only_adapters(sd1_dir, style_dir):
+    pipe = load_pipeline(sd1_dir)
+    base_unet = flat_state(pipe.unet)
+    base_text = flat_state(pipe.text_encoder)
+    inputs = unet_inputs()
+    base_output = np.asarray(jitted(pipe.unet)(*inputs))
+
+    config = lora_config(sd1_dir, style_dir, lora__text_encoder=True)
+    before, after, frozen = first_step(pipe, config)
+    # Adapters sit next to the base weights, which keep their paths and values.
+    assert isinstance(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_out[0], lora.LoRALinear)
+    for module, base in ((pipe.unet, base_unet), (pipe.text_encoder, base_text)):
+        plain = {k: v for k, v in flat_state(module).items() if ".lora_" not in k}
+        assert plain.keys() == base.keys() and all(np.array_equal(plain[k], base[k]) for k in base)
+    for name in ("unet", "text_encoder"):
+        frozen_flat = lora.flat_params(frozen[name])
+        assert all(np.array_equal(frozen_flat[k], v) for k, v in (base_unet if name == "unet" else base_text).items())
+    # 4 projections per attention: SD1 tiny has 2 + 2 down, 1 mid, 3 + 3 up transformer blocks, 2 attentions each.
+    assert len(after["unet"]) == 2 * 4 * 2 * 11 and len(after["text_encoder"]) == 2 * 4 * 3
+    assert all(k.endswith((".lora_down", ".lora_up")) for part in after.values() for k in part)
+    for part in ("unet", "text_encoder"):
+        ups = [k for k in before[part] if k.endswith("lora_up")]
+        assert all(not before[part][k].any() for k in ups)  # zero at the start
+        assert all(after[part][k].any() for k in ups)  # trained by the step
+    # At step 0 (up = 0) the adapted UNet is the base UNet exactly.
+    assert np.array_equal(np.asarray(jitted(pipe.unet)(*inputs)), base_output)
+
+
+def test_full_step_trains_only_the_chosen_modules(sd1_dir, style_dir):
+    pipe = load_pipeline(sd1_dir)
+    base_text = flat_state(pipe.text_encoder)
+    config = tiny_config(sd1_dir, style_dir, trainable="full", placeholder_token="zwx", method="textual_inversion",
+                         full__train_text_encoder=False)
+    before, after, frozen = first_step(pipe, config)
+    assert list(after) == ["unet"] and "vae" not in frozen
+    assert before["unet"].keys() == flat_state(pipe.unet).keys()
+    changed = [k for k in before["unet"] if not np.array_equal(before["unet"][k], after["unet"][k])]
+    assert len(changed) > 0.9 * len(before["unet"])
+    frozen_text = lora.flat_params(frozen["text_encoder"])
+    assert frozen_text.keys() == base_text.keys()
+    assert all(np.array_equal(frozen_text[k], v) for k, v in base_text.items())
+
+
+# Each run compiles its step anew (about 70 s for LoRA on 2 CPU cores); the full case runs with `-m slow`.
+@pytest.mark.parametrize("kind", ["lora", pytest.param("full", marks=pytest.mark.slow)])
+def test_resume_is_bit_identical(sd1_dir, style_dir, tmp_path, kind):
+    if kind == "lora":  # NSYNC-LoRA, with adapters on the text encoder too
+        config = lora_config(sd1_dir, style_dir, lora__text_encoder=True)
+    else:
+        config = tiny_config(sd1_dir, style_dir, trainable="full", placeholder_token="zwx",
+                             method="textual_inversion", nsync__granularity="leaf")
+    straight = trainer.train(config, tmp_path / "straight", progress=False)
+    config.train.steps = 3
+    trainer.train(config, tmp_path / "resumed", progress=False)
+    config.train.steps = 6
+    resumed = trainer.train(config, tmp_path / "resumed", progress=False)
+    assert straight.keys() == resumed.keys() == {"unet", "text_encoder"}
+    for part in straight:
+        assert all(np.array_equal(straight[part][k], resumed[part][k]) for k in straight[part])
+    # Checkpoints hold only the trained part and its optimizer state.
+    state = trainer.checkpoint_manager(tmp_path / "resumed", keep=3).item_metadata(6)["state"]
+    assert set(state) == {"params", "opt_state"}
+    assert jax.tree.structure(state["params"]) == jax.tree.structure(straight)
+
+
+def torch_text_and_unet(pipe, prompt, inputs):
+    """diffusers' text encoder output for `prompt` and UNet output for `inputs` (NHWC in, NHWC out)."""
+    ids = pipe.tokenizer([prompt], padding="max_length", max_length=16, truncation=True,
+                         return_tensors="pt").input_ids
+    sample, t, context = (torch.from_numpy(np.array(x)) for x in inputs)
+    with torch.no_grad():
+        text = pipe.text_encoder(ids).last_hidden_state.numpy()
+        out = pipe.unet(sample.permute(0, 3, 1, 2), t, context).sample.permute(0, 2, 3, 1).numpy()
+    return ids.numpy(), text, out
+
+
+def rel_error(ours, reference) -> float:
+    return float(np.abs(ours - reference).max() / np.abs(reference).max())
+
+
+def test_lora_export_matches_diffusers_load_lora_weights(sd1_dir, style_dir, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    config = lora_config(sd1_dir, style_dir, lora__text_encoder=True, method="textual_inversion",
+                         train__steps=3, train__learning_rate=0.05)
+    trainer.train(config, tmp_path / "work", progress=False)
+    exported = tmp_path / "style_lora.safetensors"
+    assert main(["export", "--workdir", str(tmp_path / "work"), "--format", "diffusers-lora",
+                 "--output", str(exported)]) == 0, capsys.readouterr().err
+    assert exported.read_bytes() == (tmp_path / "work" / "lora.safetensors").read_bytes()
+
+    inputs = unet_inputs(1)
+    reference = StableDiffusionPipeline.from_pretrained(sd1_dir, safety_checker=None)
+    _, base_text, base_unet = torch_text_and_unet(reference, PROMPT, inputs)
+    reference.load_lora_weights(str(exported))
+    torch_ids, torch_text, torch_unet = torch_text_and_unet(reference, PROMPT, inputs)
+    # Not trivially equal: the adapters moved both models.
+    assert rel_error(torch_text, base_text) > 1e-3 and rel_error(torch_unet, base_unet) > 1e-3
+
+    pipe = load_pipeline(sd1_dir)
+    lora.merge_lora(pipe.modules(), lora.read_lora_file(exported))  # what `sample --lora` does
+    ids = tokens.tokenize(pipe.tokenizer, [PROMPT])
+    np.testing.assert_array_equal(ids, torch_ids)
+    text = np.asarray(encode_text(pipe.text_encoder, jnp.asarray(pipe.extra_token_rows), jnp.asarray(ids)))
+    assert rel_error(text, torch_text) <= 1e-4
+    assert rel_error(np.asarray(jitted(pipe.unet)(*inputs)), torch_unet) <= 1e-4
+
+    # Half the scale in `sample --lora-scale 0.5` and diffusers' fuse_lora(lora_scale=0.5) agree too.
+    half = load_pipeline(sd1_dir)
+    lora.merge_lora(half.modules(), lora.read_lora_file(exported), 0.5)
+    reference.fuse_lora(lora_scale=0.5)
+    reference.unload_lora_weights()
+    _, _, torch_half = torch_text_and_unet(reference, PROMPT, inputs)
+    assert rel_error(np.asarray(jitted(half.unet)(*inputs)), torch_half) <= 1e-4
+
+    assert main(["sample", "--model", str(sd1_dir), "--lora", str(exported), "--lora-scale", "0.5",
+                 "--prompt", PROMPT, "--steps", "2", "--output", str(tmp_path / "samples")]) == 0
+    assert (tmp_path / "samples" / "000000.png").exists()
+
+
+@pytest.mark.slow  # about 75 s on 2 CPU cores
+def test_full_export_is_a_diffusers_pipeline(sd1_dir, style_dir, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    config = tiny_config(sd1_dir, style_dir, trainable="full", placeholder_token="zwx", method="textual_inversion",
+                         train__steps=2, train__learning_rate=1e-3)
+    trained = trainer.train(config, tmp_path / "work", progress=False)
+    out = tmp_path / "exported"
+    assert main(["export", "--workdir", str(tmp_path / "work"), "--format", "diffusers-pipeline",
+                 "--output", str(out)]) == 0, capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    assert main(["export", "--workdir", str(tmp_path / "work"), "--format", "diffusers-pipeline",
+                 "--output", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+    # This project's UNet with the trained weights, against diffusers loading the exported folder.
+    pipe = load_pipeline(sd1_dir)
+    nnx.update(pipe.unet, lora.nested_params({k: jnp.asarray(v) for k, v in trained["unet"].items()}))
+    inputs = unet_inputs(2)
+    ours = np.asarray(jitted(pipe.unet)(*inputs))
+    reference = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    ids, text, unet_out = torch_text_and_unet(reference, PROMPT, inputs)
+    assert rel_error(ours, unet_out) <= 1e-4
+    _, _, base_out = torch_text_and_unet(StableDiffusionPipeline.from_pretrained(sd1_dir, safety_checker=None),
+                                          PROMPT, inputs)
+    assert rel_error(unet_out, base_out) > 1e-4  # the export holds the trained weights, not the base ones
+    exported = load_pipeline(out)  # and `sample --model OUT` reads it
+    np.testing.assert_array_equal(np.asarray(exported.text_encoder.encoder.layers[0].self_attn.q_proj.kernel[...]),
+                                  trained["text_encoder"]["encoder.layers.0.self_attn.q_proj.kernel"])
+    ours_text = np.asarray(encode_text(exported.text_encoder, jnp.asarray(exported.extra_token_rows),
+                                       jnp.asarray(ids)))
+    assert rel_error(ours_text, text) <= 1e-4
