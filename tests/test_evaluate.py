@@ -155,7 +155,7 @@ def test_evaluate_command_writes_every_metric(metric_weights, image_folders, cap
     out = root / "scores.json"
     assert cli.main(["evaluate", "--real", str(root / "real"), "--generated", str(root / "generated"),
                      "--captions", str(root / "captions"), "--metrics", "fid,kid,cmmd,csd,clip",
-                     "--weights", str(weights_dir), "--output", str(out), "--batch-size", "4"]) == 0
+                     "--weights", str(weights_dir), "--output", str(out), "--batch-size", "6"]) == 0
     result = json.loads(out.read_text())
     printed = capsys.readouterr().out
     assert "g5.png" in printed and "cmmd" in printed
@@ -189,14 +189,13 @@ def test_evaluate_command_writes_every_metric(metric_weights, image_folders, cap
         text_emb = getattr(text_emb, "pooler_output", text_emb).numpy()
     assert scores["clip"]["value"] == pytest.approx(metrics.clip_score(image_emb, text_emb).value, rel=1e-4, abs=1e-4)
 
-    # The NSYNC protocol: the torchvision Inception and a bootstrap FID; a folder against itself is at 0.
+    # The NSYNC protocol on a folder against itself (plain FID 0): the torchvision Inception, and a bootstrap
+    # FID of resampled sets, which repeat images, above it.
     assert cli.main(["evaluate", "--real", str(root / "real"), "--generated", str(root / "real"), "--protocol",
-                     "nsync", "--metrics", "fid", "--weights", str(weights_dir), "--output", str(out)]) == 0
+                     "nsync", "--metrics", "fid", "--weights", str(weights_dir), "--output", str(out),
+                     "--batch-size", "6"]) == 0
     fid = json.loads(out.read_text())["metrics"]["fid"]
     assert fid["bootstrap_draws"] == 10 and fid["std"] > 0 and fid["value"] > 0
-    assert cli.main(["evaluate", "--real", str(root / "real"), "--generated", str(root / "real"), "--metrics",
-                     "fid", "--weights", str(weights_dir), "--output", str(out)]) == 0
-    assert abs(json.loads(out.read_text())["metrics"]["fid"]["value"]) < 1e-6
 
 
 def test_evaluate_command_errors(metric_weights, image_folders, tmp_path, capsys):
