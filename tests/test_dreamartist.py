@@ -243,3 +243,55 @@ def test_export_loads_both_words_in_diffusers_and_samples_with_the_negative(sd1_
                          latents=torch.from_numpy(latents), output_type="pil").images[0]
     ours = np.asarray(Image.open(tmp_path / "out" / "000000.png"), np.int16)
     assert np.abs(ours - np.asarray(expected, np.int16)).max() <= 2
+
+
+def test_attention_masks_weight_the_denoising_loss(sd1_dir, tmp_path):
+    """`<stem>_att.png` is a mask, not a training image, and weights the squared error per latent pixel."""
+    from nsync_jax.data.style_dataset import find_style_items, mask_weights
+
+    root = write_style_dataset(tmp_path / "style")
+    grey = np.zeros((40, 48), np.uint8)
+    grey[:, 24:] = 255  # right half weight 5, left half 0
+    Image.fromarray(grey).save(root / "images" / "item0_att.png")
+    assert len(find_style_items(root / "images", captions=None, negatives=None)) == 5  # masks off: an image
+    items = find_style_items(root / "images", captions=None, negatives=None, masks=True)
+    assert [item.stem for item in items] == ["item0", "item1", "item2", "item3"]
+    assert items[0].mask is not None and all(item.mask is None for item in items[1:])
+    np.testing.assert_allclose(mask_weights(np.array([[[0, 127], [191, 255]]], np.float32), 2),
+                               [[[0, 1], [3, 5]]], rtol=1e-6)
+
+    config = dreamartist_config(sd1_dir, root, dreamartist__attention_masks=True)
+    config.dreamartist.reconstruction = False
+    pipe = load_pipeline(sd1_dir)
+    trainer.add_learned_words(pipe.tokenizer, config)
+    prepared = trainer.prepare_data(pipe, trainer.load_training_data(config), TOKEN, negative_word=NEGATIVE)
+    weights = prepared.loss_weights
+    size = prepared.positives.shape[2]
+    assert weights.shape == (4, 2, size, size)
+    np.testing.assert_array_equal(weights[1:], 1.0)  # no mask: every pixel weighs 1
+    assert weights[0, 0, :, 0].max() < 0.1 and weights[0, 0, :, -1].min() > 4.9
+    np.testing.assert_array_equal(weights[0, 1], weights[0, 0, :, ::-1])  # the mirror image's mask is mirrored
+    # The first step whose batch draws the masked image.
+    batch = next(b for b in (trainer.step_batch(prepared, "dreamartist", 4, seed=1, step=s) for s in range(20))
+                 if (b["weights"] != 1).any())
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    graphdefs, frozen = {}, {}
+    for name in ("text_encoder", "unet", "vae"):
+        graphdefs[name], frozen[name] = nnx.split(pipe.modules()[name])
+    spec = trainer.StepSpec(graphdefs, trainer.NoiseSchedule.from_config(pipe.scheduler_config),
+                            pipe.vae.config.scaling_factor, jnp.float32, 0)
+    da = trainer.DreamArtistSpec.from_config(config)
+    rows = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32)), jnp.float32)
+    key = jax.random.key(0)
+    masked, _ = trainer.dreamartist_losses(spec, da, rows, frozen, batch, key)
+    prediction, target, _, t = trainer.denoise(spec, jnp.broadcast_to(rows, (2, *rows.shape)), frozen, batch["ids"],
+                                               jnp.broadcast_to(batch["mean"], (2, *batch["mean"].shape[1:])),
+                                               jnp.broadcast_to(batch["logvar"], (2, *batch["logvar"].shape[1:])),
+                                               trainer.group_keys(key, 2, share_noise=True))
+    gamma = trainer.fusion_guidance(da, t[1], spec.schedule.num_train_timesteps)[:, None, None, None]
+    fused = prediction[0] + gamma * (prediction[1] - prediction[0])
+    expected = jnp.mean(jnp.square(fused - target[1]) * batch["weights"][0][..., None])
+    np.testing.assert_allclose(masked, expected, rtol=1e-6)
+    unweighted, _ = trainer.dreamartist_losses(spec, da, rows, frozen, {k: v for k, v in batch.items()
+                                                                        if k != "weights"}, key)
+    assert abs(float(unweighted) - float(masked)) > 1e-3 * float(unweighted)

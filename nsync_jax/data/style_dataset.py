@@ -23,6 +23,7 @@ from nsync_jax.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RESIZE_MODES = ("squash", "center_crop")
+MASK_SUFFIX = "_att"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,7 @@ class StyleDataset:
     positives: np.ndarray  # (N, resolution, resolution, 3) float32 in [-1, 1]
     negatives: np.ndarray | None  # same shape, or None for Textual Inversion without negatives
     captions: tuple[str, ...]
+    masks: np.ndarray | None = None  # (N, resolution, resolution) grey levels of DreamArtist's attention masks
 
 
 def images_by_stem(folder: Path, what: str) -> dict[str, Path]:
@@ -51,19 +53,31 @@ class StyleItem:
     image: bytes
     caption: str
     negative: bytes | None
+    mask: bytes | None = None  # DreamArtist's per-image loss weights (`<stem>_att.<ext>`, grey)
 
 
-def decode_image(data: bytes, resolution: int, resize: str) -> np.ndarray:
+def decode_image(data: bytes, resolution: int, resize: str, mode: str = "RGB") -> np.ndarray:
     """Encoded image bytes as float32 RGB `(resolution, resolution, 3)` in [-1, 1] (bicubic, as the released
-    code), squashed or centre-cropped to a square."""
+    code), squashed or centre-cropped to a square; `mode="L"`: grey levels `(resolution, resolution)` in
+    [0, 255]."""
     with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("RGB")
+        image = image.convert(mode)
         if resize == "center_crop":
             side = min(image.size)
             left, top = (image.width - side) // 2, (image.height - side) // 2
             image = image.crop((left, top, left + side, top + side))
         image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+        if mode == "L":
+            return np.asarray(image, np.float32)
         return np.asarray(image, np.float32) / 127.5 - 1.0
+
+
+def mask_weights(grey: np.ndarray, size: int) -> np.ndarray:
+    """DreamArtist's loss weights from attention masks `(N, H, W)` (grey levels) at latent size `(N, size, size)`
+    (bicubic): grey g maps to g / 127 up to 127 (0 to 1), then 1 + 4 (g - 127) / 128 (up to 5), as released."""
+    g = np.stack([np.asarray(Image.fromarray(m.astype(np.float32)).resize((size, size), Image.Resampling.BICUBIC))
+                  for m in grey]).clip(0, 255)
+    return np.where(g <= 127, g / 127, 1 + 4 * (g - 127) / 128).astype(np.float32)
 
 
 def _read_valid_image(path: Path, problems: list[str]) -> bytes | None:
@@ -79,14 +93,21 @@ def _read_valid_image(path: Path, problems: list[str]) -> bytes | None:
 
 
 def find_style_items(images: Path, *, captions: Path | None, negatives: Path | None,
-                     skip_bad_items: bool = False) -> list[StyleItem]:
+                     skip_bad_items: bool = False, masks: bool = False) -> list[StyleItem]:
     """Validates a style dataset in NSYNC's layout and reads its files; see the module docstring.
 
     Raises `UserError` listing every missing caption, missing negative and unreadable image, unless
-    `skip_bad_items`, which drops those items with a warning instead.
+    `skip_bad_items`, which drops those items with a warning instead. With `masks`, an image `<stem>_att.<ext>`
+    next to `<stem>.<ext>` is that image's attention mask (DreamArtist's), not a training image.
     """
     images, captions = Path(images), captions and Path(captions)
     positives = images_by_stem(images, "images")
+    mask_files = {}
+    if masks:
+        mask_files = {stem[:-len(MASK_SUFFIX)]: path for stem, path in positives.items()
+                      if stem.endswith(MASK_SUFFIX) and stem[:-len(MASK_SUFFIX)] in positives}
+        positives = {stem: path for stem, path in positives.items()
+                     if not (stem.endswith(MASK_SUFFIX) and stem[:-len(MASK_SUFFIX)] in mask_files)}
     negative_files = images_by_stem(Path(negatives), "negatives") if negatives else {}
     if captions is not None and not captions.is_dir():
         raise UserError(f"{captions}: captions folder not found")
@@ -111,10 +132,11 @@ def find_style_items(images: Path, *, captions: Path | None, negatives: Path | N
             else:
                 item_problems.append(f"missing negative {Path(negatives) / (stem + '.png')}")
         positive = _read_valid_image(path, item_problems)
+        mask = _read_valid_image(mask_files[stem], item_problems) if stem in mask_files else None
         if item_problems:
             problems[stem] = item_problems
         else:
-            kept.append(StyleItem(stem, positive, caption, negative))
+            kept.append(StyleItem(stem, positive, caption, negative, mask))
 
     if problems:
         listing = "; ".join(p for item in problems.values() for p in item)
@@ -136,7 +158,11 @@ def build_style_dataset(items: list[StyleItem], resolution: int, resize: str = "
         positives=np.stack([decode_image(item.image, resolution, resize) for item in items]),
         negatives=np.stack([decode_image(item.negative, resolution, resize) for item in items])
         if with_negatives else None,
-        captions=tuple(item.caption for item in items))
+        captions=tuple(item.caption for item in items),
+        # An image without a mask weighs every pixel 1 (grey 127).
+        masks=np.stack([decode_image(item.mask, resolution, resize, mode="L") if item.mask is not None
+                        else np.full((resolution, resolution), 127, np.float32) for item in items])
+        if any(item.mask is not None for item in items) else None)
 
 
 def load_style_dataset(images: Path, *, captions: Path | None, negatives: Path | None, resolution: int,

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from nsync_jax import distributed, export, lora, tokens
 from nsync_jax.data import tfds_style
-from nsync_jax.data.style_dataset import StyleDataset, build_style_dataset, find_style_items
+from nsync_jax.data.style_dataset import StyleDataset, build_style_dataset, find_style_items, mask_weights
 from nsync_jax.errors import UserError
 from nsync_jax.optim import VARIANTS, clip_row_blocks, ema_reset, orthogonal_projection, scale_row_blocks
 from nsync_jax.pipeline import StableDiffusion, load_pipeline
@@ -136,6 +136,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.dreamartist.neg_lr_weight = 1.0  # the negative word's learning rate is this times train.learning_rate
     config.dreamartist.ema_weight = 1.0  # < 1: keep an EMA of the rows (this decay) ...
     config.dreamartist.ema_rep_step = 25  # ... and copy it into the rows every this many steps
+    # `<stem>_att.<ext>` next to an image in data.images is its attention mask (not a training image): grey
+    # levels weight the denoising loss per latent pixel, 0 -> 0, 127 -> 1, 255 -> 5 (the released mapping).
+    config.dreamartist.attention_masks = False
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 1000
@@ -395,7 +398,8 @@ def dreamartist_losses(spec: StepSpec, da: DreamArtistSpec, rows, frozen, batch,
     Args:
       rows: `(num_positive_vectors + num_negative_vectors, width)`, the positive word's rows, then the negative's.
       batch: ids `(2, batch, tokens)`, the negative word's prompts then the positive word's (as released);
-        mean, logvar `(1, batch, h, w, c)`; with reconstruction, pixels `(1, batch, H, W, 3)` in [-1, 1].
+        mean, logvar `(1, batch, h, w, c)`; with reconstruction, pixels `(1, batch, H, W, 3)` in [-1, 1]; with
+        attention masks, weights `(1, batch, h, w)` of the squared error.
     """
     # Both groups read the same posteriors with the same key: the two words see the same noisy latents and
     # timesteps, and the UNet runs once on the batch of both.
@@ -407,7 +411,10 @@ def dreamartist_losses(spec: StepSpec, da: DreamArtistSpec, rows, frozen, batch,
     fused = negative + gamma * (positive - negative)
     # In the model's own parameterisation (v for v-prediction models), as the other methods' loss: fusing v is
     # fusing eps (the two are affine in each other at fixed x_t), and the v loss is the eps loss / abar_t.
-    parts = {"loss_denoise": jnp.mean(jnp.square(fused - target[1]))}
+    squared = jnp.square(fused - target[1])
+    if "weights" in batch:  # attention masks, per latent pixel
+        squared = squared * batch["weights"][0][..., None]
+    parts = {"loss_denoise": jnp.mean(squared)}
     loss = parts["loss_denoise"]
     if da.reconstruction_weight:
         vae = nnx.merge(spec.graphdefs["vae"], frozen["vae"])
@@ -498,6 +505,7 @@ class PreparedData:
     negatives: np.ndarray | None
     captioned: bool
     negative_word_ids: np.ndarray | None = None  # DreamArtist: `ids` with the negative word for the token
+    loss_weights: np.ndarray | None = None  # DreamArtist's attention masks: (N, 2, h, w), the mirror second
     images: np.ndarray | None = None  # (N, H, W, 3) in [-1, 1], for DreamArtist's pixel reconstruction
 
 
@@ -521,6 +529,12 @@ def training_prompts(dataset: StyleDataset, word: str) -> list[str]:
     return [template.format(word) for template in STYLE_TEMPLATES]
 
 
+def _loss_weights(masks: np.ndarray, latent_size: int) -> np.ndarray:
+    """Attention masks as loss weights at latent size, for each image and its mirror image `(N, 2, h, w)`."""
+    weights = mask_weights(masks, latent_size)
+    return np.stack([weights, weights[:, :, ::-1]], axis=1)
+
+
 def prepare_data(pipe: StableDiffusion, dataset: StyleDataset, token: str, *, negative_word: str | None = None,
                  keep_images: bool = False) -> PreparedData:
     """Prompt ids and cached posteriors. `negative_word`: also the same prompts with it in place of `token`
@@ -532,9 +546,12 @@ def prepare_data(pipe: StableDiffusion, dataset: StyleDataset, token: str, *, ne
         return tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(p, pipe.tokenizer) for p in prompts])
 
     negatives = encode_posteriors(pipe, dataset.negatives) if dataset.negatives is not None else None
-    return PreparedData(ids=prompt_ids(token), positives=encode_posteriors(pipe, dataset.positives),
+    positives = encode_posteriors(pipe, dataset.positives)
+    return PreparedData(ids=prompt_ids(token), positives=positives,
                         negatives=negatives, captioned=captioned,
                         negative_word_ids=prompt_ids(negative_word) if negative_word else None,
+                        loss_weights=_loss_weights(dataset.masks, positives.shape[2]) if dataset.masks is not None
+                        else None,
                         images=dataset.positives if keep_images else None)
 
 
@@ -563,6 +580,8 @@ def step_batch(data: PreparedData, method: str, batch_size: int, seed: int, step
         if data.images is not None:
             pixels = [data.images[i][:, ::-1] if flip else data.images[i] for i, flip in zip(index, flips[0])]
             batch["pixels"] = np.stack(pixels)[None]
+        if data.loss_weights is not None:
+            batch["weights"] = data.loss_weights[index, flips[0]][None]
     return batch
 
 
@@ -725,12 +744,15 @@ def load_training_data(config: ml_collections.ConfigDict) -> StyleDataset:
     """The validated style dataset: from folders (`data.images`, ...) or a prepared tfds dataset."""
     data = config.data
     if data.get("prepared"):
+        if config.method == "dreamartist" and config.dreamartist.get("attention_masks", False):
+            raise UserError("config dreamartist.attention_masks needs data.images (prepared datasets hold no masks)")
         items = tfds_style.read(data.prepared, data.get("split", "train"))
         if config.method == "nsync" and items[0].negative is None:
             raise UserError(f"{data.prepared}: the prepared dataset has no negatives, which method nsync needs")
     else:
+        masks = config.method == "dreamartist" and config.dreamartist.get("attention_masks", False)
         items = find_style_items(data.images, captions=data.captions or None, negatives=data.negatives or None,
-                                 skip_bad_items=data.get("skip_bad_items", False))
+                                 skip_bad_items=data.get("skip_bad_items", False), masks=masks)
     return build_style_dataset(items, data.resolution, data.get("resize", "squash"))
 
 
