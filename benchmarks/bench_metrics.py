@@ -16,30 +16,17 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
-import time
 
 import jax
 import numpy as np
 from flax import nnx
-from results_file import append_report  # benchmarks/ is on sys.path when run as a script
+
+from bench_sampling import timed  # benchmarks/ is on sys.path when run as a script
+from results_file import append_report
 
 # transformers' CLIPVisionConfig for OpenAI's ViT-L/14 image tower (projection to 768).
 VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                patch_size=14, hidden_act="quick_gelu", projection_dim=768)
-
-
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(first call in seconds, median of `repeats` further calls in seconds)."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
 
 
 def jax_forward(module, forward, batch: np.ndarray, repeats: int) -> tuple[float, float]:

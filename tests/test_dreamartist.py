@@ -18,7 +18,7 @@ from nsync_jax.errors import UserError
 from nsync_jax.pipeline import encode_text, load_pipeline
 from nsync_jax.schedulers import add_noise
 from nsync_jax.train import trainer
-from test_train import CONFIG, tiny_config, write_style_dataset
+from test_train import CONFIG, diffusers_text_states, tiny_config, write_style_dataset
 
 TOKEN, NEGATIVE = "<tiny-style>", "<tiny-style>-neg"
 
@@ -206,8 +206,6 @@ def test_resume_is_bit_identical(straight_run, sd1_dir, style_dir, tmp_path):
 
 def test_export_loads_both_words_in_diffusers_and_samples_with_the_negative(sd1_dir, straight_run, tmp_path,
                                                                            capsys):
-    from diffusers import StableDiffusionPipeline
-
     for fmt, name in (("diffusers", "style.safetensors"), ("a1111", "style.pt")):
         assert main(["export", "--workdir", str(straight_run), "--output", str(tmp_path / name), "--format", fmt]) == 0
     assert "style-neg.safetensors (<tiny-style>-neg, 3 vectors)" in capsys.readouterr().out
@@ -221,14 +219,8 @@ def test_export_loads_both_words_in_diffusers_and_samples_with_the_negative(sd1_
     ids = tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(p, pipe.tokenizer) for p in prompts])
     ours = np.asarray(encode_text(pipe.text_encoder, jnp.asarray(pipe.extra_token_rows), jnp.asarray(ids)))
     for files in (["style.safetensors", "style-neg.safetensors"], ["style.pt", "style-neg.pt"]):
-        reference = StableDiffusionPipeline.from_pretrained(sd1_dir, safety_checker=None)
-        reference.load_textual_inversion([str(tmp_path / f) for f in files])
-        text = reference.maybe_convert_prompt(prompts, reference.tokenizer)
-        torch_ids = reference.tokenizer(text, padding="max_length", max_length=16, truncation=True,
-                                        return_tensors="pt").input_ids
-        np.testing.assert_array_equal(torch_ids.numpy(), ids)
-        with torch.no_grad():
-            expected = reference.text_encoder(torch_ids).last_hidden_state.numpy()
+        reference, torch_ids, expected = diffusers_text_states(sd1_dir, [str(tmp_path / f) for f in files], prompts)
+        np.testing.assert_array_equal(torch_ids, ids)
         assert np.abs(ours - expected).max() / np.abs(expected).max() <= 1e-5
 
     # Inference: the negative word as the unconditional branch of guidance, as diffusers' negative_prompt.

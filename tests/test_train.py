@@ -34,6 +34,20 @@ def write_style_dataset(root: Path, count: int = 4) -> Path:
     return root
 
 
+def diffusers_text_states(model, files, prompts, token=None):
+    """diffusers' pipeline after `load_textual_inversion(files, token=token)`, its token ids of `prompts` and
+    its text encoder's hidden states for them."""
+    from diffusers import StableDiffusionPipeline
+
+    reference = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    reference.load_textual_inversion(files, token=token)
+    text = reference.maybe_convert_prompt(prompts, reference.tokenizer)
+    torch_ids = reference.tokenizer(text, padding="max_length", max_length=16, truncation=True,
+                                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        return reference, torch_ids.numpy(), reference.text_encoder(torch_ids).last_hidden_state.numpy()
+
+
 @pytest.fixture(scope="module")
 def style_dir(tmp_path_factory):
     return write_style_dataset(tmp_path_factory.mktemp("style"))
@@ -175,8 +189,6 @@ def test_bad_dataset_lists_every_problem_and_writes_nothing(sd1_dir, tmp_path):
 
 
 def test_export_loads_in_diffusers(sd1_dir, style_dir, tmp_path, capsys):
-    from diffusers import StableDiffusionPipeline
-
     work = tmp_path / "work"
     code = main(["train", "--config", str(CONFIG), "--workdir", str(work), f"--config.model={sd1_dir}",
                  f"--config.data.images={style_dir / 'images'}", f"--config.data.captions={style_dir / 'captions'}",
@@ -194,14 +206,8 @@ def test_export_loads_in_diffusers(sd1_dir, style_dir, tmp_path, capsys):
     ids = tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(p, pipe.tokenizer) for p in prompt])
     ours = np.asarray(encode_text(pipe.text_encoder, jnp.asarray(pipe.extra_token_rows), jnp.asarray(ids)))
     for name, token in (("style.safetensors", None), ("style.pt", "<tiny-style>")):
-        reference = StableDiffusionPipeline.from_pretrained(sd1_dir, safety_checker=None)
-        reference.load_textual_inversion(str(tmp_path / name), token=token)
-        text = reference.maybe_convert_prompt(prompt, reference.tokenizer)
-        torch_ids = reference.tokenizer(text, padding="max_length", max_length=16, truncation=True,
-                                        return_tensors="pt").input_ids
-        np.testing.assert_array_equal(torch_ids.numpy(), ids)
-        with torch.no_grad():
-            expected = reference.text_encoder(torch_ids).last_hidden_state.numpy()
+        _, torch_ids, expected = diffusers_text_states(sd1_dir, str(tmp_path / name), prompt, token=token)
+        np.testing.assert_array_equal(torch_ids, ids)
         assert np.abs(ours - expected).max() / np.abs(expected).max() <= 1e-5
 
     assert main(["export", "--workdir", str(work), "--step", "7", "--output", str(tmp_path / "x.safetensors")]) == 2
