@@ -6,14 +6,16 @@
 
 `load_style_dataset` checks the whole folder before anything else happens and reports every problem at once
 (missing caption, missing negative, unreadable image), so that a long run never dies at step 5000 on one bad
-file. Images are resized to a square of `resolution` either by squashing (as the released NSYNC code does)
-or by a centre crop, and returned as float32 NHWC in [-1, 1].
+file. Images are resized to a square of `resolution` by squashing (as the released NSYNC code does), by a
+centre crop, or by a random crop of the short-side resize (as DreamBooth / StyleForge scripts do: drawn once,
+seeded per image), and returned as float32 NHWC in [-1, 1].
 """
 from __future__ import annotations
 
 import dataclasses
 import io
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from nsync_jax.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-RESIZE_MODES = ("squash", "center_crop")
+RESIZE_MODES = ("squash", "center_crop", "random_crop")
 MASK_SUFFIX = "_att"
 
 
@@ -56,17 +58,27 @@ class StyleItem:
     mask: bytes | None = None  # DreamArtist's per-image loss weights (`<stem>_att.<ext>`, grey)
 
 
-def decode_image(data: bytes, resolution: int, resize: str, mode: str = "RGB") -> np.ndarray:
-    """Encoded image bytes as float32 RGB `(resolution, resolution, 3)` in [-1, 1] (bicubic, as the released
-    code), squashed or centre-cropped to a square; `mode="L"`: grey levels `(resolution, resolution)` in
-    [0, 255]."""
+def decode_image(data: bytes, resolution: int, resize: str, mode: str = "RGB", crop_seed=None) -> np.ndarray:
+    """Encoded image bytes as float32 RGB `(resolution, resolution, 3)` in [-1, 1]; `mode="L"`: grey levels
+    `(resolution, resolution)` in [0, 255]. `resize`: "squash" or "center_crop" to a square, then bicubic (as
+    the released NSYNC code); "random_crop": the short side to `resolution` (bilinear, as torchvision's Resize
+    in DreamBooth scripts), then a square at a random offset drawn from `crop_seed`."""
     with Image.open(io.BytesIO(data)) as image:
         image = image.convert(mode)
-        if resize == "center_crop":
-            side = min(image.size)
-            left, top = (image.width - side) // 2, (image.height - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+        if resize == "random_crop":
+            scale = resolution / min(image.size)
+            image = image.resize((max(resolution, round(image.width * scale)),
+                                  max(resolution, round(image.height * scale))), Image.Resampling.BILINEAR)
+            rng = np.random.default_rng(crop_seed)
+            left = int(rng.integers(0, image.width - resolution + 1))
+            top = int(rng.integers(0, image.height - resolution + 1))
+            image = image.crop((left, top, left + resolution, top + resolution))
+        else:
+            if resize == "center_crop":
+                side = min(image.size)
+                left, top = (image.width - side) // 2, (image.height - side) // 2
+                image = image.crop((left, top, left + side, top + side))
+            image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
         if mode == "L":
             return np.asarray(image, np.float32)
         return np.asarray(image, np.float32) / 127.5 - 1.0
@@ -148,27 +160,32 @@ def find_style_items(images: Path, *, captions: Path | None, negatives: Path | N
     return kept
 
 
-def build_style_dataset(items: list[StyleItem], resolution: int, resize: str = "squash") -> StyleDataset:
-    """Decodes and resizes validated items (from folders or a prepared tfds dataset) into arrays."""
+def build_style_dataset(items: list[StyleItem], resolution: int, resize: str = "squash",
+                        seed: int = 0) -> StyleDataset:
+    """Decodes and resizes validated items (from folders or a prepared tfds dataset) into arrays. A random crop
+    depends on `seed` and the item's stem only, and is the same for the image, its negative and its mask."""
     if resize not in RESIZE_MODES:
         raise UserError(f"data.resize must be one of {RESIZE_MODES}, got {resize!r}")
     with_negatives = items[0].negative is not None
+
+    def decode(item, data, mode="RGB"):
+        return decode_image(data, resolution, resize, mode, crop_seed=[seed, zlib.crc32(item.stem.encode())])
+
     return StyleDataset(
         stems=tuple(item.stem for item in items),
-        positives=np.stack([decode_image(item.image, resolution, resize) for item in items]),
-        negatives=np.stack([decode_image(item.negative, resolution, resize) for item in items])
-        if with_negatives else None,
+        positives=np.stack([decode(item, item.image) for item in items]),
+        negatives=np.stack([decode(item, item.negative) for item in items]) if with_negatives else None,
         captions=tuple(item.caption for item in items),
         # An image without a mask weighs every pixel 1 (grey 127).
-        masks=np.stack([decode_image(item.mask, resolution, resize, mode="L") if item.mask is not None
+        masks=np.stack([decode(item, item.mask, mode="L") if item.mask is not None
                         else np.full((resolution, resolution), 127, np.float32) for item in items])
         if any(item.mask is not None for item in items) else None)
 
 
 def load_style_dataset(images: Path, *, captions: Path | None, negatives: Path | None, resolution: int,
-                       resize: str = "squash", skip_bad_items: bool = False) -> StyleDataset:
+                       resize: str = "squash", skip_bad_items: bool = False, seed: int = 0) -> StyleDataset:
     """`find_style_items`, then `build_style_dataset`."""
     if resize not in RESIZE_MODES:
         raise UserError(f"data.resize must be one of {RESIZE_MODES}, got {resize!r}")
     items = find_style_items(images, captions=captions, negatives=negatives, skip_bad_items=skip_bad_items)
-    return build_style_dataset(items, resolution, resize)
+    return build_style_dataset(items, resolution, resize, seed)

@@ -1,4 +1,4 @@
-"""Learning a style token: Textual Inversion, NSYNC and DreamArtist on one trainer.
+"""Learning a style: Textual Inversion, NSYNC, DreamArtist and StyleForge on one trainer.
 
 Read top to bottom: validate the config and the data, load the frozen model, cache the VAE posteriors,
 build the optimizer and the jitted step, restore a checkpoint if the workdir has one, loop, export.
@@ -19,6 +19,10 @@ negative word `<token>-neg`, then the prompts with `<token>`. It fuses the two p
 guidance does, eps_n + gamma(t) (eps_p - eps_n), and takes the denoising loss (and optionally a pixel L1
 through the frozen VAE decoder) on the fused prediction, so one gradient reaches both words: the positive's
 through gamma, the negative's through (1 - gamma).
+
+StyleForge's step (DreamBooth's dual binding) runs a StyleRef group ("zwx style") and an Aux group ("style")
+through the same weights, each with its own noise and timesteps, and minimises MSE(ref) + lambda MSE(aux); what
+is trained is LoRA adapters or the full weights (`trainable`), as for any method. Its data are in `styleforge`.
 """
 from __future__ import annotations
 
@@ -37,18 +41,18 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from nsync_jax import distributed, export, lora, tokens
+from nsync_jax import distributed, export, lora, negatives, tokens
 from nsync_jax.data import tfds_style
 from nsync_jax.data.style_dataset import StyleDataset, build_style_dataset, find_style_items, mask_weights
 from nsync_jax.errors import UserError
 from nsync_jax.optim import VARIANTS, clip_row_blocks, ema_reset, orthogonal_projection, scale_row_blocks
 from nsync_jax.pipeline import StableDiffusion, load_pipeline
 from nsync_jax.sampling import SampleSettings
-from nsync_jax.train import outputs
+from nsync_jax.train import outputs, styleforge
 from nsync_jax.schedulers import NoiseSchedule, add_noise, predicted_original, training_target
 from nsync_jax.models.vae import sample_posterior
 
-METHODS = ("textual_inversion", "nsync", "dreamartist")
+METHODS = ("textual_inversion", "nsync", "dreamartist", "styleforge")
 TRAINABLE = ("embeddings", "lora", "full")
 # DreamArtist's gamma(t) = lo + (hi - lo) r(t / (T - 1)), as the released extension's dynamic CFG.
 GUIDANCE_SCHEDULES = ("constant", "ln", "cos", "cos2")
@@ -67,7 +71,7 @@ STYLE_TEMPLATES = ("a painting in the style of {}", "a rendering in the style of
 def default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model = ""  # diffusers-format Stable Diffusion folder
-    config.method = "nsync"  # or "textual_inversion", "dreamartist"
+    config.method = "nsync"  # or "textual_inversion", "dreamartist", "styleforge"
     config.placeholder_token = "<style>"
     config.initializer_token = "painting"
     config.initializer_embedding = ""  # or a diffusers/A1111 embedding file to start from (num_vectors rows)
@@ -94,7 +98,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.data.prepared = ""
     config.data.split = "train"
     config.data.resolution = 512
-    config.data.resize = "squash"  # as the released code; or "center_crop"
+    config.data.resize = "squash"  # as the released code; or "center_crop", "random_crop" (StyleForge)
+    config.data.flip = True  # each example mirrored at random (NSYNC, DreamArtist); StyleForge does not
+    config.data.aux_images = ""  # StyleForge's Aux images (bound to styleforge.class_prompt) ...
+    config.data.aux_captions = ""  # ... and their captions (optional)
     config.data.skip_bad_items = False
 
     config.train = ml_collections.ConfigDict()
@@ -140,6 +147,21 @@ def default_config() -> ml_collections.ConfigDict:
     # levels weight the denoising loss per latent pixel, 0 -> 0, 127 -> 1, 255 -> 5 (the released mapping).
     config.dreamartist.attention_masks = False
 
+    # StyleForge (configs/styleforge_sd15.py, multi_styleforge_sd15.py hold the released settings).
+    config.styleforge = ml_collections.ConfigDict()
+    config.styleforge.instance_prompt = "zwx style"  # bound to the StyleRef images (data.images)
+    config.styleforge.class_prompt = "style"  # bound to the Aux images (data.aux_images)
+    config.styleforge.append_captions = False  # prompts "<instance or class prompt>, <caption>"
+    config.styleforge.prior_loss_weight = 1.0  # lambda of MSE(ref) + lambda MSE(aux)
+    # Without Aux images: draw this many with the class prompt from the base model (DreamBooth's class images,
+    # with the sampler of config.sample) into WORKDIR/aux/<concept>, before training.
+    config.styleforge.generate_aux = 0
+    # Multi-StyleForge: {name: {instance_prompt, class_prompt, images, captions, aux_images, aux_captions}},
+    # in place of data.images and the prompts above; "joint" alternates concepts step by step, "sequential"
+    # trains them one after the other in the order of their names.
+    config.styleforge.concepts = ml_collections.ConfigDict()
+    config.styleforge.schedule = "joint"
+
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 1000
     config.checkpoint.keep = 3
@@ -181,6 +203,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise UserError(f"config {key}={value!r} must be a positive integer")
     if config.method == "dreamartist":
         check_dreamartist_config(config)
+    if config.method == "styleforge":
+        styleforge.check_config(config)
     check_trainable_config(config)
 
 
@@ -272,12 +296,13 @@ def module_states(spec: StepSpec, name: str, params, frozen) -> tuple:
     return (frozen[name],)
 
 
-def denoise(spec: StepSpec, group_params, frozen, ids, mean, logvar, group_keys):
+def denoise(spec: StepSpec, group_params, frozen, ids, mean, logvar, group_keys, shared: bool = False):
     """One denoising pass over every group of a step: text encoder and UNet each run once on all groups.
 
     Args:
       group_params: one copy per group of what is trained: the token rows `(groups, num_vectors, width)`, or
-        `{"unet": {path: (groups, ...)}, "text_encoder": ...}` (LoRA or full weights, flat dicts).
+        `{"unet": {path: (groups, ...)}, "text_encoder": ...}` (LoRA or full weights, flat dicts); with `shared`,
+        one set of LoRA or full weights `{"unet": {path: array}, ...}` for every group.
       ids: `(groups, batch, tokens)`; mean, logvar: `(groups, batch, h, w, c)` cached VAE posteriors.
       group_keys: `(groups,)` keys; each group's latent sample, noise and timesteps come from its own key.
     Returns:
@@ -305,7 +330,12 @@ def denoise(spec: StepSpec, group_params, frozen, ids, mean, logvar, group_keys)
         return prediction.astype(jnp.float32), target, noisy
 
     groups, batch = ids.shape[:2]
+    flat = lambda x: x.reshape(groups * batch, *x.shape[2:])
+    by_group = lambda x: x.reshape(groups, batch, *x.shape[1:])
     latents, noise, t = jax.vmap(functools.partial(draw_latents, spec))(group_keys, mean, logvar)
+    if shared:  # one set of weights: every group runs as one batch
+        prediction, target, noisy = one_pass(group_params, None, flat(ids), flat(latents), flat(noise), flat(t))
+        return by_group(prediction), by_group(target), by_group(noisy), t
     if isinstance(group_params, dict):
         # Trained weights: each group runs with its own copy (vmapped), so one backward pass gives every group's
         # gradient. The frozen weights are shared (not mapped).
@@ -314,8 +344,6 @@ def denoise(spec: StepSpec, group_params, frozen, ids, mean, logvar, group_keys)
         return prediction, target, noisy, t
     # Token rows: each group embeds its prompts with its own copy, then every group runs as one batch.
     embed_rows = group_params
-    flat = lambda x: x.reshape(groups * batch, *x.shape[2:])
-    by_group = lambda x: x.reshape(groups, batch, *x.shape[1:])
     text_encoder = nnx.merge(spec.graphdefs["text_encoder"], frozen["text_encoder"])
     table = text_encoder.embeddings.token_embedding.embedding[...]
     embeds = jax.vmap(lambda rows, group_ids: tokens.embed_tokens(table, rows, group_ids))(embed_rows, ids)
@@ -327,9 +355,9 @@ def denoise(spec: StepSpec, group_params, frozen, ids, mean, logvar, group_keys)
     return by_group(prediction.astype(jnp.float32)), by_group(target), by_group(noisy), by_group(t)
 
 
-def denoising_losses(spec: StepSpec, group_params, frozen, ids, mean, logvar, group_keys):
-    """Per-group denoising losses `(groups,)` (arguments as `denoise`)."""
-    prediction, target, _, _ = denoise(spec, group_params, frozen, ids, mean, logvar, group_keys)
+def denoising_losses(spec: StepSpec, group_params, frozen, ids, mean, logvar, group_keys, shared: bool = False):
+    """Per-group denoising losses `(groups,)`: the mean over each group's elements (arguments as `denoise`)."""
+    prediction, target, _, _ = denoise(spec, group_params, frozen, ids, mean, logvar, group_keys, shared)
     return jnp.mean(jnp.square(prediction - target), axis=(2, 3, 4)).mean(axis=1)
 
 
@@ -436,13 +464,35 @@ def dreamartist_gradients(spec: StepSpec, da: DreamArtistSpec, rows, frozen, bat
 
 
 # ------------------------------------------------------------------------------------------------------------
+# StyleForge: StyleRef and Aux examples bound to their prompts in one pass through the same weights.
+# ------------------------------------------------------------------------------------------------------------
+
+def styleforge_losses(spec: StepSpec, prior_loss_weight: float, params, frozen, batch, key):
+    """MSE(ref) + lambda MSE(aux) and its parts. batch: ids, mean, logvar `(2, batch, ...)`, the StyleRef
+    group then the Aux group; each group draws its own latent sample, noise and timesteps."""
+    losses = denoising_losses(spec, params, frozen, batch["ids"], batch["mean"], batch["logvar"],
+                              group_keys(key, 2, share_noise=False), shared=True)
+    return losses[0] + prior_loss_weight * losses[1], {"loss_instance": losses[0], "loss_prior": losses[1]}
+
+
+def styleforge_gradients(spec: StepSpec, prior_loss_weight: float, params, frozen, batch, key):
+    """The gradient of StyleForge's loss, no extra optimizer arguments, and metrics."""
+    (loss, parts), grads = jax.value_and_grad(styleforge_losses, argnums=2, has_aux=True)(
+        spec, prior_loss_weight, params, frozen, batch, key)
+    return grads, {}, {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
+
+
+# ------------------------------------------------------------------------------------------------------------
 # The step and its optimizer.
 # ------------------------------------------------------------------------------------------------------------
 
 def make_train_step(spec: StepSpec, tx: optax.GradientTransformationExtraArgs, method: str, share_noise: bool,
-                    skip_nonfinite: bool = False, dreamartist: DreamArtistSpec | None = None):
+                    skip_nonfinite: bool = False, dreamartist: DreamArtistSpec | None = None,
+                    prior_loss_weight: float = 1.0):
     if method == "dreamartist":
         gradients = functools.partial(dreamartist_gradients, spec, dreamartist)
+    elif method == "styleforge":
+        gradients = functools.partial(styleforge_gradients, spec, prior_loss_weight)
     else:
         gradients = functools.partial(group_gradients, spec, 3 if method == "nsync" else 1, share_noise)
 
@@ -555,9 +605,10 @@ def prepare_data(pipe: StableDiffusion, dataset: StyleDataset, token: str, *, ne
                         images=dataset.positives if keep_images else None)
 
 
-def step_batch(data: PreparedData, method: str, batch_size: int, seed: int, step: int) -> dict[str, np.ndarray]:
+def step_batch(data: PreparedData, method: str, batch_size: int, seed: int, step: int,
+               flip: bool = True) -> dict[str, np.ndarray]:
     """The examples of one step: positives (and their negatives and random other positives for NSYNC; for
-    DreamArtist, their prompts with the negative word, then with the token)."""
+    DreamArtist, their prompts with the negative word, then with the token), each mirrored at random (`flip`)."""
     rng = np.random.default_rng([seed, step])
     count = len(data.positives)
     index = rng.integers(0, count, batch_size)
@@ -566,6 +617,8 @@ def step_batch(data: PreparedData, method: str, batch_size: int, seed: int, step
         anchor = (index + rng.integers(1, count, batch_size)) % count if count > 1 else index
         groups += [(data.negatives, index), (data.positives, anchor)]
     flips = rng.integers(0, 2, (len(groups), batch_size))
+    if not flip:  # drawn all the same, so that the other draws do not depend on `flip`
+        flips = np.zeros_like(flips)
     moments = np.stack([source[i, flips[g]] for g, (source, i) in enumerate(groups)])
     if data.captioned:
         ids = np.stack([data.ids[i] for _, i in groups])
@@ -753,7 +806,29 @@ def load_training_data(config: ml_collections.ConfigDict) -> StyleDataset:
         masks = config.method == "dreamartist" and config.dreamartist.get("attention_masks", False)
         items = find_style_items(data.images, captions=data.captions or None, negatives=data.negatives or None,
                                  skip_bad_items=data.get("skip_bad_items", False), masks=masks)
-    return build_style_dataset(items, data.resolution, data.get("resize", "squash"))
+    return build_style_dataset(items, data.resolution, data.get("resize", "squash"), config.train.seed)
+
+
+def prepare_concepts(pipe: StableDiffusion, config, workdir: Path, progress: bool) -> list[styleforge.ConceptData]:
+    """Each StyleForge concept's prompt ids and cached posteriors. Aux images a concept does not give are drawn
+    first with its class prompt into WORKDIR/aux/<concept> (resumable: a rerun keeps the images drawn)."""
+    prepared = []
+    for concept in styleforge.concepts_from_config(config):
+        aux_folder = workdir / "aux" / concept.name
+        if not concept.aux_images:
+            sample, resolution = config.sample, config.data.resolution
+            settings = SampleSettings(scheduler=sample.scheduler, steps=sample.steps, guidance=sample.guidance,
+                                      height=resolution, width=resolution, clip_skip=config.get("clip_skip", 0))
+            negatives.generate_set(pipe, {"aux": concept.class_prompt}, aux_folder, settings=settings,
+                                   seed=config.train.seed, images_per_caption=config.styleforge.generate_aux,
+                                   model_name=str(config.model), progress=progress)
+            distributed.barrier("styleforge_aux")  # process 0 wrote the files the others read next
+        images = styleforge.read_concept(concept, aux_folder, config)
+        ids = lambda prompts: tokens.tokenize(pipe.tokenizer, prompts)
+        prepared.append(styleforge.ConceptData(
+            style_ids=ids(images.style_prompts), style_refs=encode_posteriors(pipe, images.style_refs.positives),
+            aux_ids=ids(images.aux_prompts), aux=encode_posteriors(pipe, images.aux.positives)))
+    return prepared
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -764,7 +839,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
     """Trains the token rows; resumes from `workdir/checkpoints` if present. Returns the final rows."""
     check_config(config)
     workdir = Path(workdir)
-    dataset = load_training_data(config)
+    sf = config.styleforge if config.method == "styleforge" else None
+    dataset = None if sf else load_training_data(config)  # StyleForge reads its folders once the model is loaded
     dtype = jnp.dtype(config.train.get("dtype", "float32"))
     kind = config.get("trainable", "embeddings")
     # Trained weights keep float32 master copies whatever the compute dtype (train.dtype).
@@ -778,10 +854,14 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
         add_learned_words(pipe.tokenizer, config)
     dreamartist = DreamArtistSpec.from_config(config) if config.method == "dreamartist" else None
     reconstruction = bool(dreamartist and dreamartist.reconstruction_weight)
-    data = prepare_data(pipe, dataset, config.placeholder_token,
-                        negative_word=learned_words(config)[1][1] if dreamartist else None,
-                        keep_images=reconstruction)
+    if sf:
+        data = prepare_concepts(pipe, config, workdir, progress)
+    else:
+        data = prepare_data(pipe, dataset, config.placeholder_token,
+                            negative_word=learned_words(config)[1][1] if dreamartist else None,
+                            keep_images=reconstruction)
     workdir.mkdir(parents=True, exist_ok=True)  # only after the data and the model passed their checks
+    flip = config.data.get("flip", True)
 
     # --- mesh, frozen state and the jitted step ---
     mesh_config = config.get("mesh", ml_collections.ConfigDict())
@@ -812,10 +892,14 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
         rows = distributed.put_tree(trained, trained_sharding)
     step_fn = jax.jit(make_train_step(spec, tx, config.method, config.nsync.get("share_noise", False),
                                       skip_nonfinite=config.train.get("nonfinite", "stop") == "skip",
-                                      dreamartist=dreamartist),
+                                      dreamartist=dreamartist,
+                                      prior_loss_weight=sf.prior_loss_weight if sf else 1.0),
                       in_shardings=(trained_sharding, opt_sharding, frozen_sharding, batch_sharding, whole),
                       out_shardings=(trained_sharding, opt_sharding, whole), donate_argnums=(0, 1))
-    opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(rows)
+    init_opt_state = jax.jit(tx.init, out_shardings=opt_sharding)
+    opt_state = init_opt_state(rows)
+    # A sequential Multi-StyleForge run starts each concept with a fresh optimizer state.
+    restarts = styleforge.optimizer_restarts(config.train.steps, len(data), sf.schedule) if sf else set()
 
     # --- resume ---
     manager = checkpoint_manager(workdir, keep=config.checkpoint.get("keep", 3))
@@ -843,7 +927,13 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
     last_time, last_step = time.perf_counter(), start
     try:
         for step in range(start, config.train.steps):
-            batch = step_batch(data, config.method, config.train.batch_size, config.train.seed, step)
+            if sf:
+                batch = styleforge.step_batch(data, sf.schedule, config.train.steps, config.train.batch_size,
+                                              config.train.seed, step, flip)
+            else:
+                batch = step_batch(data, config.method, config.train.batch_size, config.train.seed, step, flip)
+            if step in restarts:
+                opt_state = init_opt_state(rows)
             batch = {k: distributed.put(v, batch_sharding) for k, v in batch.items()}
             if step == start:
                 step_fn = distributed.compile_together(step_fn, rows, opt_state, frozen, batch, key,

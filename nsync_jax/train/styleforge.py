@@ -1,0 +1,164 @@
+"""StyleForge's data: concepts, their StyleRef and Aux images and prompts, and the examples of each step.
+
+A concept binds its StyleRef images to an identifier prompt ("zwx style") and its Aux images to the class
+prompt ("style"), DreamBooth's instance and prior sets. Single-StyleForge (StyleBoost) has one concept, from
+`data.images` / `data.aux_images` and `styleforge.instance_prompt` / `class_prompt`; Multi-StyleForge has several
+in `styleforge.concepts` (a config dict per concept name, e.g. a style and a people concept), trained jointly
+(concept `step % K` at each step, as the released script alternates its two loaders) or sequentially (one after
+the other, the optimizer started afresh at each concept, as a new run from the previous checkpoint would).
+
+Each step takes `train.batch_size` StyleRef examples and as many Aux examples of the step's concept; which ones,
+and their mirroring, are a function of (seed, step), like the other methods' batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from nsync_jax.data.style_dataset import StyleDataset, build_style_dataset, find_style_items
+from nsync_jax.errors import UserError
+
+SCHEDULES = ("joint", "sequential")
+CONCEPT_KEYS = ("instance_prompt", "class_prompt", "images", "captions", "aux_images", "aux_captions")
+# The only concept of a single-concept run: Aux images it generates go to WORKDIR/aux/style.
+SINGLE = "style"
+
+
+@dataclasses.dataclass(frozen=True)
+class Concept:
+    name: str
+    instance_prompt: str  # "zwx style": bound to the StyleRef images
+    class_prompt: str  # "style": bound to the Aux images
+    images: str
+    captions: str  # "" or a folder of `<stem>.txt` for the StyleRef images
+    aux_images: str  # "": generated with the class prompt (styleforge.generate_aux images)
+    aux_captions: str
+
+
+def concepts_from_config(config: ml_collections.ConfigDict) -> list[Concept]:
+    """The run's concepts, in the order of their names (the order of a sequential run)."""
+    sf, data = config.styleforge, config.data
+    if not sf.concepts:
+        return [Concept(SINGLE, sf.instance_prompt, sf.class_prompt, data.images, data.captions,
+                        data.get("aux_images", ""), data.get("aux_captions", ""))]
+    concepts = []
+    for name in sorted(sf.concepts.keys()):
+        entry = sf.concepts[name]
+        missing = [key for key in CONCEPT_KEYS if key not in entry]
+        if missing:
+            raise UserError(f"config styleforge.concepts.{name} lacks {', '.join(missing)} (each concept has "
+                            f"{', '.join(CONCEPT_KEYS)}; captions may be empty)")
+        concepts.append(Concept(name, **{key: entry[key] for key in CONCEPT_KEYS}))
+    return concepts
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    if "styleforge" not in config:
+        raise UserError("config key styleforge is missing (start from trainer.default_config())")
+    sf, data = config.styleforge, config.data
+    if config.get("trainable", "embeddings") == "embeddings":
+        raise UserError("config method styleforge fine-tunes weights: set trainable='full' (as released) or 'lora'")
+    for key in ("prepared", "negatives"):
+        if data.get(key):
+            raise UserError(f"config data.{key}={data[key]!r} is not used by method styleforge (it reads "
+                            "StyleRef images and Aux images): leave it empty")
+    if sf.concepts and data.images:
+        raise UserError(f"config data.images={data.images!r} and styleforge.concepts are both set: a "
+                        "Multi-StyleForge run gives each concept its own images; leave data.images empty")
+    if not sf.concepts and not data.images:
+        raise UserError("config data.images (the StyleRef images) is required for method styleforge")
+    if sf.schedule not in SCHEDULES:
+        raise UserError(f"config styleforge.schedule={sf.schedule!r} must be one of {', '.join(SCHEDULES)}")
+    if not sf.prior_loss_weight >= 0:
+        raise UserError(f"config styleforge.prior_loss_weight={sf.prior_loss_weight!r} must not be negative")
+    if not isinstance(sf.generate_aux, int) or sf.generate_aux < 0:
+        raise UserError(f"config styleforge.generate_aux={sf.generate_aux!r} must be a non-negative integer")
+    concepts = concepts_from_config(config)
+    for concept in concepts:
+        where = "styleforge" if concept.name == SINGLE and not sf.concepts else f"styleforge.concepts.{concept.name}"
+        for key in ("instance_prompt", "class_prompt"):
+            if not getattr(concept, key).strip():
+                raise UserError(f"config {where}.{key} must not be empty")
+        if not concept.images:
+            raise UserError(f"config {where}.images (the StyleRef images) must not be empty")
+        if not concept.aux_images and not sf.generate_aux:
+            aux_key = "data.aux_images" if where == "styleforge" else f"{where}.aux_images"
+            raise UserError(f"config {aux_key} is empty: give the Aux images, or set styleforge.generate_aux to "
+                            "draw that many with the class prompt from the base model")
+    if sf.schedule == "sequential" and config.train.steps < len(concepts):
+        raise UserError(f"config train.steps={config.train.steps} is fewer than the {len(concepts)} concepts of "
+                        "a sequential run")
+
+
+def prompt(base: str, caption: str, append_caption: bool) -> str:
+    return f"{base}, {caption}" if append_caption and caption else base
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptImages:
+    """A concept's decoded images and the prompt of each."""
+
+    name: str
+    style_refs: StyleDataset
+    style_prompts: list[str]
+    aux: StyleDataset
+    aux_prompts: list[str]
+
+
+def read_concept(concept: Concept, aux_folder: Path, config) -> ConceptImages:
+    """Validates and decodes a concept's StyleRef and Aux images (Aux from `aux_folder` when the concept names
+    none: the generated ones)."""
+    data, sf = config.data, config.styleforge
+
+    def load(images, captions):
+        items = find_style_items(Path(images), captions=Path(captions) if captions else None, negatives=None,
+                                 skip_bad_items=data.get("skip_bad_items", False))
+        return build_style_dataset(items, data.resolution, data.get("resize", "squash"), config.train.seed)
+
+    refs = load(concept.images, concept.captions)
+    aux = load(concept.aux_images or aux_folder, concept.aux_captions)
+    append = sf.append_captions
+    return ConceptImages(concept.name, refs, [prompt(concept.instance_prompt, c, append) for c in refs.captions],
+                         aux, [prompt(concept.class_prompt, c, append) for c in aux.captions])
+
+
+@dataclasses.dataclass
+class ConceptData:
+    """A concept ready for training: prompt ids `(N, tokens)` and cached VAE posterior moments
+    `(N, 2, h, w, 2c)` (each image and its mirror image) of its StyleRef and Aux images."""
+
+    style_ids: np.ndarray
+    style_refs: np.ndarray
+    aux_ids: np.ndarray
+    aux: np.ndarray
+
+
+def concept_of_step(step: int, steps: int, count: int, schedule: str) -> int:
+    if schedule == "joint":
+        return step % count
+    return step * count // steps
+
+
+def optimizer_restarts(steps: int, count: int, schedule: str) -> set[int]:
+    """Steps at which a sequential run starts its next concept (with a fresh optimizer state)."""
+    if schedule != "sequential":
+        return set()
+    return {s for s in range(1, steps) if concept_of_step(s, steps, count, schedule)
+            != concept_of_step(s - 1, steps, count, schedule)}
+
+
+def step_batch(concepts: list[ConceptData], schedule: str, steps: int, batch_size: int, seed: int, step: int,
+               flip: bool) -> dict[str, np.ndarray]:
+    """The examples of one step: `batch_size` StyleRef examples, then as many Aux examples, of the step's
+    concept, as two groups `(2, batch, ...)`."""
+    concept = concepts[concept_of_step(step, steps, len(concepts), schedule)]
+    rng = np.random.default_rng([seed, step])
+    groups = [(concept.style_ids, concept.style_refs), (concept.aux_ids, concept.aux)]
+    picks = [rng.integers(0, len(moments), batch_size) for _, moments in groups]
+    flips = rng.integers(0, 2, (2, batch_size)) if flip else np.zeros((2, batch_size), int)
+    moments = np.stack([m[i, f] for (_, m), i, f in zip(groups, picks, flips)])
+    mean, logvar = np.split(moments, 2, axis=-1)
+    return {"ids": np.stack([ids[i] for (ids, _), i in zip(groups, picks)]), "mean": mean, "logvar": logvar}

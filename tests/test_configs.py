@@ -1,0 +1,23 @@
+"""Every experiment file in configs/ loads, its docstring's commands override keys that exist, and the result
+passes the trainer's config checks (before any file is read)."""
+import re
+from pathlib import Path
+
+import pytest
+
+from nsync_jax.config import load_config
+from nsync_jax.train import trainer
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_and_its_documented_command(path):
+    doc = path.read_text().split('"""')[1]
+    assert "nsync-jax train --config configs/" + path.name in doc.replace("\\\n", " ")
+    overrides = re.findall(r"--config\.(\S+=\S+)", doc)
+    config = load_config(path, overrides)  # an unknown key in the docstring fails here
+    if not config.model:  # configs/tiny.py leaves the model and data to the caller
+        config.model = "model"
+        config.data.images = "images"
+    trainer.check_config(config)
