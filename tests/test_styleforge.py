@@ -121,7 +121,8 @@ def test_multi_concept_run_with_generated_aux_images(sd1_dir, style_dir, aux_dir
     import ml_collections
 
     config = styleforge_config(sd1_dir, style_dir, aux_dir, data__images="", data__aux_images="",
-                               train__steps=2, styleforge__generate_aux=2, sample__steps=2)
+                               train__steps=2, styleforge__generate_aux=2, sample__steps=2, sample__count=2,
+                               train__sample_every_steps=2)
     config.styleforge.concepts = ml_collections.ConfigDict({
         "a_style": {"instance_prompt": "zwx style", "class_prompt": "style", "images": str(style_dir / "images"),
                     "captions": str(style_dir / "captions"), "aux_images": str(aux_dir), "aux_captions": ""},
@@ -139,6 +140,7 @@ def test_multi_concept_run_with_generated_aux_images(sd1_dir, style_dir, aux_dir
     assert [m["step"] for m in logged] == [1, 2]
     assert all(m["loss_instance"] > 0 and m["loss_prior"] > 0 for m in logged)
     assert any(np.any(v) for k, v in trained["unet"].items() if k.endswith("lora_up"))
+    assert Image.open(tmp_path / "work" / "samples" / "step_000002.png").size == (2 * 32, 32)
 
     pipe = load_pipeline(sd1_dir)
     data = trainer.prepare_concepts(pipe, config, tmp_path / "work", progress=False)
@@ -147,3 +149,10 @@ def test_multi_concept_run_with_generated_aux_images(sd1_dir, style_dir, aux_dir
                                                                      [f"zwx style, {c}" for c in captions]))
     np.testing.assert_array_equal(data[1].style_ids, tokens.tokenize(pipe.tokenizer, ["a ukj person"] * 3))
     np.testing.assert_array_equal(data[1].aux_ids, tokens.tokenize(pipe.tokenizer, ["a person"] * 2))
+
+    # The sample grids draw with the adapters as trained so far.
+    trainer.split_models(pipe, config, ("text_encoder", "unet"))  # puts (untrained) adapters on the pipeline
+    trainer.show_trained(pipe, jax.tree.map(jnp.asarray, trained), "lora")
+    adapter = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_up"
+    np.testing.assert_array_equal(np.asarray(adapter.lora_up[...]), trained["unet"][key])

@@ -130,6 +130,7 @@ class ConceptData:
     """A concept ready for training: prompt ids `(N, tokens)` and cached VAE posterior moments
     `(N, 2, h, w, 2c)` (each image and its mirror image) of its StyleRef and Aux images."""
 
+    style_prompts: list[str]  # also the prompts of the sample grids
     style_ids: np.ndarray
     style_refs: np.ndarray
     aux_ids: np.ndarray

@@ -217,8 +217,6 @@ def check_trainable_config(config: ml_collections.ConfigDict) -> None:
     if config.method == "dreamartist":
         raise UserError(f"config trainable={trainable!r} is not supported with method dreamartist (its negative "
                         "word is learned token rows): use trainable='embeddings'")
-    if config.train.get("sample_every_steps", 0):
-        raise UserError(f"config train.sample_every_steps is not supported yet with trainable={trainable!r}")
     if trainable == "lora":
         lora = config.lora
         if not isinstance(lora.rank, int) or lora.rank < 1:
@@ -826,7 +824,7 @@ def prepare_concepts(pipe: StableDiffusion, config, workdir: Path, progress: boo
         images = styleforge.read_concept(concept, aux_folder, config)
         ids = lambda prompts: tokens.tokenize(pipe.tokenizer, prompts)
         prepared.append(styleforge.ConceptData(
-            style_ids=ids(images.style_prompts), style_refs=encode_posteriors(pipe, images.style_refs.positives),
+            style_prompts=images.style_prompts, style_ids=ids(images.style_prompts), style_refs=encode_posteriors(pipe, images.style_refs.positives),
             aux_ids=ids(images.aux_prompts), aux=encode_posteriors(pipe, images.aux.positives)))
     return prepared
 
@@ -917,7 +915,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
     sample_every = config.train.get("sample_every_steps", 0)
     if sample_every:
         sample = config.sample
-        sample_prompts = training_prompts(dataset, config.placeholder_token)[:sample.count]
+        sample_prompts = (data[0].style_prompts if sf else
+                          training_prompts(dataset, config.placeholder_token))[:sample.count]
         # DreamArtist draws with its negative word as the negative prompt, as it is meant to be used.
         sample_negative = learned_words(config)[1][1] if dreamartist else ""
         sample_settings = SampleSettings(scheduler=sample.scheduler, steps=sample.steps, guidance=sample.guidance,
@@ -956,7 +955,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
                 metrics_log.write(metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if sample_every and done % sample_every == 0:
-                pipe.extra_token_rows = distributed.to_host(rows).astype(np.float32)
+                show_trained(pipe, rows, kind)
                 outputs.write_sample_grid(workdir / "samples" / f"step_{done:06d}.png" if main else None, pipe,
                                           sample_prompts, sample_settings, sample.seed, sample_negative)
             stopping = distributed.any_process(bool(stop_requested))
@@ -984,6 +983,17 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
     if main:
         export_words(workdir / "learned_embeds.safetensors", config, final_rows, config.train.steps)
     return final_rows
+
+
+def show_trained(pipe: StableDiffusion, trained, kind: str) -> None:
+    """Puts what is trained so far into the pipeline that draws the sample grids: the token rows, or the LoRA
+    or full weights (host copies: the step donates its own buffers)."""
+    if kind == "embeddings":
+        pipe.extra_token_rows = distributed.to_host(trained).astype(np.float32)
+        return
+    for name, flat in trained.items():
+        nnx.update(pipe.modules()[name], lora.nested_params(
+            {path: jnp.asarray(distributed.gather_to_host(x)) for path, x in flat.items()}))
 
 
 def lora_scale(config) -> float:
