@@ -46,7 +46,8 @@ def _add_sample_parser(subparsers) -> None:
     p.add_argument("--embeddings", type=Path, action="append", default=[],
                    help="learned embedding file (diffusers or A1111); repeatable")
     p.add_argument("--lora", type=Path, action="append", default=[],
-                   help="diffusers LoRA .safetensors, merged into the weights at load; repeatable")
+                   help="LoRA .safetensors (diffusers or kohya/A1111 keys), merged into the weights at load; "
+                        "repeatable")
     p.add_argument("--lora-scale", type=float, default=1.0, help="weight of every --lora (W + scale * delta)")
     p.add_argument("--clip-skip", type=int, default=0, help="use the text encoder's k-th layer from the end")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -184,7 +185,8 @@ def _run_caption(args) -> None:
 
 def _add_train_parser(subparsers) -> None:
     p = subparsers.add_parser("train", parents=[_process_flags()],
-                              help="learn a style token (NSYNC, Textual Inversion or DreamArtist)",
+                              help="learn a style: a token, LoRA adapters or the full weights (NSYNC, Textual "
+                                   "Inversion, DreamArtist, StyleForge)",
                               epilog="Override any config value with --config.KEY=VALUE, e.g. --config.train.steps=100")
     p.add_argument("--config", type=Path, required=True, help="experiment file with get_config()")
     p.add_argument("--workdir", type=Path, required=True, help="checkpoints, metrics and outputs; rerun to resume")
@@ -217,8 +219,10 @@ def _add_export_parser(subparsers) -> None:
                                              "or a LoRA / fine-tuned model for diffusers",
                               epilog="DreamArtist runs also write the negative word next to --output, as "
                                      "NAME-neg.EXT (token <token>-neg). LoRA runs: --format diffusers-lora (a "
-                                     ".safetensors for load_lora_weights) or diffusers-pipeline; full runs: "
-                                     "--format diffusers-pipeline (a new model folder).")
+                                     ".safetensors for load_lora_weights), a1111-lora (kohya-ss's layout, for "
+                                     "A1111, ComfyUI and load_lora_weights; sample --lora reads both) or "
+                                     "diffusers-pipeline; full runs: --format diffusers-pipeline (a new model "
+                                     "folder).")
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
     p.add_argument("--output", type=Path, required=True)

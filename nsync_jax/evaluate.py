@@ -180,10 +180,6 @@ def _weight_path(weights_dir: Path, name: str) -> Path:
     return path
 
 
-def _normalise_rows(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 @dataclasses.dataclass
 class Evaluation:
     protocol: str
@@ -212,12 +208,12 @@ def _inception_features(ev: Evaluation, folders: list[ImageFolder]) -> list[np.n
 
 
 def _clip_image_features(ev: Evaluation, folders: list[ImageFolder], name: str, prepare) -> list[np.ndarray]:
-    from nsync_jax.models.clip_vision import load_clip_vision
+    from nsync_jax.models.clip_vision import l2_normalize, load_clip_vision
 
     model = load_clip_vision(_weight_path(ev.weights, name))
     size = model.config.image_size
-    return [_normalise_rows(batched_features(model, lambda m, x: m(x).image_embeds,
-                                             (prepare(i, size) for i in f.images), len(f.images), ev.batch_size))
+    return [batched_features(model, lambda m, x: l2_normalize(m(x).image_embeds),
+                             (prepare(i, size) for i in f.images), len(f.images), ev.batch_size)
             for f in folders]
 
 

@@ -14,7 +14,6 @@ Files are written under a temporary name and renamed, so a crash never leaves ha
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,12 @@ from typing import Any
 import numpy as np
 
 from nsync_jax.errors import UserError
-from nsync_jax.files import atomic_write, write_json
+from nsync_jax.files import atomic_folder, atomic_write, write_json
 
 FORMATS = ("diffusers", "a1111")
-# Formats of LoRA and full fine-tuning runs (trainer.export_run).
-MODEL_FORMATS = ("diffusers-lora", "diffusers-pipeline")
+# Formats of LoRA and full fine-tuning runs (trainer.export_run); the LoRA ones by their key layout (lora.py).
+LORA_FORMATS = {"diffusers-lora": "diffusers", "a1111-lora": "kohya"}
+MODEL_FORMATS = (*LORA_FORMATS, "diffusers-pipeline")
 # The weight files a diffusers folder's unet/ and text_encoder/ may hold; replaced on export.
 _WEIGHT_FILE_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 
@@ -71,8 +71,6 @@ def write_diffusers_pipeline(output: Path, base: Path, modules: dict[str, Any]) 
     from nsync_jax.weights import module_state_dict
 
     output, base = Path(output), Path(base)
-    if output.exists():
-        raise UserError(f"{output}: already exists; give a new folder")
 
     def skip_weights(folder, names):
         if Path(folder).name not in modules:
@@ -80,10 +78,8 @@ def write_diffusers_pipeline(output: Path, base: Path, modules: dict[str, Any]) 
         return [n for n in names if n.split(".")[0] in _WEIGHT_FILE_STEMS and not n.endswith(".json")
                 or n.endswith(".index.json")]
 
-    temporary = output.with_name(f".{output.name}.tmp{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    try:
-        shutil.copytree(base, temporary, ignore=skip_weights)
+    with atomic_folder(output, exists_hint="give a new folder") as temporary:
+        shutil.copytree(base, temporary, ignore=skip_weights, dirs_exist_ok=True)
         for name, module in modules.items():
             state = module_state_dict(module)
             if name == "text_encoder":  # transformers' CLIPTextModel keeps its weights under text_model.
@@ -91,6 +87,3 @@ def write_diffusers_pipeline(output: Path, base: Path, modules: dict[str, Any]) 
             file = "diffusion_pytorch_model.safetensors" if name == "unet" else "model.safetensors"
             save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(temporary / name / file),
                       metadata={"format": "pt"})
-        os.replace(temporary, output)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)

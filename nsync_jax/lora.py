@@ -10,11 +10,18 @@ the model has exactly the paths and values of the base model) and adds two `nnx.
 and computes `x W + b + (alpha / rank) (x down) up`. The trainer selects the adapters with the NNX filter
 `nnx.LoRAParam` (`nnx.split(module, nnx.LoRAParam, ...)`); everything else stays frozen.
 
-Files: `lora_state_dict` writes peft-style keys, which diffusers' `load_lora_weights` reads for Stable
-Diffusion 1.x/2.x (`unet.<module>.lora_A.weight` `(rank, in)`, `unet.<module>.lora_B.weight` `(out, rank)`,
-`text_encoder.text_model.<module>...`). diffusers gives a file without alphas the scale 1, so the
-alpha/rank scale is folded into lora_B on export. `read_lora_file` and `merge_lora` fold such a file into
-plain weights (W + scale * B A, with an optional per-module `<module>.alpha` key giving alpha/rank).
+Files: `lora_state_dict` writes one of two key layouts, both of which diffusers' `load_lora_weights` reads
+for Stable Diffusion 1.x/2.x:
+
+  diffusers  peft-style `unet.<module>.lora_A.weight` `(rank, in)`, `unet.<module>.lora_B.weight` `(out, rank)`,
+             `text_encoder.text_model.<module>...`; diffusers gives a file without alphas the scale 1, so
+             alpha/rank is folded into lora_B.
+  kohya      kohya-ss's, which A1111 and ComfyUI read: `lora_unet_<module>.lora_down.weight` `(rank, in)`,
+             `.lora_up.weight` `(out, rank)` and a scalar `.alpha`, text encoder `lora_te_text_model_<module>`;
+             `<module>` is the diffusers module path with `_` for `.` (kohya trains SD 1.x on diffusers' UNet).
+
+`read_lora_file` and `merge_lora` fold either into plain weights (W + alpha/rank B A; alpha = rank when a
+module has no `.alpha`).
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' attention proj
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention projections
 # The prefix of each component's keys in a diffusers LoRA file (transformers' CLIP keeps `text_model.`).
 FILE_PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder.text_model."}
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_text_model_"}
 _LINEAR_ATTRIBUTES = ("in_features", "out_features", "use_bias", "dtype", "param_dtype", "precision",
                       "dot_general", "promote_dtype", "preferred_element_type")
 
@@ -101,31 +109,43 @@ def nested_params(flat: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# diffusers LoRA files.
+# LoRA files (diffusers and kohya layouts).
 # ------------------------------------------------------------------------------------------------------------
 
-def lora_state_dict(params: dict[str, dict[str, np.ndarray]], scale: float) -> dict[str, np.ndarray]:
-    """diffusers/peft keys from trained adapters `{component: {"<module>.lora_down": (in, r), ...}}`, with
-    `scale` (alpha / rank) folded into lora_B."""
+def lora_state_dict(params: dict[str, dict[str, np.ndarray]], scale: float,
+                    layout: str = "diffusers") -> dict[str, np.ndarray]:
+    """The file keys, in layout "diffusers" or "kohya" (see the module docstring), of trained adapters
+    `{component: {"<module>.lora_down": (in, r), ...}}` whose scale is `scale` (alpha / rank)."""
     state = {}
     for component, flat in params.items():
         for key, down in flat.items():
             if not key.endswith(".lora_down"):
                 continue
             module = key.removesuffix(".lora_down")
-            up = np.asarray(flat[module + ".lora_up"], np.float32)
-            prefix = FILE_PREFIXES[component] + module
-            state[prefix + ".lora_A.weight"] = np.ascontiguousarray(np.asarray(down, np.float32).T)
-            state[prefix + ".lora_B.weight"] = np.ascontiguousarray((up * scale).T)
+            down = np.ascontiguousarray(np.asarray(down, np.float32).T)
+            up = np.ascontiguousarray(np.asarray(flat[module + ".lora_up"], np.float32).T)
+            if layout == "diffusers":
+                prefix = FILE_PREFIXES[component] + module
+                state[prefix + ".lora_A.weight"], state[prefix + ".lora_B.weight"] = down, up * scale
+            else:
+                prefix = KOHYA_PREFIXES[component] + module.replace(".", "_")
+                state[prefix + ".lora_down.weight"], state[prefix + ".lora_up.weight"] = down, up
+                state[prefix + ".alpha"] = np.asarray(scale * down.shape[0], np.float32)
     return state
 
 
-_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_A|lora\.down)\.weight$")
+# A down matrix's key in each layout read: diffusers/peft, diffusers' older `lora.down`, kohya; and its up key.
+_KEY = re.compile(r"^(?P<module>.+)\.(?P<down>lora_A|lora\.down|lora_down)\.weight$")
+_UP = {"lora_A": "lora_B", "lora.down": "lora.up", "lora_down": "lora_up"}
+# Key prefixes per component, the first that matches wins (diffusers files may lack `text_model.`).
+_READ_PREFIXES = [(component, prefix) for prefixes in (FILE_PREFIXES, KOHYA_PREFIXES)
+                  for component, prefix in prefixes.items()] + [("text_encoder", "text_encoder.")]
 
 
 def read_lora_file(path: Path) -> dict[str, dict[str, np.ndarray]]:
-    """The weight deltas of a diffusers LoRA file: `{component: {module path: delta kernel (in, out)}}`, in
-    this project's module paths and Flax layout (delta = alpha/rank B A, transposed)."""
+    """The weight deltas of a LoRA file (either layout): `{component: {module: delta kernel (in, out)}}`, in
+    Flax layout (delta = alpha/rank B A, transposed); `module` is this project's module path (kohya files:
+    with `_` for `.`, which `merge_lora` matches)."""
     from nsync_jax.weights import read_state_dict
 
     return read_lora_state(read_state_dict(Path(path)), source=path)
@@ -141,17 +161,15 @@ def read_lora_state(state: dict[str, np.ndarray], source: Path | str) -> dict[st
         if not match:
             continue
         name = match["module"]
-        up_key = key.replace("lora_A.weight", "lora_B.weight").replace("lora.down.weight", "lora.up.weight")
+        up_key = f"{name}.{_UP[match['down']]}.weight"
         if up_key not in state:
             raise UserError(f"{path}: {key!r} has no matching {up_key!r}")
         down, up = np.asarray(state[key], np.float32), np.asarray(state[up_key], np.float32)
         rank = down.shape[0]
         alpha = float(np.asarray(state[name + ".alpha"])) if name + ".alpha" in state else rank
-        for component, prefix in FILE_PREFIXES.items():
-            short = prefix.split(".")[0] + "."
-            if name.startswith(short):
-                module = name[len(prefix):] if name.startswith(prefix) else name[len(short):]
-                deltas[component][module] = ((alpha / rank) * (up @ down)).T
+        for component, prefix in _READ_PREFIXES:
+            if name.startswith(prefix):
+                deltas[component][name.removeprefix(prefix)] = ((alpha / rank) * (up @ down)).T
                 break
         else:
             raise UserError(f"{path}: LoRA key {key!r} is not for the unet or the text_encoder")
@@ -159,7 +177,8 @@ def read_lora_state(state: dict[str, np.ndarray], source: Path | str) -> dict[st
     unexpected = sorted(set(state) - used)
     if unexpected:
         raise UserError(f"{path}: unexpected key {unexpected[0]!r} (expected diffusers/peft LoRA keys "
-                        "'unet.<module>.lora_A.weight', 'unet.<module>.lora_B.weight')")
+                        "'unet.<module>.lora_A.weight', 'unet.<module>.lora_B.weight' or kohya's "
+                        "'lora_unet_<module>.lora_down.weight', '.lora_up.weight', '.alpha')")
     if not any(deltas.values()):
         raise UserError(f"{path}: no LoRA weights in the file")
     return deltas
@@ -172,12 +191,13 @@ def merge_lora(modules: dict[str, nnx.Module], deltas: dict[str, dict[str, np.nd
     for component, per_module in deltas.items():
         if not per_module:
             continue
-        linears = {".".join(map(str, path)): m for path, m in nnx.iter_modules(modules[component])
+        # Keyed with `_` for `.`, which matches both layouts' module names (no two layers differ only there).
+        linears = {"_".join(map(str, path)): m for path, m in nnx.iter_modules(modules[component])
                    if isinstance(m, nnx.Linear)}
         for name, delta in per_module.items():
-            if name not in linears:
+            if name.replace(".", "_") not in linears:
                 raise UserError(f"{source}: the {component} has no linear layer {name!r}")
-            kernel = linears[name].kernel
+            kernel = linears[name.replace(".", "_")].kernel
             if tuple(kernel.shape) != delta.shape:
                 raise UserError(f"{source}: {component} {name}: LoRA of shape {delta.shape[::-1]}, the layer is "
                                 f"{tuple(kernel.shape)[::-1]}")
@@ -186,15 +206,15 @@ def merge_lora(modules: dict[str, nnx.Module], deltas: dict[str, dict[str, np.nd
 
 
 def write_lora_file(path: Path, params: dict[str, dict[str, np.ndarray]], scale: float,
-                    metadata: dict | None = None) -> None:
-    """Writes trained adapters as a diffusers LoRA `.safetensors` (see `lora_state_dict`), atomically; `metadata`
-    goes into the file's header as JSON under `nsync_jax`."""
+                    metadata: dict | None = None, layout: str = "diffusers") -> None:
+    """Writes trained adapters as a LoRA `.safetensors` in `layout` (see `lora_state_dict`), atomically;
+    `metadata` goes into the file's header as JSON under `nsync_jax`."""
     import json
 
     from safetensors.numpy import save_file
 
     from nsync_jax.files import atomic_write
 
-    state = lora_state_dict(params, scale)
+    state = lora_state_dict(params, scale, layout)
     header = {"format": "pt", "nsync_jax": json.dumps(metadata or {}, sort_keys=True)}
     atomic_write(Path(path), lambda tmp: save_file(state, str(tmp), metadata=header))

@@ -8,7 +8,8 @@ import torch
 from nsync_jax.cli import main
 from nsync_jax.pipeline import load_pipeline
 from nsync_jax.sampling import SampleSettings, generate, initial_latents
-from nsync_jax.toyworld import pretrain
+from nsync_jax.toyworld import demo, pretrain, world
+from nsync_jax.train import trainer
 
 PROMPTS = ["a red star on a white background in the style of striped", "a blue circle on a gray background"]
 
@@ -73,3 +74,20 @@ def test_demo_short_run_writes_every_artefact(tmp_path):
 def test_demo_rejects_a_style_that_does_not_exist(tmp_path, capsys):
     assert main(["demo", "--output", str(tmp_path), "--config.style=wobbly"]) == 2
     assert "--config.style='wobbly'" in capsys.readouterr().err
+
+
+def test_every_benchmark_run_has_a_valid_training_config(tmp_path):
+    """Runs that train weights (NSYNC-LoRA, StyleForge) prompt with the rare word their training used."""
+    config = demo.default_config()
+    scene = world.sample_scenes(0, 1, styles=("halftone",))[0]
+    for run in demo.RUNS:
+        run_config = demo.training_config(config, run, tmp_path)
+        trainer.check_config(run_config)
+        prompt = demo.test_prompt(run, scene)
+        if run_config.get("trainable", "embeddings") == "embeddings":
+            assert demo.token(run) in prompt and run_config.placeholder_token == demo.token(run)
+        else:
+            assert demo.RARE_WORD in prompt and demo.token(run) not in prompt
+    styleforge = demo.training_config(config, "styleforge", tmp_path)
+    assert styleforge.data.aux_images == str(tmp_path / "aux" / "images")
+    assert demo.test_prompt("styleforge", scene) == f"zwx style, {world.content_caption(scene)}"

@@ -19,11 +19,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import shutil
 from pathlib import Path
 
 from nsync_jax.data.style_dataset import StyleItem, find_style_items
 from nsync_jax.errors import UserError
+from nsync_jax.files import atomic_folder
 
 NAME = "nsync_style"
 CYCLEGAN_SPLITS = ("trainA", "testA", "trainB", "testB")
@@ -105,27 +105,19 @@ def prepare(output: Path, root: Path, *, captions: Path | None = None, negatives
             skip_bad_items: bool = False) -> dict[str, int]:
     """Validates every split of the dataset at `root`, then writes it under `output`; `{split: examples}`.
 
-    Nothing is written before every split passed validation; the dataset is built in a temporary folder and
+    Every split is validated before anything is written; the dataset is built in a temporary folder and
     renamed, so `output` holds a complete dataset or none.
     """
-    output = Path(output)
-    if output.exists():
-        raise UserError(f"{output}: already exists; choose a new --output")
-    splits = {split: find_style_items(**sources, skip_bad_items=skip_bad_items)
-              for split, sources in source_splits(root, captions, negatives).items()}
-    with_negatives = {all(item.negative is not None for item in items) for items in splits.values()}
-    if len(with_negatives) != 1:
-        raise UserError(f"{negatives}: negatives exist for some splits only ({', '.join(splits)})")
-    config = "with_negatives" if with_negatives.pop() else "positives"
-    temporary = output.with_name(f".{output.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    try:
+    with atomic_folder(output, exists_hint="choose a new --output") as temporary:
+        splits = {split: find_style_items(**sources, skip_bad_items=skip_bad_items)
+                  for split, sources in source_splits(root, captions, negatives).items()}
+        with_negatives = {all(item.negative is not None for item in items) for items in splits.values()}
+        if len(with_negatives) != 1:
+            raise UserError(f"{negatives}: negatives exist for some splits only ({', '.join(splits)})")
+        config = "with_negatives" if with_negatives.pop() else "positives"
         builder = _builder_class()(splits=splits, config=config, data_dir=str(temporary),
                                    file_format="array_record")
         builder.download_and_prepare(download_config=_tfds().download.DownloadConfig(manual_dir=str(root)))
-        temporary.rename(output)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
     return {split: len(items) for split, items in splits.items()}
 
 

@@ -43,9 +43,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -57,6 +55,7 @@ from flax import nnx
 
 from nsync_jax import weights
 from nsync_jax.errors import UserError
+from nsync_jax.files import atomic_folder
 from nsync_jax.models.clip_text import (ENCODER_CONFIG_KEYS, CLIPEncoder, CLIPTextConfig, CLIPTextModel,
                                         check_heads, layer_norm, pooled_output, positive_int)
 
@@ -419,25 +418,14 @@ def _check_converted(config: dict, state: dict, build, source: Path) -> None:
 
 
 def _write_folder(folder: Path, config: dict, state: dict[str, np.ndarray]) -> Path:
-    """Writes config.json + model.safetensors into a temporary sibling folder, then renames it to `folder`."""
+    """Writes config.json + model.safetensors into a new folder, atomically."""
     from safetensors.numpy import save_file
 
-    folder = Path(folder)
-    if folder.exists():
-        raise UserError(f"{folder}: already exists; choose a new folder for the converted model")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    temporary = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    try:
+    with atomic_folder(folder, exists_hint="choose a new folder for the converted model") as temporary:
         (temporary / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(temporary / "model.safetensors"),
                   metadata={"format": "pt"})
-        os.rename(temporary, folder)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    return folder
+    return Path(folder)
 
 
 def _torch_state(state: dict) -> dict[str, np.ndarray]:

@@ -3,9 +3,12 @@
 Stages (each with its own progress bar), every artefact in one output folder:
   data/        the style's images (a style the model never saw), their captions, and the negatives the base
                model draws for the same captions "in the style of drawing" (its generic style)
-  runs/<m>/    one training run per method (checkpoints, metrics.jsonl, learned_embeds.safetensors)
+  data/aux/    StyleForge's Aux images: seen-style renders with their content captions (bound to "style")
+  runs/<m>/    one training run per method (checkpoints, metrics.jsonl, learned_embeds.safetensors; LoRA
+               runs: lora.safetensors)
   embeddings/  the learned tokens, in diffusers' format (load with `load_textual_inversion`); DreamArtist's
-               negative word as `dreamartist-neg.safetensors`, used as the negative prompt of its samples
+               negative word as `dreamartist-neg.safetensors`, used as the negative prompt of its samples.
+               Runs that train weights (NSYNC-LoRA, StyleForge) draw their samples with those weights.
   samples/<row>/  the test captions drawn by the base model and with each learned token
   grid.png, report.md, report.json   rows real / base / methods, judged by the bundled classifier
 """
@@ -29,14 +32,31 @@ from nsync_jax.toyworld.pretrain import BUNDLED_MODEL
 from nsync_jax.train import trainer
 
 BUNDLED_JUDGE = Path(__file__).parent / "assets" / "judge"
-# Each run: (trainer method, NSYNC variant). "nsync" is the paper's rule; the others are for comparisons.
-RUNS = {"textual_inversion": ("textual_inversion", None), "nsync": ("nsync", "orthogonal_anchor"),
-        "nsync_orthogonal": ("nsync", "orthogonal"), "nsync_released": ("nsync", "released"),
-        "dreamartist": ("dreamartist", None)}
+# Each run: its trainer settings over `training_config`'s. "nsync" is the paper's rule; the others are for
+# comparisons. Runs that train weights use the rare word "zwx" as plain text and their own learning rates
+# (LoRA's and full fine-tuning's usual scales relative to a token's).
+RUNS = {"textual_inversion": {"method": "textual_inversion"},
+        "nsync": {"method": "nsync", "nsync.variant": "orthogonal_anchor"},
+        "nsync_orthogonal": {"method": "nsync", "nsync.variant": "orthogonal"},
+        "nsync_released": {"method": "nsync", "nsync.variant": "released"},
+        "dreamartist": {"method": "dreamartist"},
+        "nsync_lora": {"method": "nsync", "trainable": "lora", "lora.rank": 4, "lora.alpha": 4.0,
+                       "train.learning_rate": 1e-3},
+        "styleforge": {"method": "styleforge", "trainable": "full", "train.learning_rate": 2e-5,
+                       "styleforge.append_captions": True}}
+RARE_WORD = "zwx"
 
 
 def token(run: str) -> str:
     return f"<{run.replace('_', '-')}>"
+
+
+def test_prompt(run: str, scene: world.Scene) -> str:
+    """A test caption as the run's training prompts put it: with its token, or its rare word."""
+    settings = RUNS[run]
+    if settings["method"] == "styleforge":  # "zwx style, <caption>", as StyleForge's prompts
+        return f"{RARE_WORD} style, {world.content_caption(scene)}"
+    return world.caption(scene, RARE_WORD if "trainable" in settings else token(run))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -93,16 +113,12 @@ def draw(pipe, prompts: list[str], config, folder: Path, stems: list[str], progr
 
 
 def training_config(config, run: str, data: Path) -> ml_collections.ConfigDict:
-    method, variant = RUNS[run]
     c = trainer.default_config()
     c.model = config.model
-    c.method = method
-    c.nsync.variant = variant or c.nsync.variant
-    c.placeholder_token = token(run)
+    c.placeholder_token = RARE_WORD if "trainable" in RUNS[run] else token(run)
     c.initializer_token = config.train.initializer_token
     c.num_vectors = config.train.num_vectors
     c.data.images, c.data.captions = str(data / "images"), str(data / "captions")
-    c.data.negatives = str(data / "negatives") if method == "nsync" else ""
     c.data.resolution = world_resolution(config)
     c.train.steps = config.train.steps
     c.train.batch_size = config.train.batch_size
@@ -110,6 +126,15 @@ def training_config(config, run: str, data: Path) -> ml_collections.ConfigDict:
     c.train.scale_lr = False
     c.train.seed = config.seed
     c.checkpoint.every_steps = config.train.steps
+    for key, value in RUNS[run].items():
+        *parents, leaf = key.split(".")
+        node = c
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    c.data.negatives = str(data / "negatives") if c.method == "nsync" else ""
+    if c.method == "styleforge":
+        c.data.aux_images, c.data.aux_captions = str(data / "aux" / "images"), str(data / "aux" / "captions")
     return c
 
 
@@ -173,14 +198,22 @@ def run_demo(config: ml_collections.ConfigDict, output: Path, *, progress: bool 
     scenes = world.sample_scenes(config.seed, config.train_images, styles=(config.style,))
     stems = write_style_dataset(data, scenes, size)
     draw(pipe, [world.caption(s, world.GENERIC_STYLE) for s in scenes], config, data / "negatives", stems, progress)
+    if any(RUNS[run]["method"] == "styleforge" for run in config.methods):
+        aux_scenes = world.sample_scenes(config.seed + 4, config.train_images, styles=world.SEEN_STYLES)
+        write_style_dataset(data / "aux", aux_scenes, size)
 
     # --- one training run per method; the learned tokens exported in diffusers' format ---
     negative_prompts = {}  # DreamArtist's negative word is its samples' negative prompt, as released
+    pipes = {}  # runs that trained weights draw with their own copy of the model
     for run in config.methods:
         workdir = output / "runs" / run
         shutil.rmtree(workdir, ignore_errors=True)  # a rerun trains from scratch rather than resuming a finished run
         run_config = training_config(config, run, data)
-        trainer.train(run_config, workdir, progress=progress)
+        trained = trainer.train(run_config, workdir, progress=progress)
+        if isinstance(trained, dict):
+            pipes[run] = load_pipeline(Path(config.model))
+            trainer.merge_trained(pipes[run].modules(), trained, run_config, source=workdir)
+            continue
         (output / "embeddings").mkdir(exist_ok=True)
         for word_suffix, word, _ in trainer.learned_words(run_config):
             for suffix in (".safetensors", ".json"):
@@ -197,7 +230,7 @@ def run_demo(config: ml_collections.ConfigDict, output: Path, *, progress: bool 
     rows["base"] = draw(pipe, [world.caption(s, world.GENERIC_STYLE) for s in test_scenes], config,
                         output / "samples" / "base", test_stems, progress)
     for run in config.methods:
-        rows[run] = draw(pipe, [world.caption(s, token(run)) for s in test_scenes], config,
+        rows[run] = draw(pipes.get(run, pipe), [test_prompt(run, s) for s in test_scenes], config,
                          output / "samples" / run, test_stems, progress, negative_prompts.get(run, ""))
 
     # --- judge, grid, report ---

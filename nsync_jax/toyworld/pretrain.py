@@ -12,7 +12,6 @@ diffusers' `StableDiffusionPipeline` both load; `pretrain_log.jsonl` beside the 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from nsync_jax import tokens, weights
+from nsync_jax.files import atomic_folder
 from nsync_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from nsync_jax.models.unet import UNet2DConditionModel, UNetConfig
 from nsync_jax.models.vae import AutoencoderKL, VAEConfig, sample_posterior
@@ -249,32 +249,27 @@ WEIGHT_FILES = {"vae": "diffusion_pytorch_model.safetensors", "unet": "diffusion
 def write_model_folder(output: Path, configs: dict[str, dict], modules: dict[str, nnx.Module], tokenizer_folder: Path,
                        extra_files: dict[str, str]) -> Path:
     output = Path(output)
-    temporary = output.with_name(output.name + ".tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
              "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
              "image_encoder": [None, None],
              "scheduler": ["diffusers", configs["scheduler"]["_class_name"]],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
-    (temporary / "model_index.json").write_text(json.dumps(index, indent=2))
-    (temporary / "scheduler").mkdir()
-    (temporary / "scheduler" / "scheduler_config.json").write_text(json.dumps(configs["scheduler"], indent=2))
-    shutil.copytree(tokenizer_folder, temporary / "tokenizer")
-    for name, module in modules.items():
-        (temporary / name).mkdir()
-        (temporary / name / "config.json").write_text(json.dumps(configs[name], indent=2))
-        state = weights.module_state_dict(module)
-        if name == "text_encoder":  # transformers' CLIPTextModel keys
-            state = {f"text_model.{key}": value for key, value in state.items()}
-        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(temporary / name / WEIGHT_FILES[name]),
-                  metadata={"format": "pt"})
-    for name, text in extra_files.items():
-        (temporary / name).write_text(text)
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(temporary, output)
+    with atomic_folder(output, replace=True) as temporary:  # a rerun replaces the model folder
+        (temporary / "model_index.json").write_text(json.dumps(index, indent=2))
+        (temporary / "scheduler").mkdir()
+        (temporary / "scheduler" / "scheduler_config.json").write_text(json.dumps(configs["scheduler"], indent=2))
+        shutil.copytree(tokenizer_folder, temporary / "tokenizer")
+        for name, module in modules.items():
+            (temporary / name).mkdir()
+            (temporary / name / "config.json").write_text(json.dumps(configs[name], indent=2))
+            state = weights.module_state_dict(module)
+            if name == "text_encoder":  # transformers' CLIPTextModel keys
+                state = {f"text_model.{key}": value for key, value in state.items()}
+            save_file({k: np.ascontiguousarray(v) for k, v in state.items()},
+                      str(temporary / name / WEIGHT_FILES[name]), metadata={"format": "pt"})
+        for name, text in extra_files.items():
+            (temporary / name).write_text(text)
     return output
 
 

@@ -679,7 +679,7 @@ def read_checkpoint_rows(workdir: Path, step: int | None = None) -> tuple[np.nda
     trained, meta = read_checkpoint(workdir, step)
     if "rows" not in trained:
         raise UserError(f"{workdir}: the run trained trainable={meta['config'].get('trainable')!r}, not token "
-                        "embeddings: export it with --format diffusers-lora or diffusers-pipeline")
+                        f"embeddings: export it with --format {' or '.join(export.MODEL_FORMATS)}")
     return np.asarray(trained["rows"], np.float32), meta
 
 
@@ -758,11 +758,12 @@ def export_words(path: Path, config, rows: np.ndarray, step: int, fmt: str = "di
 
 
 def export_run(workdir: Path, output: Path, fmt: str, step: int | None = None) -> str:
-    """Writes a LoRA or full fine-tuning checkpoint for diffusers; returns a line saying what was written.
+    """Writes a LoRA or full fine-tuning checkpoint for diffusers or A1111; returns a line saying what it wrote.
 
-    `diffusers-lora` (LoRA runs): a `.safetensors` for `pipe.load_lora_weights`. `diffusers-pipeline`: a
-    complete diffusers folder from the base model with the trained UNet and text encoder (LoRA runs: the
-    adapters merged into the weights).
+    `diffusers-lora` (LoRA runs): a `.safetensors` for `pipe.load_lora_weights`; `a1111-lora`: one in
+    kohya-ss's layout, for A1111 and ComfyUI (diffusers reads it too). `diffusers-pipeline`: a complete
+    diffusers folder from the base model with the trained UNet and text encoder (LoRA runs: the adapters
+    merged into the weights).
     """
     trained, meta = read_checkpoint(workdir, step)
     config = ml_collections.ConfigDict(meta["config"])
@@ -771,24 +772,32 @@ def export_run(workdir: Path, output: Path, fmt: str, step: int | None = None) -
         raise UserError(f"{workdir}: the run trained token embeddings: export it with --format diffusers or "
                         "a1111")
     params = trained["params"]
-    if fmt == "diffusers-lora":
+    if fmt in export.LORA_FORMATS:
         if kind != "lora":
-            raise UserError(f"{workdir}: --format diffusers-lora needs a run with trainable='lora' (this one is "
+            raise UserError(f"{workdir}: --format {fmt} needs a run with trainable='lora' (this one is "
                             f"{kind!r}): use --format diffusers-pipeline")
-        lora.write_lora_file(output, params, lora_scale(config), metadata=export_metadata(config, meta["step"]))
+        lora.write_lora_file(output, params, lora_scale(config), metadata=export_metadata(config, meta["step"]),
+                             layout=export.LORA_FORMATS[fmt])
         return f"wrote {output} (LoRA rank {config.lora.rank}, {', '.join(params)}), step {meta['step']}"
     if fmt != "diffusers-pipeline":
-        raise UserError(f"--format must be diffusers-lora or diffusers-pipeline for a {kind} run, got {fmt!r}")
+        raise UserError(f"--format must be one of {', '.join(export.MODEL_FORMATS)} for a {kind} run, "
+                        f"got {fmt!r}")
     pipe = load_pipeline(config.model)
     modules = {name: pipe.modules()[name] for name in params}
-    if kind == "lora":
-        deltas = lora.read_lora_state(lora.lora_state_dict(params, lora_scale(config)), source=workdir)
-        lora.merge_lora(modules, deltas, source=workdir)
-    else:
-        for name, flat in params.items():
-            nnx.update(modules[name], lora.nested_params({k: jnp.asarray(v) for k, v in flat.items()}))
+    merge_trained(modules, params, config, source=workdir)
     export.write_diffusers_pipeline(output, config.model, modules)
     return f"wrote {output} (base {config.model}, trained {', '.join(params)}), step {meta['step']}"
+
+
+def merge_trained(modules: dict, params: dict, config, source: Path) -> None:
+    """Puts a LoRA or full fine-tuning run's weights `{component: {path: array}}` into a base model's modules
+    (LoRA: merged into the plain weights, as diffusers' fuse_lora)."""
+    if config.trainable == "lora":
+        deltas = lora.read_lora_state(lora.lora_state_dict(params, lora_scale(config)), source=source)
+        lora.merge_lora(modules, deltas, source=source)
+        return
+    for name, flat in params.items():
+        nnx.update(modules[name], lora.nested_params({k: jnp.asarray(v) for k, v in flat.items()}))
 
 
 def load_training_data(config: ml_collections.ConfigDict) -> StyleDataset:
