@@ -1,4 +1,5 @@
-"""Sharded training: the same embedding on any mesh, with frozen weights split over fsdp, and across processes.
+"""Sharded training: the same embedding on any mesh, with frozen weights split over fsdp, and across processes;
+full fine-tuning with its trained weights split over fsdp learns what one device learns.
 
 Meshes need several devices, which a JAX process fixes when it starts: the multi-device runs happen in child
 processes with 8 simulated CPU devices (`--xla_force_host_platform_device_count`).
@@ -22,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, BATCH = 4, 8
 MESHES = {"8x1": (8, 1, False), "4x2": (4, 2, False), "1x1": (1, 1, False), "4x2-fsdp-weights": (4, 2, True)}
 
-# Runs in a child process with 8 CPU devices: trains the tiny config on each mesh and saves the rows.
-SAMPLE_PROMPTS = ["a red star", "a blue circle", "a cat"]
-MESH_RUNS = f"SAMPLE_PROMPTS = {SAMPLE_PROMPTS!r}\n" + """
+# The start of every child script (8 CPU devices): its spec, and `train_on_mesh(name)`, which trains the config on
+# one of the spec's meshes and saves what it learned as NAME.npz: "rows", or "unet/<path>", "text_encoder/<path>".
+CHILD_START = """
 import json, sys
 from pathlib import Path
 import jax, numpy as np
@@ -37,6 +38,20 @@ from nsync_jax.train import trainer
 spec = json.loads(sys.argv[1])
 out = Path(spec["out"])
 distributed.MIN_SHARDED_SIZE = 256  # the tiny model's weights are small: split most of them
+
+def train_on_mesh(name):
+    data, fsdp, shard_weights = spec["meshes"][name]
+    config = load_config(spec["config"], spec["overrides"] + [
+        f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.shard_frozen_weights={shard_weights}"])
+    learned = trainer.train(config, out / name, progress=False)
+    arrays = {"rows": learned} if not isinstance(learned, dict) else {
+        f"{part}/{path}": value for part, weights in learned.items() for path, value in weights.items()}
+    np.savez(out / f"{name}.npz", **arrays)
+"""
+
+# Trains the tiny config on each mesh, and samples and writes negatives on 8 devices.
+SAMPLE_PROMPTS = ["a red star", "a blue circle", "a cat"]
+MESH_RUNS = CHILD_START + f"SAMPLE_PROMPTS = {SAMPLE_PROMPTS!r}\n" + """
 mesh = distributed.make_mesh(4, 2)
 _, unet_state = nnx.split(load_pipeline(spec["model"]).unet)
 shardings = jax.tree.leaves(distributed.frozen_shardings(mesh, unet_state, True))
@@ -50,10 +65,24 @@ settings = SampleSettings(steps=3, guidance=4.0, batch_size=8)
 np.save(out / "samples.npy", generate(pipe, SAMPLE_PROMPTS, settings=settings, progress=False))
 prompts = {f"p{i}": p for i, p in enumerate(SAMPLE_PROMPTS)}
 negatives.generate_set(pipe, prompts, out / "negatives", settings=settings, images_per_caption=2, progress=False)
-for name, (data, fsdp, shard_weights) in spec["meshes"].items():
-    config = load_config(spec["config"], spec["overrides"] + [
-        f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.shard_frozen_weights={shard_weights}"])
-    np.save(out / f"{name}.npy", trainer.train(config, out / name, progress=False))
+for name in spec["meshes"]:
+    train_on_mesh(name)
+"""
+
+# Full fine-tuning on each mesh, counting the leaves the trainer puts on the devices split over fsdp: the frozen
+# weights stay whole (mesh.shard_frozen_weights=False), so those are trained weights.
+FULL_RUNS = CHILD_START + """
+put_tree, fsdp_split = distributed.put_tree, {}
+
+def counting_put_tree(tree, shardings):
+    fsdp_split[mesh_name] += sum(distributed.FSDP in str(s.spec) for s in jax.tree.leaves(shardings))
+    return put_tree(tree, shardings)
+
+distributed.put_tree = counting_put_tree
+for mesh_name in spec["meshes"]:
+    fsdp_split[mesh_name] = 0
+    train_on_mesh(mesh_name)
+(out / "fsdp_split.json").write_text(json.dumps(fsdp_split))
 """
 
 
@@ -77,14 +106,21 @@ def style_data(tmp_path_factory):
     return write_style_dataset(tmp_path_factory.mktemp("style"), count=6)
 
 
+def run_child(script: str, spec: dict) -> None:
+    subprocess.run([sys.executable, "-c", script, json.dumps(spec)], check=True,
+                   env=cpu_env(Path(spec["out"]) / "cache", 8), cwd=ROOT, timeout=900)
+
+
 @pytest.fixture(scope="module")
 def mesh_runs(sd2_dir, style_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("meshes")
-    spec = {"out": str(out), "model": str(sd2_dir), "config": str(ROOT / "configs" / "tiny.py"),
-            "overrides": overrides(sd2_dir, style_data), "meshes": MESHES}
-    subprocess.run([sys.executable, "-c", MESH_RUNS, json.dumps(spec)], check=True, env=cpu_env(out / "cache", 8),
-                   cwd=ROOT, timeout=900)
+    run_child(MESH_RUNS, {"out": str(out), "model": str(sd2_dir), "config": str(ROOT / "configs" / "tiny.py"),
+                          "overrides": overrides(sd2_dir, style_data), "meshes": MESHES})
     return out
+
+
+def learned_rows(folder: Path, name: str) -> np.ndarray:
+    return np.load(folder / f"{name}.npz")["rows"]
 
 
 def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
@@ -95,8 +131,8 @@ def test_every_mesh_learns_the_same_embedding(mesh_runs, sd2_dir):
     info = json.loads((mesh_runs / "sharded_weights.json").read_text())
     assert info["devices"] == 8
     assert info["sharded"] >= info["total"] // 4, info  # fsdp really splits the weights
-    rows = {name: np.load(mesh_runs / f"{name}.npy") for name in MESHES}
-    initial = np.load(mesh_runs / "1x1.npy")
+    rows = {name: learned_rows(mesh_runs, name) for name in MESHES}
+    initial = rows["1x1"]
     for name, learned in rows.items():
         assert relative_difference(learned, rows["1x1"]) <= 1e-5, name
     # ... and the runs did learn something, so agreeing is not trivial.
@@ -106,6 +142,47 @@ def test_every_mesh_learns_the_same_embedding(mesh_runs, sd2_dir):
     start = np.asarray(pipe.text_encoder.embeddings.token_embedding.embedding[...])[
         pipe.tokenizer.convert_tokens_to_ids("painting</w>")]
     assert relative_difference(initial, np.broadcast_to(start, initial.shape)) > 1e-3
+
+
+FULL_MESHES = {"1x1": (1, 1, False), "4x2": (4, 2, False)}
+# A bias added to every key shifts each row of attention logits by a constant, which softmax ignores: the true
+# gradient of the text encoder's key biases is 0, the computed one rounding noise that Adam scales up into steps
+# that differ between meshes. Their values are not compared.
+ZERO_GRADIENT_SUFFIX = ".self_attn.k_proj.bias"
+
+
+# About 2.5 minutes on 2 busy cores (the full step, UNet and text encoder, compiled for each mesh): `-m slow`.
+@pytest.mark.slow
+def test_full_fine_tuning_with_fsdp_split_weights_learns_what_one_device_learns(sd2_dir, style_data, tmp_path):
+    out = tmp_path / "full"
+    out.mkdir()
+    # Adam moves every weight by about the learning rate (8 x 2e-5 here) per step, also where the gradient is
+    # only rounding noise: a small rate keeps such elements' share of the difference under the tolerance.
+    run_child(FULL_RUNS, {"out": str(out), "model": str(sd2_dir), "config": str(ROOT / "configs" / "tiny.py"),
+                          "meshes": FULL_MESHES, "overrides": overrides(sd2_dir, style_data) + [
+                              "trainable=full", "full.train_text_encoder=True", "method=textual_inversion",
+                              "placeholder_token=zwx", "train.steps=3", "train.learning_rate=2e-5",
+                              "checkpoint.every_steps=3"]})
+    one, eight = (dict(np.load(out / f"{name}.npz")) for name in FULL_MESHES)
+    assert one.keys() == eight.keys() and {k.split("/")[0] for k in one} == {"unet", "text_encoder"}
+    fsdp_split = json.loads((out / "fsdp_split.json").read_text())
+    assert fsdp_split["1x1"] == 0 and fsdp_split["4x2"] >= len(one) // 4, (fsdp_split, len(one))
+    compared = [k for k in one if not k.endswith(ZERO_GRADIENT_SUFFIX)]
+    assert len(compared) == len(one) - 3  # one key bias per layer of the tiny text encoder
+    worst = max(compared, key=lambda k: relative_difference(eight[k], one[k]))
+    assert relative_difference(eight[worst], one[worst]) <= 1e-5, worst
+    # ... and every compared weight moved from the base model by 10x that, so agreeing is not trivial.
+    from flax import nnx
+
+    from nsync_jax.lora import flat_params
+    from nsync_jax.pipeline import load_pipeline
+
+    pipe = load_pipeline(sd2_dir)
+    base = {f"{name}/{path}": np.asarray(value) for name in ("unet", "text_encoder")
+            for path, value in flat_params(nnx.state(pipe.modules()[name], nnx.Param)).items()}
+    assert base.keys() == one.keys()
+    least = min(compared, key=lambda k: relative_difference(one[k], base[k]))
+    assert relative_difference(one[least], base[least]) > 1e-4, least
 
 
 def test_sampling_on_8_devices_draws_the_same_images(mesh_runs, sd2_dir):
@@ -159,7 +236,7 @@ def test_two_processes_train_resume_export_like_one(mesh_runs, sd2_dir, style_da
     exported = tmp_path / "exported.safetensors"
     subprocess.run([sys.executable, "-m", "nsync_jax.cli", "export", "--workdir", str(workdir), "--output",
                     str(exported)], check=True, cwd=ROOT, env=env, timeout=300)
-    single = np.load(mesh_runs / "8x1.npy")
+    single = learned_rows(mesh_runs, "8x1")
     for path in (exported, workdir / "learned_embeds.safetensors"):
         assert relative_difference(load_file(path)["<tiny-style>"], single) <= 1e-5, path
 
