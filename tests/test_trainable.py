@@ -1,6 +1,7 @@
 """What is trained is a config choice (trainable = embeddings, lora or full) on the one trainer: LoRA starts at
 the base model and trains only its adapters, full fine-tuning only the chosen modules, both resume exactly,
-and their exports load in diffusers (load_lora_weights, StableDiffusionPipeline) and in `sample`."""
+and their exports load in diffusers (load_lora_weights, StableDiffusionPipeline) and in `sample`, which draw
+the same images from the same latents."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,11 +12,16 @@ from flax import nnx
 from conftest import jitted
 from nsync_jax import lora, tokens
 from nsync_jax.cli import main
+from nsync_jax.imageio import to_uint8
 from nsync_jax.pipeline import encode_text, load_pipeline
+from nsync_jax.sampling import initial_latents
 from nsync_jax.train import trainer
 from test_train import tiny_config, write_style_dataset
 
 PROMPT = "a cat in the style of zwx"
+# Images of both samplers: the model's own scheduler (PNDM for the tiny SD1), guidance 7.5 (the default of
+# both), 32x32 pixels, that is 16x16x4 latents with the tiny VAE.
+SAMPLE_STEPS, SAMPLE_SIZE, LATENT_SHAPE = 4, 32, (16, 16, 4)
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +149,30 @@ def rel_error(ours, reference) -> float:
     return float(np.abs(ours - reference).max() / np.abs(reference).max())
 
 
+def cli_image(output, *flags) -> np.ndarray:
+    """The uint8 PNG that `nsync-jax sample` writes for PROMPT with seed 0."""
+    from PIL import Image
+
+    size = str(SAMPLE_SIZE)
+    assert main(["sample", *map(str, flags), "--prompt", PROMPT, "--steps", str(SAMPLE_STEPS), "--seed", "0",
+                 "--height", size, "--width", size, "--output", str(output)]) == 0
+    return np.asarray(Image.open(output / "000000.png").convert("RGB"))
+
+
+def diffusers_image(pipe) -> np.ndarray:
+    """diffusers' image for PROMPT from the latents `sample` draws for seed 0, image 0, as uint8 (like the PNG)."""
+    latents = initial_latents(0, [0], LATENT_SHAPE).transpose(0, 3, 1, 2)  # NHWC -> diffusers' NCHW
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(prompt=[PROMPT], num_inference_steps=SAMPLE_STEPS, height=SAMPLE_SIZE, width=SAMPLE_SIZE,
+                  latents=torch.tensor(latents), output_type="np").images
+    return to_uint8(images[0])
+
+
+def pixel_difference(a, b) -> int:
+    """The largest difference of two uint8 images, in 1/255."""
+    return int(np.abs(a.astype(np.int16) - b).max())
+
+
 def test_lora_export_matches_diffusers_load_lora_weights(sd1_dir, style_dir, tmp_path, capsys):
     from diffusers import StableDiffusionPipeline
 
@@ -159,10 +189,13 @@ def test_lora_export_matches_diffusers_load_lora_weights(sd1_dir, style_dir, tmp
     inputs = unet_inputs(1)
     reference = StableDiffusionPipeline.from_pretrained(sd1_dir, safety_checker=None)
     _, base_text, base_unet = torch_text_and_unet(reference, PROMPT, inputs)
+    base_image = diffusers_image(reference)
     reference.load_lora_weights(str(exported))
     torch_ids, torch_text, torch_unet = torch_text_and_unet(reference, PROMPT, inputs)
-    # Not trivially equal: the adapters moved both models.
+    # Not trivially equal: the adapters moved both models, and the image.
     assert rel_error(torch_text, base_text) > 1e-3 and rel_error(torch_unet, base_unet) > 1e-3
+    lora_image = diffusers_image(reference)
+    assert pixel_difference(lora_image, base_image) > 10
 
     pipe = load_pipeline(sd1_dir)
     lora.merge_lora(pipe.modules(), lora.read_lora_file(exported))  # what `sample --lora` does
@@ -171,6 +204,8 @@ def test_lora_export_matches_diffusers_load_lora_weights(sd1_dir, style_dir, tmp
     text = np.asarray(encode_text(pipe.text_encoder, jnp.asarray(pipe.extra_token_rows), jnp.asarray(ids)))
     assert rel_error(text, torch_text) <= 1e-4
     assert rel_error(np.asarray(jitted(pipe.unet)(*inputs)), torch_unet) <= 1e-4
+    assert pixel_difference(cli_image(tmp_path / "samples", "--model", sd1_dir, "--lora", exported),
+                            lora_image) <= 2
 
     # Half the scale in `sample --lora-scale 0.5` and diffusers' fuse_lora(lora_scale=0.5) agree too.
     half = load_pipeline(sd1_dir)
@@ -179,10 +214,8 @@ def test_lora_export_matches_diffusers_load_lora_weights(sd1_dir, style_dir, tmp
     reference.unload_lora_weights()
     _, _, torch_half = torch_text_and_unet(reference, PROMPT, inputs)
     assert rel_error(np.asarray(jitted(half.unet)(*inputs)), torch_half) <= 1e-4
-
-    assert main(["sample", "--model", str(sd1_dir), "--lora", str(exported), "--lora-scale", "0.5",
-                 "--prompt", PROMPT, "--steps", "2", "--output", str(tmp_path / "samples")]) == 0
-    assert (tmp_path / "samples" / "000000.png").exists()
+    half_image = cli_image(tmp_path / "half", "--model", sd1_dir, "--lora", exported, "--lora-scale", "0.5")
+    assert pixel_difference(half_image, diffusers_image(reference)) <= 2
 
 
 @pytest.mark.slow  # about 75 s on 2 CPU cores
@@ -208,9 +241,13 @@ def test_full_export_is_a_diffusers_pipeline(sd1_dir, style_dir, tmp_path, capsy
     reference = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
     ids, text, unet_out = torch_text_and_unet(reference, PROMPT, inputs)
     assert rel_error(ours, unet_out) <= 1e-4
-    _, _, base_out = torch_text_and_unet(StableDiffusionPipeline.from_pretrained(sd1_dir, safety_checker=None),
-                                          PROMPT, inputs)
+    base = StableDiffusionPipeline.from_pretrained(sd1_dir, safety_checker=None)
+    _, _, base_out = torch_text_and_unet(base, PROMPT, inputs)
     assert rel_error(unet_out, base_out) > 1e-4  # the export holds the trained weights, not the base ones
+    # `sample --model OUT` and diffusers draw the same image from the exported folder, not the base model's.
+    image = diffusers_image(reference)
+    assert pixel_difference(cli_image(tmp_path / "samples", "--model", out), image) <= 2
+    assert pixel_difference(image, diffusers_image(base)) > 10
     exported = load_pipeline(out)  # and `sample --model OUT` reads it
     np.testing.assert_array_equal(np.asarray(exported.text_encoder.encoder.layers[0].self_attn.q_proj.kernel[...]),
                                   trained["text_encoder"]["encoder.layers.0.self_attn.q_proj.kernel"])
