@@ -1,13 +1,14 @@
 """What is trained is a config choice (trainable = embeddings, lora or full) on the one trainer: LoRA starts at
 the base model and trains only its adapters, full fine-tuning only the chosen modules, both resume exactly,
 and their exports load in diffusers (load_lora_weights, StableDiffusionPipeline) and in `sample`, which draw
-the same images from the same latents."""
+the same images from the same latents; LoRA also in kohya's layout."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
+from safetensors.numpy import load_file
 
 from conftest import jitted
 from nsync_jax import lora, tokens
@@ -173,18 +174,29 @@ def pixel_difference(a, b) -> int:
     return int(np.abs(a.astype(np.int16) - b).max())
 
 
-def test_lora_export_matches_diffusers_load_lora_weights(sd1_dir, style_dir, tmp_path, capsys):
-    from diffusers import StableDiffusionPipeline
-
+@pytest.fixture(scope="module")
+def lora_run(sd1_dir, style_dir, tmp_path_factory):
+    """The workdir of a 3-step LoRA run on the UNet and the text encoder, shared by the export tests."""
+    workdir = tmp_path_factory.mktemp("lora_run") / "work"
     config = lora_config(sd1_dir, style_dir, lora__text_encoder=True, method="textual_inversion",
                          train__steps=3, train__learning_rate=0.05)
-    trainer.train(config, tmp_path / "work", progress=False)
-    exported = tmp_path / "style_lora.safetensors"
-    assert main(["export", "--workdir", str(tmp_path / "work"), "--format", "diffusers-lora",
-                 "--output", str(exported)]) == 0, capsys.readouterr().err
+    trainer.train(config, workdir, progress=False)
+    return workdir
+
+
+def export(workdir, fmt, output, capsys):
+    assert main(["export", "--workdir", str(workdir), "--format", fmt, "--output", str(output)]) == 0, \
+        capsys.readouterr().err
+    return output
+
+
+def test_lora_export_matches_diffusers_load_lora_weights(sd1_dir, lora_run, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    exported = export(lora_run, "diffusers-lora", tmp_path / "style_lora.safetensors", capsys)
     # The same tensors and header as the file training wrote (not the same bytes: safetensors orders header
     # metadata keys through a hash map).
-    assert_same_safetensors(exported, tmp_path / "work" / "lora.safetensors")
+    assert_same_safetensors(exported, lora_run / "lora.safetensors")
 
     inputs = unet_inputs(1)
     reference = StableDiffusionPipeline.from_pretrained(sd1_dir, safety_checker=None)
@@ -216,6 +228,48 @@ def test_lora_export_matches_diffusers_load_lora_weights(sd1_dir, style_dir, tmp
     assert rel_error(np.asarray(jitted(half.unet)(*inputs)), torch_half) <= 1e-4
     half_image = cli_image(tmp_path / "half", "--model", sd1_dir, "--lora", exported, "--lora-scale", "0.5")
     assert pixel_difference(half_image, diffusers_image(reference)) <= 2
+
+
+def test_kohya_file_loads_in_diffusers_like_the_diffusers_file(sd1_dir, lora_run, tmp_path, capsys):
+    """The kohya-ss layout (`export --format a1111-lora`, what A1111 and ComfyUI read): diffusers'
+    `load_lora_weights` gives the same models from it as from the diffusers-layout file, and `sample --lora`
+    (`read_lora_file` + `merge_lora`) reads it to the same weights as diffusers."""
+    from diffusers import StableDiffusionPipeline
+
+    files = {fmt: export(lora_run, fmt, tmp_path / f"{fmt}.safetensors", capsys)
+             for fmt in ("diffusers-lora", "a1111-lora")}
+    kohya = load_file(files["a1111-lora"])
+    unet_q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert kohya[f"{unet_q}.lora_down.weight"].shape == (2, 8) and kohya[f"{unet_q}.lora_up.weight"].shape == (8, 2)
+    assert float(kohya[f"{unet_q}.alpha"]) == 4.0  # lora.alpha itself: the up matrix is not rescaled
+    assert "lora_unet_up_blocks_2_attentions_0_transformer_blocks_0_attn2_to_out_0.alpha" in kohya
+    assert "lora_te_text_model_encoder_layers_2_self_attn_out_proj.lora_down.weight" in kohya
+
+    inputs = unet_inputs(3)
+    reference = StableDiffusionPipeline.from_pretrained(sd1_dir, safety_checker=None)
+    _, base_text, base_unet = torch_text_and_unet(reference, PROMPT, inputs)
+    outputs = {}
+    for fmt, path in files.items():
+        reference.load_lora_weights(str(path))
+        outputs[fmt] = torch_text_and_unet(reference, PROMPT, inputs)
+        reference.unload_lora_weights()
+    _, kohya_text, kohya_unet = outputs["a1111-lora"]
+    _, diffusers_text, diffusers_unet = outputs["diffusers-lora"]
+    # Not trivially equal: diffusers applied the kohya file's adapters to both models.
+    assert rel_error(kohya_text, base_text) > 1e-3 and rel_error(kohya_unet, base_unet) > 1e-3
+    assert rel_error(kohya_text, diffusers_text) <= 1e-6
+    assert rel_error(kohya_unet, diffusers_unet) <= 1e-6
+
+    # `sample --lora` (read_lora_file + merge_lora) gives diffusers' UNet, and the same weights from both files.
+    merged = {}
+    for fmt, path in files.items():
+        merged[fmt] = load_pipeline(sd1_dir)
+        lora.merge_lora(merged[fmt].modules(), lora.read_lora_file(path))
+    assert rel_error(np.asarray(jitted(merged["a1111-lora"].unet)(*inputs)), kohya_unet) <= 1e-4
+    for name in ("unet", "text_encoder"):
+        ours, theirs = (flat_state(merged[fmt].modules()[name]) for fmt in files)
+        for key in ours:
+            np.testing.assert_allclose(ours[key], theirs[key], rtol=0, atol=1e-6, err_msg=key)
 
 
 @pytest.mark.slow  # about 75 s on 2 CPU cores
