@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from nsync_jax.config import load_config
 from nsync_jax.tokens import write_clip_tokenizer
 
 # Words that get whole-word merges in the tiny vocabulary; every other text falls back to byte-level tokens.
@@ -121,3 +124,45 @@ def compilation_cache(tmp_path_factory):
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training tests: a tiny style dataset and the tiny config.
+# ------------------------------------------------------------------------------------------------------------
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
+
+
+def write_style_dataset(root: Path, count: int = 4) -> Path:
+    """`count` striped positives, flat negatives and captions in NSYNC's layout under `root`."""
+    rng = np.random.default_rng(0)
+    for sub in ("images", "captions", "negatives"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        stripes = (np.indices((40, 48)).sum(0) // (2 + i) % 2)[..., None] * rng.integers(0, 255, 3)
+        Image.fromarray(stripes.astype(np.uint8)).save(root / "images" / f"item{i}.png")
+        flat = np.full((40, 48, 3), rng.integers(0, 255, 3), np.uint8)
+        Image.fromarray(flat).save(root / "negatives" / f"item{i}.png")
+        (root / "captions" / f"item{i}.txt").write_text(["a red star", "a blue circle", "a cat", "a dog"][i % 4])
+    return root
+
+
+@pytest.fixture(scope="session")
+def style_dir(tmp_path_factory) -> Path:
+    """The tiny style dataset, shared (read-only) by the training tests."""
+    return write_style_dataset(tmp_path_factory.mktemp("style"))
+
+
+def tiny_config(model, data, **overrides):
+    """configs/tiny.py on `model` and the dataset at `data`; `a__b=value` overrides config key a.b."""
+    config = load_config(CONFIG)
+    config.model = str(model)
+    config.data.images, config.data.captions, config.data.negatives = (str(data / s) for s in
+                                                                        ("images", "captions", "negatives"))
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split("__")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config

@@ -18,14 +18,10 @@ from nsync_jax.errors import UserError
 from nsync_jax.pipeline import encode_text, load_pipeline
 from nsync_jax.schedulers import add_noise
 from nsync_jax.train import trainer
-from test_train import CONFIG, diffusers_text_states, tiny_config, write_style_dataset
+from conftest import CONFIG, tiny_config, write_style_dataset
+from test_train import diffusers_text_states
 
 TOKEN, NEGATIVE = "<tiny-style>", "<tiny-style>-neg"
-
-
-@pytest.fixture(scope="module")
-def style_dir(tmp_path_factory):
-    return write_style_dataset(tmp_path_factory.mktemp("style"))
 
 
 def dreamartist_config(model, data, **overrides):

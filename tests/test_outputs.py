@@ -7,8 +7,8 @@ import struct
 import numpy as np
 from PIL import Image
 
+from conftest import tiny_config
 from nsync_jax.train import outputs, trainer
-from test_train import style_dir, tiny_config  # noqa: F401  (style_dir is a fixture)
 
 
 def read_scalars(folder) -> dict[str, dict[int, float]]:

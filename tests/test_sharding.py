@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 
 from nsync_jax import distributed
 from nsync_jax.errors import UserError
-from test_train import write_style_dataset
+from conftest import write_style_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, BATCH = 4, 8

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import jitted
+from conftest import jitted, tiny_config
 from nsync_jax import tokens
 from nsync_jax.data.style_dataset import decode_image
 from nsync_jax.errors import UserError
@@ -18,12 +18,6 @@ from nsync_jax.models.vae import sample_posterior
 from nsync_jax.pipeline import load_pipeline
 from nsync_jax.schedulers import add_noise, training_target
 from nsync_jax.train import styleforge, trainer
-from test_train import tiny_config, write_style_dataset
-
-
-@pytest.fixture(scope="module")
-def style_dir(tmp_path_factory):
-    return write_style_dataset(tmp_path_factory.mktemp("style"))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from nsync_jax.cli import main
 from nsync_jax.data import tfds_style
 from nsync_jax.data.style_dataset import build_style_dataset, find_style_items
 from nsync_jax.errors import UserError
-from test_train import tiny_config, write_style_dataset
+from conftest import tiny_config, write_style_dataset
 
 
 def test_no_tensorflow_needed():

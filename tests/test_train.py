@@ -1,15 +1,14 @@
 """Textual Inversion / NSYNC training on a tiny model: fused gradients, exact resume, data checks, export."""
 import dataclasses
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from conftest import CONFIG, tiny_config, write_style_dataset
 from nsync_jax import tokens
 from nsync_jax.cli import main
 from nsync_jax.config import load_config
@@ -17,22 +16,6 @@ from nsync_jax.data.style_dataset import load_style_dataset
 from nsync_jax.errors import UserError
 from nsync_jax.pipeline import encode_text, load_pipeline
 from nsync_jax.train import trainer
-
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
-
-
-def write_style_dataset(root: Path, count: int = 4) -> Path:
-    rng = np.random.default_rng(0)
-    for sub in ("images", "captions", "negatives"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        stripes = (np.indices((40, 48)).sum(0) // (2 + i) % 2)[..., None] * rng.integers(0, 255, 3)
-        Image.fromarray(stripes.astype(np.uint8)).save(root / "images" / f"item{i}.png")
-        flat = np.full((40, 48, 3), rng.integers(0, 255, 3), np.uint8)
-        Image.fromarray(flat).save(root / "negatives" / f"item{i}.png")
-        (root / "captions" / f"item{i}.txt").write_text(["a red star", "a blue circle", "a cat", "a dog"][i % 4])
-    return root
-
 
 def diffusers_text_states(model, files, prompts, token=None):
     """diffusers' pipeline after `load_textual_inversion(files, token=token)`, its token ids of `prompts` and
@@ -46,25 +29,6 @@ def diffusers_text_states(model, files, prompts, token=None):
                                     return_tensors="pt").input_ids
     with torch.no_grad():
         return reference, torch_ids.numpy(), reference.text_encoder(torch_ids).last_hidden_state.numpy()
-
-
-@pytest.fixture(scope="module")
-def style_dir(tmp_path_factory):
-    return write_style_dataset(tmp_path_factory.mktemp("style"))
-
-
-def tiny_config(model, data, **overrides):
-    config = load_config(CONFIG)
-    config.model = str(model)
-    config.data.images, config.data.captions, config.data.negatives = (str(data / s) for s in
-                                                                        ("images", "captions", "negatives"))
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split("__")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
 
 
 def test_fused_gradients_equal_separate_gradients(sd1_dir, style_dir):

@@ -10,24 +10,18 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file
 
-from conftest import jitted
+from conftest import jitted, tiny_config
 from nsync_jax import lora, tokens
 from nsync_jax.cli import main
 from nsync_jax.imageio import to_uint8
 from nsync_jax.pipeline import encode_text, load_pipeline
 from nsync_jax.sampling import initial_latents
 from nsync_jax.train import trainer
-from test_train import tiny_config, write_style_dataset
 
 PROMPT = "a cat in the style of zwx"
 # Images of both samplers: the model's own scheduler (PNDM for the tiny SD1), guidance 7.5 (the default of
 # both), 32x32 pixels, that is 16x16x4 latents with the tiny VAE.
 SAMPLE_STEPS, SAMPLE_SIZE, LATENT_SHAPE = 4, 32, (16, 16, 4)
-
-
-@pytest.fixture(scope="module")
-def style_dir(tmp_path_factory):
-    return write_style_dataset(tmp_path_factory.mktemp("style"))
 
 
 def lora_config(model, data, **overrides):
