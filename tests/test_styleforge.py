@@ -110,13 +110,14 @@ def test_config_errors_name_the_key(sd1_dir, style_dir, aux_dir, change, message
 
 
 def test_multi_concept_run_with_generated_aux_images(sd1_dir, style_dir, aux_dir, tmp_path):
-    """Two concepts trained jointly (LoRA, two steps): one with its Aux images, one whose Aux images are drawn
-    with its class prompt first; both concepts' prompts reach the step and the metrics hold both losses."""
+    """Two concepts trained jointly (LoRA, two steps of two microbatches): one with its Aux images, one whose
+    Aux images are drawn with its class prompt first; both concepts' prompts reach the step and the metrics
+    hold both losses."""
     import ml_collections
 
     config = styleforge_config(sd1_dir, style_dir, aux_dir, data__images="", data__aux_images="",
                                train__steps=2, styleforge__generate_aux=2, sample__steps=2, sample__count=2,
-                               train__sample_every_steps=2)
+                               train__sample_every_steps=2, train__grad_accum_steps=2)
     config.styleforge.concepts = ml_collections.ConfigDict({
         "a_style": {"instance_prompt": "zwx style", "class_prompt": "style", "images": str(style_dir / "images"),
                     "captions": str(style_dir / "captions"), "aux_images": str(aux_dir), "aux_captions": ""},

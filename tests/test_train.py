@@ -205,3 +205,21 @@ def test_bfloat16_compute_keeps_float32_rows_and_state(sd1_dir, style_dir, tmp_p
                                     pipe.tokenizer)
     moved = np.abs(full - initial).max()
     assert moved > 1e-3 and np.abs(half - full).max() < 0.2 * moved
+
+
+def test_gradient_accumulation_averages_the_microbatches():
+    """`accumulate` gives the means of what the gradient function returns on each slice, where slice i holds
+    every k-th example from i (so each device keeps its own) and draws with fold_in(key, i)."""
+    def gradients(params, frozen, batch, key):
+        noise = jax.random.normal(key, ())
+        grads = {"w": params["w"] * jnp.sum(batch["x"], axis=(0, 1)) + noise}
+        return grads, {"negative_grads": -grads["w"]}, {"loss": jnp.mean(batch["x"]) + frozen}
+
+    params = {"w": jnp.arange(3.0)}
+    batch = {"x": jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, 3)), jnp.float32)}
+    key = jax.random.key(1)
+    got = jax.jit(trainer.accumulate(gradients, 3))(params, 0.5, batch, key)
+    parts = [gradients(params, 0.5, {"x": batch["x"][:, i::3]}, jax.random.fold_in(key, i)) for i in range(3)]
+    want = jax.tree.map(lambda *xs: sum(xs) / 3, *parts)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+    assert trainer.accumulate(gradients, 1) is gradients

@@ -113,6 +113,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.seed = 0
     config.train.dtype = "float32"  # compute dtype of the frozen model; rows and Adam state stay float32
     config.train.remat = False  # recompute UNet activations in the backward pass: less memory at 768 px and up
+    # Split each step's batch into this many microbatches run one after the other (activation memory of one
+    # microbatch), their gradients averaged before the update; the batch must split evenly over the devices.
+    config.train.grad_accum_steps = 1
     config.train.nonfinite = "stop"  # a NaN/Inf loss or gradient: "stop" the run, or "skip" that update
     config.train.log_every_steps = 10  # metrics.jsonl and TensorBoard scalars (WORKDIR/tensorboard)
     # A grid of the first `sample.count` training prompts drawn with the token as learned so far, every this
@@ -195,7 +198,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"config train.nonfinite={config.train.nonfinite!r} must be 'stop' or 'skip'")
     if config.method == "nsync" and not (config.data.negatives or config.data.get("prepared")):
         raise UserError("config data.negatives is required for method nsync")
-    for key in ("num_vectors", "train.steps", "train.batch_size", "checkpoint.every_steps", "data.resolution"):
+    for key in ("num_vectors", "train.steps", "train.batch_size", "checkpoint.every_steps", "data.resolution",
+                "train.grad_accum_steps"):
         value = config
         for part in key.split("."):
             value = value[part]
@@ -484,15 +488,40 @@ def styleforge_gradients(spec: StepSpec, prior_loss_weight: float, params, froze
 # The step and its optimizer.
 # ------------------------------------------------------------------------------------------------------------
 
+def accumulate(gradients, microbatches: int):
+    """`gradients(params, frozen, batch, key) -> (grads, extra, metrics)` over `microbatches` slices of the batch
+    (arrays `(groups, batch, ...)`), run one after the other under `lax.scan`: the means of all three. Slice i
+    takes every `microbatches`-th example from i, so each device keeps its own examples; its key is
+    `fold_in(key, i)`."""
+    if microbatches == 1:
+        return gradients
+
+    def run(params, frozen, batch, key):
+        split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], -1, microbatches, *x.shape[2:]), 2, 0)
+        slices = jax.tree.map(split, batch)
+
+        def add(total, inputs):
+            index, part = inputs
+            return jax.tree.map(jnp.add, total, gradients(params, frozen, part, jax.random.fold_in(key, index))), None
+
+        shapes = jax.eval_shape(gradients, params, frozen, jax.tree.map(lambda x: x[0], slices), key)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        total, _ = jax.lax.scan(add, zeros, (jnp.arange(microbatches), slices))
+        return jax.tree.map(lambda x: x / microbatches, total)
+
+    return run
+
+
 def make_train_step(spec: StepSpec, tx: optax.GradientTransformationExtraArgs, method: str, share_noise: bool,
                     skip_nonfinite: bool = False, dreamartist: DreamArtistSpec | None = None,
-                    prior_loss_weight: float = 1.0):
+                    prior_loss_weight: float = 1.0, grad_accum_steps: int = 1):
     if method == "dreamartist":
         gradients = functools.partial(dreamartist_gradients, spec, dreamartist)
     elif method == "styleforge":
         gradients = functools.partial(styleforge_gradients, spec, prior_loss_weight)
     else:
         gradients = functools.partial(group_gradients, spec, 3 if method == "nsync" else 1, share_noise)
+    gradients = accumulate(gradients, grad_accum_steps)  # metrics become means over the microbatches
 
     def train_step(rows, opt_state, frozen, batch, key):
         grads, extra, metrics = gradients(rows, frozen, batch, key)
@@ -833,7 +862,8 @@ def prepare_concepts(pipe: StableDiffusion, config, workdir: Path, progress: boo
         images = styleforge.read_concept(concept, aux_folder, config)
         ids = lambda prompts: tokens.tokenize(pipe.tokenizer, prompts)
         prepared.append(styleforge.ConceptData(
-            style_prompts=images.style_prompts, style_ids=ids(images.style_prompts), style_refs=encode_posteriors(pipe, images.style_refs.positives),
+            style_prompts=images.style_prompts, style_ids=ids(images.style_prompts),
+            style_refs=encode_posteriors(pipe, images.style_refs.positives),
             aux_ids=ids(images.aux_prompts), aux=encode_posteriors(pipe, images.aux.positives)))
     return prepared
 
@@ -873,9 +903,10 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
     # --- mesh, frozen state and the jitted step ---
     mesh_config = config.get("mesh", ml_collections.ConfigDict())
     mesh = distributed.make_mesh(mesh_config.get("data", -1), mesh_config.get("fsdp", 1))
-    if config.train.batch_size % distributed.batch_size_of(mesh):
+    accum = config.train.grad_accum_steps
+    if config.train.batch_size % (accum * distributed.batch_size_of(mesh)):
         raise UserError(f"config train.batch_size={config.train.batch_size} must be a multiple of the "
-                        f"{distributed.batch_size_of(mesh)} devices of the mesh")
+                        f"{distributed.batch_size_of(mesh)} devices of the mesh times train.grad_accum_steps={accum}")
     whole = distributed.replicated(mesh)
     batch_sharding = distributed.batch_sharded(mesh, batch_axis=1)  # batch arrays are (groups, batch, ...)
     graphdefs, frozen, trained = split_models(pipe, config, ("text_encoder", "unet") + (("vae",) if reconstruction
@@ -900,7 +931,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
     step_fn = jax.jit(make_train_step(spec, tx, config.method, config.nsync.get("share_noise", False),
                                       skip_nonfinite=config.train.get("nonfinite", "stop") == "skip",
                                       dreamartist=dreamartist,
-                                      prior_loss_weight=sf.prior_loss_weight if sf else 1.0),
+                                      prior_loss_weight=sf.prior_loss_weight if sf else 1.0,
+                                      grad_accum_steps=accum),
                       in_shardings=(trained_sharding, opt_sharding, frozen_sharding, batch_sharding, whole),
                       out_shardings=(trained_sharding, opt_sharding, whole), donate_argnums=(0, 1))
     init_opt_state = jax.jit(tx.init, out_shardings=opt_sharding)
