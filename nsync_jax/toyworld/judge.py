@@ -2,8 +2,8 @@
 
 Style-learning runs on the toy world are scored with it: did a learned token produce the held-out style, and
 did the prompt's content survive? It is trained on ground-truth renders of every style, held-out ones
-included (the judge must recognise what the diffusion model never saw), and its penultimate features give
-a world-specific FID/KID.
+included (the judge must recognise what the diffusion model never saw), half of them blurred as a VAE decoder
+blurs (`soften`), and its penultimate features give a world-specific FID/KID.
 
 Train and save the committed copy with `python -m nsync_jax.toyworld.judge --output nsync_jax/toyworld/assets/judge`.
 """
@@ -157,13 +157,33 @@ def _losses(logits: dict[str, jax.Array], labels: dict[str, jax.Array]) -> dict[
     return losses
 
 
+def soften(images: jax.Array, key: jax.Array, fraction: float = 0.5, sigma=(0.5, 1.5)) -> jax.Array:
+    """Gaussian-blurs a random `fraction` of float images (N, H, W, 3), each with its own sigma in px.
+
+    A VAE decoder softens every image the judge is asked about: the bundled model's round trip is closest to
+    a blur of sigma 0.8-1.0 px. A judge trained on sharp renders alone reads that softening as `gradient`
+    (RESULTS.md 2026-12-03), so training shows it both; edges are padded by replication, as a VAE's are not
+    darkened.
+    """
+    n, h, w, _ = images.shape
+    pick, spread = jax.random.split(key)
+    sigmas = jax.random.uniform(spread, (n,), minval=sigma[0], maxval=sigma[1])
+    taps = jnp.arange(-3, 4, dtype=jnp.float32)
+    weights = jnp.exp(-0.5 * (taps[None] / sigmas[:, None]) ** 2)
+    weights = (weights / weights.sum(-1, keepdims=True))[:, :, None, None, None]  # (n, 7, 1, 1, 1)
+    padded = jnp.pad(images, ((0, 0), (3, 3), (3, 3), (0, 0)), mode="edge")
+    rows = sum(weights[:, i] * padded[:, i:i + h] for i in range(7))
+    blurred = sum(weights[:, i] * rows[:, :, i:i + w] for i in range(7))
+    return jnp.where(jax.random.bernoulli(pick, fraction, (n, 1, 1, 1)), blurred, images)
+
+
 def train_judge(seed: int = 0, steps: int = 1500, batch_size: int = 64, progress: bool = True,
                 pool_size: int = 16000, learning_rate: float = 2e-3) -> tuple[Judge, dict]:
     """Trains a judge from scratch on renders of every style; returns it and its training curves.
 
     Rendering is Python (Pillow, ~2 ms an image), too slow to feed every step fresh scenes, so one call to
     `sample_scenes(seed, pool_size, ALL_STYLES)` is rendered up front and each step draws a random batch
-    from it. The run is a function of `seed`.
+    from it, half of it softened (`soften`). The run is a function of `seed`.
     """
     start = time.perf_counter()
     scenes = sample_scenes(seed, pool_size, styles=ALL_STYLES)
@@ -178,22 +198,25 @@ def train_judge(seed: int = 0, steps: int = 1500, batch_size: int = 64, progress
     opt_state = optimizer.init(params)
 
     @jax.jit
-    def train_step(params, opt_state, images, labels):
+    def train_step(params, opt_state, images, labels, key):
+        images = soften(images.astype(jnp.float32) / 255, key)
+
         def loss_fn(params):
-            losses = _losses(nnx.merge(graphdef, params)(images.astype(jnp.float32) / 255), labels)
+            losses = _losses(nnx.merge(graphdef, params)(images), labels)
             return sum(losses.values()), losses
 
         (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, losses
 
-    rng = np.random.default_rng(seed)
+    rng, key = np.random.default_rng(seed), jax.random.key(seed)
     curves = {"step": [], **{f"loss_{head}": [] for head in HEADS}, "seconds": []}
     train_start = time.perf_counter()
     for step in tqdm(range(steps), desc="judge", unit="step", disable=not progress):
         batch = rng.integers(0, pool_size, batch_size)
         params, opt_state, losses = train_step(params, opt_state, pool[batch],
-                                               {key: value[batch] for key, value in pool_labels.items()})
+                                               {head: value[batch] for head, value in pool_labels.items()},
+                                               jax.random.fold_in(key, step))
         if step % 25 == 0 or step == steps - 1:
             curves["step"].append(step)
             for head, loss in losses.items():
