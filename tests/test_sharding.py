@@ -21,7 +21,9 @@ from conftest import write_style_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, BATCH = 4, 8
-MESHES = {"8x1": (8, 1, False), "4x2": (4, 2, False), "1x1": (1, 1, False), "4x2-fsdp-weights": (4, 2, True)}
+# Data parallel, and data x fsdp with the frozen weights split (fsdp's batch split without weight sharding is
+# the same program minus the weight placement, so it is not run separately).
+MESHES = {"8x1": (8, 1, False), "1x1": (1, 1, False), "4x2-fsdp-weights": (4, 2, True)}
 
 # The start of every child script (8 CPU devices): its spec, and `train_on_mesh(name)`, which trains the config on
 # one of the spec's meshes and saves what it learned as NAME.npz: "rows", or "unet/<path>", "text_encoder/<path>".
