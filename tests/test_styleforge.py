@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors import safe_open
 
 from conftest import jitted, tiny_config
 from nsync_jax import tokens
@@ -136,6 +137,9 @@ def test_multi_concept_run_with_generated_aux_images(sd1_dir, style_dir, aux_dir
     assert all(m["loss_instance"] > 0 and m["loss_prior"] > 0 for m in logged)
     assert any(np.any(v) for k, v in trained["unet"].items() if k.endswith("lora_up"))
     assert Image.open(tmp_path / "work" / "samples" / "step_000002.png").size == (2 * 32, 32)
+    with safe_open(tmp_path / "work" / "lora.safetensors", "np") as exported:  # says what to prompt with
+        assert json.loads(exported.metadata()["nsync_jax"])["prompts"] == {"a_style": "zwx style",
+                                                                           "b_people": "a ukj person"}
 
     pipe = load_pipeline(sd1_dir)
     data = trainer.prepare_concepts(pipe, config, tmp_path / "work", progress=False)

@@ -767,6 +767,9 @@ def export_metadata(config, step: int) -> dict[str, Any]:
     if kind == "lora":
         metadata.update(lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
                         lora_text_encoder=config.lora.get("text_encoder", False))
+    if config.method == "styleforge":  # what to prompt with: the identifiers, not placeholder_token
+        metadata.update(token=None, prompts={c.name: c.instance_prompt
+                                             for c in styleforge.concepts_from_config(config)})
     if config.method == "dreamartist":  # the training gamma is the CFG scale to start sampling from
         metadata.update(negative_token=config.placeholder_token + NEGATIVE_SUFFIX,
                         guidance=config.dreamartist.guidance)
