@@ -31,16 +31,10 @@ def aux_dir(tmp_path_factory):
 
 
 def styleforge_config(model, style, aux, **overrides):
-    config = tiny_config(model, style, method="styleforge", trainable="lora", lora__rank=2, lora__alpha=2.0,
-                         data__negatives="", data__captions="", data__aux_images=str(aux), data__flip=False,
-                         data__resize="random_crop", train__scale_lr=False)
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split("__")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+    settings = dict(method="styleforge", trainable="lora", lora__rank=2, lora__alpha=2.0, data__negatives="",
+                    data__captions="", data__aux_images=str(aux), data__flip=False, data__resize="random_crop",
+                    train__scale_lr=False)
+    return tiny_config(model, style, **{**settings, **overrides})
 
 
 def test_loss_is_instance_mse_plus_weighted_prior_mse(sd1_dir, style_dir, aux_dir, tmp_path):
