@@ -17,8 +17,8 @@ from nsync_jax.cli import main
 from nsync_jax.errors import UserError
 from nsync_jax.pipeline import encode_text, load_pipeline
 from nsync_jax.schedulers import add_noise
-from nsync_jax.train import trainer
 from conftest import CONFIG, tiny_config, write_style_dataset
+from nsync_jax.train import trainer
 from test_train import diffusers_text_states
 
 TOKEN, NEGATIVE = "<tiny-style>", "<tiny-style>-neg"
@@ -29,6 +29,16 @@ def dreamartist_config(model, data, **overrides):
     gradient-structure test can give both words the same rows), reconstruction on."""
     return tiny_config(model, data, method="dreamartist", data__negatives="", dreamartist__num_negative_vectors=2,
                        dreamartist__reconstruction=True, **overrides)
+
+
+def frozen_model(pipe):
+    """The step's static spec and the frozen states of the text encoder, UNet and VAE, float32."""
+    graphdefs, frozen = {}, {}
+    for name in ("text_encoder", "unet", "vae"):
+        graphdefs[name], frozen[name] = nnx.split(pipe.modules()[name])
+    spec = trainer.StepSpec(graphdefs, trainer.NoiseSchedule.from_config(pipe.scheduler_config),
+                            pipe.vae.config.scaling_factor, jnp.float32, 0)
+    return spec, frozen
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +52,7 @@ def first_step(sd1_dir, style_dir):
     prepared = trainer.prepare_data(pipe, trainer.load_training_data(config), TOKEN, negative_word=NEGATIVE,
                                     keep_images=True)
     batch = {k: jnp.asarray(v) for k, v in trainer.step_batch(prepared, "dreamartist", 2, seed=0, step=0).items()}
-    graphdefs, frozen = {}, {}
-    for name in ("text_encoder", "unet", "vae"):
-        graphdefs[name], frozen[name] = nnx.split(pipe.modules()[name])
-    spec = trainer.StepSpec(graphdefs, trainer.NoiseSchedule.from_config(pipe.scheduler_config),
-                            pipe.vae.config.scaling_factor, jnp.float32, 0)
+    spec, frozen = frozen_model(pipe)
     da = trainer.DreamArtistSpec.from_config(config)
     gradients = jax.jit(lambda rows, frozen, batch, key: trainer.dreamartist_gradients(spec, da, rows, frozen,
                                                                                         batch, key))
@@ -263,11 +269,7 @@ def test_attention_masks_weight_the_denoising_loss(sd1_dir, tmp_path):
     batch = next(b for b in (trainer.step_batch(prepared, "dreamartist", 4, seed=1, step=s) for s in range(20))
                  if (b["weights"] != 1).any())
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    graphdefs, frozen = {}, {}
-    for name in ("text_encoder", "unet", "vae"):
-        graphdefs[name], frozen[name] = nnx.split(pipe.modules()[name])
-    spec = trainer.StepSpec(graphdefs, trainer.NoiseSchedule.from_config(pipe.scheduler_config),
-                            pipe.vae.config.scaling_factor, jnp.float32, 0)
+    spec, frozen = frozen_model(pipe)
     da = trainer.DreamArtistSpec.from_config(config)
     rows = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32)), jnp.float32)
     key = jax.random.key(0)

@@ -851,6 +851,7 @@ def load_training_data(config: ml_collections.ConfigDict) -> StyleDataset:
 def prepare_concepts(pipe: StableDiffusion, config, workdir: Path, progress: bool) -> list[styleforge.ConceptData]:
     """Each StyleForge concept's prompt ids and cached posteriors. Aux images a concept does not give are drawn
     first with its class prompt into WORKDIR/aux/<concept> (resumable: a rerun keeps the images drawn)."""
+    ids = lambda prompts: tokens.tokenize(pipe.tokenizer, prompts)
     prepared = []
     for concept in styleforge.concepts_from_config(config):
         aux_folder = workdir / "aux" / concept.name
@@ -863,7 +864,6 @@ def prepare_concepts(pipe: StableDiffusion, config, workdir: Path, progress: boo
                                    model_name=str(config.model), progress=progress)
             distributed.barrier("styleforge_aux")  # process 0 wrote the files the others read next
         images = styleforge.read_concept(concept, aux_folder, config)
-        ids = lambda prompts: tokens.tokenize(pipe.tokenizer, prompts)
         prepared.append(styleforge.ConceptData(
             style_prompts=images.style_prompts, style_ids=ids(images.style_prompts),
             style_refs=encode_posteriors(pipe, images.style_refs.positives),
