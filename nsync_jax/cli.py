@@ -444,9 +444,13 @@ def _add_toyworld_parser(subparsers) -> None:
 
 
 def _run_pretrain(args) -> None:
+    import jax
+
     from nsync_jax.toyworld import pretrain
 
     config = _config_with_overrides(pretrain.default_config, args.config_overrides)
+    if config.cpu_devices > 1:  # must precede JAX's first use of a device; ignored unless the backend is the CPU
+        jax.config.update("jax_num_cpu_devices", config.cpu_devices)
     pretrain.pretrain(config, args.output)
     print(f"wrote {args.output}")
 

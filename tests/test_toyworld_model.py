@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nsync_jax.cli import main
+from nsync_jax.errors import UserError
 from nsync_jax.pipeline import load_pipeline
 from nsync_jax.sampling import SampleSettings, generate, initial_latents
 from nsync_jax.toyworld import demo, pretrain, world
@@ -35,13 +36,44 @@ def test_bundled_model_gives_the_same_image_in_diffusers():
 
 def test_bundled_model_folder_records_how_it_was_made():
     summary = json.loads((pretrain.BUNDLED_MODEL / "pretrain.json").read_text())
-    # `nsync-jax toyworld pretrain` with no overrides reproduces the committed model.
-    assert summary["config"] == json.loads(json.dumps(pretrain.default_config().to_dict(), default=list))
+    # `nsync-jax toyworld pretrain` with no overrides (but for the VAE it reused, if any) made the committed model.
+    recorded, default = summary["config"], json.loads(json.dumps(pretrain.default_config().to_dict(), default=list))
+    assert {**recorded, "vae_from": ""} == default
     curves = [json.loads(line) for line in (pretrain.BUNDLED_MODEL / "pretrain_log.jsonl").read_text().splitlines()]
     unet = [row["loss"] for row in curves if row["stage"] == "unet"]
     assert unet[-1] < unet[0]  # the denoiser learned something
     total = sum(p.stat().st_size for p in pretrain.BUNDLED_MODEL.rglob("*") if p.is_file())
     assert total < 40 * 2 ** 20
+
+
+def test_deterministic_encoder_gives_the_posterior_mean_in_diffusers_too(tmp_path):
+    from diffusers import AutoencoderKL as TorchAutoencoderKL
+
+    config = pretrain.default_config()
+    configs = pretrain.folder_configs(config)
+    vae = pretrain.build_modules(configs, seed=0)["vae"]
+    images = world.render_batch(world.sample_scenes(0, 2), config.resolution).astype(np.float32) / 127.5 - 1
+    wide_mean, wide_logvar = vae.encode(images)
+    assert float(wide_logvar.max()) > -5  # a random encoder's posterior is wide
+    pretrain.make_deterministic(vae)
+    mean, logvar = vae.encode(images)
+    np.testing.assert_array_equal(np.asarray(mean), np.asarray(wide_mean))  # only the variance changed
+    assert float(logvar.max()) == -30.0
+
+    pretrain.write_model_folder(tmp_path / "model", configs, {"vae": vae}, pretrain.BUNDLED_MODEL / "tokenizer", {})
+    torch_vae = TorchAutoencoderKL.from_pretrained(tmp_path / "model" / "vae").eval()
+    with torch.no_grad():
+        sample = torch_vae.encode(torch.from_numpy(images.transpose(0, 3, 1, 2))).latent_dist.sample()
+    np.testing.assert_allclose(sample.numpy().transpose(0, 2, 3, 1), np.asarray(mean), atol=1e-4)
+
+
+def test_pretrain_refuses_to_reuse_a_vae_trained_with_other_settings(tmp_path):
+    config = pretrain.default_config()
+    config.vae.latent_channels = 4
+    config.vae_from, config.pool_size = str(pretrain.BUNDLED_MODEL), 16
+    with pytest.raises(UserError, match=r"vae_from=.*latent_channels=8.*latent_channels=4"):
+        pretrain.pretrain(config, tmp_path / "model", progress=False)
+    assert not (tmp_path / "model").exists()
 
 
 @pytest.mark.slow
