@@ -449,7 +449,8 @@ def _run_pretrain(args) -> None:
     from nsync_jax.toyworld import pretrain
 
     config = _config_with_overrides(pretrain.default_config, args.config_overrides)
-    if config.cpu_devices > 1:  # must precede JAX's first use of a device; ignored unless the backend is the CPU
+    if isinstance(config.cpu_devices, int) and config.cpu_devices > 1:  # pretrain() refuses other values
+        # Must precede JAX's first use of a device; it changes nothing unless the backend is the CPU.
         jax.config.update("jax_num_cpu_devices", config.cpu_devices)
     pretrain.pretrain(config, args.output)
     print(f"wrote {args.output}")

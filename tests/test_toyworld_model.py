@@ -74,6 +74,9 @@ def test_pretrain_refuses_to_reuse_a_vae_trained_with_other_settings(tmp_path):
     with pytest.raises(UserError, match=r"vae_from=.*latent_channels=8.*latent_channels=4"):
         pretrain.pretrain(config, tmp_path / "model", progress=False)
     assert not (tmp_path / "model").exists()
+    config.vae_from = str(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="nowhere/vae/config.json: file not found"):
+        pretrain.pretrain(config, tmp_path / "model", progress=False)
 
 
 @pytest.mark.slow

@@ -218,13 +218,12 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, config, log, progress: boo
 
 def reused_vae(folder: Path, expected: dict[str, Any]) -> AutoencoderKL:
     """The VAE of an earlier pretraining output, refused unless it was trained with the same settings."""
-    vae = load_vae(Path(folder) / "vae")
-    found = json.loads((Path(folder) / "vae" / "config.json").read_text())
+    found = weights.read_json(Path(folder) / "vae" / "config.json")
     for key, value in expected.items():
         if key != "scaling_factor" and found.get(key) != value:
             raise UserError(f"--config.vae_from={folder}: vae/config.json has {key}={found.get(key)!r}, this "
                             f"configuration trains {key}={value!r}")
-    return vae
+    return load_vae(Path(folder) / "vae")
 
 
 def make_deterministic(vae: AutoencoderKL) -> None:
@@ -320,6 +319,8 @@ def write_model_folder(output: Path, configs: dict[str, dict], modules: dict[str
 
 def pretrain(config: ml_collections.ConfigDict, output: Path, *, progress: bool = True) -> Path:
     output = Path(output)
+    if not isinstance(config.cpu_devices, int) or config.cpu_devices < 1:
+        raise UserError(f"--config.cpu_devices={config.cpu_devices!r} must be a positive integer")
     for stage in ("vae", "unet"):
         if config[stage].batch_size % jax.device_count():
             raise UserError(f"--config.{stage}.batch_size={config[stage].batch_size} must be a multiple of the "
