@@ -71,11 +71,11 @@ def test_pretrain_refuses_to_reuse_a_vae_trained_with_other_settings(tmp_path):
     config = pretrain.default_config()
     config.vae.latent_channels = 4
     config.vae_from, config.pool_size = str(pretrain.BUNDLED_MODEL), 16
-    with pytest.raises(UserError, match=r"vae_from=.*latent_channels=8.*latent_channels=4"):
+    with pytest.raises(UserError, match=r"vae_from=.*trained with vae.latent_channels=8.*trains vae.latent_channels=4"):
         pretrain.pretrain(config, tmp_path / "model", progress=False)
     assert not (tmp_path / "model").exists()
     config.vae_from = str(tmp_path / "nowhere")
-    with pytest.raises(UserError, match="nowhere/vae/config.json: file not found"):
+    with pytest.raises(UserError, match="nowhere/pretrain.json: file not found"):
         pretrain.pretrain(config, tmp_path / "model", progress=False)
 
 

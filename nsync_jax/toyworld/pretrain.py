@@ -54,15 +54,21 @@ def default_config() -> ml_collections.ConfigDict:
     # 8 latent channels (SD has 4): at 16x16 latents, 4 channels lost the textures and even the colours.
     c.vae = ml_collections.ConfigDict(dict(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=8,
                                            norm_num_groups=8, mid_block_add_attention=False, steps=2400,
-                                           batch_size=8, learning_rate=2e-3, kl_weight=1e-6))
+                                           batch_size=8, learning_rate=2e-3, kl_weight=1e-6,
+                                           scale_equivariance=1.0))
+    # vae.scale_equivariance: weight of a second reconstruction, of the 2x-downsampled image from the 2x-pooled
+    # latents (arXiv 2502.14831). Without it the latents carried 27% of their energy above 0.3 cycles/pixel even
+    # for flat scenes (neighbour correlation 0.59), noise a UNet must learn to draw: this keeps them smooth.
     c.text_encoder = ml_collections.ConfigDict(dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                                                     max_length=32))
     c.unet = ml_collections.ConfigDict(dict(block_out_channels=(32, 64, 64), attention=(False, True, False),
-                                            layers_per_block=1, attention_heads=2, norm_num_groups=8, steps=6000,
-                                            batch_size=64, learning_rate=1e-3, ema_decay=0.998, snr_gamma=5.0))
+                                            layers_per_block=1, attention_heads=2, norm_num_groups=8, steps=9000,
+                                            batch_size=64, learning_rate=3e-3, ema_decay=0.998, snr_gamma=5.0))
+    # unet.learning_rate: 3e-3 beat 1e-3 at every held-out timestep at equal time (RESULTS.md, fourth session).
+    # unet.snr_gamma: Min-SNR-gamma loss weights; 0 trains on the plain v-prediction error.
     c.warmup_steps = 200
     # A model folder whose VAE stage 1 reuses instead of training one (its VAE settings must equal `vae` above):
-    # for work on the later stages, which then start ~30 minutes sooner.
+    # for work on the later stages, which then start ~8 minutes sooner.
     c.vae_from = ""
     # Each batch is split over this many simulated CPU devices when running on a CPU (`nsync-jax toyworld
     # pretrain` sets it before JAX starts): 2 ran a UNet step 1.56x faster than one device on 2 cores, 4 no better.
@@ -196,6 +202,12 @@ def to_signed(images: np.ndarray) -> np.ndarray:
 # The stages.
 # ------------------------------------------------------------------------------------------------------------
 
+def halve(x: jax.Array) -> jax.Array:
+    """2x2 average pooling of `(batch, h, w, c)`."""
+    n, h, w, c = x.shape
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
 def train_vae(vae: AutoencoderKL, images: np.ndarray, config, log, progress: bool) -> AutoencoderKL:
     graphdef, params = nnx.split(vae)
     c = config.vae
@@ -203,9 +215,13 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, config, log, progress: boo
     def loss_fn(params, batch, key):
         model = nnx.merge(graphdef, params)
         mean, logvar = model.encode(batch)
-        reconstruction = model.decode(sample_posterior(mean, logvar, key))
+        latents = sample_posterior(mean, logvar, key)
         kl = 0.5 * jnp.mean(jnp.sum(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3)))
-        return jnp.mean(jnp.abs(reconstruction - batch)) + c.kl_weight * kl
+        loss = jnp.mean(jnp.abs(model.decode(latents) - batch)) + c.kl_weight * kl
+        if c.scale_equivariance:
+            pooled = model.decode(halve(latents))
+            loss += c.scale_equivariance * jnp.mean(jnp.abs(pooled - halve(batch)))
+        return loss
 
     def batch_fn(step):
         rng = np.random.default_rng([config.seed, 1, step])
@@ -216,13 +232,15 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, config, log, progress: boo
     return nnx.merge(graphdef, params)
 
 
-def reused_vae(folder: Path, expected: dict[str, Any]) -> AutoencoderKL:
-    """The VAE of an earlier pretraining output, refused unless it was trained with the same settings."""
-    found = weights.read_json(Path(folder) / "vae" / "config.json")
-    for key, value in expected.items():
-        if key != "scaling_factor" and found.get(key) != value:
-            raise UserError(f"--config.vae_from={folder}: vae/config.json has {key}={found.get(key)!r}, this "
-                            f"configuration trains {key}={value!r}")
+def reused_vae(folder: Path, config: ml_collections.ConfigDict) -> AutoencoderKL:
+    """The VAE of an earlier pretraining output, refused unless it was trained with the same `vae` settings
+    (architecture and training alike, as its pretrain.json records them)."""
+    recorded = weights.read_json(Path(folder) / "pretrain.json").get("config", {}).get("vae", {})
+    wanted = json.loads(json.dumps(config.vae.to_dict(), default=list))
+    for key, value in wanted.items():
+        if recorded.get(key) != value:
+            raise UserError(f"--config.vae_from={folder}: its VAE was trained with vae.{key}={recorded.get(key)!r}, "
+                            f"this configuration trains vae.{key}={value!r}")
     return load_vae(Path(folder) / "vae")
 
 
@@ -246,7 +264,7 @@ def encode_pool(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 256) -
                            for i in range(0, len(images), batch_size)])
 
 
-def train_denoiser(text_encoder: CLIPTextModel, unet: UNet2DConditionModel, moments: np.ndarray, ids: np.ndarray,
+def train_denoiser(text_encoder: CLIPTextModel, unet: UNet2DConditionModel, latents: np.ndarray, ids: np.ndarray,
                    scaling_factor: float, schedule: NoiseSchedule, config, log, progress: bool):
     graphdefs, params = {}, {}
     for name, module in (("text_encoder", text_encoder), ("unet", unet)):
@@ -254,22 +272,21 @@ def train_denoiser(text_encoder: CLIPTextModel, unet: UNet2DConditionModel, mome
     c = config.unet
 
     def loss_fn(params, batch, key):
-        k_latent, k_noise, k_time = jax.random.split(key, 3)
-        mean, logvar = jnp.split(batch["moments"], 2, axis=-1)
-        latents = sample_posterior(mean, logvar, k_latent) * scaling_factor
+        k_noise, k_time = jax.random.split(key)
+        latents = batch["latents"] * scaling_factor
         noise = jax.random.normal(k_noise, latents.shape)
         t = jax.random.randint(k_time, (latents.shape[0],), 0, schedule.num_train_timesteps)
         context = nnx.merge(graphdefs["text_encoder"], params["text_encoder"])(batch["ids"])
         prediction = nnx.merge(graphdefs["unet"], params["unet"])(
             add_noise(schedule.alphas_cumprod, latents, noise, t), t, context)
         error = jnp.mean(jnp.square(prediction - training_target(schedule, latents, noise, t)), axis=(1, 2, 3))
-        return jnp.mean(error * min_snr_weights(schedule, t, c.snr_gamma))
+        return jnp.mean(error * min_snr_weights(schedule, t, c.snr_gamma)) if c.snr_gamma else jnp.mean(error)
 
     def batch_fn(step):
         rng = np.random.default_rng([config.seed, 2, step])
-        index = rng.integers(0, len(moments), c.batch_size)
+        index = rng.integers(0, len(latents), c.batch_size)
         variant = variant_choice(config, rng, c.batch_size)
-        return {"moments": moments[index], "ids": ids[variant, index]}
+        return {"latents": latents[index], "ids": ids[variant, index]}
 
     params = fit("unet", params, loss_fn, batch_fn, steps=c.steps, learning_rate=c.learning_rate,
                  warmup=config.warmup_steps, seed=config.seed + 2, log=log, ema_decay=c.ema_decay,
@@ -330,7 +347,7 @@ def pretrain(config: ml_collections.ConfigDict, output: Path, *, progress: bool 
     configs = folder_configs(config)
     modules = build_modules(configs, config.seed)
 
-    reused = reused_vae(Path(config.vae_from), configs["vae"]) if config.vae_from else None
+    reused = reused_vae(Path(config.vae_from), config) if config.vae_from else None
 
     tokenizer_folder = output.with_name(output.name + ".tokenizer.tmp")
     tokens.write_clip_tokenizer(tokenizer_folder, tokens.clip_bpe_merges(CLIP_BPE),
@@ -347,13 +364,13 @@ def pretrain(config: ml_collections.ConfigDict, output: Path, *, progress: bool 
     else:
         vae = train_vae(modules["vae"], images, config, curves.append, progress)
     make_deterministic(vae)
-    moments = encode_pool(vae, images)
-    scaling_factor = float(1.0 / np.split(moments, 2, axis=-1)[0].std())
+    latents = np.split(encode_pool(vae, images), 2, axis=-1)[0]  # the pinned posterior's means
+    scaling_factor = float(1.0 / latents.std())
     configs["vae"]["scaling_factor"] = scaling_factor
     vae.config = VAEConfig.from_dict(configs["vae"])
 
     schedule = NoiseSchedule.from_config(configs["scheduler"])
-    text_encoder, unet = train_denoiser(modules["text_encoder"], modules["unet"], moments,
+    text_encoder, unet = train_denoiser(modules["text_encoder"], modules["unet"], latents,
                                         caption_variants(tokenizer, scenes), scaling_factor, schedule, config,
                                         curves.append, progress)
     curves.append({"stage": "done", "seconds": round(time.perf_counter() - started, 1)})
