@@ -98,7 +98,8 @@ def measure(folder: Path, judge) -> dict:
     mixed = world.sample_scenes(5, 96, styles=world.SEEN_STYLES)
     one_shape = world.sample_scenes(6, 48, styles=("flat",), max_shapes=1)
     shape_logits = judge_lib.logits(judge, draw(one_shape))["shape"]
-    top1 = np.mean([world.SHAPES[int(np.argmax(row))] == scene.shapes[0] for row, scene in zip(shape_logits, one_shape)])
+    top1 = np.mean([world.SHAPES[int(np.argmax(row))] == scene.shapes[0]
+                    for row, scene in zip(shape_logits, one_shape)])
     return {"held_out_v_mse": held_out_v_error(pipe),
             "judge_96": {k: round(v, 3) for k, v in judge_lib.judge_scores(judge, draw(mixed), mixed).items()},
             "one_shape_top1": round(float(top1), 3)}

@@ -74,6 +74,10 @@ def test_pretrain_refuses_to_reuse_a_vae_trained_with_other_settings(tmp_path):
     with pytest.raises(UserError, match=r"vae_from=.*trained with vae.latent_channels=8.*trains vae.latent_channels=4"):
         pretrain.pretrain(config, tmp_path / "model", progress=False)
     assert not (tmp_path / "model").exists()
+    config.vae.latent_channels = 8
+    config.vae.scale_equivariance = 0.0  # a training setting, not in vae/config.json: read from pretrain.json
+    with pytest.raises(UserError, match=r"trained with vae.scale_equivariance=1.0.*trains vae.scale_equivariance=0.0"):
+        pretrain.pretrain(config, tmp_path / "model", progress=False)
     config.vae_from = str(tmp_path / "nowhere")
     with pytest.raises(UserError, match="nowhere/pretrain.json: file not found"):
         pretrain.pretrain(config, tmp_path / "model", progress=False)
