@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from nsync_jax import imageio, sampling, tokens  # noqa: E402
+from nsync_jax.config import apply_override  # noqa: E402
 from nsync_jax.pipeline import load_pipeline  # noqa: E402
 from nsync_jax.schedulers import NoiseSchedule, add_noise, training_target  # noqa: E402
 from nsync_jax.models.vae import load_vae  # noqa: E402
@@ -40,19 +41,10 @@ from nsync_jax.toyworld.demo import BUNDLED_JUDGE  # noqa: E402
 HELD_OUT_TIMESTEPS = (200, 500, 800, 950)
 
 
-def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """"NAME:key=value,key=value" -> (NAME, ["key=value", ...]), overrides in `--config.` form."""
     name, _, overrides = text.partition(":")
-    return name, dict(item.split("=", 1) for item in overrides.split(",") if item)
-
-
-def apply_overrides(config, overrides: dict[str, str]):
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = type(node[leaf])(float(value)) if isinstance(node[leaf], (int, float)) else value
-    return config
+    return name, [item for item in overrides.split(",") if item]
 
 
 def encoded_pool(config, vae_folder: Path, cache: Path):
@@ -105,9 +97,11 @@ def measure(folder: Path, judge) -> dict:
             "one_shape_top1": round(float(top1), 3)}
 
 
-def train_variant(name: str, overrides: dict[str, str], vae_from: Path, output: Path) -> tuple[Path, float]:
+def train_variant(name: str, overrides: list[str], vae_from: Path, output: Path) -> tuple[Path, float]:
     """Trains stage 3 with the overrides on `vae_from`'s VAE; returns the model folder and training seconds."""
-    config = apply_overrides(pretrain.default_config(), overrides)
+    config = pretrain.default_config()
+    for override in overrides:
+        apply_override(config, override)
     latents, ids, scaling_factor = encoded_pool(config, vae_from, output / "pool.npz")
     configs = pretrain.folder_configs(config)
     configs["vae"]["scaling_factor"] = scaling_factor
@@ -143,7 +137,7 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
 
     for folder in args.measure:
-        report(str(folder), {}, folder, None)
+        report(str(folder), [], folder, None)
     for name, overrides in map(parse_variant, args.variant):
         report(name, overrides, *train_variant(name, overrides, args.vae_from, args.output))
 
