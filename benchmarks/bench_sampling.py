@@ -66,6 +66,17 @@ def build_pipeline(preset: str, folder: Path) -> None:
                             requires_safety_checker=False).save_pretrained(folder / "model")
 
 
+def pipeline_folder(preset: str, work: Path) -> Path:
+    """`work/model`, the random pipeline of `preset`: built there unless an earlier run of any benchmark left
+    one of the same preset (a GPU session builds SD 1.5 once for all of them)."""
+    marker = work / "preset.txt"
+    if not (marker.exists() and marker.read_text() == preset and (work / "model" / "model_index.json").exists()):
+        work.mkdir(parents=True, exist_ok=True)
+        build_pipeline(preset, work)
+        marker.write_text(preset)
+    return work / "model"
+
+
 def timed(fn, repeats: int) -> tuple[float, float]:
     """(first call seconds, median of `repeats` later calls)."""
     start = time.perf_counter()
@@ -88,6 +99,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--set-size", type=int, default=16, help="captions in the negative-set row")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--model-dir", type=Path, help="build the random pipeline here, or reuse the one there")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
@@ -106,10 +118,14 @@ def main() -> None:
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.float16 if torch_device == "cuda" else torch.float32}[
         args.dtype]
     rows = []
+
+    def measure(what: str, who: str, fn) -> None:
+        rows.append((what, who, *timed(fn, args.repeats)))
+        print(f"{who}: {what}: first call {rows[-1][2]:.3f} s, median {rows[-1][3]:.4f} s", flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        build_pipeline(args.preset, tmp)
-        folder = tmp / "model"
+        folder = pipeline_folder(args.preset, args.model_dir or tmp)
         latent = args.resolution // 8
         prompt = ["a red star and a blue circle in the style of painting"] * args.batch
         rng = np.random.default_rng(0)
@@ -146,10 +162,12 @@ def main() -> None:
                     image.save(out / f"{first + offset}.png")
 
         set_label = f"negative set: {args.set_size} images, {args.steps} steps, PNGs"
-        rows.append(("UNet forward (guided batch)", "diffusers", *timed(torch_unet, args.repeats)))
-        rows.append((f"sampling {args.steps} steps + decode", "diffusers", *timed(torch_sample, args.repeats)))
-        rows.append((set_label, "diffusers", *timed(torch_negative_set, args.repeats)))
+        measure("UNet forward (guided batch)", "diffusers", torch_unet)
+        measure(f"sampling {args.steps} steps + decode", "diffusers", torch_sample)
+        measure(set_label, "diffusers", torch_negative_set)
         del pipe
+        if torch_device == "cuda":
+            torch.cuda.empty_cache()  # leaves the GPU's memory to JAX
 
         # --- nsync-jax -------------------------------------------------------------------------------
         dtype = jnp.dtype(args.dtype)
@@ -172,9 +190,9 @@ def main() -> None:
             negatives.generate_set(ours, {str(i): c for i, c in enumerate(captions)}, Path(tempfile.mkdtemp(dir=tmp)),
                                    settings=settings, progress=False)
 
-        rows.append(("UNet forward (guided batch)", "nsync-jax", *timed(jax_unet, args.repeats)))
-        rows.append((f"sampling {args.steps} steps + decode", "nsync-jax", *timed(jax_sample, args.repeats)))
-        rows.append((set_label, "nsync-jax", *timed(jax_negative_set, args.repeats)))
+        measure("UNet forward (guided batch)", "nsync-jax", jax_unet)
+        measure(f"sampling {args.steps} steps + decode", "nsync-jax", jax_sample)
+        measure(set_label, "nsync-jax", jax_negative_set)
 
     by_key = {(r[0], r[1]): r for r in rows}
     lines = [

@@ -10,6 +10,10 @@
 
   python benchmarks/bench_train.py --preset tiny
   python benchmarks/bench_train.py --preset small --resolution 128
+  python benchmarks/bench_train.py --preset sd15 --resolution 512 --dtype bfloat16 --skip-dreamartist   # GPU
+
+On a GPU the PyTorch run follows diffusers' Textual Inversion script: frozen UNet and VAE in float16 (for
+`--dtype bfloat16`), the text encoder in float32, the step under autocast.
 """
 from __future__ import annotations
 
@@ -28,21 +32,25 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from bench_sampling import PRESETS, build_pipeline  # noqa: E402
+from bench_sampling import PRESETS, pipeline_folder  # noqa: E402
 from results_file import append_report  # benchmarks/ is on sys.path when run as a script
 
 PRESETS = {"tiny": None, **PRESETS}
 
 
 def median_rate(fn, steps: int, repeats: int) -> float:
-    """Median steps/second over `repeats` runs of `steps` steps, after one warm-up step."""
+    """Median steps/second over `repeats` runs of `steps` steps, after one warm-up step (printed with its time,
+    which includes compilation)."""
+    start = time.perf_counter()
     fn()
+    first = time.perf_counter() - start
     rates = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(steps):
             fn()
         rates.append(steps / (time.perf_counter() - start))
+    print(f"  first step {first:.2f} s, median {statistics.median(rates):.3f} steps/s", flush=True)
     return statistics.median(rates)
 
 
@@ -53,6 +61,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="triples per NSYNC step")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="nsync-jax compute dtype (trainable rows and Adam state stay float32)")
+    parser.add_argument("--skip-dreamartist", action="store_true", help="leave out the DreamArtist rows")
+    parser.add_argument("--model-dir", type=Path, help="build the random pipeline here, or reuse the one there")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
@@ -69,14 +81,23 @@ def main() -> None:
     from nsync_jax.train import trainer
 
     torch.set_num_threads(os.cpu_count())
+    on_gpu = jax.default_backend() == "gpu"
+    torch_device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+    # diffusers' scripts train in float16 where nsync-jax uses bfloat16
+    half = torch.float16 if torch_device == "cuda" and args.dtype == "bfloat16" else torch.float32
+    dtype = jnp.dtype(args.dtype)
     rows_out = []
+
+    def record(name: str, unet_images: int, fn) -> None:
+        print(name, flush=True)
+        rows_out.append((name, unet_images, median_rate(fn, args.steps, args.repeats)))
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.preset == "tiny":
             folder = build_tiny_pipeline(tmp / "model", write_tiny_tokenizer(tmp / "tok"), "sd1")
         else:
-            build_pipeline(args.preset, tmp)
-            folder = tmp / "model"
+            folder = pipeline_folder(args.preset, args.model_dir or tmp)
         rng = np.random.default_rng(0)
         count, res, batch = 8, args.resolution, args.batch
         images = rng.uniform(-1, 1, (count, res, res, 3)).astype(np.float32)
@@ -84,8 +105,8 @@ def main() -> None:
         token = "<style>"
 
         # --- nsync-jax ------------------------------------------------------------------------------------
-        pipe = load_pipeline(folder)
-        table = np.asarray(pipe.text_encoder.embeddings.token_embedding.embedding[...])
+        pipe = load_pipeline(folder, dtype=dtype)
+        table = np.asarray(pipe.text_encoder.embeddings.token_embedding.embedding[...], np.float32)
         initial = tokens.initial_rows(table, pipe.tokenizer, "painting", 1)
         tokens.add_placeholder_tokens(pipe.tokenizer, token, 1)
         dataset = trainer.StyleDataset(stems=tuple(map(str, range(count))), positives=images, negatives=negatives,
@@ -95,20 +116,12 @@ def main() -> None:
         for name in ("text_encoder", "unet"):
             graphdefs[name], frozen[name] = nnx.split(pipe.modules()[name])
         spec = trainer.StepSpec(graphdefs, NoiseSchedule.from_config(pipe.scheduler_config),
-                                pipe.vae.config.scaling_factor, jnp.float32, 0)
+                                pipe.vae.config.scaling_factor, dtype, 0)
         config = trainer.default_config()
         config.train.batch_size = batch
         tx_nsync = trainer.make_optimizer(config)
         config.method = "textual_inversion"
         tx_ti = trainer.make_optimizer(config)
-        # DreamArtist: the same frozen weights, a tokenizer of its own with `<style>` (3) and `<style>-neg` (6).
-        da_config = trainer.default_config()
-        da_config.method, da_config.placeholder_token, da_config.num_vectors = "dreamartist", token, 3
-        da_pipe = load_pipeline(folder)
-        da_initial = trainer.starting_rows(da_config, table, da_pipe.tokenizer)
-        trainer.add_learned_words(da_pipe.tokenizer, da_config)
-        da_data = trainer.prepare_data(da_pipe, dataset, token, negative_word=trainer.learned_words(da_config)[1][1])
-
         def runner(method, tx, batch_size, data=data, initial=initial, dreamartist=None):
             step = jax.jit(trainer.make_train_step(spec, tx, method, False, dreamartist=dreamartist),
                            donate_argnums=(0, 1))
@@ -141,23 +154,30 @@ def main() -> None:
             return run
 
         # (row, images through the UNet per step, steps/s)
-        rows_out.append(("nsync-jax NSYNC fused", 3 * batch, median_rate(runner("nsync", tx_nsync, batch),
-                                                                          args.steps, args.repeats)))
-        rows_out.append(("nsync-jax NSYNC three passes", 3 * batch, median_rate(separate_runner(), args.steps,
-                                                                                 args.repeats)))
-        rows_out.append(("nsync-jax Textual Inversion, 3x batch", 3 * batch,
-                         median_rate(runner("textual_inversion", tx_ti, 3 * batch), args.steps, args.repeats)))
-        rows_out.append(("nsync-jax DreamArtist (3 + 6 vectors)", 2 * batch, median_rate(
-            runner("dreamartist", trainer.make_optimizer(da_config), batch, da_data, da_initial,
-                   trainer.DreamArtistSpec.from_config(da_config)), args.steps, args.repeats)))
-        rows_out.append(("nsync-jax Textual Inversion, 2x batch", 2 * batch,
-                         median_rate(runner("textual_inversion", tx_ti, 2 * batch), args.steps, args.repeats)))
-        pipe = da_pipe = frozen = None  # frees the JAX models before the PyTorch run
+        record("nsync-jax NSYNC fused", 3 * batch, runner("nsync", tx_nsync, batch))
+        record("nsync-jax NSYNC three passes", 3 * batch, separate_runner())
+        record("nsync-jax Textual Inversion, 3x batch", 3 * batch, runner("textual_inversion", tx_ti, 3 * batch))
+        if not args.skip_dreamartist:
+            # DreamArtist: the same frozen weights, a tokenizer of its own with `<style>` (3) and `<style>-neg` (6).
+            da_config = trainer.default_config()
+            da_config.method, da_config.placeholder_token, da_config.num_vectors = "dreamartist", token, 3
+            da_pipe = load_pipeline(folder, dtype=dtype)
+            da_initial = trainer.starting_rows(da_config, table, da_pipe.tokenizer)
+            trainer.add_learned_words(da_pipe.tokenizer, da_config)
+            da_data = trainer.prepare_data(da_pipe, dataset, token,
+                                           negative_word=trainer.learned_words(da_config)[1][1])
+            record("nsync-jax DreamArtist (3 + 6 vectors)", 2 * batch,
+                   runner("dreamartist", trainer.make_optimizer(da_config), batch, da_data, da_initial,
+                          trainer.DreamArtistSpec.from_config(da_config)))
+            record("nsync-jax Textual Inversion, 2x batch", 2 * batch, runner("textual_inversion", tx_ti, 2 * batch))
+        pipe = frozen = None  # frees the JAX models before the PyTorch run
 
         # --- PyTorch: the released NSYNC algorithm on diffusers modules ---------------------------------------
         from diffusers import StableDiffusionPipeline
 
-        tpipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+        tpipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None).to(torch_device)
+        tpipe.unet.to(half)
+        tpipe.vae.to(half)
         tpipe.tokenizer.add_tokens(token)
         tpipe.text_encoder.resize_token_embeddings(len(tpipe.tokenizer), mean_resizing=False)
         embedding = tpipe.text_encoder.get_input_embeddings().weight
@@ -167,18 +187,22 @@ def main() -> None:
         optimizer = torch.optim.AdamW([embedding], lr=1e-3)
         ids = tpipe.tokenizer([f"a red star in the style of {token}"] * batch, padding="max_length",
                               max_length=tpipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+        ids = ids.to(torch_device)
         scheduler = tpipe.scheduler
-        alphas = torch.tensor(NoiseSchedule.from_config(dict(scheduler.config)).alphas_cumprod)
-        t_images, t_negatives = torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(negatives).permute(0, 3, 1, 2)
+        alphas = torch.tensor(NoiseSchedule.from_config(dict(scheduler.config)).alphas_cumprod, device=torch_device)
+        t_images, t_negatives = (torch.from_numpy(x).permute(0, 3, 1, 2).to(torch_device, half)
+                                 for x in (images, negatives))
 
         def torch_loss(pixels):
             latents = tpipe.vae.encode(pixels).latent_dist.sample() * tpipe.vae.config.scaling_factor
             noise = torch.randn_like(latents)
-            t = torch.randint(0, len(alphas), (len(latents),))
+            t = torch.randint(0, len(alphas), (len(latents),), device=torch_device)
             a = alphas[t].view(-1, 1, 1, 1)
-            noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-            context = tpipe.text_encoder(ids)[0]
-            return torch.nn.functional.mse_loss(tpipe.unet(noisy, t, context).sample, noise)
+            noisy = (a.sqrt() * latents + (1 - a).sqrt() * noise).to(half)
+            with torch.autocast(torch_device, dtype=half, enabled=half != torch.float32):
+                context = tpipe.text_encoder(ids)[0]
+                prediction = tpipe.unet(noisy, t, context.to(half)).sample
+            return torch.nn.functional.mse_loss(prediction.float(), noise.float())
 
         def torch_step():
             index = torch.randint(0, count, (batch,))
@@ -192,16 +216,19 @@ def main() -> None:
             embedding.grad = g1 + proj(g1, g1) - proj(g1, g2)
             optimizer.step()
             optimizer.zero_grad()
+            if torch_device == "cuda":
+                torch.cuda.synchronize()
 
-        rows_out.append(("PyTorch released NSYNC (diffusers modules)", 3 * batch,
-                         median_rate(torch_step, args.steps, args.repeats)))
+        record("PyTorch released NSYNC (diffusers modules)", 3 * batch, torch_step)
 
     rates = {name: rate for name, _, rate in rows_out}
     fused = rates["nsync-jax NSYNC fused"]
     lines = [
         f"\n## {datetime.date.today()} training steps, `bench_train.py {' '.join(sys.argv[1:]) or '(defaults)'}`\n",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, JAX backend "
-        f"{jax.default_backend()}; torch {torch.__version__} on CPU, float32. Preset {args.preset}, "
+        f"{jax.default_backend()} ({jax.devices()[0].device_kind}), nsync-jax compute {args.dtype}; torch "
+        f"{torch.__version__} on {torch_device}, {str(half).removeprefix('torch.')} UNet and VAE. "
+        f"Preset {args.preset}, "
         f"{args.resolution}x{args.resolution}, {args.batch} triples per NSYNC step, {args.batch} images per "
         f"DreamArtist step. Medians of {args.repeats} runs of {args.steps} steps after a warm-up step.\n",
         "| step | UNet images per step | steps/s | fused NSYNC steps/s over this row |",
@@ -209,8 +236,11 @@ def main() -> None:
     ]
     for name, unet_images, rate in rows_out:
         lines.append(f"| {name} | {unet_images} | {rate:.3f} | {fused / rate:.2f}x |")
-    dreamartist_ratio = rates["nsync-jax DreamArtist (3 + 6 vectors)"] / rates["nsync-jax Textual Inversion, 2x batch"]
-    lines.append(f"\nDreamArtist steps/s over Textual Inversion steps/s at the same UNet batch: {dreamartist_ratio:.2f}x")
+    if not args.skip_dreamartist:
+        dreamartist_ratio = (rates["nsync-jax DreamArtist (3 + 6 vectors)"]
+                             / rates["nsync-jax Textual Inversion, 2x batch"])
+        lines.append(f"\nDreamArtist steps/s over Textual Inversion steps/s at the same UNet batch: "
+                     f"{dreamartist_ratio:.2f}x")
     report = "\n".join(lines) + "\n"
     print(report)
     if not args.no_write:

@@ -8,7 +8,8 @@
 * `"einsum"`: an explicit softmax(QK^T)V, in query chunks so that 4096-token attention stays in cache on CPU
   (faster than the fused XLA path there), and the only path that can hand back the probabilities.
 
-`"auto"` (the default) picks cuDNN on GPU for half precision, and the einsum path otherwise.
+`"auto"` (the default) picks cuDNN on GPU for half precision (XLA's path for heads wider than 128), and the
+einsum path otherwise.
 
 `Attention` mirrors diffusers' `Attention` (`to_q`, `to_k`, `to_v`, `to_out.0`) so its weights load by name.
 Setting `record_probs = True` on an instance (or on a whole model with
@@ -53,14 +54,21 @@ def dot_product_attention(
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
     if backend == "auto":
-        on_gpu = jax.default_backend() == "gpu"
-        half = query.dtype in (jnp.float16, jnp.bfloat16)
-        backend = "cudnn" if (on_gpu and half and not upcast) else "einsum"
+        backend = auto_backend(jax.default_backend(), query.dtype, query.shape[-1], upcast)
     if return_probs:
         backend = "einsum"
     if backend in ("cudnn", "xla"):
         return jax.nn.dot_product_attention(query, key, value, is_causal=causal, implementation=backend)
     return _einsum_attention(query, key, value, causal=causal, upcast=upcast, return_probs=return_probs)
+
+
+def auto_backend(platform: str, dtype, head_dim: int, upcast: bool) -> str:
+    """What `"auto"` means for one attention call on `platform` (`jax.default_backend()`)."""
+    if platform != "gpu" or jnp.dtype(dtype) not in (jnp.float16, jnp.bfloat16) or upcast:
+        return "einsum"
+    # cuDNN's flash kernel takes head dims up to 128 on every GPU it supports (256 from Hopper on); wider
+    # heads, such as the VAE's single 512-wide one, go to XLA's fused path.
+    return "cudnn" if head_dim <= 128 and head_dim % 8 == 0 else "xla"
 
 
 def _einsum_attention(query, key, value, *, causal, upcast, return_probs):
