@@ -203,8 +203,11 @@ def test_bfloat16_compute_keeps_float32_rows_and_state(sd1_dir, style_dir, tmp_p
     pipe = load_pipeline(sd1_dir)
     initial = trainer.starting_rows(config, np.asarray(pipe.text_encoder.embeddings.token_embedding.embedding[...]),
                                     pipe.tokenizer)
-    moved = np.abs(full - initial).max()
-    assert moved > 1e-3 and np.abs(half - full).max() < 0.2 * moved
+    # Adam moves every coordinate by about the learning rate whatever its gradient's size, so one whose gradient
+    # is near zero can go either way in bf16 (seen on a CPU with native bf16 arithmetic, AMD EPYC with
+    # avx512_bf16): compare the whole update, not its worst coordinate.
+    moved = np.linalg.norm(full - initial)
+    assert moved > 1e-3 and np.linalg.norm(half - full) < 0.2 * moved
 
 
 def test_gradient_accumulation_averages_the_microbatches():
