@@ -8,19 +8,21 @@ import pytest
 from nsync_jax.models.attention import QUERY_CHUNK, auto_backend, dot_product_attention
 
 
-@pytest.mark.parametrize("platform, dtype, head_dim, upcast, expected", [
-    ("gpu", jnp.bfloat16, 40, False, "cudnn"),    # SD's 64x64 self-attention
-    ("gpu", jnp.float16, 128, False, "cudnn"),
-    ("gpu", jnp.bfloat16, 160, False, "xla"),     # SD 1.5's 1280-wide blocks: 8 heads of 160
-    ("gpu", jnp.bfloat16, 512, False, "xla"),     # the VAE's single head
-    ("gpu", jnp.bfloat16, 36, False, "xla"),      # not a multiple of 8
-    ("gpu", jnp.bfloat16, 64, True, "einsum"),    # upcast_attention needs float32 scores
-    ("gpu", jnp.float32, 64, False, "einsum"),
-    ("cpu", jnp.bfloat16, 64, False, "einsum"),
-    ("tpu", jnp.bfloat16, 64, False, "einsum"),
+@pytest.mark.parametrize("platform, dtype, head_dim, upcast, lengths, expected", [
+    ("gpu", jnp.bfloat16, 40, False, (4096, 4096), "cudnn"),    # SD's 64x64 self-attention
+    ("gpu", jnp.float16, 128, False, (1024, 1024), "cudnn"),
+    ("gpu", jnp.bfloat16, 40, False, (4096, 77), "xla"),        # cross-attention to 77 text tokens
+    ("gpu", jnp.bfloat16, 64, False, (77, 77), "xla"),          # the text encoder: cuDNN's backward refuses it
+    ("gpu", jnp.bfloat16, 160, False, (256, 256), "xla"),       # SD 1.5's 1280-wide blocks: 8 heads of 160
+    ("gpu", jnp.bfloat16, 512, False, (4096, 4096), "xla"),     # the VAE's single head
+    ("gpu", jnp.bfloat16, 36, False, (64, 64), "xla"),          # not a multiple of 8
+    ("gpu", jnp.bfloat16, 64, True, (64, 64), "einsum"),        # upcast_attention needs float32 scores
+    ("gpu", jnp.float32, 64, False, (64, 64), "einsum"),
+    ("cpu", jnp.bfloat16, 64, False, (64, 64), "einsum"),
+    ("tpu", jnp.bfloat16, 64, False, (64, 64), "einsum"),
 ])
-def test_auto_backend(platform, dtype, head_dim, upcast, expected):
-    assert auto_backend(platform, dtype, head_dim, upcast) == expected
+def test_auto_backend(platform, dtype, head_dim, upcast, lengths, expected):
+    assert auto_backend(platform, dtype, head_dim, upcast, lengths) == expected
 
 
 @pytest.mark.parametrize("length, causal", [(77, True), (2 * QUERY_CHUNK, False)])

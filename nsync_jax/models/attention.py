@@ -8,8 +8,8 @@
 * `"einsum"`: an explicit softmax(QK^T)V, in query chunks so that 4096-token attention stays in cache on CPU
   (faster than the fused XLA path there), and the only path that can hand back the probabilities.
 
-`"auto"` (the default) picks cuDNN on GPU for half precision (XLA's path for heads wider than 128), and the
-einsum path otherwise.
+`"auto"` (the default) picks cuDNN on GPU for half precision (XLA's path for heads wider than 128 and for odd
+sequence lengths such as the text's 77 tokens), and the einsum path otherwise.
 
 `Attention` mirrors diffusers' `Attention` (`to_q`, `to_k`, `to_v`, `to_out.0`) so its weights load by name.
 Setting `record_probs = True` on an instance (or on a whole model with
@@ -54,7 +54,8 @@ def dot_product_attention(
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
     if backend == "auto":
-        backend = auto_backend(jax.default_backend(), query.dtype, query.shape[-1], upcast)
+        backend = auto_backend(jax.default_backend(), query.dtype, query.shape[-1], upcast,
+                               lengths=(query.shape[1], key.shape[1]))
     if return_probs:
         backend = "einsum"
     if backend in ("cudnn", "xla"):
@@ -62,13 +63,17 @@ def dot_product_attention(
     return _einsum_attention(query, key, value, causal=causal, upcast=upcast, return_probs=return_probs)
 
 
-def auto_backend(platform: str, dtype, head_dim: int, upcast: bool) -> str:
-    """What `"auto"` means for one attention call on `platform` (`jax.default_backend()`)."""
+def auto_backend(platform: str, dtype, head_dim: int, upcast: bool, lengths: tuple[int, int]) -> str:
+    """What `"auto"` means for one attention call on `platform` (`jax.default_backend()`) with
+    `lengths = (query_len, key_len)`."""
     if platform != "gpu" or jnp.dtype(dtype) not in (jnp.float16, jnp.bfloat16) or upcast:
         return "einsum"
     # cuDNN's flash kernel takes head dims up to 128 on every GPU it supports (256 from Hopper on); wider
-    # heads, such as the VAE's single 512-wide one, go to XLA's fused path.
-    return "cudnn" if head_dim <= 128 and head_dim % 8 == 0 else "xla"
+    # heads, such as the VAE's single 512-wide one, go to XLA's fused path. Its backward pass refuses odd
+    # sequence lengths (jax 0.11.2 on an H200: "Unsupported sequence length Q 77, KV 77" in the text encoder
+    # under grad), and the forward pass cannot know whether it will be differentiated.
+    flash_ok = head_dim <= 128 and head_dim % 8 == 0 and all(n % 2 == 0 for n in lengths)
+    return "cudnn" if flash_ok else "xla"
 
 
 def _einsum_attention(query, key, value, *, causal, upcast, return_probs):
