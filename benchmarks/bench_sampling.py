@@ -1,9 +1,10 @@
-"""UNet forward, text-to-image sampling and negative-set generation: nsync-jax against diffusers, same machine,
-same run.
+"""UNet forward, VAE decode, text-to-image sampling and negative-set generation: nsync-jax against diffusers,
+same machine, same run.
 
 Builds a random Stable Diffusion pipeline of the chosen size with diffusers (torch), saves it, loads it
 with nsync-jax, and times both on the same inputs. Medians of `--repeats` runs after one warm-up (which
-includes JAX's compilation; compile time is reported separately). The negative set is `--set-size` captions
+includes JAX's compilation; compile time is reported separately). The VAE decode row decodes one batch of
+latents to images on the host: with the UNet row it splits the sampling row's time. The negative set is `--set-size` captions
 drawn and written as PNG files (`nsync_jax.negatives.generate_set` against a loop over diffusers'
 `StableDiffusionPipeline` in batches of `--batch`, each image saved with PIL). Appends a table to
 benchmarks/RESULTS.md unless `--no-write`.
@@ -111,7 +112,7 @@ def main() -> None:
 
     from nsync_jax import negatives
     from nsync_jax.pipeline import load_pipeline
-    from nsync_jax.sampling import SampleSettings, generate
+    from nsync_jax.sampling import SampleSettings, decode_latents, generate
 
     on_gpu = jax.default_backend() == "gpu"
     torch_device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
@@ -145,6 +146,11 @@ def main() -> None:
             if torch_device == "cuda":
                 torch.cuda.synchronize()
 
+        def torch_decode():
+            with torch.no_grad():
+                z = torch.tensor(latents, dtype=torch_dtype, device=torch_device) / pipe.vae.config.scaling_factor
+                pipe.vae.decode(z).sample.float().cpu()
+
         def torch_sample():
             pipe(prompt, num_inference_steps=args.steps, guidance_scale=7.5, height=args.resolution,
                  width=args.resolution, latents=torch.tensor(latents, dtype=torch_dtype, device=torch_device),
@@ -163,6 +169,7 @@ def main() -> None:
 
         set_label = f"negative set: {args.set_size} images, {args.steps} steps, PNGs"
         measure("UNet forward (guided batch)", "diffusers", torch_unet)
+        measure("VAE decode (batch)", "diffusers", torch_decode)
         measure(f"sampling {args.steps} steps + decode", "diffusers", torch_sample)
         measure(set_label, "diffusers", torch_negative_set)
         del pipe
@@ -180,6 +187,13 @@ def main() -> None:
         def jax_unet():
             unet_fn(state, x_j, t_j, c_j).block_until_ready()
 
+        vae_graphdef, vae_state = nnx.split(ours.vae)
+        decode_fn = jax.jit(lambda state, z: decode_latents(nnx.merge(vae_graphdef, state), z, dtype))
+        z_j = jnp.asarray(latents.transpose(0, 2, 3, 1))
+
+        def jax_decode():
+            np.asarray(decode_fn(vae_state, z_j))
+
         settings = SampleSettings(steps=args.steps, guidance=7.5, height=args.resolution, width=args.resolution,
                                   batch_size=args.batch)
 
@@ -191,6 +205,7 @@ def main() -> None:
                                    settings=settings, progress=False)
 
         measure("UNet forward (guided batch)", "nsync-jax", jax_unet)
+        measure("VAE decode (batch)", "nsync-jax", jax_decode)
         measure(f"sampling {args.steps} steps + decode", "nsync-jax", jax_sample)
         measure(set_label, "nsync-jax", jax_negative_set)
 
