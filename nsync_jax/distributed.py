@@ -179,15 +179,23 @@ def frozen_shardings(mesh: Mesh, tree, shard_over_fsdp: bool):
 # Host data <-> global arrays.
 # ------------------------------------------------------------------------------------------------------------
 
-def put(host_array, sharding: NamedSharding) -> jax.Array:
+def put(host_array, sharding: NamedSharding, *, copy: bool = False) -> jax.Array:
     """A global array from a host array every process holds: each process copies only the rows of its own
-    devices to them (like `jax.make_array_from_process_local_data`, for any sharding), nothing crosses hosts."""
+    devices to them (like `jax.make_array_from_process_local_data`, for any sharding), nothing crosses hosts.
+
+    A `jax.Array` already on this process's devices, with a sharding this process holds whole, moves from
+    device to device, and the result may share its buffers (a detour through host memory would copy SD's
+    2 GB of weights out of the GPU and back on every call). `copy=True` for arrays a jitted step will donate:
+    donation must not delete the caller's arrays.
+    """
+    if isinstance(host_array, jax.Array) and sharding.is_fully_addressable and host_array.is_fully_addressable:
+        return jax.device_put(host_array, sharding, may_alias=not copy)
     host_array = np.asarray(host_array)
     return jax.make_array_from_callback(host_array.shape, sharding, lambda index: host_array[index])
 
 
-def put_tree(tree, shardings) -> Any:
-    return jax.tree.map(lambda x, s: put(x, s), tree, shardings)
+def put_tree(tree, shardings, *, copy: bool = False) -> Any:
+    return jax.tree.map(lambda x, s: put(x, s, copy=copy), tree, shardings)
 
 
 def to_host(array: jax.Array) -> np.ndarray:

@@ -12,9 +12,11 @@ temporary name and renamed, so a kill never leaves half a file.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -165,20 +167,26 @@ def generate_set(pipe: StableDiffusion, prompts: dict[str, str], output: Path, *
     factor = pipe.vae_scale_factor
     latent_shape = (resolution // factor, resolution // factor, pipe.unet.config.in_channels)
 
+    def save_one(item: Item, image: np.ndarray) -> None:
+        pixels = imageio.to_uint8(image)
+        if save_size != resolution:
+            pixels = np.asarray(Image.fromarray(pixels).resize((save_size, save_size), Image.BICUBIC))
+        imageio.write_png(output / item.filename(images_per_caption), pixels)
+
     def save(first: int, images: np.ndarray) -> None:
-        for item, image in zip(todo[first:first + len(images)], images):
-            pixels = imageio.to_uint8(image)
-            if save_size != resolution:
-                pixels = np.asarray(Image.fromarray(pixels).resize((save_size, save_size), Image.BICUBIC))
-            imageio.write_png(output / item.filename(images_per_caption), pixels)
-            files[item.filename(images_per_caption)] = item.prompt
+        # PNG compression releases the GIL: a batch's files are encoded side by side (the next batch is
+        # already drawing meanwhile), then listed in the manifest together.
+        batch_items = todo[first:first + len(images)]
+        list(writers.map(save_one, batch_items, images))
+        files.update({item.filename(images_per_caption): item.prompt for item in batch_items})
         write_json(output / MANIFEST, {**manifest, "files": files}, sort_keys=True)
 
     if todo:
-        generate(pipe, [item.prompt for item in todo], negative_prompt=negative_prompt, seed=seed,
-                 settings=dataclasses.replace(settings, height=resolution, width=resolution),
-                 latents=lambda indices: item_latents(seed, [todo[i] for i in indices], latent_shape),
-                 on_batch=save if main else None, progress=progress)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as writers:
+            generate(pipe, [item.prompt for item in todo], negative_prompt=negative_prompt, seed=seed,
+                     settings=dataclasses.replace(settings, height=resolution, width=resolution),
+                     latents=lambda indices: item_latents(seed, [todo[i] for i in indices], latent_shape),
+                     on_batch=save if main else None, progress=progress)
     return {"kept": len(items) - len(todo), "drawn": len(todo)}
 
 

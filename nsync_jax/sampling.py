@@ -162,6 +162,18 @@ def generate(
     results = []
     bar = tqdm(total=len(all_prompts), unit="img", disable=not (progress and distributed.is_main_process()))
     start = time.perf_counter()
+
+    def finish(first: int, count: int, images: jax.Array) -> None:
+        images = distributed.to_host(images)[:count]
+        results.append(images)
+        if on_batch is not None:
+            on_batch(first, images)
+        bar.update(count)
+        bar.set_postfix(img_per_s=f"{(first + count) / (time.perf_counter() - start):.2f}")
+
+    # Each batch is dispatched before the previous one is fetched and handed to `on_batch` (PNG writing), so
+    # the device draws while the host encodes; at most two batches of images are held.
+    pending = None
     for first in range(0, len(all_prompts), batch_size):
         indices = list(range(first, min(first + batch_size, len(all_prompts))))
         if latents is None:
@@ -175,11 +187,10 @@ def generate(
         if key not in _EXECUTABLES:
             _EXECUTABLES[key] = distributed.compile_together(run, *args, name="sample")
         images = _EXECUTABLES[key](*args)
-        images = distributed.to_host(images)[: len(indices)]
-        results.append(images)
-        if on_batch is not None:
-            on_batch(first, images)
-        bar.update(len(indices))
-        bar.set_postfix(img_per_s=f"{(first + len(indices)) / (time.perf_counter() - start):.2f}")
+        if pending is not None:
+            finish(*pending)
+        pending = (first, len(indices), images)
+    if pending is not None:
+        finish(*pending)
     bar.close()
     return np.concatenate(results)

@@ -70,3 +70,13 @@ def test_batch_size_does_not_change_images(sd1_dir):
     run = lambda batch: generate(pipe, PROMPTS, num_images_per_prompt=2, seed=3, progress=False,
                                  settings=SampleSettings(steps=3, height=32, width=32, batch_size=batch))
     np.testing.assert_allclose(run(4), run(3), atol=1e-5)
+
+
+def test_every_batch_reaches_on_batch_in_order(sd1_dir):
+    """Batches are fetched one dispatch behind: each must still reach `on_batch` once, in order, as returned."""
+    seen = []
+    images = generate(load_pipeline(sd1_dir), PROMPTS * 3, seed=3, progress=False,
+                      settings=SampleSettings(steps=2, height=32, width=32, batch_size=2),
+                      on_batch=lambda first, batch: seen.append((first, batch)))
+    assert [first for first, _ in seen] == list(range(0, len(images), 2))
+    np.testing.assert_array_equal(np.concatenate([batch for _, batch in seen]), images)

@@ -76,9 +76,9 @@ for name in spec["meshes"]:
 FULL_RUNS = CHILD_START + """
 put_tree, fsdp_split = distributed.put_tree, {}
 
-def counting_put_tree(tree, shardings):
+def counting_put_tree(tree, shardings, **kwargs):
     fsdp_split[mesh_name] += sum(distributed.FSDP in str(s.spec) for s in jax.tree.leaves(shardings))
-    return put_tree(tree, shardings)
+    return put_tree(tree, shardings, **kwargs)
 
 distributed.put_tree = counting_put_tree
 for mesh_name in spec["meshes"]:
@@ -249,6 +249,19 @@ def test_mesh_sizes_are_checked():
                                 (-1, -1, "both be -1"), (0, 1, "mesh.data=0")):
         with pytest.raises(UserError, match=message):
             distributed.make_mesh(data, fsdp)
+
+
+def test_put_keeps_device_arrays_on_device_and_copies_what_is_donated():
+    import jax
+    import jax.numpy as jnp
+    whole = distributed.replicated(distributed.make_mesh())
+    weights = jnp.arange(6.0)
+    placed = distributed.put(weights, whole)
+    assert placed.unsafe_buffer_pointer() == weights.unsafe_buffer_pointer()  # no round trip through the host
+    donated = distributed.put(weights, whole, copy=True)
+    jax.jit(lambda x: x + 1, donate_argnums=0)(donated)
+    assert donated.is_deleted() and not weights.is_deleted()
+    np.testing.assert_array_equal(distributed.put(np.arange(3.0), whole), np.arange(3.0))
 
 
 def test_process_flags_are_checked():

@@ -922,7 +922,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
         remat=config.train.get("remat", False))
     tx = make_optimizer(config)
     if kind == "embeddings":  # the token rows and their optimizer state are small: replicated
-        rows = distributed.put(initial, whole)
+        rows = distributed.put(initial, whole, copy=True)
         trained_sharding = opt_sharding = whole
     else:
         # Full weights, their gradients and optimizer state are split over fsdp like frozen weights (a
@@ -930,7 +930,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
         full = kind == "full"
         trained_sharding = distributed.frozen_shardings(mesh, trained, full)
         opt_sharding = distributed.frozen_shardings(mesh, jax.eval_shape(tx.init, trained), full)
-        rows = distributed.put_tree(trained, trained_sharding)
+        rows = distributed.put_tree(trained, trained_sharding, copy=True)  # donated: not the modules' arrays
     step_fn = jax.jit(make_train_step(spec, tx, config.method, config.nsync.get("share_noise", False),
                                       skip_nonfinite=config.train.get("nonfinite", "stop") == "skip",
                                       dreamartist=dreamartist,
