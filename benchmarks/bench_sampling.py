@@ -4,8 +4,8 @@ same machine, same run.
 Builds a random Stable Diffusion pipeline of the chosen size with diffusers (torch), saves it, loads it
 with nsync-jax, and times both on the same inputs. Medians of `--repeats` runs after one warm-up (which
 includes JAX's compilation; compile time is reported separately). The VAE decode row decodes one batch of
-latents to images on the host: with the UNet row it splits the sampling row's time. The negative set is `--set-size` captions
-drawn and written as PNG files (`nsync_jax.negatives.generate_set` against a loop over diffusers'
+latents to images on the host: with the UNet row it splits the sampling row's time. The negative set is
+`--set-size` captions drawn and written as PNG files (`nsync_jax.negatives.generate_set` against a loop over diffusers'
 `StableDiffusionPipeline` in batches of `--batch`, each image saved with PIL). Appends a table to
 benchmarks/RESULTS.md unless `--no-write`.
 

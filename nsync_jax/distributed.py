@@ -179,7 +179,7 @@ def frozen_shardings(mesh: Mesh, tree, shard_over_fsdp: bool):
 # Host data <-> global arrays.
 # ------------------------------------------------------------------------------------------------------------
 
-def put(host_array, sharding: NamedSharding, *, copy: bool = False) -> jax.Array:
+def put(array, sharding: NamedSharding, *, copy: bool = False) -> jax.Array:
     """A global array from a host array every process holds: each process copies only the rows of its own
     devices to them (like `jax.make_array_from_process_local_data`, for any sharding), nothing crosses hosts.
 
@@ -188,9 +188,9 @@ def put(host_array, sharding: NamedSharding, *, copy: bool = False) -> jax.Array
     2 GB of weights out of the GPU and back on every call). `copy=True` for arrays a jitted step will donate:
     donation must not delete the caller's arrays.
     """
-    if isinstance(host_array, jax.Array) and sharding.is_fully_addressable and host_array.is_fully_addressable:
-        return jax.device_put(host_array, sharding, may_alias=not copy)
-    host_array = np.asarray(host_array)
+    if isinstance(array, jax.Array) and sharding.is_fully_addressable and array.is_fully_addressable:
+        return jax.device_put(array, sharding, may_alias=not copy)
+    host_array = np.asarray(array)
     return jax.make_array_from_callback(host_array.shape, sharding, lambda index: host_array[index])
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -173,7 +174,7 @@ def generate_set(pipe: StableDiffusion, prompts: dict[str, str], output: Path, *
             pixels = np.asarray(Image.fromarray(pixels).resize((save_size, save_size), Image.BICUBIC))
         imageio.write_png(output / item.filename(images_per_caption), pixels)
 
-    def save(first: int, images: np.ndarray) -> None:
+    def save(writers: concurrent.futures.Executor, first: int, images: np.ndarray) -> None:
         # PNG compression releases the GIL: a batch's files are encoded side by side (the next batch is
         # already drawing meanwhile), then listed in the manifest together.
         batch_items = todo[first:first + len(images)]
@@ -186,7 +187,7 @@ def generate_set(pipe: StableDiffusion, prompts: dict[str, str], output: Path, *
             generate(pipe, [item.prompt for item in todo], negative_prompt=negative_prompt, seed=seed,
                      settings=dataclasses.replace(settings, height=resolution, width=resolution),
                      latents=lambda indices: item_latents(seed, [todo[i] for i in indices], latent_shape),
-                     on_batch=save if main else None, progress=progress)
+                     on_batch=functools.partial(save, writers) if main else None, progress=progress)
     return {"kept": len(items) - len(todo), "drawn": len(todo)}
 
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -252,8 +254,6 @@ def test_mesh_sizes_are_checked():
 
 
 def test_put_keeps_device_arrays_on_device_and_copies_what_is_donated():
-    import jax
-    import jax.numpy as jnp
     whole = distributed.replicated(distributed.make_mesh())
     weights = jnp.arange(6.0)
     placed = distributed.put(weights, whole)
