@@ -5,7 +5,7 @@ equal steps and images per step (DreamArtist's samples use its negative word as 
 style accuracy (the world's stand-in for CSD), content accuracy (prompt fidelity), FID and KID (judge
 features) as mean +- std over the runs.
 
-    python benchmarks/toyworld.py --output /tmp/toyworld-bench [--styles zigzag halftone crosshatch]
+    python benchmarks/toyworld.py --output /tmp/toyworld-bench [--styles zigzag halftone crosshatch framed]
         [--seeds 0 1 2] [--config.train.steps=400 ...]
 
 Prints a Markdown table for benchmarks/RESULTS.md and writes it, with every run's report, under --output.

@@ -72,6 +72,21 @@ def test_styles_change_pixels_not_content():
             assert np.abs(image[outside] - world.BACKGROUNDS["gray"]).max() < 1, style
 
 
+def test_framed_is_the_flat_fill_inside_a_line_of_another_shade():
+    """`outlined`'s line, darker than the fill (lighter on black, where a dark line would vanish)."""
+    square = Scene(("square",), ("blue",), "white", "flat", ((0.5, 0.5, 0.5, 0.0),))
+    line = np.abs(world.render(dataclasses.replace(square, style="outlined")).astype(float)
+                  - world.BACKGROUNDS["white"]).max(-1) > 30
+    for background, darker in (("white", True), ("black", False)):
+        flat = world.render(dataclasses.replace(square, background=background)).astype(float)
+        framed = world.render(dataclasses.replace(square, background=background, style="framed")).astype(float)
+        changed = np.abs(framed - flat).max(-1) > 30
+        np.testing.assert_array_equal(changed, line)  # exactly the outline's pixels, nothing else
+        np.testing.assert_array_equal(framed[~line], flat[~line])
+        assert ((framed[line].sum(-1) < flat[line].sum(-1)).all() if darker
+                else (framed[line].sum(-1) > flat[line].sum(-1)).all())
+
+
 @pytest.fixture(scope="module")
 def committed_judge():
     from nsync_jax.toyworld import judge

@@ -63,7 +63,9 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = str(BUNDLED_MODEL)
     c.judge = str(BUNDLED_JUDGE)
-    c.style = "halftone"  # one of world.HELD_OUT_STYLES
+    # One of world.HELD_OUT_STYLES. `framed` is the one a token learns on the bundled model (about half the
+    # samples, against none of the textures': RESULTS.md, ninth session).
+    c.style = "framed"
     c.seed = 0
     c.train_images = 20
     c.test_images = 32

@@ -177,7 +177,7 @@ def soften(images: jax.Array, key: jax.Array, fraction: float = 0.5, sigma=(0.5,
     return jnp.where(jax.random.bernoulli(pick, fraction, (n, 1, 1, 1)), blurred, images)
 
 
-def train_judge(seed: int = 0, steps: int = 1500, batch_size: int = 64, progress: bool = True,
+def train_judge(seed: int = 0, steps: int = 2500, batch_size: int = 64, progress: bool = True,
                 pool_size: int = 16000, learning_rate: float = 2e-3) -> tuple[Judge, dict]:
     """Trains a judge from scratch on renders of every style; returns it and its training curves.
 
@@ -362,7 +362,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Train the toy world's judge, evaluate it on fresh renders, save it.")
     parser.add_argument("--output", required=True, help="folder for judge.safetensors and judge.json")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--pool-size", type=int, default=16000)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
