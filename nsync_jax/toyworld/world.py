@@ -36,9 +36,10 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 SEEN_STYLES: tuple[str, ...] = ("flat", "striped", "dotted", "outlined", "checkered", "grainy", "gradient",
                                 "pixelated")
-# Held out: three new textures, and a new stroke (framed: `outlined`'s line, in a darker shade, around the flat
-# fill). On the bundled model Textual Inversion learns `framed` part of the way and none of the textures
-# (RESULTS.md, ninth session): the model has drawn outlines and fills, but nothing like those textures.
+# Held out: three new textures, and a new stroke (framed: `outlined`'s line, in another shade, around the flat
+# fill). On the bundled model the tokens learn `framed` best, and only partly (a quarter of the samples against a
+# tenth for the base model; RESULTS.md, ninth session): the model draws outlines and fills, nothing like the
+# textures.
 HELD_OUT_STYLES: tuple[str, ...] = ("zigzag", "halftone", "crosshatch", "framed")
 GENERIC_STYLE = "drawing"
 ALL_STYLES: tuple[str, ...] = SEEN_STYLES + HELD_OUT_STYLES
