@@ -37,9 +37,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 SEEN_STYLES: tuple[str, ...] = ("flat", "striped", "dotted", "outlined", "checkered", "grainy", "gradient",
                                 "pixelated")
 # Held out: three new textures, and a new stroke (framed: `outlined`'s line, in another shade, around the flat
-# fill). On the bundled model the tokens learn `framed` best, and only partly (a quarter of the samples against a
-# tenth for the base model; RESULTS.md, ninth session): the model draws outlines and fills, nothing like the
-# textures.
+# fill), which recombines what the bundled model draws; tokens learn it best (RESULTS.md, ninth session).
 HELD_OUT_STYLES: tuple[str, ...] = ("zigzag", "halftone", "crosshatch", "framed")
 GENERIC_STYLE = "drawing"
 ALL_STYLES: tuple[str, ...] = SEEN_STYLES + HELD_OUT_STYLES
@@ -264,13 +262,14 @@ def render(scene: Scene, size: int = 64) -> np.ndarray:
         x, y = np.meshgrid(coords[box[1]] - placement[0] * 64, coords[box[0]] - placement[1] * 64)
         t, low, high = _texture(scene.style, np.asarray(COLOURS[colour_name], np.float32), placement, x, y)
         a = alpha[box]
-        frame = _shape_masks(shape, placement, size, outline=True)[box] if scene.style == "framed" else 0.0
-        # The frame: a dark shade of the colour, or a light one on black, where a dark line would vanish.
-        ink = low + 0.5 * (255 - low) if scene.background == "black" else 0.35 * low
         for c in range(3):
             paint = low[c] + t * (high[c] - low[c])
             image[c][box] += a * (paint - image[c][box])
-            image[c][box] += frame * (ink[c] - image[c][box])
+        if scene.style == "framed":  # `outlined`'s line over the fill: a dark shade of the colour, or a light one
+            line = _shape_masks(shape, placement, size, outline=True)[box]  # on black, where dark would vanish
+            ink = low + 0.5 * (255 - low) if scene.background == "black" else 0.35 * low
+            for c in range(3):
+                image[c][box] += line * (ink[c] - image[c][box])
     image = _downsample(image)
     if scene.style == "grainy":
         grain = _scene_rng(scene, size).normal(0.0, 1.0, (size, size)).astype(np.float32)
