@@ -34,6 +34,25 @@ def test_held_out_styles_never_appear_by_default():
         world.sample_scenes(0, 1, styles=(world.GENERIC_STYLE,))
 
 
+def test_two_shape_share_sets_the_share_and_none_keeps_the_old_draw():
+    counts = [len(s.shapes) for s in world.sample_scenes(0, 4000, two_shape_share=0.65)]
+    assert abs(np.mean(np.array(counts) == 2) - 0.65) < 0.03
+    assert {len(s.shapes) for s in world.sample_scenes(0, 200, two_shape_share=0.0)} == {1}
+    assert world.sample_scenes(0, 50, two_shape_share=None) == world.sample_scenes(0, 50)
+    for bad in ({"two_shape_share": 1.5}, {"two_shape_share": 0.5, "max_shapes": 1}):
+        with pytest.raises(ValueError, match="two_shape_share"):
+            world.sample_scenes(0, 1, **bad)
+
+
+def test_grain_comes_in_cells_of_three_pixels():
+    scene = Scene(("square",), ("blue",), "white", "grainy", ((0.5, 0.5, 0.5, 0.0),))
+    grain = world.render(scene).astype(float) - world.render(dataclasses.replace(scene, style="flat"))
+    corner = grain[:12, :12, 0]  # background: away from the shape, grain alone
+    assert np.abs(corner).max() > 5
+    cells = corner.reshape(4, 3, 4, 3)
+    assert np.abs(cells - cells[:, :1, :, :1]).max() <= 1  # constant within each 3x3 cell, but for rounding
+
+
 def test_render_is_deterministic_with_shape_and_dtype():
     scenes = world.sample_scenes(5, 30, styles=ALL_STYLES)
     scenes.append(dataclasses.replace(scenes[0], style="grainy"))  # per-pixel noise, seeded from the scene

@@ -43,6 +43,7 @@ GENERIC_STYLE = "drawing"
 ALL_STYLES: tuple[str, ...] = SEEN_STYLES + HELD_OUT_STYLES
 
 _SUPERSAMPLE = 4
+_GRAIN_CELL = 3  # px at 64
 _ROTATION = 20.0  # degrees either way: enough jitter, yet a square never turns into a diamond or a cross into an x
 
 
@@ -56,19 +57,26 @@ class Scene:
     layout: tuple[tuple[float, float, float, float], ...]
 
 
-def sample_scenes(seed: int, count: int, styles=SEEN_STYLES, max_shapes: int = 2) -> list[Scene]:
-    """`count` random scenes, a pure function of the arguments; one or two distinct shapes per scene."""
+def sample_scenes(seed: int, count: int, styles=SEEN_STYLES, max_shapes: int = 2,
+                  two_shape_share: float | None = None) -> list[Scene]:
+    """`count` random scenes, a pure function of the arguments; one or two distinct shapes per scene.
+
+    `two_shape_share`: the chance of a two-shape scene (needs `max_shapes=2`); None draws the shape count
+    uniformly, as before the option existed, so a seed keeps its scenes.
+    """
     styles = tuple(styles)
     unknown = [s for s in styles if s not in ALL_STYLES]
     if unknown or not styles:
         raise ValueError(f"unknown styles {unknown} (known: {', '.join(ALL_STYLES)})")
     if max_shapes not in (1, 2):
         raise ValueError(f"max_shapes must be 1 or 2, got {max_shapes}")
+    if two_shape_share is not None and (max_shapes != 2 or not 0 <= two_shape_share <= 1):
+        raise ValueError(f"two_shape_share={two_shape_share} needs max_shapes=2 and a value in [0, 1]")
     rng = np.random.default_rng(seed)
     colour_names, background_names = list(COLOURS), list(BACKGROUNDS)
     scenes = []
     for _ in range(count):
-        n = int(rng.integers(1, max_shapes + 1))
+        n = int(rng.integers(1, max_shapes + 1)) if two_shape_share is None else 1 + int(rng.random() < two_shape_share)
         shapes = tuple(SHAPES[i] for i in rng.choice(len(SHAPES), n, replace=False))
         colours = tuple(colour_names[i] for i in rng.integers(0, len(colour_names), n))
         background = background_names[int(rng.integers(0, len(background_names)))]
@@ -236,7 +244,7 @@ def _block_average(image: np.ndarray, block: int) -> np.ndarray:
 
 
 def _scene_rng(scene: Scene, size: int) -> np.random.Generator:
-    """Per-pixel randomness (grain) from the scene's content, so a scene always renders the same bytes."""
+    """Randomness (grain) from the scene's content, so a scene always renders the same bytes."""
     digest = hashlib.sha256(f"{scene!r}|{size}".encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
@@ -272,7 +280,11 @@ def render(scene: Scene, size: int = 64) -> np.ndarray:
                 image[c][box] += line * (ink[c] - image[c][box])
     image = _downsample(image)
     if scene.style == "grainy":
-        grain = _scene_rng(scene, size).normal(0.0, 1.0, (size, size)).astype(np.float32)
+        # Grain in square cells of 3 px at 64: per-pixel grain does not pass a VAE with 4x-smaller latents
+        # (texture kept 0.32 through the fourth model's VAE; 3-px cells 0.69: RESULTS.md, ninth session).
+        cell = max(1, round(_GRAIN_CELL * size / 64))
+        cells = _scene_rng(scene, size).normal(0.0, 1.0, (-(-size // cell),) * 2).astype(np.float32)
+        grain = np.repeat(np.repeat(cells, cell, 0), cell, 1)[:size, :size]
         image += grain * (15 + 30 * _downsample(covered))  # strong on shapes, mild on the background
     elif scene.style == "pixelated":
         image = _block_average(image, max(1, round(size / 16)))
