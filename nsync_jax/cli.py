@@ -440,6 +440,8 @@ def _add_toyworld_parser(subparsers) -> None:
     judge = commands.add_parser("judge", help="train the style/shape/colour classifier on ground-truth renders")
     judge.add_argument("--output", type=Path, required=True)
     judge.add_argument("--seed", type=int, default=0)
+    judge.add_argument("--vae", default=None, help="VAE folder whose round trips it also trains on "
+                                                   "(default: the bundled model's; '' for none)")
     judge.set_defaults(run=_run_judge)
 
 
@@ -470,7 +472,8 @@ def _run_toyworld_evaluate(args) -> None:
 def _run_judge(args) -> None:
     from nsync_jax.toyworld import judge
 
-    judge.main(["--output", str(args.output), "--seed", str(args.seed)])
+    judge.main(["--output", str(args.output), "--seed", str(args.seed)]
+               + (["--vae", args.vae] if args.vae is not None else []))
 
 
 def build_parser() -> argparse.ArgumentParser:

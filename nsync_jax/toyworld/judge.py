@@ -2,8 +2,9 @@
 
 Style-learning runs on the toy world are scored with it: did a learned token produce the held-out style, and
 did the prompt's content survive? It is trained on ground-truth renders of every style, held-out ones
-included (the judge must recognise what the diffusion model never saw), half of them blurred as a VAE decoder
-blurs (`soften`), and its penultimate features give a world-specific FID/KID.
+included (the judge must recognise what the diffusion model never saw), some of them passed through the
+bundled model's VAE (`vae_round_trip`: every image the judge scores has been decoded by it) and half of the
+rest blurred (`soften`); its penultimate features give a world-specific FID/KID.
 
 Train and save the committed copy with `python -m nsync_jax.toyworld.judge --output nsync_jax/toyworld/assets/judge`.
 """
@@ -177,19 +178,42 @@ def soften(images: jax.Array, key: jax.Array, fraction: float = 0.5, sigma=(0.5,
     return jnp.where(jax.random.bernoulli(pick, fraction, (n, 1, 1, 1)), blurred, images)
 
 
+def vae_round_trip(vae_folder, images_uint8, batch_size: int = 250) -> np.ndarray:
+    """uint8 images (N, H, W, 3) encoded to their posterior mean by the VAE in `vae_folder` and decoded back."""
+    from nsync_jax.models.vae import load_vae
+
+    graphdef, state = nnx.split(load_vae(Path(vae_folder)))
+
+    @jax.jit
+    def round_trip(state, images):
+        vae = nnx.merge(graphdef, state)
+        decoded = vae.decode(vae.encode(images.astype(jnp.float32) / 127.5 - 1.0)[0])
+        return jnp.round(jnp.clip(decoded * 127.5 + 127.5, 0, 255)).astype(jnp.uint8)
+
+    images = np.asarray(images_uint8)
+    return np.concatenate([np.asarray(round_trip(state, images[i:i + batch_size]))
+                           for i in range(0, len(images), batch_size)])
+
+
 def train_judge(seed: int = 0, steps: int = 2500, batch_size: int = 64, progress: bool = True,
-                pool_size: int = 16000, learning_rate: float = 2e-3) -> tuple[Judge, dict]:
+                pool_size: int = 16000, learning_rate: float = 2e-3, vae_folder=None,
+                round_trip_fraction: float = 1 / 3) -> tuple[Judge, dict]:
     """Trains a judge from scratch on renders of every style; returns it and its training curves.
 
     Rendering is Python (Pillow, ~2 ms an image), too slow to feed every step fresh scenes, so one call to
     `sample_scenes(seed, pool_size, ALL_STYLES)` is rendered up front and each step draws a random batch
-    from it, half of it softened (`soften`). The run is a function of `seed`.
+    from it. With `vae_folder`, the pool is also round-tripped through that VAE up front and each image of a
+    batch is its round trip with probability `round_trip_fraction`: a VAE adds its own texture to a flat fill
+    (the bundled one's reads as grain), and a judge that never saw it calls a decoded flat image grainy.
+    Half of the other images are softened (`soften`). The run is a function of `seed`.
     """
     start = time.perf_counter()
     scenes = sample_scenes(seed, pool_size, styles=ALL_STYLES)
     pool = render_batch(scenes, IMAGE_SIZE)
     pool_labels = _labels(scenes)
     render_seconds = time.perf_counter() - start
+    round_trips = vae_round_trip(vae_folder, pool) if vae_folder else pool
+    fraction = round_trip_fraction if vae_folder else 0.0
 
     judge = Judge(nnx.Rngs(seed))
     graphdef, params = nnx.split(judge)
@@ -198,8 +222,11 @@ def train_judge(seed: int = 0, steps: int = 2500, batch_size: int = 64, progress
     opt_state = optimizer.init(params)
 
     @jax.jit
-    def train_step(params, opt_state, images, labels, key):
-        images = soften(images.astype(jnp.float32) / 255, key)
+    def train_step(params, opt_state, images, round_trips, labels, key):
+        pick, blur = jax.random.split(key)
+        images = soften(images.astype(jnp.float32) / 255, blur)
+        use_round_trip = jax.random.bernoulli(pick, fraction, (len(images), 1, 1, 1))
+        images = jnp.where(use_round_trip, round_trips.astype(jnp.float32) / 255, images)
 
         def loss_fn(params):
             losses = _losses(nnx.merge(graphdef, params)(images), labels)
@@ -214,7 +241,7 @@ def train_judge(seed: int = 0, steps: int = 2500, batch_size: int = 64, progress
     train_start = time.perf_counter()
     for step in tqdm(range(steps), desc="judge", unit="step", disable=not progress):
         batch = rng.integers(0, pool_size, batch_size)
-        params, opt_state, losses = train_step(params, opt_state, pool[batch],
+        params, opt_state, losses = train_step(params, opt_state, pool[batch], round_trips[batch],
                                                {head: value[batch] for head, value in pool_labels.items()},
                                                jax.random.fold_in(key, step))
         if step % 25 == 0 or step == steps - 1:
@@ -223,6 +250,7 @@ def train_judge(seed: int = 0, steps: int = 2500, batch_size: int = 64, progress
                 curves[f"loss_{head}"].append(float(loss))
             curves["seconds"].append(time.perf_counter() - train_start)
     curves["render_seconds"] = render_seconds
+    curves["round_trip_seconds"] = train_start - start - render_seconds
     curves["train_seconds"] = time.perf_counter() - train_start
     return nnx.merge(graphdef, params), curves
 
@@ -287,10 +315,16 @@ def judge_scores(judge: Judge, images_uint8, scenes: list[Scene], style: str | N
     return {key: float(np.mean(value)) if value else float("nan") for key, value in hits.items()}
 
 
-def evaluate_judge(judge: Judge, seed: int, count: int = 1000) -> dict[str, float]:
-    """Per-head accuracy on `count` fresh ground-truth renders of every style (use a seed training did not)."""
+def evaluate_judge(judge: Judge, seed: int, count: int = 1000, vae_folder=None) -> dict[str, float]:
+    """Per-head accuracy on `count` fresh ground-truth renders of every style (use a seed training did not);
+    with `vae_folder`, also on their round trips through that VAE (keys prefixed `round_trip_`)."""
     scenes = sample_scenes(seed, count, styles=ALL_STYLES)
-    return judge_scores(judge, render_batch(scenes, IMAGE_SIZE), scenes)
+    images = render_batch(scenes, IMAGE_SIZE)
+    scores = judge_scores(judge, images, scenes)
+    if vae_folder:
+        scores |= {f"round_trip_{k}": v for k, v in judge_scores(judge, vae_round_trip(vae_folder, images),
+                                                                   scenes).items()}
+    return scores
 
 
 def world_fid_kid(judge: Judge, images_a, images_b) -> dict[str, float]:
@@ -359,8 +393,13 @@ def load_judge(folder) -> Judge:
 
 
 def main(argv=None) -> None:
+    from nsync_jax.toyworld.pretrain import BUNDLED_MODEL
+
     parser = argparse.ArgumentParser(description="Train the toy world's judge, evaluate it on fresh renders, save it.")
     parser.add_argument("--output", required=True, help="folder for judge.safetensors and judge.json")
+    parser.add_argument("--vae", default=str(BUNDLED_MODEL / "vae"),
+                        help="VAE folder whose round trips the judge also trains on (default: the bundled "
+                             "model's; '' for none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -371,12 +410,14 @@ def main(argv=None) -> None:
     if args.seed == EVAL_SEED:
         parser.error(f"--seed {EVAL_SEED} is the evaluation seed")
     judge, curves = train_judge(args.seed, args.steps, args.batch_size, pool_size=args.pool_size,
-                                learning_rate=args.learning_rate)
-    accuracy = evaluate_judge(judge, EVAL_SEED, args.eval_count)
-    metrics = {"accuracy": accuracy, "eval_seed": EVAL_SEED, "eval_count": args.eval_count,
+                                learning_rate=args.learning_rate, vae_folder=args.vae or None)
+    accuracy = evaluate_judge(judge, EVAL_SEED, args.eval_count, vae_folder=args.vae or None)
+    metrics = {"accuracy": accuracy, "eval_seed": EVAL_SEED, "eval_count": args.eval_count, "vae": args.vae,
                "train_seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
                "pool_size": args.pool_size, "learning_rate": args.learning_rate,
-               "render_seconds": round(curves["render_seconds"], 1), "train_seconds": round(curves["train_seconds"], 1)}
+               "render_seconds": round(curves["render_seconds"], 1),
+               "round_trip_seconds": round(curves["round_trip_seconds"], 1),
+               "train_seconds": round(curves["train_seconds"], 1)}
     print(json.dumps(metrics, indent=2))
     save_judge(judge, args.output, metrics)
     print(f"saved {Path(args.output) / WEIGHTS_FILE}")
