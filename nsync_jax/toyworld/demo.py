@@ -63,8 +63,8 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = str(BUNDLED_MODEL)
     c.judge = str(BUNDLED_JUDGE)
-    # One of world.HELD_OUT_STYLES. On the bundled model a token learns `framed` best, and only partly: a quarter
-    # of the samples against a tenth for the base model (RESULTS.md, ninth session).
+    # One of world.HELD_OUT_STYLES. `framed` recombines what the bundled model draws (a flat fill, an outline),
+    # the one a method reaches there: NSYNC-LoRA, not a token (RESULTS.md, tenth session).
     c.style = "framed"
     c.seed = 0
     c.train_images = 20
