@@ -102,10 +102,11 @@ def test_demo_short_run_writes_every_artefact(tmp_path):
     for name in ("report.md", "report.json", "grid.png", "embeddings/textual_inversion.safetensors",
                  "embeddings/nsync.safetensors", "embeddings/dreamartist-neg.safetensors",
                  "data/negatives/toy_002.png", "samples/nsync/test_002.png", "samples/dreamartist/test_002.png",
-                 "samples/base/test_000.png", "data/captions/toy_000.txt"):
+                 "samples/base/test_000.png", "data/captions/toy_000.txt", "runs/nsync_lora/lora.safetensors",
+                 "samples/nsync_lora/test_002.png"):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
-    assert set(report["scores"]) == {"real", "base", "textual_inversion", "nsync", "dreamartist"}
+    assert set(report["scores"]) == {"real", "base", "textual_inversion", "nsync", "dreamartist", "nsync_lora"}
     # The real renders are the held-out style itself: the judge must see it.
     assert report["scores"]["real"]["style"] >= 2 / 3
 

@@ -69,9 +69,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.train_images = 20
     c.test_images = 32
-    c.methods = ("textual_inversion", "nsync", "dreamartist")
+    c.methods = ("textual_inversion", "nsync", "dreamartist", "nsync_lora")
     c.sample = ml_collections.ConfigDict(dict(scheduler="ddim", steps=25, guidance=5.0))
-    c.train = ml_collections.ConfigDict(dict(steps=400, batch_size=4, learning_rate=5e-3, num_vectors=1,
+    c.train = ml_collections.ConfigDict(dict(steps=800, batch_size=4, learning_rate=5e-3, num_vectors=1,
                                              initializer_token="drawing"))
     return c
 
