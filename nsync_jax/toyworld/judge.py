@@ -180,18 +180,19 @@ def soften(images: jax.Array, key: jax.Array, fraction: float = 0.5, sigma=(0.5,
 
 def vae_round_trip(vae_folder, images_uint8, batch_size: int = 250) -> np.ndarray:
     """uint8 images (N, H, W, 3) encoded to their posterior mean by the VAE in `vae_folder` and decoded back."""
+    from nsync_jax.imageio import to_uint8
     from nsync_jax.models.vae import load_vae
+    from nsync_jax.toyworld.pretrain import to_signed
 
     graphdef, state = nnx.split(load_vae(Path(vae_folder)))
 
     @jax.jit
     def round_trip(state, images):
         vae = nnx.merge(graphdef, state)
-        decoded = vae.decode(vae.encode(images.astype(jnp.float32) / 127.5 - 1.0)[0])
-        return jnp.round(jnp.clip(decoded * 127.5 + 127.5, 0, 255)).astype(jnp.uint8)
+        return jnp.clip(vae.decode(vae.encode(images)[0]) / 2 + 0.5, 0.0, 1.0)
 
     images = np.asarray(images_uint8)
-    return np.concatenate([np.asarray(round_trip(state, images[i:i + batch_size]))
+    return np.concatenate([to_uint8(round_trip(state, to_signed(images[i:i + batch_size])))
                            for i in range(0, len(images), batch_size)])
 
 

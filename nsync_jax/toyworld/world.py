@@ -37,7 +37,8 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 SEEN_STYLES: tuple[str, ...] = ("flat", "striped", "dotted", "outlined", "checkered", "grainy", "gradient",
                                 "pixelated")
 # Held out: three new textures, and a new stroke (framed: `outlined`'s line, in another shade, around the flat
-# fill), which recombines what the bundled model draws; tokens learn it best (RESULTS.md, ninth session).
+# fill), which recombines what the bundled model draws: NSYNC-LoRA learns it there, tokens do not (RESULTS.md,
+# tenth session).
 HELD_OUT_STYLES: tuple[str, ...] = ("zigzag", "halftone", "crosshatch", "framed")
 GENERIC_STYLE = "drawing"
 ALL_STYLES: tuple[str, ...] = SEEN_STYLES + HELD_OUT_STYLES
