@@ -142,13 +142,15 @@ def test_committed_judge_reads_softened_held_out_styles(committed_judge):
 def test_committed_judge_reads_the_bundled_vaes_round_trips(committed_judge):
     """Every generated image is decoded by the bundled VAE, which lays its own fine texture over a flat fill;
     a judge trained without its round trips called 80% of round-tripped `flat` renders grainy or framed."""
+    from nsync_jax.models.vae import load_vae
     from nsync_jax.toyworld import judge, pretrain
 
+    vae = load_vae(pretrain.BUNDLED_MODEL / "vae")
     scenes = world.sample_scenes(TEST_SEED + 5, 240, styles=ALL_STYLES)
-    images = judge.vae_round_trip(pretrain.BUNDLED_MODEL / "vae", world.render_batch(scenes))
+    images = judge.vae_round_trip(vae, world.render_batch(scenes))
     assert judge.judge_scores(committed_judge, images, scenes)["style"] >= 0.85
     flat = world.sample_scenes(TEST_SEED + 6, 40, styles=("flat",))
-    images = judge.vae_round_trip(pretrain.BUNDLED_MODEL / "vae", world.render_batch(flat))
+    images = judge.vae_round_trip(vae, world.render_batch(flat))
     assert judge.judge_scores(committed_judge, images, flat)["style"] >= 0.75
 
 
@@ -181,6 +183,24 @@ def test_judge_round_trip_and_fid(committed_judge, tmp_path):
     assert abs(same["fid"]) < 1e-3
     flat = world.render_batch(world.sample_scenes(TEST_SEED + 3, 40, styles=("flat",)))
     assert judge.world_fid_kid(copy, images, flat)["fid"] > 1.0
+
+
+def test_judge_command_checks_its_vae_before_rendering(tmp_path, capsys, monkeypatch):
+    from nsync_jax.cli import main
+    from nsync_jax.toyworld import judge
+
+    monkeypatch.setattr(judge, "render_batch", lambda *a, **k: pytest.fail("rendered before checking --vae"))
+    code = main(["toyworld", "judge", "--output", str(tmp_path / "judge"), "--vae", str(tmp_path / "no_vae")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().count("\n") == 0 and "no_vae" in err
+    assert not (tmp_path / "judge").exists()
+
+
+def test_judge_records_the_bundled_vae_relative_to_the_checkout(tmp_path):
+    from nsync_jax.toyworld import judge, pretrain
+
+    assert judge._portable_path(pretrain.BUNDLED_MODEL / "vae") == "nsync_jax/toyworld/assets/sd-toyworld/vae"
+    assert judge._portable_path(tmp_path / "vae") == str((tmp_path / "vae").resolve())
 
 
 def test_load_judge_errors_name_the_file(committed_judge, tmp_path):

@@ -178,13 +178,12 @@ def soften(images: jax.Array, key: jax.Array, fraction: float = 0.5, sigma=(0.5,
     return jnp.where(jax.random.bernoulli(pick, fraction, (n, 1, 1, 1)), blurred, images)
 
 
-def vae_round_trip(vae_folder, images_uint8, batch_size: int = 250) -> np.ndarray:
-    """uint8 images (N, H, W, 3) encoded to their posterior mean by the VAE in `vae_folder` and decoded back."""
+def vae_round_trip(vae, images_uint8, batch_size: int = 250) -> np.ndarray:
+    """uint8 images (N, H, W, 3) encoded to their posterior mean by `vae` (an `AutoencoderKL`) and decoded back."""
     from nsync_jax.imageio import to_uint8
-    from nsync_jax.models.vae import load_vae
     from nsync_jax.toyworld.pretrain import to_signed
 
-    graphdef, state = nnx.split(load_vae(Path(vae_folder)))
+    graphdef, state = nnx.split(vae)
 
     @jax.jit
     def round_trip(state, images):
@@ -197,13 +196,13 @@ def vae_round_trip(vae_folder, images_uint8, batch_size: int = 250) -> np.ndarra
 
 
 def train_judge(seed: int = 0, steps: int = 2500, batch_size: int = 64, progress: bool = True,
-                pool_size: int = 16000, learning_rate: float = 2e-3, vae_folder=None,
+                pool_size: int = 16000, learning_rate: float = 2e-3, vae=None,
                 round_trip_fraction: float = 1 / 3) -> tuple[Judge, dict]:
     """Trains a judge from scratch on renders of every style; returns it and its training curves.
 
     Rendering is Python (Pillow, ~2 ms an image), too slow to feed every step fresh scenes, so one call to
     `sample_scenes(seed, pool_size, ALL_STYLES)` is rendered up front and each step draws a random batch
-    from it. With `vae_folder`, the pool is also round-tripped through that VAE up front and each image of a
+    from it. With `vae`, the pool is also round-tripped through that VAE up front and each image of a
     batch is its round trip with probability `round_trip_fraction`: a VAE adds its own texture to a flat fill
     (the bundled one's reads as grain), and a judge that never saw it calls a decoded flat image grainy.
     Half of the other images are softened (`soften`). The run is a function of `seed`.
@@ -213,8 +212,8 @@ def train_judge(seed: int = 0, steps: int = 2500, batch_size: int = 64, progress
     pool = render_batch(scenes, IMAGE_SIZE)
     pool_labels = _labels(scenes)
     render_seconds = time.perf_counter() - start
-    round_trips = vae_round_trip(vae_folder, pool) if vae_folder else pool
-    fraction = round_trip_fraction if vae_folder else 0.0
+    round_trips = vae_round_trip(vae, pool) if vae is not None else pool
+    fraction = round_trip_fraction if vae is not None else 0.0
 
     judge = Judge(nnx.Rngs(seed))
     graphdef, params = nnx.split(judge)
@@ -316,14 +315,14 @@ def judge_scores(judge: Judge, images_uint8, scenes: list[Scene], style: str | N
     return {key: float(np.mean(value)) if value else float("nan") for key, value in hits.items()}
 
 
-def evaluate_judge(judge: Judge, seed: int, count: int = 1000, vae_folder=None) -> dict[str, float]:
+def evaluate_judge(judge: Judge, seed: int, count: int = 1000, vae=None) -> dict[str, float]:
     """Per-head accuracy on `count` fresh ground-truth renders of every style (use a seed training did not);
-    with `vae_folder`, also on their round trips through that VAE (keys prefixed `round_trip_`)."""
+    with `vae`, also on their round trips through that VAE (keys prefixed `round_trip_`)."""
     scenes = sample_scenes(seed, count, styles=ALL_STYLES)
     images = render_batch(scenes, IMAGE_SIZE)
     scores = judge_scores(judge, images, scenes)
-    if vae_folder:
-        scores |= {f"round_trip_{k}": v for k, v in judge_scores(judge, vae_round_trip(vae_folder, images),
+    if vae is not None:
+        scores |= {f"round_trip_{k}": v for k, v in judge_scores(judge, vae_round_trip(vae, images),
                                                                    scenes).items()}
     return scores
 
@@ -393,7 +392,15 @@ def load_judge(folder) -> Judge:
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
+def _portable_path(path) -> str:
+    """`path` as judge.json records it: relative to the checkout when it lies in this package (the bundled VAE),
+    so the committed file names no machine's folders; absolute otherwise."""
+    path, root = Path(path).resolve(), Path(__file__).resolve().parents[2]
+    return str(path.relative_to(root)) if path.is_relative_to(root / "nsync_jax") else str(path)
+
+
 def main(argv=None) -> None:
+    from nsync_jax.models.vae import load_vae
     from nsync_jax.toyworld.pretrain import BUNDLED_MODEL
 
     parser = argparse.ArgumentParser(description="Train the toy world's judge, evaluate it on fresh renders, save it.")
@@ -410,10 +417,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.seed == EVAL_SEED:
         parser.error(f"--seed {EVAL_SEED} is the evaluation seed")
+    vae = load_vae(Path(args.vae)) if args.vae else None  # a bad folder fails now, not after minutes of rendering
     judge, curves = train_judge(args.seed, args.steps, args.batch_size, pool_size=args.pool_size,
-                                learning_rate=args.learning_rate, vae_folder=args.vae or None)
-    accuracy = evaluate_judge(judge, EVAL_SEED, args.eval_count, vae_folder=args.vae or None)
-    metrics = {"accuracy": accuracy, "eval_seed": EVAL_SEED, "eval_count": args.eval_count, "vae": args.vae,
+                                learning_rate=args.learning_rate, vae=vae)
+    accuracy = evaluate_judge(judge, EVAL_SEED, args.eval_count, vae=vae)
+    metrics = {"accuracy": accuracy, "eval_seed": EVAL_SEED, "eval_count": args.eval_count,
+               "vae": _portable_path(args.vae) if args.vae else "",
                "train_seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
                "pool_size": args.pool_size, "learning_rate": args.learning_rate,
                "render_seconds": round(curves["render_seconds"], 1),
