@@ -49,7 +49,10 @@ def main(argv=None) -> None:
     lines = [f"Toy-world style learning: {len(args.styles)} held-out styles ({', '.join(args.styles)}) x "
              f"{len(args.seeds)} seeds; {config.train_images} images, {config.train.steps} steps of batch "
              f"{config.train.batch_size} per method; {config.test_images} test captions. Machine: "
-             f"{platform.processor() or platform.machine()}, {platform.system()}.", "",
+             f"{platform.processor() or platform.machine()}, {platform.system()}.",
+             "Runs with their own settings in `demo.RUNS` (these replace the above): " + "; ".join(
+                 f"{run} {', '.join(f'{k}={v}' for k, v in demo.RUNS[run].items() if k.startswith('train.'))}"
+                 for run in config.methods if any(k.startswith("train.") for k in demo.RUNS[run])) + ".", "",
              "| row | style accuracy | content accuracy | FID (judge) | KID (judge) |", "|---|---|---|---|---|"]
     for row, runs in scores.items():
         cells = []

@@ -49,6 +49,9 @@ def _add_sample_parser(subparsers) -> None:
                    help="LoRA .safetensors (diffusers or kohya/A1111 keys), merged into the weights at load; "
                         "repeatable")
     p.add_argument("--lora-scale", type=float, default=1.0, help="weight of every --lora (W + scale * delta)")
+    p.add_argument("--handoff-timestep", type=int, default=0,
+                   help="the base model (without --lora) denoises timesteps at or above this one, the model with "
+                        "--lora the rest: for a LoRA trained with train.max_timestep (0: --lora everywhere)")
     p.add_argument("--clip-skip", type=int, default=0, help="use the text encoder's k-th layer from the end")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--attention", choices=("auto", "cudnn", "xla", "einsum"), default="auto",
@@ -80,9 +83,18 @@ def _run_sample(args) -> None:
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and value % 8:
             raise UserError(f"{flag} must be divisible by 8, got {value}")
+    if args.handoff_timestep and not args.lora:
+        raise UserError("--handoff-timestep needs --lora: it hands the low timesteps to the LoRA's weights")
+    if args.handoff_timestep < 0:
+        raise UserError(f"--handoff-timestep must not be negative, got {args.handoff_timestep}")
     pipe = load_pipeline(args.model, dtype=jnp.dtype(args.dtype), attention_backend=args.attention)
     for path in args.embeddings:
         pipe.add_embeddings(path)
+    base = None
+    if args.handoff_timestep:
+        base = load_pipeline(args.model, dtype=jnp.dtype(args.dtype), attention_backend=args.attention)
+        for path in args.embeddings:
+            base.add_embeddings(path)
     if args.lora:
         from nsync_jax.lora import merge_lora, read_lora_file
 
@@ -90,7 +102,7 @@ def _run_sample(args) -> None:
             merge_lora(pipe.modules(), read_lora_file(path), args.lora_scale, source=path)
     settings = SampleSettings(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
                               height=args.height, width=args.width, clip_skip=args.clip_skip,
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, handoff_timestep=args.handoff_timestep)
     latents = None
     if args.latents is not None:
         height = args.height or pipe.default_resolution
@@ -106,7 +118,8 @@ def _run_sample(args) -> None:
 
     main_process = is_main_process()
     generate(pipe, args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
-             seed=args.seed, settings=settings, latents=latents, on_batch=save if main_process else None)
+             seed=args.seed, settings=settings, latents=latents, on_batch=save if main_process else None,
+             base=base)
     if main_process:
         print(f"wrote {len(args.prompt) * args.num_images} images to {args.output}")
 

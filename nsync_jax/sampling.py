@@ -36,6 +36,10 @@ class SampleSettings:
     width: int | None = None
     clip_skip: int = 0
     batch_size: int = 8  # images per compiled call; a multiple of the device count is best
+    # >0, with `generate(..., base=...)`: timesteps at or above it are denoised by the base model, the rest by the
+    # tuned one (eDiff-I's expert denoisers, diffusers' `denoising_end`): the base lays out the content, the tuned
+    # weights (trained on these timesteps only: `train.max_timestep`) draw the style.
+    handoff_timestep: int = 0
 
 
 def image_noise_key(seed: int, index) -> jax.Array:
@@ -50,16 +54,20 @@ def initial_latents(seed: int, indices: Sequence[int], shape: tuple[int, int, in
 
 
 def _denoise_and_decode(frozen, extra_rows, cond_ids, uncond_ids, latents, guidance, *, graphdefs, sampler,
-                        clip_skip: int, use_guidance: bool):
-    text_encoder = nnx.merge(graphdefs["text_encoder"], frozen["text_encoder"])
-    unet = nnx.merge(graphdefs["unet"], frozen["unet"])
-    vae = nnx.merge(graphdefs["vae"], frozen["vae"])
-    compute_dtype = unet.conv_in.kernel[...].dtype
+                        clip_skip: int, use_guidance: bool, handoff_timestep: int):
+    def contexts(text_encoder):
+        context = encode_text(text_encoder, extra_rows, cond_ids, clip_skip=clip_skip)
+        if use_guidance:
+            uncond = encode_text(text_encoder, extra_rows, uncond_ids, clip_skip=clip_skip)
+            context = jnp.concatenate([uncond, context])
+        return context
 
-    context = encode_text(text_encoder, extra_rows, cond_ids, clip_skip=clip_skip)
-    if use_guidance:
-        uncond = encode_text(text_encoder, extra_rows, uncond_ids, clip_skip=clip_skip)
-        context = jnp.concatenate([uncond, context])
+    # Each denoiser: its UNet and text encoder (prefix "" the model, "base_" the base model of a handoff).
+    prefixes = ("", "base_") if handoff_timestep else ("",)
+    unets = [nnx.merge(graphdefs[p + "unet"], frozen[p + "unet"]) for p in prefixes]
+    context = [contexts(nnx.merge(graphdefs[p + "text_encoder"], frozen[p + "text_encoder"])) for p in prefixes]
+    vae = nnx.merge(graphdefs["vae"], frozen["vae"])
+    compute_dtype = unets[0].conv_in.kernel[...].dtype
     timesteps = jnp.asarray(sampler.timesteps)
 
     def step(carry, index):
@@ -67,7 +75,10 @@ def _denoise_and_decode(frozen, extra_rows, cond_ids, uncond_ids, latents, guida
         model_input = sampler.scale_model_input(sample, index).astype(compute_dtype)
         if use_guidance:
             model_input = jnp.concatenate([model_input, model_input])
-        prediction = unet(model_input, timesteps[index], context).astype(jnp.float32)
+        branches = [lambda unet=unet, c=c: unet(model_input, timesteps[index], c).astype(jnp.float32)
+                    for unet, c in zip(unets, context)]
+        prediction = (jax.lax.switch((timesteps[index] >= handoff_timestep).astype(jnp.int32), branches)
+                      if handoff_timestep else branches[0]())
         if use_guidance:
             uncond_pred, cond_pred = jnp.split(prediction, 2)
             prediction = uncond_pred + guidance * (cond_pred - uncond_pred)
@@ -91,14 +102,14 @@ _EXECUTABLES: dict = {}
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(graphdefs_key, sampler_key, clip_skip, use_guidance, mesh):
+def _compiled(graphdefs_key, sampler_key, clip_skip, use_guidance, handoff_timestep, mesh):
     """The jitted loop for one model structure and sampler; cached so repeated calls do not retrace."""
     graphdefs = dict(graphdefs_key)
     name, config_json, steps = sampler_key
     sampler = make_sampler(name, json.loads(config_json), steps)
     batch, whole = distributed.batch_sharded(mesh), distributed.replicated(mesh)
     fn = functools.partial(_denoise_and_decode, graphdefs=graphdefs, sampler=sampler, clip_skip=clip_skip,
-                           use_guidance=use_guidance)
+                           use_guidance=use_guidance, handoff_timestep=handoff_timestep)
     # Images come back replicated: an all-gather of a few images is nothing next to the denoising loop, and
     # every process (of a multi-host run too) can then read them.
     return jax.jit(fn, in_shardings=(whole, whole, batch, batch, batch, whole), out_shardings=whole)
@@ -115,6 +126,7 @@ def generate(
     latents: np.ndarray | Callable[[list[int]], np.ndarray] | None = None,
     on_batch: Callable[[int, np.ndarray], Any] | None = None,
     progress: bool = True,
+    base: StableDiffusion | None = None,
 ) -> np.ndarray:
     """Draws `len(prompts) * num_images_per_prompt` images, prompt by prompt.
 
@@ -123,6 +135,8 @@ def generate(
         instead of drawing noise (f is the VAE's downscale factor); or a function of a batch's image indices
         returning that batch's latents (for large sets whose noise has its own scheme).
       on_batch: called as `on_batch(first_index, images)` after each batch (to write files as they come).
+      base: the base model that denoises timesteps at or above `settings.handoff_timestep` (same architecture
+        and tokenizer as `pipe`; its VAE is not used).
 
     Returns:
       float32 images `(num_images, height, width, 3)` in [0, 1].
@@ -138,6 +152,9 @@ def generate(
         raise UserError(f"latents have shape {tuple(latents.shape)}, expected {(len(all_prompts), *latent_shape)} "
                         f"(NHWC) for {len(all_prompts)} images of {height}x{width}")
 
+    if (base is None) != (settings.handoff_timestep <= 0):
+        raise UserError("a handoff needs both a base model and --handoff-timestep > 0, got "
+                        f"{'a' if base is not None else 'no'} base model and {settings.handoff_timestep}")
     # Built here too so that a bad scheduler name or option fails before anything is compiled.
     make_sampler(settings.scheduler, pipe.scheduler_config, settings.steps,
                  source=pipe.folder / "scheduler" / "scheduler_config.json")
@@ -147,7 +164,11 @@ def generate(
     graphdefs, frozen = {}, {}
     for name, module in pipe.modules().items():
         graphdefs[name], frozen[name] = nnx.split(module)
-    run = _compiled(tuple(sorted(graphdefs.items())), sampler_key, settings.clip_skip, use_guidance, mesh)
+    if base is not None:
+        for name in ("text_encoder", "unet"):
+            graphdefs["base_" + name], frozen["base_" + name] = nnx.split(base.modules()[name])
+    run = _compiled(tuple(sorted(graphdefs.items())), sampler_key, settings.clip_skip, use_guidance,
+                    settings.handoff_timestep, mesh)
     whole = distributed.replicated(mesh)
     frozen = distributed.put_tree(frozen, jax.tree.map(lambda _: whole, frozen))
     extra_rows = distributed.put(pipe.extra_token_rows, whole)

@@ -61,6 +61,9 @@ def test_user_errors_are_one_line(sd1_dir, tmp_path, capsys):
     code, err = run_cli(capsys, "--model", sd1_dir, "--height", 30, *base)
     assert code == 2 and "--height must be divisible by 8, got 30" in err
 
+    code, err = run_cli(capsys, "--model", sd1_dir, "--handoff-timestep", 500, *base)
+    assert code == 2 and "--handoff-timestep needs --lora" in err
+
     broken = tmp_path / "broken"
     shutil.copytree(sd1_dir, broken)
     shutil.rmtree(broken / "vae")

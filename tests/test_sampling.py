@@ -80,3 +80,28 @@ def test_every_batch_reaches_on_batch_in_order(sd1_dir):
                       on_batch=lambda first, batch: seen.append((first, batch)))
     assert [first for first, _ in seen] == list(range(0, len(images), 2))
     np.testing.assert_array_equal(np.concatenate([batch for _, batch in seen]), images)
+
+
+def test_handoff_draws_high_timesteps_with_the_base_and_low_ones_with_the_tuned_model(sd1_dir):
+    from nsync_jax.errors import UserError
+    from nsync_jax.schedulers import make_sampler
+
+    base, tuned = load_pipeline(sd1_dir), load_pipeline(sd1_dir)
+    tuned.unet.conv_out.bias[...] += 0.5  # both of the tuned model's parts differ from the base's
+    tuned.text_encoder.final_layer_norm.bias[...] += 0.5
+
+    def run(pipe, handoff=0, base_model=None):
+        settings = SampleSettings(scheduler="ddim", steps=3, height=32, width=32, handoff_timestep=handoff)
+        return generate(pipe, PROMPTS, seed=3, settings=settings, base=base_model, progress=False)
+
+    timesteps = make_sampler("ddim", base.scheduler_config, 3).timesteps
+    only_base, only_tuned = run(base), run(tuned)
+    assert np.abs(only_base - only_tuned).max() > 1e-2
+    np.testing.assert_allclose(run(tuned, int(min(timesteps)), base), only_base, atol=1e-5)
+    np.testing.assert_allclose(run(tuned, int(max(timesteps)) + 1, base), only_tuned, atol=1e-5)
+    mixed = run(tuned, int(max(timesteps)), base)  # the first step by the base, the other two tuned
+    assert np.abs(mixed - only_base).max() > 1e-3 and np.abs(mixed - only_tuned).max() > 1e-3
+    with pytest.raises(UserError, match="handoff"):
+        run(tuned, 0, base)
+    with pytest.raises(UserError, match="handoff"):
+        run(tuned, 500)

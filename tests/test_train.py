@@ -190,6 +190,20 @@ def test_config_overrides_and_errors(tmp_path):
         trainer.check_config(config)
 
 
+def test_max_timestep_bounds_the_training_timesteps():
+    schedule = trainer.NoiseSchedule.from_config({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+                                                  "beta_start": 0.00085, "beta_end": 0.012})
+    mean = np.zeros((512, 2, 2, 4), np.float32)
+    draw = lambda max_timestep: np.asarray(trainer.draw_latents(
+        trainer.StepSpec(None, schedule, 1.0, jnp.float32, 0, max_timestep=max_timestep),
+        jax.random.key(0), mean, mean)[2])
+    assert draw(300).max() < 300 and draw(300).min() == 0 and len(set(draw(300))) > 200
+    assert draw(0).max() > 900  # 0: the whole schedule
+    config = load_config(CONFIG, ["--config.train.max_timestep=-1", "--config.method=textual_inversion"])
+    with pytest.raises(UserError, match="train.max_timestep=-1"):
+        trainer.check_config(config)
+
+
 def test_bfloat16_compute_keeps_float32_rows_and_state(sd1_dir, style_dir, tmp_path):
     """train.dtype=bfloat16 runs the frozen model in bf16; the rows and AdamW moments stay float32, and the
     run follows the float32 one closely (a bf16 master copy would lose updates of 1e-3 relative size)."""

@@ -117,6 +117,9 @@ def default_config() -> ml_collections.ConfigDict:
     # microbatch), their gradients averaged before the update; the batch must split evenly over the devices.
     config.train.grad_accum_steps = 1
     config.train.nonfinite = "stop"  # a NaN/Inf loss or gradient: "stop" the run, or "skip" that update
+    # >0: draw training timesteps from [0, max_timestep) only, for weights that are to denoise only there (sample
+    # with the base model above it: `nsync-jax sample --handoff-timestep`); 0: every timestep of the schedule.
+    config.train.max_timestep = 0
     config.train.log_every_steps = 10  # metrics.jsonl and TensorBoard scalars (WORKDIR/tensorboard)
     # A grid of the first `sample.count` training prompts drawn with the token as learned so far, every this
     # many steps (0: never), as WORKDIR/samples/step_NNNNNN.png; the same noise every time.
@@ -205,6 +208,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             value = value[part]
         if not isinstance(value, int) or value < 1:
             raise UserError(f"config {key}={value!r} must be a positive integer")
+    max_timestep = config.train.get("max_timestep", 0)
+    if not isinstance(max_timestep, int) or max_timestep < 0:
+        raise UserError(f"config train.max_timestep={max_timestep!r} must be a non-negative integer (0: all)")
     if config.method == "dreamartist":
         check_dreamartist_config(config)
     if config.method == "styleforge":
@@ -278,6 +284,7 @@ class StepSpec:
     compute_dtype: Any
     clip_skip: int
     remat: bool = False
+    max_timestep: int = 0  # 0: all of the schedule's timesteps
 
 
 def draw_latents(spec: StepSpec, key, mean, logvar):
@@ -286,7 +293,7 @@ def draw_latents(spec: StepSpec, key, mean, logvar):
     k_latent, k_noise, k_time = jax.random.split(key, 3)
     latents = sample_posterior(mean, logvar, k_latent) * spec.scaling_factor
     noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
-    t = jax.random.randint(k_time, (mean.shape[0],), 0, spec.schedule.num_train_timesteps)
+    t = jax.random.randint(k_time, (mean.shape[0],), 0, spec.max_timestep or spec.schedule.num_train_timesteps)
     return latents, noise, t
 
 
@@ -916,10 +923,14 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
                                                                                       else ()))
     frozen_sharding = distributed.frozen_shardings(mesh, frozen, mesh_config.get("shard_frozen_weights", False))
     frozen = distributed.put_tree(frozen, frozen_sharding)
-    spec = StepSpec(graphdefs=graphdefs, schedule=NoiseSchedule.from_config(
-        pipe.scheduler_config, pipe.folder / "scheduler" / "scheduler_config.json"),
-        scaling_factor=pipe.vae.config.scaling_factor, compute_dtype=dtype, clip_skip=config.get("clip_skip", 0),
-        remat=config.train.get("remat", False))
+    schedule = NoiseSchedule.from_config(pipe.scheduler_config, pipe.folder / "scheduler" / "scheduler_config.json")
+    max_timestep = config.train.get("max_timestep", 0)
+    if max_timestep > schedule.num_train_timesteps:
+        raise UserError(f"config train.max_timestep={max_timestep} is above the model's "
+                        f"{schedule.num_train_timesteps} training timesteps")
+    spec = StepSpec(graphdefs=graphdefs, schedule=schedule, scaling_factor=pipe.vae.config.scaling_factor,
+                    compute_dtype=dtype, clip_skip=config.get("clip_skip", 0),
+                    remat=config.train.get("remat", False), max_timestep=max_timestep)
     tx = make_optimizer(config)
     if kind == "embeddings":  # the token rows and their optimizer state are small: replicated
         rows = distributed.put(initial, whole, copy=True)
