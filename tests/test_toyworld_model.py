@@ -108,6 +108,11 @@ def test_demo_short_run_writes_every_artefact(tmp_path):
     assert set(report["scores"]) == {"real", "base", "textual_inversion", "nsync", "nsync_lora"}
     # The real renders are the held-out style itself: the judge must see it.
     assert report["scores"]["real"]["style"] >= 2 / 3
+    # The LoRA was trained below timestep 600: its file says where to hand over to the base model.
+    from safetensors import safe_open
+
+    with safe_open(out / "runs" / "nsync_lora" / "lora.safetensors", "np") as lora_file:
+        assert json.loads(lora_file.metadata()["nsync_jax"])["handoff_timestep"] == 600
 
 
 def test_demo_rejects_a_style_that_does_not_exist(tmp_path, capsys):

@@ -774,6 +774,8 @@ def export_metadata(config, step: int) -> dict[str, Any]:
     if kind == "lora":
         metadata.update(lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
                         lora_text_encoder=config.lora.get("text_encoder", False))
+    if config.train.get("max_timestep", 0):  # sample with the base model at and above it (--handoff-timestep)
+        metadata.update(handoff_timestep=config.train.max_timestep)
     if config.method == "styleforge":  # what to prompt with: the identifiers, not placeholder_token
         metadata.update(token=None, prompts={c.name: c.instance_prompt
                                              for c in styleforge.concepts_from_config(config)})
