@@ -46,13 +46,14 @@ def main(argv=None) -> None:
                 scores.setdefault(row, []).append(s)
             print(f"done {style} seed {seed}", file=sys.stderr)
 
+    own_settings = "; ".join(
+        run + " " + ", ".join(f"{key}={value}" for key, value in demo.RUNS[run].items() if key.startswith("train."))
+        for run in config.methods if any(key.startswith("train.") for key in demo.RUNS[run])) or "none"
     lines = [f"Toy-world style learning: {len(args.styles)} held-out styles ({', '.join(args.styles)}) x "
              f"{len(args.seeds)} seeds; {config.train_images} images, {config.train.steps} steps of batch "
              f"{config.train.batch_size} per method; {config.test_images} test captions. Machine: "
              f"{platform.processor() or platform.machine()}, {platform.system()}.",
-             "Runs with their own settings in `demo.RUNS` (these replace the above): " + "; ".join(
-                 f"{run} {', '.join(f'{k}={v}' for k, v in demo.RUNS[run].items() if k.startswith('train.'))}"
-                 for run in config.methods if any(k.startswith("train.") for k in demo.RUNS[run])) + ".", "",
+             f"Runs with their own `train.*` settings in `demo.RUNS` (these replace the above): {own_settings}.", "",
              "| row | style accuracy | content accuracy | FID (judge) | KID (judge) |", "|---|---|---|---|---|"]
     for row, runs in scores.items():
         cells = []

@@ -87,14 +87,14 @@ def _run_sample(args) -> None:
         raise UserError("--handoff-timestep needs --lora: it hands the low timesteps to the LoRA's weights")
     if args.handoff_timestep < 0:
         raise UserError(f"--handoff-timestep must not be negative, got {args.handoff_timestep}")
-    pipe = load_pipeline(args.model, dtype=jnp.dtype(args.dtype), attention_backend=args.attention)
-    for path in args.embeddings:
-        pipe.add_embeddings(path)
-    base = None
-    if args.handoff_timestep:
-        base = load_pipeline(args.model, dtype=jnp.dtype(args.dtype), attention_backend=args.attention)
+    def load_with_embeddings():
+        loaded = load_pipeline(args.model, dtype=jnp.dtype(args.dtype), attention_backend=args.attention)
         for path in args.embeddings:
-            base.add_embeddings(path)
+            loaded.add_embeddings(path)
+        return loaded
+
+    pipe = load_with_embeddings()
+    base = load_with_embeddings() if args.handoff_timestep else None  # the --lora weights stay out of it
     if args.lora:
         from nsync_jax.lora import merge_lora, read_lora_file
 

@@ -217,10 +217,12 @@ def run_demo(config: ml_collections.ConfigDict, output: Path, *, progress: bool 
     # --- one training run per method; the learned tokens exported in diffusers' format ---
     negative_prompts = {}  # DreamArtist's negative word is its samples' negative prompt, as released
     pipes = {}  # runs that trained weights draw with their own copy of the model
+    handoffs = {}  # runs trained below a timestep: the base model draws the timesteps above it
     for run in config.methods:
         workdir = output / "runs" / run
         shutil.rmtree(workdir, ignore_errors=True)  # a rerun trains from scratch rather than resuming a finished run
         run_config = training_config(config, run, data)
+        handoffs[run] = run_config.train.max_timestep
         trained = trainer.train(run_config, workdir, progress=progress)
         if isinstance(trained, dict):
             pipes[run] = load_pipeline(Path(config.model))
@@ -242,10 +244,9 @@ def run_demo(config: ml_collections.ConfigDict, output: Path, *, progress: bool 
     rows["base"] = draw(pipe, [world.caption(s, world.GENERIC_STYLE) for s in test_scenes], config,
                         output / "samples" / "base", test_stems, progress)
     for run in config.methods:
-        handoff = RUNS[run].get("train.max_timestep", 0)  # trained below it: the base model draws above it
         rows[run] = draw(pipes.get(run, pipe), [test_prompt(run, s) for s in test_scenes], config,
                          output / "samples" / run, test_stems, progress, negative_prompts.get(run, ""),
-                         base=pipe if handoff else None, handoff_timestep=handoff)
+                         base=pipe if handoffs[run] else None, handoff_timestep=handoffs[run])
 
     # --- judge, grid, report ---
     reference = world.render_batch(world.sample_scenes(config.seed + 2, config.test_images,
