@@ -49,9 +49,10 @@ def _add_sample_parser(subparsers) -> None:
                    help="LoRA .safetensors (diffusers or kohya/A1111 keys), merged into the weights at load; "
                         "repeatable")
     p.add_argument("--lora-scale", type=float, default=1.0, help="weight of every --lora (W + scale * delta)")
-    p.add_argument("--handoff-timestep", type=int, default=0,
+    p.add_argument("--handoff-timestep", type=int, default=None,
                    help="the base model (without --lora) denoises timesteps at or above this one, the model with "
-                        "--lora the rest: for a LoRA trained with train.max_timestep (0: --lora everywhere)")
+                        "--lora the rest: for a LoRA trained with train.max_timestep (0: --lora everywhere; "
+                        "default: the handoff_timestep the --lora files record, else 0)")
     p.add_argument("--clip-skip", type=int, default=0, help="use the text encoder's k-th layer from the end")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--attention", choices=("auto", "cudnn", "xla", "einsum"), default="auto",
@@ -72,6 +73,17 @@ def _load_latents(path: Path, expected_nchw: tuple[int, ...]):
     return latents.astype(np.float32).transpose(0, 2, 3, 1)
 
 
+def _recorded_handoff(lora_files: list[Path]) -> int:
+    """The handoff timestep the LoRA files were trained for (their `train.max_timestep`), 0 where none is."""
+    from nsync_jax.lora import read_lora_metadata
+
+    recorded = {path: int(read_lora_metadata(path).get("handoff_timestep") or 0) for path in lora_files}
+    if len(set(recorded.values())) > 1:
+        listed = ", ".join(f"{path}: {value}" for path, value in recorded.items())
+        raise UserError(f"the --lora files record different handoff timesteps ({listed}); pass --handoff-timestep")
+    return next(iter(recorded.values()), 0)
+
+
 def _run_sample(args) -> None:
     import jax.numpy as jnp
 
@@ -83,10 +95,13 @@ def _run_sample(args) -> None:
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and value % 8:
             raise UserError(f"{flag} must be divisible by 8, got {value}")
+    if args.handoff_timestep is None:
+        args.handoff_timestep = _recorded_handoff(args.lora)
     if args.handoff_timestep and not args.lora:
         raise UserError("--handoff-timestep needs --lora: it hands the low timesteps to the LoRA's weights")
     if args.handoff_timestep < 0:
         raise UserError(f"--handoff-timestep must not be negative, got {args.handoff_timestep}")
+
     def load_with_embeddings():
         loaded = load_pipeline(args.model, dtype=jnp.dtype(args.dtype), attention_backend=args.attention)
         for path in args.embeddings:

@@ -205,6 +205,27 @@ def merge_lora(modules: dict[str, nnx.Module], deltas: dict[str, dict[str, np.nd
             kernel[...] = merged.astype(kernel.dtype)
 
 
+def read_lora_metadata(path: Path) -> dict:
+    """What `write_lora_file` recorded in a LoRA's header (`{}` for files from other tools or without a header)."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            recorded = (f.metadata() or {}).get("nsync_jax", "{}")
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: cannot read safetensors header ({e})") from None
+    try:
+        metadata = json.loads(recorded)
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: header key 'nsync_jax' is not JSON") from None
+    return metadata if isinstance(metadata, dict) else {}
+
+
 def write_lora_file(path: Path, params: dict[str, dict[str, np.ndarray]], scale: float,
                     metadata: dict | None = None, layout: str = "diffusers") -> None:
     """Writes trained adapters as a LoRA `.safetensors` in `layout` (see `lora_state_dict`), atomically;

@@ -103,3 +103,33 @@ def test_sample_with_learned_embeddings_matches_diffusers(sd1_dir, tmp_path, cap
                     output_type="pil").images[0]
     ours = np.asarray(Image.open(tmp_path / "out" / "000000.png"), np.int16)
     assert np.abs(ours - np.asarray(expected, np.int16)).max() <= 2
+
+
+def test_sample_hands_off_where_the_lora_files_say(tmp_path, sd1_dir, capsys):
+    """Without --handoff-timestep, `sample` uses the handoff_timestep a LoRA's header records (its training's
+    train.max_timestep); files that disagree need the flag, files from other tools record none."""
+    from safetensors.numpy import save_file
+
+    from nsync_jax.cli import _recorded_handoff
+    from nsync_jax.lora import write_lora_file
+
+    adapter = {"unet": {"a.lora_down": np.ones((4, 2), np.float32), "a.lora_up": np.ones((2, 4), np.float32)}}
+    files = {}
+    for name, metadata in (("low", {"handoff_timestep": 600}), ("also_low", {"handoff_timestep": 600}),
+                           ("everywhere", {"method": "nsync"}), ("higher", {"handoff_timestep": 800})):
+        files[name] = tmp_path / f"{name}.safetensors"
+        write_lora_file(files[name], adapter, 1.0, metadata=metadata)
+    save_file({"x.lora_A.weight": np.ones((2, 4), np.float32)}, tmp_path / "other_tool.safetensors")
+
+    assert _recorded_handoff([files["low"], files["also_low"]]) == 600
+    assert _recorded_handoff([files["everywhere"]]) == 0
+    assert _recorded_handoff([tmp_path / "other_tool.safetensors"]) == 0
+    assert _recorded_handoff([]) == 0
+    code, err = run_cli(capsys, "--model", sd1_dir, "--prompt", "a cat", "--output", tmp_path / "out",
+                        "--lora", files["low"], "--lora", files["higher"])
+    assert code == 2 and err.strip().count("\n") == 0
+    assert "record different handoff timesteps" in err and "higher.safetensors: 800" in err
+    (tmp_path / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    code, err = run_cli(capsys, "--model", sd1_dir, "--prompt", "a cat", "--output", tmp_path / "out",
+                        "--lora", tmp_path / "broken.safetensors")
+    assert code == 2 and "broken.safetensors: cannot read safetensors header" in err
