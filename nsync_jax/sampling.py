@@ -53,8 +53,8 @@ def initial_latents(seed: int, indices: Sequence[int], shape: tuple[int, int, in
     return np.asarray(draw(jnp.asarray(indices, jnp.uint32)))
 
 
-def _denoise_and_decode(frozen, extra_rows, cond_ids, uncond_ids, latents, guidance, *, graphdefs, sampler,
-                        clip_skip: int, use_guidance: bool, handoff_timestep: int):
+def _denoise_and_decode(frozen, extra_rows, cond_ids, uncond_ids, latents, guidance, handoff_timestep, *,
+                        graphdefs, sampler, clip_skip: int, use_guidance: bool):
     def contexts(text_encoder):
         context = encode_text(text_encoder, extra_rows, cond_ids, clip_skip=clip_skip)
         if use_guidance:
@@ -62,8 +62,9 @@ def _denoise_and_decode(frozen, extra_rows, cond_ids, uncond_ids, latents, guida
             context = jnp.concatenate([uncond, context])
         return context
 
-    # Each denoiser: its UNet and text encoder (prefix "" the model, "base_" the base model of a handoff).
-    prefixes = ("", "base_") if handoff_timestep else ("",)
+    # Each denoiser: its UNet and text encoder (prefix "" the model, "base_" the base model of a handoff). The
+    # handoff timestep is an argument, not a constant: another timestep does not compile the loop again.
+    prefixes = ("", "base_") if "base_unet" in graphdefs else ("",)
     unets = [nnx.merge(graphdefs[p + "unet"], frozen[p + "unet"]) for p in prefixes]
     context = [contexts(nnx.merge(graphdefs[p + "text_encoder"], frozen[p + "text_encoder"])) for p in prefixes]
     vae = nnx.merge(graphdefs["vae"], frozen["vae"])
@@ -78,7 +79,7 @@ def _denoise_and_decode(frozen, extra_rows, cond_ids, uncond_ids, latents, guida
         branches = [lambda unet=unet, c=c: unet(model_input, timesteps[index], c).astype(jnp.float32)
                     for unet, c in zip(unets, context)]
         prediction = (jax.lax.switch((timesteps[index] >= handoff_timestep).astype(jnp.int32), branches)
-                      if handoff_timestep else branches[0]())
+                      if len(branches) > 1 else branches[0]())
         if use_guidance:
             uncond_pred, cond_pred = jnp.split(prediction, 2)
             prediction = uncond_pred + guidance * (cond_pred - uncond_pred)
@@ -102,17 +103,17 @@ _EXECUTABLES: dict = {}
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(graphdefs_key, sampler_key, clip_skip, use_guidance, handoff_timestep, mesh):
+def _compiled(graphdefs_key, sampler_key, clip_skip, use_guidance, mesh):
     """The jitted loop for one model structure and sampler; cached so repeated calls do not retrace."""
     graphdefs = dict(graphdefs_key)
     name, config_json, steps = sampler_key
     sampler = make_sampler(name, json.loads(config_json), steps)
     batch, whole = distributed.batch_sharded(mesh), distributed.replicated(mesh)
     fn = functools.partial(_denoise_and_decode, graphdefs=graphdefs, sampler=sampler, clip_skip=clip_skip,
-                           use_guidance=use_guidance, handoff_timestep=handoff_timestep)
+                           use_guidance=use_guidance)
     # Images come back replicated: an all-gather of a few images is nothing next to the denoising loop, and
     # every process (of a multi-host run too) can then read them.
-    return jax.jit(fn, in_shardings=(whole, whole, batch, batch, batch, whole), out_shardings=whole)
+    return jax.jit(fn, in_shardings=(whole, whole, batch, batch, batch, whole, whole), out_shardings=whole)
 
 
 def generate(
@@ -167,8 +168,7 @@ def generate(
     if base is not None:
         for name in ("text_encoder", "unet"):
             graphdefs["base_" + name], frozen["base_" + name] = nnx.split(base.modules()[name])
-    run = _compiled(tuple(sorted(graphdefs.items())), sampler_key, settings.clip_skip, use_guidance,
-                    settings.handoff_timestep, mesh)
+    run = _compiled(tuple(sorted(graphdefs.items())), sampler_key, settings.clip_skip, use_guidance, mesh)
     whole = distributed.replicated(mesh)
     frozen = distributed.put_tree(frozen, jax.tree.map(lambda _: whole, frozen))
     extra_rows = distributed.put(pipe.extra_token_rows, whole)
@@ -203,7 +203,8 @@ def generate(
             batch_latents = latents(indices) if callable(latents) else latents[indices]
         put = lambda x: distributed.put(distributed.pad_batch(np.asarray(x), devices), batch_sharding)
         args = (frozen, extra_rows, put(cond_ids[indices]), put(uncond_ids[indices]),
-                put(batch_latents.astype(np.float32)), distributed.put(np.float32(settings.guidance), whole))
+                put(batch_latents.astype(np.float32)), distributed.put(np.float32(settings.guidance), whole),
+                distributed.put(np.int32(settings.handoff_timestep), whole))
         key = (run, args[2].shape)  # a full batch, and perhaps a smaller last one
         if key not in _EXECUTABLES:
             _EXECUTABLES[key] = distributed.compile_together(run, *args, name="sample")

@@ -303,3 +303,30 @@ def test_full_export_is_a_diffusers_pipeline(sd1_dir, style_dir, tmp_path, capsy
     ours_text = np.asarray(encode_text(exported.text_encoder, jnp.asarray(exported.extra_token_rows),
                                        jnp.asarray(ids)))
     assert rel_error(ours_text, text) <= 1e-4
+
+
+def test_lora_trained_below_a_timestep_previews_as_sample_draws_it(sd1_dir, style_dir, tmp_path):
+    """A LoRA trained with train.max_timestep: its preview grid hands the high timesteps to the base model, and
+    is the picture `sample --lora` draws from the exported file (whose header records the handoff)."""
+    from PIL import Image
+
+    workdir = tmp_path / "work"
+    config = lora_config(sd1_dir, style_dir, lora__text_encoder=True, method="textual_inversion",
+                         train__steps=3, train__learning_rate=0.05, train__max_timestep=500,
+                         train__sample_every_steps=3, sample__count=2, sample__steps=3)
+    trainer.train(config, workdir, progress=False)
+    preview = np.asarray(Image.open(workdir / "samples" / "step_000003.png").convert("RGB"), np.int16)
+
+    def sampled(output, *flags):
+        prompts = [f"{caption} in the style of zwx" for caption in ("a red star", "a blue circle")]
+        args = ["sample", "--model", str(sd1_dir), "--lora", str(workdir / "lora.safetensors"), "--steps", "3",
+                "--scheduler", config.sample.scheduler,
+                "--guidance", str(config.sample.guidance), "--seed", "0", "--height", "32", "--width", "32",
+                "--batch-size", "2", "--output", str(output), *flags]
+        assert main(args + [a for p in prompts for a in ("--prompt", p)]) == 0
+        return np.concatenate([np.asarray(Image.open(output / f"00000{i}.png").convert("RGB"), np.int16)
+                               for i in range(2)], axis=1)
+
+    assert np.abs(sampled(tmp_path / "handoff") - preview).max() <= 2
+    everywhere = sampled(tmp_path / "everywhere", "--handoff-timestep", "0")
+    assert np.abs(everywhere - preview).max() > 10  # the handoff changed the picture

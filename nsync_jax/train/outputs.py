@@ -53,12 +53,13 @@ def tile(images: np.ndarray, columns: int) -> np.ndarray:
 
 
 def write_sample_grid(path: Path | None, pipe, prompts: Sequence[str], settings: SampleSettings, seed: int,
-                      negative_prompt: str = "") -> np.ndarray:
+                      negative_prompt: str = "", base=None) -> np.ndarray:
     """Draws one image per prompt with the pipeline as it is (learned rows included) and writes them as one
     row of a grid to `path` (None: draw only, for the processes that do not write). Same seed every time, so
-    grids of successive steps differ only by what the token learned."""
+    grids of successive steps differ only by what the token learned. `base`: the model of a handoff
+    (`settings.handoff_timestep`)."""
     images = generate(pipe, list(prompts), negative_prompt=negative_prompt, seed=seed, settings=settings,
-                      progress=False)
+                      progress=False, base=base)
     grid = tile(images, columns=len(prompts))
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -976,9 +976,15 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
                           training_prompts(dataset, config.placeholder_token))[:sample.count]
         # DreamArtist draws with its negative word as the negative prompt, as it is meant to be used.
         sample_negative = learned_words(config)[1][1] if dreamartist else ""
+        # Weights trained below train.max_timestep are previewed as they will be sampled: the base model (a copy
+        # taken before any step) draws the timesteps above it. Token rows need no copy: the base is the same model.
+        handoff = max_timestep if kind != "embeddings" else 0
+        preview_base = (dataclasses.replace(pipe, text_encoder=nnx.clone(pipe.text_encoder),
+                                            unet=nnx.clone(pipe.unet)) if handoff else None)
         sample_settings = SampleSettings(scheduler=sample.scheduler, steps=sample.steps, guidance=sample.guidance,
                                          height=config.data.resolution, width=config.data.resolution,
-                                         clip_skip=config.get("clip_skip", 0), batch_size=len(sample_prompts))
+                                         clip_skip=config.get("clip_skip", 0), batch_size=len(sample_prompts),
+                                         handoff_timestep=handoff)
     bar = tqdm(total=config.train.steps, initial=start, unit="step", disable=not (progress and main))
     last_time, last_step = time.perf_counter(), start
     try:
@@ -1014,7 +1020,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
             if sample_every and done % sample_every == 0:
                 show_trained(pipe, rows, kind)
                 outputs.write_sample_grid(workdir / "samples" / f"step_{done:06d}.png" if main else None, pipe,
-                                          sample_prompts, sample_settings, sample.seed, sample_negative)
+                                          sample_prompts, sample_settings, sample.seed, sample_negative,
+                                          base=preview_base)
             stopping = distributed.any_process(bool(stop_requested))
             if done % config.checkpoint.every_steps == 0 or done == config.train.steps or stopping:
                 save_checkpoint(manager, done, rows, opt_state, config)
