@@ -181,6 +181,7 @@ def soften(images: jax.Array, key: jax.Array, fraction: float = 0.5, sigma=(0.5,
 def vae_round_trip(vae, images_uint8, batch_size: int = 250) -> np.ndarray:
     """uint8 images (N, H, W, 3) encoded to their posterior mean by `vae` (an `AutoencoderKL`) and decoded back."""
     from nsync_jax.imageio import to_uint8
+    from nsync_jax.sampling import decode_latents
     from nsync_jax.toyworld.pretrain import to_signed
 
     graphdef, state = nnx.split(vae)
@@ -188,7 +189,7 @@ def vae_round_trip(vae, images_uint8, batch_size: int = 250) -> np.ndarray:
     @jax.jit
     def round_trip(state, images):
         vae = nnx.merge(graphdef, state)
-        return jnp.clip(vae.decode(vae.encode(images)[0]) / 2 + 0.5, 0.0, 1.0)
+        return decode_latents(vae, vae.encode(images)[0] * vae.config.scaling_factor, jnp.float32)
 
     images = np.asarray(images_uint8)
     return np.concatenate([to_uint8(round_trip(state, to_signed(images[i:i + batch_size])))
