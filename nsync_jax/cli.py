@@ -77,7 +77,12 @@ def _recorded_handoff(lora_files: list[Path]) -> int:
     """The handoff timestep the LoRA files were trained for (their `train.max_timestep`), 0 where none is."""
     from nsync_jax.lora import read_lora_metadata
 
-    recorded = {path: int(read_lora_metadata(path).get("handoff_timestep") or 0) for path in lora_files}
+    recorded = {}
+    for path in lora_files:
+        value = read_lora_metadata(path).get("handoff_timestep") or 0
+        if not isinstance(value, int) or value < 0:
+            raise UserError(f"{path}: header key 'handoff_timestep' must be a non-negative integer, got {value!r}")
+        recorded[path] = value
     if len(set(recorded.values())) > 1:
         listed = ", ".join(f"{path}: {value}" for path, value in recorded.items())
         raise UserError(f"the --lora files record different handoff timesteps ({listed}); pass --handoff-timestep")
