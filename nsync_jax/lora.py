@@ -36,6 +36,7 @@ from flax import nnx
 from nsync_jax.errors import UserError
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' attention projections
+FEED_FORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2")  # the transformer blocks' GEGLU input and output
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention projections
 # The prefix of each component's keys in a diffusers LoRA file (transformers' CLIP keeps `text_model.`).
 FILE_PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder.text_model."}

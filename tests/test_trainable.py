@@ -171,9 +171,11 @@ def pixel_difference(a, b) -> int:
 
 @pytest.fixture(scope="module")
 def lora_run(sd1_dir, style_dir, tmp_path_factory):
-    """The workdir of a 3-step LoRA run on the UNet and the text encoder, shared by the export tests."""
+    """The workdir of a 3-step LoRA run on the UNet (attention and feed-forward, as the demo's NSYNC-LoRA) and
+    the text encoder, shared by the export tests."""
     workdir = tmp_path_factory.mktemp("lora_run") / "work"
     config = lora_config(sd1_dir, style_dir, lora__text_encoder=True, method="textual_inversion",
+                         lora__targets=lora.UNET_TARGETS + lora.FEED_FORWARD_TARGETS,
                          train__steps=3, train__learning_rate=0.05)
     trainer.train(config, workdir, progress=False)
     return workdir
@@ -239,6 +241,7 @@ def test_kohya_file_loads_in_diffusers_like_the_diffusers_file(sd1_dir, lora_run
     assert float(kohya[f"{unet_q}.alpha"]) == 4.0  # lora.alpha itself: the up matrix is not rescaled
     assert "lora_unet_up_blocks_2_attentions_0_transformer_blocks_0_attn2_to_out_0.alpha" in kohya
     assert "lora_te_text_model_encoder_layers_2_self_attn_out_proj.lora_down.weight" in kohya
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj.lora_up.weight" in kohya
 
     inputs = unet_inputs(3)
     reference = StableDiffusionPipeline.from_pretrained(sd1_dir, safety_checker=None)
