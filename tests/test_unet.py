@@ -39,6 +39,30 @@ def test_unet_matches_diffusers(family, request):
     assert rel_error(ours, reference) <= 1e-4
 
 
+def test_unet_with_text_time_embedding_matches_diffusers(tmp_path):
+    """`addition_embed_type="text"`: an attention-pooled summary of the text states joins the time embedding."""
+    from conftest import SD1_UNET, _randomize
+
+    torch.manual_seed(0)
+    torch_unet = TorchUNet(**SD1_UNET, addition_embed_type="text", addition_embed_type_num_heads=4).eval()
+    _randomize(torch_unet)
+    torch_unet.save_pretrained(tmp_path / "with_text" / "unet")
+    ours, reference = unet_outputs(tmp_path / "with_text", (8, 8))
+    assert rel_error(ours, reference) <= 1e-4
+    # Not trivially equal: the same weights without the pooled text give another output.
+    plain = TorchUNet(**SD1_UNET).eval()
+    plain.load_state_dict({k: v for k, v in torch_unet.state_dict().items() if not k.startswith("add_embedding.")})
+    plain.save_pretrained(tmp_path / "plain" / "unet")
+    _, without = unet_outputs(tmp_path / "plain", (8, 8))
+    assert rel_error(without, reference) > 1e-3
+
+    config = json.loads((tmp_path / "with_text" / "unet" / "config.json").read_text())
+    (tmp_path / "with_text" / "unet" / "config.json").write_text(json.dumps(
+        {**config, "addition_embed_type_num_heads": 5}))
+    with pytest.raises(UserError, match="addition_embed_type_num_heads=5 does not divide cross_attention_dim=32"):
+        load_unet(tmp_path / "with_text" / "unet")
+
+
 def test_unet_odd_latent_size_and_xla_attention(sd1_dir):
     # 10x6 latents are not divisible by 4: the up blocks must upsample to the skip's size, not 2x.
     ours, reference = unet_outputs(sd1_dir, (10, 6), backend="xla")
@@ -74,6 +98,7 @@ def copy_unet(src, tmp_path):
     ("class_embed_type", "timestep", "class_embed_type='timestep' is not supported"),
     ("some_future_option", 1, "config key 'some_future_option' is not supported"),
     ("layers_per_block", [1, 1], "layers_per_block has 2 entries for 3 blocks"),
+    ("addition_embed_type", "text_image", "addition_embed_type='text_image' is not supported"),
 ])
 def test_unet_rejects_unsupported_config(sd1_dir, tmp_path, key, value, message):
     folder = copy_unet(sd1_dir, tmp_path)

@@ -59,7 +59,7 @@ _SUPPORTED = {
     "dual_cross_attention": lambda v: v is False,
     "use_linear_projection": lambda v: isinstance(v, bool),
     "class_embed_type": _none,
-    "addition_embed_type": _none,
+    "addition_embed_type": lambda v: v in (None, "text"),
     "addition_time_embed_dim": _none,
     "num_class_embeds": _none,
     "upcast_attention": lambda v: isinstance(v, bool) or v is None,
@@ -111,6 +111,9 @@ class UNetConfig:
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     sample_size: int | None = 64
+    # "text": the time embedding plus an attention-pooled summary of the text states (diffusers' TextTimeEmbedding).
+    addition_embed_type: str | None = None
+    addition_embed_type_num_heads: int = 64
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: Path | str = "config.json") -> "UNetConfig":
@@ -122,6 +125,9 @@ class UNetConfig:
         if not (len(down) == len(up) == len(channels)):
             raise UserError(f"{source}: down_block_types, up_block_types and block_out_channels differ in length")
         n = len(channels)
+        if config.get("addition_embed_type") and get("cross_attention_dim") % get("addition_embed_type_num_heads"):
+            raise UserError(f"{source}: config addition_embed_type_num_heads={get('addition_embed_type_num_heads')} "
+                            f"does not divide cross_attention_dim={get('cross_attention_dim')}")
         # diffusers' historical naming: in SD configs `attention_head_dim` holds the number of heads.
         heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
         sample_size = get("sample_size")
@@ -147,6 +153,8 @@ class UNetConfig:
             conv_in_kernel=get("conv_in_kernel"),
             conv_out_kernel=get("conv_out_kernel"),
             sample_size=sample_size if _int(sample_size) or sample_size is None else tuple(sample_size)[0],
+            addition_embed_type=get("addition_embed_type"),
+            addition_embed_type_num_heads=get("addition_embed_type_num_heads"),
         )
 
 
@@ -167,6 +175,42 @@ class TimestepEmbedding(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear_2(nnx.silu(self.linear_1(x)))
+
+
+class AttentionPooling(nnx.Module):
+    """One vector per sequence `(batch, width)`: the mean token plus a learned offset attends over itself and
+    every token (diffusers' AttentionPooling, from DeepFloyd IF)."""
+
+    def __init__(self, opts: Options, width: int, heads: int):
+        self.heads = heads
+        key = opts.rngs.params()
+        self.positional_embedding = nnx.Param(
+            (jax.random.normal(key, (1, width), jnp.float32) / width ** 0.5).astype(opts.param_dtype))
+        self.q_proj, self.k_proj, self.v_proj = (opts.linear(width, width) for _ in range(3))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, _, width = x.shape
+        query = x.mean(axis=1, keepdims=True) + self.positional_embedding[...].astype(x.dtype)
+        x = jnp.concatenate([query, x], axis=1)
+        heads = lambda y: y.reshape(batch, y.shape[1], self.heads, width // self.heads)
+        q, k, v = heads(self.q_proj(query)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(width // self.heads)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, width)
+
+
+class TextTimeEmbedding(nnx.Module):
+    """What `addition_embed_type="text"` adds to the time embedding: the text states, normed, pooled,
+    projected to the time embedding's width and normed (diffusers' TextTimeEmbedding)."""
+
+    def __init__(self, opts: Options, text_width: int, dim: int, heads: int):
+        self.norm1 = opts.layer_norm(text_width)
+        self.pool = AttentionPooling(opts, text_width, heads)
+        self.proj = opts.linear(text_width, dim)
+        self.norm2 = opts.layer_norm(dim)
+
+    def __call__(self, context: jax.Array) -> jax.Array:
+        return self.norm2(self.proj(self.pool(self.norm1(context))))
 
 
 class UNetBlock(nnx.Module):
@@ -228,6 +272,9 @@ class UNet2DConditionModel(nnx.Module):
         channels = cfg.block_out_channels
         temb_channels = channels[0] * 4
         self.time_embedding = TimestepEmbedding(opts, channels[0], temb_channels)
+        if cfg.addition_embed_type == "text":
+            self.add_embedding = TextTimeEmbedding(opts, cfg.cross_attention_dim, temb_channels,
+                                                   cfg.addition_embed_type_num_heads)
         self.conv_in = opts.conv(cfg.in_channels, channels[0], cfg.conv_in_kernel)
 
         def block(kind, block_type, resnet_in, out, heads, layers, resample, **kw):
@@ -279,6 +326,8 @@ class UNet2DConditionModel(nnx.Module):
         t_features = timestep_embedding(timesteps, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                         freq_shift=cfg.freq_shift)
         temb = self.time_embedding(t_features.astype(self.dtype or sample.dtype))
+        if cfg.addition_embed_type == "text":
+            temb = temb + self.add_embedding(context.astype(temb.dtype))
 
         h = self.conv_in(sample)
         skips = (h,)
