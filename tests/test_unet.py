@@ -17,15 +17,20 @@ def rel_error(ours, reference) -> float:
     return float(np.abs(ours - reference).max() / np.abs(reference).max())
 
 
-def unet_outputs(folder, latent_size, backend="auto"):
-    """Runs the torch and the Flax UNet on the same inputs; returns both outputs in NCHW."""
-    torch_unet = TorchUNet.from_pretrained(folder / "unet").eval()
+def torch_inputs_and_output(torch_unet, latent_size):
+    """Seeded inputs (sample NCHW, timesteps, context) and the torch UNet's output on them."""
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn(2, 4, *latent_size, generator=generator)
     context = torch.randn(2, 16, torch_unet.config.cross_attention_dim, generator=generator)
     timesteps = torch.tensor([3, 901])
     with torch.no_grad():
-        reference = torch_unet(sample, timesteps, context).sample.numpy()
+        return (sample, timesteps, context), torch_unet(sample, timesteps, context).sample.numpy()
+
+
+def unet_outputs(folder, latent_size, backend="auto"):
+    """Runs the torch and the Flax UNet on the same inputs; returns both outputs in NCHW."""
+    (sample, timesteps, context), reference = torch_inputs_and_output(
+        TorchUNet.from_pretrained(folder / "unet").eval(), latent_size)
     unet = load_unet(folder / "unet", attention_backend=backend)
     ours = jitted(unet)(jnp.asarray(sample.numpy().transpose(0, 2, 3, 1)), jnp.asarray(timesteps.numpy()),
                 jnp.asarray(context.numpy()))
@@ -52,8 +57,7 @@ def test_unet_with_text_time_embedding_matches_diffusers(tmp_path):
     # Not trivially equal: the same weights without the pooled text give another output.
     plain = TorchUNet(**SD1_UNET).eval()
     plain.load_state_dict({k: v for k, v in torch_unet.state_dict().items() if not k.startswith("add_embedding.")})
-    plain.save_pretrained(tmp_path / "plain" / "unet")
-    _, without = unet_outputs(tmp_path / "plain", (8, 8))
+    _, without = torch_inputs_and_output(plain, (8, 8))
     assert rel_error(without, reference) > 1e-3
 
     config = json.loads((tmp_path / "with_text" / "unet" / "config.json").read_text())

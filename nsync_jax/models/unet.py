@@ -19,6 +19,7 @@ from flax import nnx
 
 from nsync_jax import weights
 from nsync_jax.errors import UserError
+from nsync_jax.models.attention import dot_product_attention
 from nsync_jax.models.blocks import Downsample2D, Options, ResnetBlock2D, Transformer2DModel, Upsample2D
 
 _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -183,6 +184,7 @@ class AttentionPooling(nnx.Module):
 
     def __init__(self, opts: Options, width: int, heads: int):
         self.heads = heads
+        self.backend = opts.attention_backend
         key = opts.rngs.params()
         self.positional_embedding = nnx.Param(
             (jax.random.normal(key, (1, width), jnp.float32) / width ** 0.5).astype(opts.param_dtype))
@@ -193,10 +195,9 @@ class AttentionPooling(nnx.Module):
         query = x.mean(axis=1, keepdims=True) + self.positional_embedding[...].astype(x.dtype)
         x = jnp.concatenate([query, x], axis=1)
         heads = lambda y: y.reshape(batch, y.shape[1], self.heads, width // self.heads)
-        q, k, v = heads(self.q_proj(query)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(width // self.heads)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, width)
+        pooled = dot_product_attention(heads(self.q_proj(query)), heads(self.k_proj(x)), heads(self.v_proj(x)),
+                                       backend=self.backend, upcast=True)  # diffusers' softmax is in float32
+        return pooled.reshape(batch, width)
 
 
 class TextTimeEmbedding(nnx.Module):
