@@ -54,7 +54,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.captions = ml_collections.ConfigDict(dict(drop=0.1, generic=0.2, no_style=0.1))
 
     # Sized for a 2-core CPU: full-resolution VAE layers are narrow, and the UNet attends (self and cross) only
-    # at 8x8 latents and in its mid block, because XLA's CPU attention over 256 tokens costs more than the convs.
+    # at 8x8 latents and in its mid block: attending at 16x16 too costs 1.7x a step, and the 5,500 steps that
+    # leaves in 90 minutes drew shapes 0.265 against these settings' 0.755 (RESULTS.md, fourteenth session).
     # 8 latent channels (SD has 4): at 16x16 latents, 4 channels lost the textures and even the colours.
     c.vae = ml_collections.ConfigDict(dict(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=8,
                                            norm_num_groups=8, mid_block_add_attention=False, steps=2400,
