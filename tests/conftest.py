@@ -18,7 +18,8 @@ from nsync_jax.tokens import write_clip_tokenizer
 # The tests' models are tiny, so their time goes to XLA compiling steps: LLVM at optimisation level 0 compiles
 # faster (three of the slowest tests: 108 s against 128 s) and changes no result beyond float rounding. Read when
 # JAX first uses a device, so setting it here, before any test runs, is in time; child processes inherit it.
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):  # a level set by the caller wins
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 # Words that get whole-word merges in the tiny vocabulary; every other text falls back to byte-level tokens.
 TINY_WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "star", "circle", "painting", "in", "the", "style")
