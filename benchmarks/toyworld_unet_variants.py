@@ -109,7 +109,7 @@ def train_variant(name: str, overrides: list[str], vae_from: Path, output: Path)
     started = time.perf_counter()
     text_encoder, unet = pretrain.train_denoiser(modules["text_encoder"], modules["unet"], latents, ids,
                                                  scaling_factor, NoiseSchedule.from_config(configs["scheduler"]),
-                                                 config, lambda row: None, True)
+                                                 config, log=lambda row: None)
     seconds = round(time.perf_counter() - started, 1)
     vae = load_vae(vae_from / "vae")
     pretrain.make_deterministic(vae)

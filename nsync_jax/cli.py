@@ -464,6 +464,9 @@ def _add_toyworld_parser(subparsers) -> None:
     pretrain = commands.add_parser("pretrain", help="train the tiny Stable Diffusion from scratch on the world",
                                    epilog="Override any setting with --config.KEY=VALUE, e.g. --config.unet.steps=100")
     pretrain.add_argument("--output", type=Path, required=True, help="the diffusers-format model folder to write")
+    pretrain.add_argument("--checkpoint-every", type=_checkpoint_interval, default=500, metavar="STEPS",
+                          help="save the training state in OUTPUT.checkpoints every STEPS steps (a multiple of 50, "
+                               "the loss curve's interval); a killed run, rerun, goes on from there")
     pretrain.set_defaults(run=_run_pretrain)
     evaluate = commands.add_parser("evaluate", help="how often a model draws what seen-style captions ask (judged)",
                                    epilog="Sampler settings come from the demo config: --config.sample.steps=...")
@@ -478,6 +481,15 @@ def _add_toyworld_parser(subparsers) -> None:
     judge.set_defaults(run=_run_judge)
 
 
+def _checkpoint_interval(text: str) -> int:
+    from nsync_jax.toyworld.pretrain import LOG_EVERY
+
+    value = _positive_int(text)
+    if value % LOG_EVERY:
+        raise argparse.ArgumentTypeError(f"must be a multiple of {LOG_EVERY}, got {value}")
+    return value
+
+
 def _run_pretrain(args) -> None:
     import jax
 
@@ -487,7 +499,7 @@ def _run_pretrain(args) -> None:
     if isinstance(config.cpu_devices, int) and config.cpu_devices > 1:  # pretrain() refuses other values
         # Must precede JAX's first use of a device; it changes nothing unless the backend is the CPU.
         jax.config.update("jax_num_cpu_devices", config.cpu_devices)
-    pretrain.pretrain(config, args.output)
+    pretrain.pretrain(config, args.output, checkpoint_every=args.checkpoint_every)
     print(f"wrote {args.output}")
 
 

@@ -83,6 +83,69 @@ def test_pretrain_refuses_to_reuse_a_vae_trained_with_other_settings(tmp_path):
         pretrain.pretrain(config, tmp_path / "model", progress=False)
 
 
+def _fit_quadratic(checkpoints, log, stop_at=None):
+    """`pretrain.fit` on a small least-squares problem, 120 steps with EMA; SIGTERM arrives at step `stop_at`."""
+    import os
+    import signal
+
+    import jax.numpy as jnp
+
+    targets = np.random.default_rng(0).normal(size=(16, 4, 3)).astype(np.float32)
+
+    def batch_fn(step):
+        if step == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return targets[np.random.default_rng([0, step]).integers(0, 16, 8)]
+
+    def loss_fn(params, batch, key):
+        noisy = batch + 0.1 * jax.random.normal(key, batch.shape)
+        return jnp.mean(jnp.square(params["w"] - noisy)) + jnp.mean(jnp.square(params["b"]))
+
+    import jax
+
+    params = {"w": jnp.zeros((4, 3)), "b": jnp.ones((3,))}
+    return pretrain.fit("toy", params, loss_fn, batch_fn, steps=120, learning_rate=0.05, warmup=10, seed=3,
+                        log=log, ema_decay=0.9, progress=False, checkpoints=checkpoints, checkpoint_every=50)
+
+
+def test_fit_stopped_by_sigterm_goes_on_from_its_checkpoint_as_if_never_stopped(tmp_path):
+    whole_log, resumed_log = [], []
+    whole = _fit_quadratic(tmp_path / "whole", whole_log.append)
+    with pytest.raises(UserError, match=r"stopped by SIGTERM in stage toy after step 76; .*stopped.*run the same"):
+        _fit_quadratic(tmp_path / "stopped", resumed_log.append, stop_at=75)
+    assert (tmp_path / "stopped" / "toy" / "checkpoints" / "76").is_dir()
+    resumed = _fit_quadratic(tmp_path / "stopped", resumed_log.append)
+    for name in ("w", "b"):
+        np.testing.assert_array_equal(np.asarray(resumed[name]), np.asarray(whole[name]))
+    # The curve is whole too: the rows before the stop come back from the checkpoint, the mean at step 100 still
+    # covers steps 51-100, and the seconds go on from the first run's.
+    rows = [row for row in resumed_log if row["stage"] == "toy"]
+    assert [(r["step"], r["loss"]) for r in rows[1:]] == [(r["step"], r["loss"]) for r in whole_log]
+    assert {"stage": "resumed", "resumed": "toy", "step": 76} in resumed_log
+    assert rows[-1]["seconds"] >= rows[1]["seconds"]
+
+
+def test_pretrain_refuses_checkpoints_of_other_settings(tmp_path):
+    config = pretrain.default_config()
+    checkpoints = tmp_path / "model.checkpoints"
+    pretrain.claim_checkpoints(checkpoints, config)
+    (checkpoints / "unet" / "checkpoints" / "500").mkdir(parents=True)
+    config.cpu_devices = 1  # how batches are split may change between runs
+    pretrain.claim_checkpoints(checkpoints, config)
+    config.unet.steps = 20000
+    with pytest.raises(UserError, match=r"model.checkpoints: holds checkpoints of an interrupted run with "
+                                        r"unet.steps=9000, not 20000: rerun with its settings"):
+        pretrain.pretrain(config, tmp_path / "model", progress=False)
+    assert not (tmp_path / "model").exists()
+
+
+def test_pretrain_checkpoint_interval_must_be_a_multiple_of_the_curve_interval(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["toyworld", "pretrain", "--output", str(tmp_path / "m"), "--checkpoint-every", "30"])
+    assert exit_info.value.code == 2
+    assert "--checkpoint-every: must be a multiple of 50, got 30" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_pretrain_writes_a_folder_both_loaders_read(tmp_path):
     from diffusers import StableDiffusionPipeline
@@ -90,6 +153,7 @@ def test_pretrain_writes_a_folder_both_loaders_read(tmp_path):
     config = pretrain.default_config()
     config.pool_size, config.vae.steps, config.unet.steps, config.warmup_steps = 16, 2, 2, 1
     folder = pretrain.pretrain(config, tmp_path / "model", progress=False)
+    assert not (tmp_path / "model.checkpoints").exists()  # removed once the folder is written
     load_pipeline(folder)
     StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
 

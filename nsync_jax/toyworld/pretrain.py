@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -29,13 +30,14 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from nsync_jax import distributed, tokens, weights
-from nsync_jax.files import atomic_folder
+from nsync_jax.files import atomic_folder, write_json
 from nsync_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from nsync_jax.models.unet import UNet2DConditionModel, UNetConfig
 from nsync_jax.errors import UserError
 from nsync_jax.models.vae import AutoencoderKL, VAEConfig, load_vae, sample_posterior
 from nsync_jax.schedulers import NoiseSchedule, add_noise, min_snr_weights, training_target
 from nsync_jax.toyworld import world
+from nsync_jax.train import trainer
 
 ASSETS = Path(__file__).parent / "assets"
 BUNDLED_MODEL = ASSETS / "sd-toyworld"
@@ -137,45 +139,86 @@ def build_modules(configs: dict[str, dict], seed: int) -> dict[str, nnx.Module]:
 # cores busy where one XLA device leaves them half idle on these small convolutions.
 # ------------------------------------------------------------------------------------------------------------
 
+LOG_EVERY = 50  # steps per row of the loss curve
+
+
 def fit(name: str, params, loss_fn: Callable, batch_fn: Callable[[int], Any], *, steps: int, learning_rate: float,
-        warmup: int, seed: int, log: Callable[[dict], None], ema_decay: float | None = None, progress: bool = True):
-    """Minimises `loss_fn(params, batch, key)` for `steps` steps; returns the (EMA, when asked) parameters."""
+        warmup: int, seed: int, log: Callable[[dict], None], ema_decay: float | None = None, progress: bool = True,
+        checkpoints: Path | None = None, checkpoint_every: int = 500):
+    """Minimises `loss_fn(params, batch, key)` for `steps` steps; returns the (EMA, when asked) parameters.
+
+    With `checkpoints`, the training state and the curve so far are saved in `checkpoints/name` every
+    `checkpoint_every` steps, at the end and on SIGTERM (then `UserError`), and a call finding one there goes on
+    from it: batches and noise are functions of the step, so an interrupted run ends as an uninterrupted one."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(warmup, steps // 2), steps,
                                                   end_value=0.1 * learning_rate)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
 
-    def step_fn(params, opt_state, ema, batch, key):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        if ema is not None:
-            ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
-        return params, opt_state, ema, loss
+    def step_fn(state, batch, key):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, key)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
+        if ema_decay:
+            new["ema"] = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema"], new["params"])
+        return new, loss
 
     mesh = distributed.make_mesh()
-    step_fn = jax.jit(step_fn, donate_argnums=(0, 1, 2))
+    step_fn = jax.jit(step_fn, donate_argnums=0)
     # Replicated copies (donation must not delete the arrays of the caller's modules), all placed as the step's
     # outputs will be, so that the second step does not compile again.
     replicated = distributed.replicated(mesh)
     params = jax.device_put(params, replicated, may_alias=False)
-    opt_state = jax.device_put(tx.init(params), replicated)
-    ema = jax.device_put(params, replicated, may_alias=False) if ema_decay else None
+    state = {"params": params, "opt_state": jax.device_put(tx.init(params), replicated)}
+    if ema_decay:
+        state["ema"] = jax.device_put(params, replicated, may_alias=False)
+
+    manager = trainer.checkpoint_manager(Path(checkpoints) / name, keep=1) if checkpoints else None
+    first, rows, running = 0, [], []
+    if manager is not None and manager.latest_step() is not None:
+        first = manager.latest_step()
+        state, meta = trainer.restore_checkpoint(manager, first, state)
+        rows, running = meta["log"], [np.float32(loss) for loss in meta["running"]]
+        for row in rows:
+            log(row)
+        log({"stage": "resumed", "resumed": name, "step": first})
+    # Curve times go on from the restored curve's: they add up the stage's runs.
+    start = time.perf_counter() - (rows[-1]["seconds"] if rows else 0.0)
     split = distributed.batch_sharded(mesh)
     key = jax.random.key(seed)
-    bar = tqdm(total=steps, desc=name, unit="step", disable=not progress)
-    start, running = time.perf_counter(), []
-    for step in range(steps):
-        batch = jax.tree.map(lambda x: distributed.put(x, split), batch_fn(step))
-        params, opt_state, ema, loss = step_fn(params, opt_state, ema, batch, jax.random.fold_in(key, step))
-        running.append(loss)
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            mean = float(np.mean(jax.device_get(running)))
-            running = []
-            log({"stage": name, "step": step + 1, "loss": mean, "seconds": round(time.perf_counter() - start, 1)})
-            bar.set_postfix(loss=f"{mean:.4f}")
-        bar.update(1)
-    bar.close()
-    return ema if ema_decay else params
+    stop_requested: list[bool] = []
+    if manager is not None:  # without checkpoints SIGTERM kills as usual
+        previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    bar = tqdm(total=steps, initial=first, desc=name, unit="step", disable=not progress)
+    done = first
+    try:
+        for step in range(first, steps):
+            batch = jax.tree.map(lambda x: distributed.put(x, split), batch_fn(step))
+            state, loss = step_fn(state, batch, jax.random.fold_in(key, step))
+            running.append(loss)
+            done = step + 1
+            if done % LOG_EVERY == 0 or done == steps:
+                mean = float(np.mean(jax.device_get(running)))
+                running = []
+                rows.append({"stage": name, "step": done, "loss": mean,
+                             "seconds": round(time.perf_counter() - start, 1)})
+                log(rows[-1])
+                bar.set_postfix(loss=f"{mean:.4f}")
+            bar.update(1)
+            if manager is not None and (done % checkpoint_every == 0 or done == steps or stop_requested):
+                # The losses since the last curve row too, so that a resumed run's curve is the same.
+                losses = [float(x) for x in jax.device_get(running)]
+                trainer.save_checkpoint(manager, done, state, {"step": done, "log": rows, "running": losses})
+            if stop_requested:
+                break
+    finally:
+        bar.close()
+        if manager is not None:
+            manager.wait_until_finished()
+            signal.signal(signal.SIGTERM, previous_handler)
+    if stop_requested:
+        raise UserError(f"stopped by SIGTERM in stage {name} after step {done}; its checkpoint is in "
+                        f"{checkpoints}: run the same command again to go on")
+    return state["ema"] if ema_decay else state["params"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -213,7 +256,8 @@ def halve(x: jax.Array) -> jax.Array:
     return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
-def train_vae(vae: AutoencoderKL, images: np.ndarray, config, log, progress: bool) -> AutoencoderKL:
+def train_vae(vae: AutoencoderKL, images: np.ndarray, config, **fit_options) -> AutoencoderKL:
+    """Stage 1; `fit_options` go to `fit` (log, progress, checkpoints, checkpoint_every)."""
     graphdef, params = nnx.split(vae)
     c = config.vae
 
@@ -233,20 +277,54 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, config, log, progress: boo
         return to_signed(images[rng.integers(0, len(images), c.batch_size)])
 
     params = fit("vae", params, loss_fn, batch_fn, steps=c.steps, learning_rate=c.learning_rate,
-                 warmup=config.warmup_steps, seed=config.seed + 1, log=log, progress=progress)
+                 warmup=config.warmup_steps, seed=config.seed + 1, **fit_options)
     return nnx.merge(graphdef, params)
+
+
+def settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as its JSON record reads back (tuples as lists)."""
+    return json.loads(json.dumps(config.to_dict(), default=list))
+
+
+def first_difference(recorded: dict, wanted: dict, prefix: str = "") -> tuple[str, Any, Any] | None:
+    """The first dotted key (in `wanted`'s order) whose value differs: (key, recorded value, wanted value)."""
+    for key, value in wanted.items():
+        old = recorded.get(key) if isinstance(recorded, dict) else None
+        if isinstance(value, dict) and isinstance(old, dict):
+            found = first_difference(old, value, f"{prefix}{key}.")
+            if found:
+                return found
+        elif old != value:
+            return f"{prefix}{key}", old, value
+    return None
 
 
 def reused_vae(folder: Path, config: ml_collections.ConfigDict) -> AutoencoderKL:
     """The VAE of an earlier pretraining output, refused unless it was trained with the same `vae` settings
     (architecture and training alike, as its pretrain.json records them)."""
     recorded = weights.read_json(Path(folder) / "pretrain.json").get("config", {}).get("vae", {})
-    wanted = json.loads(json.dumps(config.vae.to_dict(), default=list))
-    for key, value in wanted.items():
-        if recorded.get(key) != value:
-            raise UserError(f"--config.vae_from={folder}: its VAE was trained with vae.{key}={recorded.get(key)!r}, "
-                            f"this configuration trains vae.{key}={value!r}")
+    differs = first_difference(recorded, settings(config.vae), "vae.")
+    if differs:
+        key, old, new = differs
+        raise UserError(f"--config.vae_from={folder}: its VAE was trained with {key}={old!r}, "
+                        f"this configuration trains {key}={new!r}")
     return load_vae(Path(folder) / "vae")
+
+
+def claim_checkpoints(folder: Path, config: ml_collections.ConfigDict) -> None:
+    """Records the run's settings in `folder`, where its checkpoints go; a folder an interrupted run of other
+    settings left is refused (going on from it would splice two runs). `cpu_devices` may change: it splits
+    each batch, it does not change what is trained."""
+    wanted = settings(config)
+    del wanted["cpu_devices"]
+    record = folder / "config.json"
+    if record.exists() and any(step.name.isdigit() for step in folder.glob("*/checkpoints/*")):
+        differs = first_difference(weights.read_json(record), wanted)
+        if differs:
+            key, old, new = differs
+            raise UserError(f"{folder}: holds checkpoints of an interrupted run with {key}={old!r}, not {new!r}: "
+                            f"rerun with its settings to go on from them, or delete the folder to start over")
+    write_json(record, wanted)
 
 
 def make_deterministic(vae: AutoencoderKL) -> None:
@@ -270,7 +348,8 @@ def encode_pool(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 256) -
 
 
 def train_denoiser(text_encoder: CLIPTextModel, unet: UNet2DConditionModel, latents: np.ndarray, ids: np.ndarray,
-                   scaling_factor: float, schedule: NoiseSchedule, config, log, progress: bool):
+                   scaling_factor: float, schedule: NoiseSchedule, config, **fit_options):
+    """Stage 3; `fit_options` go to `fit` (log, progress, checkpoints, checkpoint_every)."""
     graphdefs, params = {}, {}
     for name, module in (("text_encoder", text_encoder), ("unet", unet)):
         graphdefs[name], params[name] = nnx.split(module)
@@ -294,8 +373,7 @@ def train_denoiser(text_encoder: CLIPTextModel, unet: UNet2DConditionModel, late
         return {"latents": latents[index], "ids": ids[variant, index]}
 
     params = fit("unet", params, loss_fn, batch_fn, steps=c.steps, learning_rate=c.learning_rate,
-                 warmup=config.warmup_steps, seed=config.seed + 2, log=log, ema_decay=c.ema_decay,
-                 progress=progress)
+                 warmup=config.warmup_steps, seed=config.seed + 2, ema_decay=c.ema_decay, **fit_options)
     return (nnx.merge(graphdefs["text_encoder"], params["text_encoder"]),
             nnx.merge(graphdefs["unet"], params["unet"]))
 
@@ -339,7 +417,10 @@ def write_model_folder(output: Path, configs: dict[str, dict], modules: dict[str
 # The whole job.
 # ------------------------------------------------------------------------------------------------------------
 
-def pretrain(config: ml_collections.ConfigDict, output: Path, *, progress: bool = True) -> Path:
+def pretrain(config: ml_collections.ConfigDict, output: Path, *, progress: bool = True,
+             checkpoint_every: int = 500) -> Path:
+    """Writes the model folder `output`. Training state is checkpointed in its sibling `NAME.checkpoints` (every
+    `checkpoint_every` steps; removed once the folder is written): a killed run, rerun, goes on from there."""
     output = Path(output)
     if not isinstance(config.cpu_devices, int) or config.cpu_devices < 1:
         raise UserError(f"--config.cpu_devices={config.cpu_devices!r} must be a positive integer")
@@ -347,8 +428,12 @@ def pretrain(config: ml_collections.ConfigDict, output: Path, *, progress: bool 
         if config[stage].batch_size % jax.device_count():
             raise UserError(f"--config.{stage}.batch_size={config[stage].batch_size} must be a multiple of the "
                             f"{jax.device_count()} devices it is split over")
+    checkpoints = output.with_name(output.name + ".checkpoints")
+    claim_checkpoints(checkpoints, config)
     started = time.perf_counter()
     curves: list[dict] = []
+    fit_options = dict(log=curves.append, progress=progress, checkpoints=checkpoints,
+                       checkpoint_every=checkpoint_every)
     configs = folder_configs(config)
     modules = build_modules(configs, config.seed)
 
@@ -368,7 +453,7 @@ def pretrain(config: ml_collections.ConfigDict, output: Path, *, progress: bool 
         vae = reused
         curves.append({"stage": "vae", "reused": str(config.vae_from)})
     else:
-        vae = train_vae(modules["vae"], images, config, curves.append, progress)
+        vae = train_vae(modules["vae"], images, config, **fit_options)
     make_deterministic(vae)
     latents = np.split(encode_pool(vae, images), 2, axis=-1)[0]  # the pinned posterior's means
     scaling_factor = float(1.0 / latents.std())
@@ -378,12 +463,15 @@ def pretrain(config: ml_collections.ConfigDict, output: Path, *, progress: bool 
     schedule = NoiseSchedule.from_config(configs["scheduler"])
     text_encoder, unet = train_denoiser(modules["text_encoder"], modules["unet"], latents,
                                         caption_variants(tokenizer, scenes), scaling_factor, schedule, config,
-                                        curves.append, progress)
+                                        **fit_options)
     curves.append({"stage": "done", "seconds": round(time.perf_counter() - started, 1)})
     log_text = "".join(json.dumps(row) + "\n" for row in curves)
     summary = {"config": config.to_dict(), "scaling_factor": scaling_factor, "jax": jax.__version__,
-               "devices": [str(d) for d in jax.devices()], "seconds": round(time.perf_counter() - started, 1)}
+               "devices": [str(d) for d in jax.devices()], "seconds": round(time.perf_counter() - started, 1),
+               # Where this run went on from an interrupted one's checkpoints (`seconds` is this run's alone).
+               "resumed_at": {row["resumed"]: row["step"] for row in curves if row["stage"] == "resumed"}}
     write_model_folder(output, configs, {"vae": vae, "text_encoder": text_encoder, "unet": unet}, tokenizer_folder,
                        {"pretrain_log.jsonl": log_text, "pretrain.json": json.dumps(summary, indent=2, default=list)})
     shutil.rmtree(tokenizer_folder, ignore_errors=True)
+    shutil.rmtree(checkpoints, ignore_errors=True)
     return output

@@ -691,23 +691,23 @@ def trained_key(params) -> str:
     return "params" if isinstance(params, dict) else "rows"
 
 
-def save_checkpoint(manager, step: int, rows, opt_state, config) -> None:
+def save_checkpoint(manager, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Saves `state` (a pytree of arrays) and `meta` (JSON) as checkpoint `step`: collective on every host;
+    asynchronous after the arrays are copied off the devices, so the caller may donate them at once."""
     import orbax.checkpoint as ocp
 
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({trained_key(rows): rows, "opt_state": opt_state}),
-        meta=ocp.args.JsonSave({"step": step, "config": config.to_dict()})))
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
 
-def restore_checkpoint(manager, step: int, rows, opt_state):
-    """Restores onto the shardings of `rows` (or trained weights) and `opt_state` as they are now."""
+def restore_checkpoint(manager, step: int, like: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Checkpoint `step`'s state, restored onto the structure, shapes and shardings of `like` as they are now,
+    and its metadata."""
     import orbax.checkpoint as ocp
 
-    key = trained_key(rows)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          {key: rows, "opt_state": opt_state})
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    return restored["state"][key], restored["state"]["opt_state"]
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                             meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
 
 
 def read_checkpoint_rows(workdir: Path, step: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
@@ -722,8 +722,6 @@ def read_checkpoint_rows(workdir: Path, step: int | None = None) -> tuple[np.nda
 def read_checkpoint(workdir: Path, step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """What a checkpoint trained (`{"rows": array}` or `{"params": {component: {path: array}}}`, as numpy,
     without the optimizer state) and its metadata; the latest checkpoint when `step` is None."""
-    import orbax.checkpoint as ocp
-
     manager = checkpoint_manager(Path(workdir), keep=1_000_000)
     steps = manager.all_steps()
     if not steps:
@@ -733,12 +731,10 @@ def read_checkpoint(workdir: Path, step: int | None = None) -> tuple[dict[str, A
         raise UserError(f"{workdir}: no checkpoint for step {step} (have {', '.join(map(str, sorted(steps)))})")
     # Onto this process's first device, whatever mesh or hosts wrote the checkpoint.
     here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
-                          manager.item_metadata(step)["state"])
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                             meta=ocp.args.JsonRestore()))
-    state = restored["state"]
-    return ({k: jax.tree.map(np.asarray, v) for k, v in state.items() if k != "opt_state"}, restored["meta"])
+    like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                        manager.item_metadata(step)["state"])
+    state, meta = restore_checkpoint(manager, step, like)
+    return {k: jax.tree.map(np.asarray, v) for k, v in state.items() if k != "opt_state"}, meta
 
 
 def starting_rows(config, table: np.ndarray, tokenizer) -> np.ndarray:
@@ -961,7 +957,9 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
     start = 0
     if manager.latest_step() is not None:
         start = manager.latest_step()
-        rows, opt_state = restore_checkpoint(manager, start, rows, opt_state)
+        saved_as = trained_key(rows)
+        restored, _ = restore_checkpoint(manager, start, {saved_as: rows, "opt_state": opt_state})
+        rows, opt_state = restored[saved_as], restored["opt_state"]
 
     # --- loop ---
     stop_requested = []
@@ -1024,7 +1022,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
                                           base=preview_base)
             stopping = distributed.any_process(bool(stop_requested))
             if done % config.checkpoint.every_steps == 0 or done == config.train.steps or stopping:
-                save_checkpoint(manager, done, rows, opt_state, config)
+                save_checkpoint(manager, done, {trained_key(rows): rows, "opt_state": opt_state},
+                                {"step": done, "config": config.to_dict()})
             if stopping:
                 stop_requested.append(True)
                 break
