@@ -73,7 +73,7 @@ def test_pretrain_refuses_to_reuse_a_vae_trained_with_other_settings(tmp_path):
     config.vae_from, config.pool_size = str(pretrain.BUNDLED_MODEL), 16
     with pytest.raises(UserError, match=r"vae_from=.*trained with vae.latent_channels=8.*trains vae.latent_channels=4"):
         pretrain.pretrain(config, tmp_path / "model", progress=False)
-    assert not (tmp_path / "model").exists()
+    assert not (tmp_path / "model").exists() and not (tmp_path / "model.checkpoints").exists()
     config.vae.latent_channels = 8
     config.vae.scale_equivariance = 0.0  # a training setting, not in vae/config.json: read from pretrain.json
     with pytest.raises(UserError, match=r"trained with vae.scale_equivariance=1.0.*trains vae.scale_equivariance=0.0"):

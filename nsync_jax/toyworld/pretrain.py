@@ -428,16 +428,16 @@ def pretrain(config: ml_collections.ConfigDict, output: Path, *, progress: bool 
         if config[stage].batch_size % jax.device_count():
             raise UserError(f"--config.{stage}.batch_size={config[stage].batch_size} must be a multiple of the "
                             f"{jax.device_count()} devices it is split over")
+    started = time.perf_counter()
+    configs = folder_configs(config)
+    modules = build_modules(configs, config.seed)
+    reused = reused_vae(Path(config.vae_from), config) if config.vae_from else None
+    # Claimed once the settings are known to be good, so that a mistyped run leaves no folder behind.
     checkpoints = output.with_name(output.name + ".checkpoints")
     claim_checkpoints(checkpoints, config)
-    started = time.perf_counter()
     curves: list[dict] = []
     fit_options = dict(log=curves.append, progress=progress, checkpoints=checkpoints,
                        checkpoint_every=checkpoint_every)
-    configs = folder_configs(config)
-    modules = build_modules(configs, config.seed)
-
-    reused = reused_vae(Path(config.vae_from), config) if config.vae_from else None
 
     tokenizer_folder = output.with_name(output.name + ".tokenizer.tmp")
     tokens.write_clip_tokenizer(tokenizer_folder, tokens.clip_bpe_merges(CLIP_BPE),
