@@ -1,6 +1,10 @@
 """The bundled toy-world Stable Diffusion, its pretraining code and the demo built on it."""
 import json
+import os
+import signal
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -85,11 +89,6 @@ def test_pretrain_refuses_to_reuse_a_vae_trained_with_other_settings(tmp_path):
 
 def _fit_quadratic(checkpoints, log, stop_at=None):
     """`pretrain.fit` on a small least-squares problem, 120 steps with EMA; SIGTERM arrives at step `stop_at`."""
-    import os
-    import signal
-
-    import jax.numpy as jnp
-
     targets = np.random.default_rng(0).normal(size=(16, 4, 3)).astype(np.float32)
 
     def batch_fn(step):
@@ -100,8 +99,6 @@ def _fit_quadratic(checkpoints, log, stop_at=None):
     def loss_fn(params, batch, key):
         noisy = batch + 0.1 * jax.random.normal(key, batch.shape)
         return jnp.mean(jnp.square(params["w"] - noisy)) + jnp.mean(jnp.square(params["b"]))
-
-    import jax
 
     params = {"w": jnp.zeros((4, 3)), "b": jnp.ones((3,))}
     return pretrain.fit("toy", params, loss_fn, batch_fn, steps=120, learning_rate=0.05, warmup=10, seed=3,
