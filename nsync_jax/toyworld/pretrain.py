@@ -289,7 +289,7 @@ def settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def first_difference(recorded: dict, wanted: dict, prefix: str = "") -> tuple[str, Any, Any] | None:
     """The first dotted key (in `wanted`'s order) whose value differs: (key, recorded value, wanted value)."""
     for key, value in wanted.items():
-        old = recorded.get(key) if isinstance(recorded, dict) else None
+        old = recorded.get(key)
         if isinstance(value, dict) and isinstance(old, dict):
             found = first_difference(old, value, f"{prefix}{key}.")
             if found:
