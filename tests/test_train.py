@@ -1,6 +1,8 @@
 """Textual Inversion / NSYNC training on a tiny model: fused gradients, exact resume, data checks, export."""
 import dataclasses
 import json
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -113,12 +115,21 @@ def test_training_can_start_from_an_embedding_file(tmp_path):
 
 # The same resume code serves both methods; the Textual Inversion case runs with `-m slow` (about 2 minutes).
 @pytest.mark.parametrize("method", ["nsync", pytest.param("textual_inversion", marks=pytest.mark.slow)])
-def test_resume_is_bit_identical(sd1_dir, style_dir, tmp_path, method):
+def test_resume_is_bit_identical(sd1_dir, style_dir, tmp_path, monkeypatch, method):
     config = tiny_config(sd1_dir, style_dir, method=method)
     straight = trainer.train(config, tmp_path / "straight", progress=False)
-    config.train.steps = 3
-    trainer.train(config, tmp_path / "resumed", progress=False)
-    config.train.steps = 6
+    # The second run is stopped by SIGTERM during its third step (as a cluster's preemption would), then rerun.
+    batch_of_step = trainer.step_batch
+
+    def terminated_at_third_step(*args):
+        if args[4] == 2:  # the step index
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch_of_step(*args)
+
+    monkeypatch.setattr(trainer, "step_batch", terminated_at_third_step)
+    with pytest.raises(UserError, match=r"stopped by SIGTERM after step 3; .* run the same command again"):
+        trainer.train(config, tmp_path / "resumed", progress=False)
+    monkeypatch.undo()
     resumed = trainer.train(config, tmp_path / "resumed", progress=False)
     np.testing.assert_array_equal(straight, resumed)
     from safetensors.numpy import load_file

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -185,36 +184,34 @@ def fit(name: str, params, loss_fn: Callable, batch_fn: Callable[[int], Any], *,
     start = time.perf_counter() - (rows[-1]["seconds"] if rows else 0.0)
     split = distributed.batch_sharded(mesh)
     key = jax.random.key(seed)
-    stop_requested: list[bool] = []
-    if manager is not None:  # without checkpoints SIGTERM kills as usual
-        previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
     bar = tqdm(total=steps, initial=first, desc=name, unit="step", disable=not progress)
     done = first
-    try:
-        for step in range(first, steps):
-            batch = jax.tree.map(lambda x: distributed.put(x, split), batch_fn(step))
-            state, loss = step_fn(state, batch, jax.random.fold_in(key, step))
-            running.append(loss)
-            done = step + 1
-            if done % LOG_EVERY == 0 or done == steps:
-                mean = float(np.mean(jax.device_get(running)))
-                running = []
-                rows.append({"stage": name, "step": done, "loss": mean,
-                             "seconds": round(time.perf_counter() - start, 1)})
-                log(rows[-1])
-                bar.set_postfix(loss=f"{mean:.4f}")
-            bar.update(1)
-            if manager is not None and (done % checkpoint_every == 0 or done == steps or stop_requested):
-                # The losses since the last curve row too, so that a resumed run's curve is the same.
-                losses = [float(x) for x in jax.device_get(running)]
-                trainer.save_checkpoint(manager, done, state, {"step": done, "log": rows, "running": losses})
-            if stop_requested:
-                break
-    finally:
-        bar.close()
-        if manager is not None:
-            manager.wait_until_finished()
-            signal.signal(signal.SIGTERM, previous_handler)
+    # Without checkpoints SIGTERM kills as usual.
+    with trainer.stop_on_sigterm(enabled=manager is not None) as stop_requested:
+        try:
+            for step in range(first, steps):
+                batch = jax.tree.map(lambda x: distributed.put(x, split), batch_fn(step))
+                state, loss = step_fn(state, batch, jax.random.fold_in(key, step))
+                running.append(loss)
+                done = step + 1
+                if done % LOG_EVERY == 0 or done == steps:
+                    mean = float(np.mean(jax.device_get(running)))
+                    running = []
+                    rows.append({"stage": name, "step": done, "loss": mean,
+                                 "seconds": round(time.perf_counter() - start, 1)})
+                    log(rows[-1])
+                    bar.set_postfix(loss=f"{mean:.4f}")
+                bar.update(1)
+                if manager is not None and (done % checkpoint_every == 0 or done == steps or stop_requested):
+                    # The losses since the last curve row too, so that a resumed run's curve is the same.
+                    losses = [float(x) for x in jax.device_get(running)]
+                    trainer.save_checkpoint(manager, done, state, {"step": done, "log": rows, "running": losses})
+                if stop_requested:
+                    break
+        finally:
+            bar.close()
+            if manager is not None:
+                manager.wait_until_finished()
     if stop_requested:
         raise UserError(f"stopped by SIGTERM in stage {name} after step {done}; its checkpoint is in "
                         f"{checkpoints}: run the same command again to go on")

@@ -26,6 +26,7 @@ is trained is LoRA adapters or the full weights (`trainable`), as for any method
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import signal
@@ -710,6 +711,21 @@ def restore_checkpoint(manager, step: int, like: dict[str, Any]) -> tuple[dict[s
     return restored["state"], restored["meta"]
 
 
+@contextlib.contextmanager
+def stop_on_sigterm(enabled: bool = True):
+    """Within it, SIGTERM appends True to the yielded list instead of killing the process, so that a training
+    loop can checkpoint and stop at the end of its step; the previous handler comes back on exit."""
+    stop_requested: list[bool] = []
+    if not enabled:
+        yield stop_requested
+        return
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    try:
+        yield stop_requested
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
 def read_checkpoint_rows(workdir: Path, step: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """The token rows and metadata of a checkpoint (the latest when `step` is None), for export."""
     trained, meta = read_checkpoint(workdir, step)
@@ -962,8 +978,6 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
         rows, opt_state = restored[saved_as], restored["opt_state"]
 
     # --- loop ---
-    stop_requested = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
     key = jax.random.key(config.train.seed)
     main = distributed.is_main_process()  # only process 0 writes metrics and exports; checkpoints are collective
     metrics_log = outputs.MetricsLog(workdir, enabled=main)
@@ -985,53 +999,54 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
                                          handoff_timestep=handoff)
     bar = tqdm(total=config.train.steps, initial=start, unit="step", disable=not (progress and main))
     last_time, last_step = time.perf_counter(), start
-    try:
-        for step in range(start, config.train.steps):
-            if sf:
-                batch = styleforge.step_batch(data, sf.schedule, config.train.steps, config.train.batch_size,
-                                              config.train.seed, step, flip)
-            else:
-                batch = step_batch(data, config.method, config.train.batch_size, config.train.seed, step, flip)
-            if step in restarts:
-                opt_state = init_opt_state(rows)
-            batch = {k: distributed.put(v, batch_sharding) for k, v in batch.items()}
-            if step == start:
-                step_fn = distributed.compile_together(step_fn, rows, opt_state, frozen, batch, key,
-                                                       name="train_step")
-            new_rows, new_opt_state, metrics = step_fn(rows, opt_state, frozen, batch, jax.random.fold_in(key, step))
-            metrics = {k: float(distributed.to_host(v)) for k, v in metrics.items()}
-            finite = all(np.isfinite(v) for v in metrics.values())
-            if not finite and config.train.get("nonfinite", "stop") == "stop":
-                raise UserError(f"non-finite loss or gradient at step {step + 1} ({metrics}); the last good "
-                                f"checkpoint is step {manager.latest_step()} (train.nonfinite=skip skips such "
-                                "steps instead)")
-            rows, opt_state = new_rows, new_opt_state  # a non-finite step left them unchanged (skip_nonfinite)
-            metrics["skipped"] = int(not finite)
-            done = step + 1
-            bar.update(1)
-            if done % config.train.get("log_every_steps", 10) == 0 or done == config.train.steps:
-                now = time.perf_counter()
-                metrics.update(step=done, steps_per_sec=(done - last_step) / (now - last_time))
-                last_time, last_step = now, done
-                metrics_log.write(metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            if sample_every and done % sample_every == 0:
-                show_trained(pipe, rows, kind)
-                outputs.write_sample_grid(workdir / "samples" / f"step_{done:06d}.png" if main else None, pipe,
-                                          sample_prompts, sample_settings, sample.seed, sample_negative,
-                                          base=preview_base)
-            stopping = distributed.any_process(bool(stop_requested))
-            if done % config.checkpoint.every_steps == 0 or done == config.train.steps or stopping:
-                save_checkpoint(manager, done, {trained_key(rows): rows, "opt_state": opt_state},
-                                {"step": done, "config": config.to_dict()})
-            if stopping:
-                stop_requested.append(True)
-                break
-    finally:
-        manager.wait_until_finished()
-        metrics_log.close()
-        bar.close()
-        signal.signal(signal.SIGTERM, previous_handler)
+    with stop_on_sigterm() as stop_requested:
+        try:
+            for step in range(start, config.train.steps):
+                if sf:
+                    batch = styleforge.step_batch(data, sf.schedule, config.train.steps, config.train.batch_size,
+                                                  config.train.seed, step, flip)
+                else:
+                    batch = step_batch(data, config.method, config.train.batch_size, config.train.seed, step, flip)
+                if step in restarts:
+                    opt_state = init_opt_state(rows)
+                batch = {k: distributed.put(v, batch_sharding) for k, v in batch.items()}
+                if step == start:
+                    step_fn = distributed.compile_together(step_fn, rows, opt_state, frozen, batch, key,
+                                                           name="train_step")
+                new_rows, new_opt_state, metrics = step_fn(rows, opt_state, frozen, batch,
+                                                           jax.random.fold_in(key, step))
+                metrics = {k: float(distributed.to_host(v)) for k, v in metrics.items()}
+                finite = all(np.isfinite(v) for v in metrics.values())
+                if not finite and config.train.get("nonfinite", "stop") == "stop":
+                    raise UserError(f"non-finite loss or gradient at step {step + 1} ({metrics}); the last good "
+                                    f"checkpoint is step {manager.latest_step()} (train.nonfinite=skip skips such "
+                                    "steps instead)")
+                rows, opt_state = new_rows, new_opt_state  # a non-finite step left them unchanged (skip_nonfinite)
+                metrics["skipped"] = int(not finite)
+                done = step + 1
+                bar.update(1)
+                if done % config.train.get("log_every_steps", 10) == 0 or done == config.train.steps:
+                    now = time.perf_counter()
+                    metrics.update(step=done, steps_per_sec=(done - last_step) / (now - last_time))
+                    last_time, last_step = now, done
+                    metrics_log.write(metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if sample_every and done % sample_every == 0:
+                    show_trained(pipe, rows, kind)
+                    outputs.write_sample_grid(workdir / "samples" / f"step_{done:06d}.png" if main else None, pipe,
+                                              sample_prompts, sample_settings, sample.seed, sample_negative,
+                                              base=preview_base)
+                stopping = distributed.any_process(bool(stop_requested))
+                if done % config.checkpoint.every_steps == 0 or done == config.train.steps or stopping:
+                    save_checkpoint(manager, done, {trained_key(rows): rows, "opt_state": opt_state},
+                                    {"step": done, "config": config.to_dict()})
+                if stopping:
+                    stop_requested.append(True)
+                    break
+        finally:
+            manager.wait_until_finished()
+            metrics_log.close()
+            bar.close()
 
     if stop_requested:
         raise UserError(f"stopped by SIGTERM after step {manager.latest_step()}; the checkpoint is saved in "
