@@ -21,6 +21,16 @@ from nsync_jax.tokens import write_clip_tokenizer
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):  # a level set by the caller wins
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
+
+@pytest.fixture(scope="session", autouse=True)
+def jax_devices_fixed():
+    """JAX's backend started before any test: a command run in-process (`main(["demo", ...])`) cannot then
+    split the CPU into its `cpu_devices` for the tests after it (the CLI leaves a started backend as it is)."""
+    import jax
+
+    return jax.devices()
+
+
 # Words that get whole-word merges in the tiny vocabulary; every other text falls back to byte-level tokens.
 TINY_WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "star", "circle", "painting", "in", "the", "style")
 

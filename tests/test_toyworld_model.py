@@ -87,6 +87,22 @@ def test_pretrain_refuses_to_reuse_a_vae_trained_with_other_settings(tmp_path):
         pretrain.pretrain(config, tmp_path / "model", progress=False)
 
 
+def test_reused_vae_carries_its_training_curve(tmp_path):
+    import shutil
+
+    source = tmp_path / "earlier"
+    shutil.copytree(pretrain.BUNDLED_MODEL / "vae", source / "vae")
+    shutil.copy(pretrain.BUNDLED_MODEL / "pretrain.json", source)
+    rows = [{"stage": "render", "images": 16, "seconds": 0.1}, {"stage": "vae", "step": 50, "loss": 0.8},
+            {"stage": "vae", "step": 100, "loss": 0.4}, {"stage": "unet", "step": 50, "loss": 0.1}]
+    (source / "pretrain_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    _, curve = pretrain.reused_vae(source, pretrain.default_config())
+    assert curve == rows[1:3]
+    (source / "pretrain_log.jsonl").write_text("{not json\n")
+    with pytest.raises(UserError, match=r"earlier/pretrain_log.jsonl: not JSON lines"):
+        pretrain.reused_vae(source, pretrain.default_config())
+
+
 def _fit_quadratic(checkpoints, log, stop_at=None):
     """`pretrain.fit` on a small least-squares problem, 120 steps with EMA; SIGTERM arrives at step `stop_at`."""
     targets = np.random.default_rng(0).normal(size=(16, 4, 3)).astype(np.float32)
@@ -131,7 +147,7 @@ def test_pretrain_refuses_checkpoints_of_other_settings(tmp_path):
     pretrain.claim_checkpoints(checkpoints, config)
     config.unet.steps = 20000
     with pytest.raises(UserError, match=r"model.checkpoints: holds checkpoints of an interrupted run with "
-                                        r"unet.steps=9000, not 20000: rerun with its settings"):
+                                        r"unet.steps=18000, not 20000: rerun with its settings"):
         pretrain.pretrain(config, tmp_path / "model", progress=False)
     assert not (tmp_path / "model").exists()
 
@@ -179,6 +195,8 @@ def test_demo_short_run_writes_every_artefact(tmp_path):
 def test_demo_rejects_a_style_that_does_not_exist(tmp_path, capsys):
     assert main(["demo", "--output", str(tmp_path), "--config.style=wobbly"]) == 2
     assert "--config.style='wobbly'" in capsys.readouterr().err
+    assert main(["demo", "--output", str(tmp_path), "--config.cpu_devices=0"]) == 2
+    assert "--config.cpu_devices=0 must be a positive integer" in capsys.readouterr().err
 
 
 def test_every_benchmark_run_has_a_valid_training_config(tmp_path):

@@ -54,9 +54,11 @@ def default_config() -> ml_collections.ConfigDict:
     # Caption mix of the denoiser stage; the rest name the scene's own style.
     c.captions = ml_collections.ConfigDict(dict(drop=0.1, generic=0.2, no_style=0.1))
 
-    # Sized for a 2-core CPU: full-resolution VAE layers are narrow, and the UNet attends (self and cross) only
-    # at 8x8 latents and in its mid block: attending at 16x16 too costs 1.7x a step, and the 5,500 steps that
-    # leaves in 90 minutes drew shapes 0.265 against these settings' 0.755 (RESULTS.md, fourteenth session).
+    # Sized for a 2-core CPU: full-resolution VAE layers are narrow. The UNet attends (self and cross) at 16x16
+    # and 8x8 latents and in its mid block: attending at 8x8 only drew two-shape scenes 0.62 (shapes 0.755) from
+    # 9,000 steps of batch 64; at 16x16 too a step costs 1.7x, and of the batch sizes that fit 90 minutes, 16 for
+    # 18,000 steps drew two-shape scenes 0.79 (shapes 0.86) where 64 for 5,500 drew 0.08 and 32 for 11,000 0.54
+    # (RESULTS.md, fourteenth to seventeenth sessions): this small UNet needs optimizer steps more than images.
     # 8 latent channels (SD has 4): at 16x16 latents, 4 channels lost the textures and even the colours.
     c.vae = ml_collections.ConfigDict(dict(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=8,
                                            norm_num_groups=8, mid_block_add_attention=False, steps=2400,
@@ -67,9 +69,9 @@ def default_config() -> ml_collections.ConfigDict:
     # latent pixel (neighbour correlation 0.55), detail a UNet must learn to draw; with it 11% (0.76).
     c.text_encoder = ml_collections.ConfigDict(dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                                                     max_length=32))
-    c.unet = ml_collections.ConfigDict(dict(block_out_channels=(32, 64, 64), attention=(False, True, False),
-                                            layers_per_block=1, attention_heads=2, norm_num_groups=8, steps=9000,
-                                            batch_size=64, learning_rate=3e-3, ema_decay=0.998, snr_gamma=5.0))
+    c.unet = ml_collections.ConfigDict(dict(block_out_channels=(32, 64, 64), attention=(True, True, False),
+                                            layers_per_block=1, attention_heads=2, norm_num_groups=8, steps=18000,
+                                            batch_size=16, learning_rate=3e-3, ema_decay=0.998, snr_gamma=5.0))
     # unet.learning_rate: 3e-3 beat 1e-3 at every held-out timestep at equal time (RESULTS.md, fourth session).
     # unet.snr_gamma: Min-SNR-gamma loss weights; 0 trains on the plain v-prediction error.
     c.warmup_steps = 200
@@ -296,16 +298,23 @@ def first_difference(recorded: dict, wanted: dict, prefix: str = "") -> tuple[st
     return None
 
 
-def reused_vae(folder: Path, config: ml_collections.ConfigDict) -> AutoencoderKL:
+def reused_vae(folder: Path, config: ml_collections.ConfigDict) -> tuple[AutoencoderKL, list[dict]]:
     """The VAE of an earlier pretraining output, refused unless it was trained with the same `vae` settings
-    (architecture and training alike, as its pretrain.json records them)."""
-    recorded = weights.read_json(Path(folder) / "pretrain.json").get("config", {}).get("vae", {})
+    (architecture and training alike, as its pretrain.json records them), and its training curve (the VAE rows
+    of its pretrain_log.jsonl), which the new folder's log carries on so that the curve stays beside the VAE."""
+    folder = Path(folder)
+    recorded = weights.read_json(folder / "pretrain.json").get("config", {}).get("vae", {})
     differs = first_difference(recorded, settings(config.vae), "vae.")
     if differs:
         key, old, new = differs
         raise UserError(f"--config.vae_from={folder}: its VAE was trained with {key}={old!r}, "
                         f"this configuration trains {key}={new!r}")
-    return load_vae(Path(folder) / "vae")
+    log = folder / "pretrain_log.jsonl"
+    try:
+        rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    except json.JSONDecodeError as error:
+        raise UserError(f"{log}: not JSON lines ({error})") from None
+    return load_vae(folder / "vae"), [row for row in rows if row.get("stage") == "vae" and "step" in row]
 
 
 def claim_checkpoints(folder: Path, config: ml_collections.ConfigDict) -> None:
@@ -428,7 +437,7 @@ def pretrain(config: ml_collections.ConfigDict, output: Path, *, progress: bool 
     started = time.perf_counter()
     configs = folder_configs(config)
     modules = build_modules(configs, config.seed)
-    reused = reused_vae(Path(config.vae_from), config) if config.vae_from else None
+    reused, reused_curve = reused_vae(Path(config.vae_from), config) if config.vae_from else (None, [])
     # Claimed once the settings are known to be good, so that a mistyped run leaves no folder behind.
     checkpoints = output.with_name(output.name + ".checkpoints")
     claim_checkpoints(checkpoints, config)
@@ -448,7 +457,7 @@ def pretrain(config: ml_collections.ConfigDict, output: Path, *, progress: bool 
 
     if reused is not None:
         vae = reused
-        curves.append({"stage": "vae", "reused": str(config.vae_from)})
+        curves += [{"stage": "vae", "reused": str(config.vae_from)}, *reused_curve]
     else:
         vae = train_vae(modules["vae"], images, config, **fit_options)
     make_deterministic(vae)
