@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nsync_jax import distributed
 from nsync_jax.config import apply_override
 from nsync_jax.toyworld import demo, world
 
@@ -37,6 +38,7 @@ def main(argv=None) -> None:
     config.methods = tuple(demo.RUNS)
     for override in (a for a in argv if a.startswith("--config.")):
         apply_override(config, override)
+    distributed.use_cpu_devices(config.cpu_devices)  # as `nsync-jax demo` runs
 
     scores: dict[str, list[dict]] = {}
     for style in args.styles:

@@ -301,10 +301,11 @@ def _add_demo_parser(subparsers) -> None:
 
 
 def _run_demo(args) -> None:
+    from nsync_jax import distributed
     from nsync_jax.toyworld import demo
 
     config = _config_with_overrides(demo.default_config, args.config_overrides)
-    _use_cpu_devices(config.cpu_devices)
+    distributed.use_cpu_devices(config.cpu_devices)
     scores = demo.run_demo(config, args.output)
     best = max((m for m in config.methods), key=lambda m: scores[m]["style"])
     print(f"wrote {args.output / 'report.md'} and {args.output / 'grid.png'}; best held-out style accuracy: "
@@ -491,25 +492,12 @@ def _checkpoint_interval(text: str) -> int:
     return value
 
 
-def _use_cpu_devices(count) -> None:
-    """A CPU backend split into `count` simulated devices, over which the toy world's steps split each batch:
-    one XLA CPU device leaves 2 cores half idle on its small convolutions. It changes nothing unless the backend
-    is the CPU, and must precede JAX's first use of a device: a process that already used one (a second `main`
-    call, as in the tests) goes on with the devices it has."""
-    import jax
-
-    if isinstance(count, int) and count > 1:  # the commands' own checks refuse other values
-        try:
-            jax.config.update("jax_num_cpu_devices", count)
-        except RuntimeError:  # backends already initialised
-            pass
-
-
 def _run_pretrain(args) -> None:
+    from nsync_jax import distributed
     from nsync_jax.toyworld import pretrain
 
     config = _config_with_overrides(pretrain.default_config, args.config_overrides)
-    _use_cpu_devices(config.cpu_devices)
+    distributed.use_cpu_devices(config.cpu_devices)
     pretrain.pretrain(config, args.output, checkpoint_every=args.checkpoint_every)
     print(f"wrote {args.output}")
 
@@ -517,12 +505,13 @@ def _run_pretrain(args) -> None:
 def _run_toyworld_evaluate(args) -> None:
     import json
 
+    from nsync_jax import distributed
     from nsync_jax.toyworld import demo
 
     config = _config_with_overrides(demo.default_config, args.config_overrides)
     if args.model is not None:
         config.model = str(args.model)
-    _use_cpu_devices(config.cpu_devices)
+    distributed.use_cpu_devices(config.cpu_devices)
     print(json.dumps(demo.prompt_following(config, args.count), indent=2))
 
 

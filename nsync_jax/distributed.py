@@ -109,6 +109,18 @@ def compile_together(jitted, *args, name: str):
     return compiled
 
 
+def use_cpu_devices(count) -> None:
+    """A CPU backend split into `count` simulated devices, over which the toy world's steps split each batch:
+    one XLA CPU device leaves 2 cores half idle on its small convolutions. It changes nothing unless the backend
+    is the CPU, and must precede JAX's first use of a device: a process that already used one (a second `main`
+    call, as in the tests) goes on with the devices it has."""
+    if isinstance(count, int) and count > 1:  # the commands' own checks refuse other values
+        try:
+            jax.config.update("jax_num_cpu_devices", count)
+        except RuntimeError:  # backends already initialised
+            pass
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The mesh.
 # ------------------------------------------------------------------------------------------------------------
