@@ -171,6 +171,18 @@ def test_pretrain_writes_a_folder_both_loaders_read(tmp_path):
     StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
 
 
+@pytest.mark.slow
+def test_pretrain_is_reproducible_from_its_seed(tmp_path):
+    """The bundled model must be what the default command writes: the same settings give the same bytes."""
+    config = pretrain.default_config()
+    config.pool_size, config.vae.steps, config.unet.steps, config.warmup_steps = 16, 3, 3, 1
+    folders = [pretrain.pretrain(config, tmp_path / name, progress=False) for name in ("first", "second")]
+    for part, weights_file in pretrain.WEIGHT_FILES.items():
+        first, second = (folder / part / weights_file for folder in folders)
+        assert first.read_bytes() == second.read_bytes(), part
+    assert (folders[0] / "vae" / "config.json").read_text() == (folders[1] / "vae" / "config.json").read_text()
+
+
 def test_demo_short_run_writes_every_artefact(tmp_path):
     out = tmp_path / "demo"
     code = main(["demo", "--output", str(out), "--config.train_images=3", "--config.test_images=3",
