@@ -160,27 +160,20 @@ def test_pretrain_checkpoint_interval_must_be_a_multiple_of_the_curve_interval(t
 
 
 @pytest.mark.slow
-def test_pretrain_writes_a_folder_both_loaders_read(tmp_path):
+def test_pretrain_writes_a_reproducible_folder_both_loaders_read(tmp_path):
+    """The bundled model must be what the default command writes: the same settings give the same bytes."""
     from diffusers import StableDiffusionPipeline
 
     config = pretrain.default_config()
-    config.pool_size, config.vae.steps, config.unet.steps, config.warmup_steps = 16, 2, 2, 1
-    folder = pretrain.pretrain(config, tmp_path / "model", progress=False)
-    assert not (tmp_path / "model.checkpoints").exists()  # removed once the folder is written
-    load_pipeline(folder)
-    StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
-
-
-@pytest.mark.slow
-def test_pretrain_is_reproducible_from_its_seed(tmp_path):
-    """The bundled model must be what the default command writes: the same settings give the same bytes."""
-    config = pretrain.default_config()
     config.pool_size, config.vae.steps, config.unet.steps, config.warmup_steps = 16, 3, 3, 1
     folders = [pretrain.pretrain(config, tmp_path / name, progress=False) for name in ("first", "second")]
+    assert not (tmp_path / "first.checkpoints").exists()  # removed once the folder is written
     for part, weights_file in pretrain.WEIGHT_FILES.items():
         first, second = (folder / part / weights_file for folder in folders)
         assert first.read_bytes() == second.read_bytes(), part
     assert (folders[0] / "vae" / "config.json").read_text() == (folders[1] / "vae" / "config.json").read_text()
+    load_pipeline(folders[0])
+    StableDiffusionPipeline.from_pretrained(folders[0], safety_checker=None)
 
 
 def test_demo_short_run_writes_every_artefact(tmp_path):
