@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 VARIANTS = ("orthogonal", "orthogonal_anchor", "released", "mean")
+ANCHOR_VARIANTS = ("orthogonal_anchor", "mean")  # the variants that read the anchor's gradient
 GRANULARITIES = ("global", "leaf")
 
 

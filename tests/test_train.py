@@ -7,6 +7,7 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 
@@ -33,14 +34,15 @@ def diffusers_text_states(model, files, prompts, token=None):
         return reference, torch_ids.numpy(), reference.text_encoder(torch_ids).last_hidden_state.numpy()
 
 
-def test_fused_gradients_equal_separate_gradients(sd1_dir, style_dir):
+def nsync_step_inputs(sd1_dir, style_dir):
+    """The tiny model's step spec and frozen weights, an NSYNC batch of 2 triples, and random token rows."""
     from flax import nnx
 
     config = tiny_config(sd1_dir, style_dir)
     pipe = load_pipeline(sd1_dir)
     tokens.add_placeholder_tokens(pipe.tokenizer, config.placeholder_token, config.num_vectors)
     dataset = load_style_dataset(style_dir / "images", captions=style_dir / "captions",
-                                         negatives=style_dir / "negatives", resolution=32)
+                                 negatives=style_dir / "negatives", resolution=32)
     data = trainer.prepare_data(pipe, dataset, config.placeholder_token)
     batch = {k: jnp.asarray(v) for k, v in trainer.step_batch(data, "nsync", 2, seed=0, step=0).items()}
     graphdefs, frozen = {}, {}
@@ -49,6 +51,11 @@ def test_fused_gradients_equal_separate_gradients(sd1_dir, style_dir):
     spec = trainer.StepSpec(graphdefs, trainer.NoiseSchedule.from_config(pipe.scheduler_config),
                             pipe.vae.config.scaling_factor, jnp.float32, 0)
     rows = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32)), jnp.float32)
+    return spec, frozen, batch, rows
+
+
+def test_fused_gradients_equal_separate_gradients(sd1_dir, style_dir):
+    spec, frozen, batch, rows = nsync_step_inputs(sd1_dir, style_dir)
     keys = trainer.group_keys(jax.random.key(0), 3, share_noise=False)
 
     def fused_loss(group_rows, spec):
@@ -97,6 +104,27 @@ def test_nonfinite_steps_are_skipped_when_asked(sd1_dir, style_dir):
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(skipped_state), jax.tree.leaves(opt_state)))
     new_rows, _, metrics = step(rows, opt_state, frozen, good, jax.random.key(0))
     assert np.isfinite(metrics["loss"]) and not np.allclose(new_rows, rows)
+
+
+def test_variants_without_the_anchor_term_do_not_run_the_anchor(sd1_dir, style_dir):
+    from nsync_jax.optim import orthogonal_projection, refine_gradients
+
+    spec, frozen, batch, rows = nsync_step_inputs(sd1_dir, style_dir)
+    other_anchor = {k: jnp.concatenate([v[:2], v[1:2]]) for k, v in batch.items()}  # the negatives as anchors
+    key = jax.random.key(3)
+    pos, extra, _ = jax.jit(lambda b: trainer.group_gradients(spec, 3, False, rows, frozen, b, key))(batch)
+    for variant in ("orthogonal", "orthogonal_anchor", "released", "mean"):
+        # The update is -1e4 x the refined gradient: large enough to stand out of the rows' float32 rounding.
+        tx = optax.chain(orthogonal_projection(variant), optax.sgd(1e4))
+        step = jax.jit(trainer.make_train_step(spec, tx, "nsync", False, nsync_variant=variant))
+        new_rows, _, metrics = step(rows, tx.init(rows), frozen, batch, key)
+        # The positive and negative gradients are those of the three-group pass, refined as the variant says.
+        refined = refine_gradients(pos, extra["negative_grads"], extra["anchor_grads"], variant=variant)
+        np.testing.assert_allclose((rows - new_rows) / 1e4, refined, rtol=1e-4, atol=1e-9)
+        moved, _, _ = step(rows, tx.init(rows), frozen, other_anchor, key)
+        reads_anchor = variant in ("orthogonal_anchor", "mean")
+        assert ("loss_anchor" in metrics) == reads_anchor
+        assert np.array_equal(moved, new_rows) != reads_anchor
 
 
 def test_training_can_start_from_an_embedding_file(tmp_path):

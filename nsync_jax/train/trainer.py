@@ -46,7 +46,8 @@ from nsync_jax import distributed, export, lora, negatives, tokens
 from nsync_jax.data import tfds_style
 from nsync_jax.data.style_dataset import StyleDataset, build_style_dataset, find_style_items, mask_weights
 from nsync_jax.errors import UserError
-from nsync_jax.optim import VARIANTS, clip_row_blocks, ema_reset, orthogonal_projection, scale_row_blocks
+from nsync_jax.optim import (ANCHOR_VARIANTS, VARIANTS, clip_row_blocks, ema_reset, orthogonal_projection,
+                             scale_row_blocks)
 from nsync_jax.pipeline import StableDiffusion, load_pipeline
 from nsync_jax.sampling import SampleSettings
 from nsync_jax.train import outputs, styleforge
@@ -379,9 +380,11 @@ def group_keys(key, groups: int, share_noise: bool):
 
 
 def group_gradients(spec: StepSpec, groups: int, share_noise: bool, params, frozen, batch, key):
-    """Textual Inversion (one group) and NSYNC (positive, negative, anchor): each group's gradient of its own
-    denoising loss, from one pass. `params` is what is trained (token rows, or LoRA or full weights).
-    Returns (the positive gradient, NSYNC's extra optimizer arguments, metrics)."""
+    """Textual Inversion (one group) and NSYNC (positive, negative and, for the variants that read it, anchor):
+    each group's gradient of its own denoising loss, from one pass. `params` is what is trained (token rows, or
+    LoRA or full weights). Returns (the positive gradient, NSYNC's extra optimizer arguments, metrics)."""
+    batch = jax.tree.map(lambda x: x[:groups], batch)  # NSYNC's batches carry an anchor group; not run when unread
+
     def total_loss(group_params):
         losses = denoising_losses(spec, group_params, frozen, batch["ids"], batch["mean"], batch["logvar"],
                                   group_keys(key, groups, share_noise))
@@ -393,8 +396,12 @@ def group_gradients(spec: StepSpec, groups: int, share_noise: bool, params, froz
     metrics = {"loss": losses[0], "grad_norm": optax.tree.norm(grads[0])}
     if groups == 1:
         return grads[0], {}, metrics
-    metrics.update(loss_negative=losses[1], loss_anchor=losses[2], negative_grad_norm=optax.tree.norm(grads[1]))
-    return grads[0], {"negative_grads": grads[1], "anchor_grads": grads[2]}, metrics
+    metrics.update(loss_negative=losses[1], negative_grad_norm=optax.tree.norm(grads[1]))
+    extra = {"negative_grads": grads[1]}
+    if groups == 3:
+        metrics["loss_anchor"] = losses[2]
+        extra["anchor_grads"] = grads[2]
+    return grads[0], extra, metrics
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -522,13 +529,15 @@ def accumulate(gradients, microbatches: int):
 
 def make_train_step(spec: StepSpec, tx: optax.GradientTransformationExtraArgs, method: str, share_noise: bool,
                     skip_nonfinite: bool = False, dreamartist: DreamArtistSpec | None = None,
-                    prior_loss_weight: float = 1.0, grad_accum_steps: int = 1):
+                    prior_loss_weight: float = 1.0, grad_accum_steps: int = 1,
+                    nsync_variant: str = "orthogonal_anchor"):
     if method == "dreamartist":
         gradients = functools.partial(dreamartist_gradients, spec, dreamartist)
     elif method == "styleforge":
         gradients = functools.partial(styleforge_gradients, spec, prior_loss_weight)
     else:
-        gradients = functools.partial(group_gradients, spec, 3 if method == "nsync" else 1, share_noise)
+        groups = (3 if nsync_variant in ANCHOR_VARIANTS else 2) if method == "nsync" else 1
+        gradients = functools.partial(group_gradients, spec, groups, share_noise)
     gradients = accumulate(gradients, grad_accum_steps)  # metrics become means over the microbatches
 
     def train_step(rows, opt_state, frozen, batch, key):
@@ -960,7 +969,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
                                       skip_nonfinite=config.train.get("nonfinite", "stop") == "skip",
                                       dreamartist=dreamartist,
                                       prior_loss_weight=sf.prior_loss_weight if sf else 1.0,
-                                      grad_accum_steps=accum),
+                                      grad_accum_steps=accum, nsync_variant=config.nsync.variant),
                       in_shardings=(trained_sharding, opt_sharding, frozen_sharding, batch_sharding, whole),
                       out_shardings=(trained_sharding, opt_sharding, whole), donate_argnums=(0, 1))
     init_opt_state = jax.jit(tx.init, out_shardings=opt_sharding)
