@@ -145,9 +145,10 @@ def test_pretrain_refuses_checkpoints_of_other_settings(tmp_path):
     (checkpoints / "unet" / "checkpoints" / "500").mkdir(parents=True)
     config.cpu_devices = 1  # how batches are split may change between runs
     pretrain.claim_checkpoints(checkpoints, config)
-    config.unet.steps = 20000
+    claimed = config.unet.steps
+    config.unet.steps = claimed + 1
     with pytest.raises(UserError, match=r"model.checkpoints: holds checkpoints of an interrupted run with "
-                                        r"unet.steps=18000, not 20000: rerun with its settings"):
+                                        rf"unet.steps={claimed}, not {claimed + 1}: rerun with its settings"):
         pretrain.pretrain(config, tmp_path / "model", progress=False)
     assert not (tmp_path / "model").exists()
 

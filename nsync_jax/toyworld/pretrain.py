@@ -57,9 +57,10 @@ def default_config() -> ml_collections.ConfigDict:
 
     # Sized for a 2-core CPU: full-resolution VAE layers are narrow. The UNet attends (self and cross) at 16x16
     # and 8x8 latents and in its mid block: attending at 8x8 only drew two-shape scenes 0.62 (shapes 0.755) from
-    # 9,000 steps of batch 64; at 16x16 too a step costs 1.7x, and of the batch sizes that fit 90 minutes, 16 for
-    # 18,000 steps drew two-shape scenes 0.79 (shapes 0.86) where 64 for 5,500 drew 0.08 and 32 for 11,000 0.54
-    # (RESULTS.md, fourteenth to seventeenth sessions): this small UNet needs optimizer steps more than images.
+    # 9,000 steps of batch 64; at 16x16 too a step costs 1.7x, and of the batch sizes tried, 16 for 18,000 steps
+    # drew two-shape scenes 0.79 (shapes 0.86) where 64 for 5,500 drew 0.08 and 32 for 11,000 0.54 (RESULTS.md,
+    # fourteenth to seventeenth sessions): this small UNet needs optimizer steps more than images. 16,000 steps
+    # (shapes 0.85; 18,000 drew 0.88) leave room in the 90 minutes: 18,000 took 85 to 90.5 (nineteenth session).
     # 8 latent channels (SD has 4): at 16x16 latents, 4 channels lost the textures and even the colours.
     c.vae = ml_collections.ConfigDict(dict(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=8,
                                            norm_num_groups=8, mid_block_add_attention=False, steps=2400,
@@ -71,7 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.text_encoder = ml_collections.ConfigDict(dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                                                     max_length=32))
     c.unet = ml_collections.ConfigDict(dict(block_out_channels=(32, 64, 64), attention=(True, True, False),
-                                            layers_per_block=1, attention_heads=2, norm_num_groups=8, steps=18000,
+                                            layers_per_block=1, attention_heads=2, norm_num_groups=8, steps=16000,
                                             batch_size=16, learning_rate=3e-3, ema_decay=0.998, snr_gamma=5.0))
     # unet.learning_rate: 3e-3 beat 1e-3 at every held-out timestep at equal time (RESULTS.md, fourth session).
     # unet.snr_gamma: Min-SNR-gamma loss weights; 0 trains on the plain v-prediction error.
