@@ -89,7 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.methods = ("textual_inversion", "nsync", "nsync_lora")
     # 20 DDIM steps: at 25 (and on one device) the demo took 301 s (RESULTS.md, seventeenth session).
     c.sample = ml_collections.ConfigDict(dict(scheduler="ddim", steps=20, guidance=5.0))
-    # For every run; RUNS entries set their own over these (NSYNC-LoRA: batch 8, 0.3 s a step on 2 cores, most of
+    # For every run; RUNS entries set their own over these (NSYNC-LoRA: batch 8, 0.24 s a step on 2 cores, most of
     # the demo's time). Tokens at batch 2 keep the demo under 5 minutes (RESULTS.md, eleventh session).
     c.train = ml_collections.ConfigDict(dict(steps=400, batch_size=2, learning_rate=5e-3, num_vectors=1,
                                              initializer_token="drawing"))
