@@ -7,7 +7,7 @@ hand; the authors' recipes use 1,000-15,000, so this config stops at 8000 like t
       --config.model=stable-diffusion-v1-5 --config.data.images=monet2photo/trainA \
       --config.data.captions=monet2photo/captions
 """
-from nsync_jax.train.trainer import default_config
+from nsync_jax.train.config import default_config
 
 
 def get_config():

@@ -15,7 +15,7 @@ low VRAM"); --config.dreamartist.reconstruction=True adds it (lambda 1). Images 
       --prompt "a harbour at dawn in the style of <illustration-special>" \
       --negative-prompt "<illustration-special>-neg" --guidance 3 --output samples/
 """
-from nsync_jax.train.trainer import default_config
+from nsync_jax.train.config import default_config
 
 
 def get_config():

@@ -12,7 +12,7 @@ prompts ("<caption> in the style of zwx"), as DreamBooth/StyleForge do.
 
 The run also writes WORKDIR/lora.safetensors at the end (diffusers' `pipe.load_lora_weights` reads it).
 """
-from nsync_jax.train.trainer import default_config
+from nsync_jax.train.config import default_config
 
 
 def get_config():

@@ -8,7 +8,7 @@ steps, AdamW with weight decay 1e-2 on the token row only.
       --config.model=stable-diffusion-v1-5 --config.data.images=monet2photo/trainA \
       --config.data.captions=monet2photo/captions --config.data.negatives=monet2photo/negatives
 """
-from nsync_jax.train.trainer import default_config
+from nsync_jax.train.config import default_config
 
 
 def get_config():

@@ -5,7 +5,7 @@ command line.
       --config.model=stable-diffusion-2-base --config.data.images=vangogh2photo/trainA \
       --config.data.captions=vangogh2photo/captions --config.data.negatives=vangogh2photo/negatives
 """
-from nsync_jax.train.trainer import default_config
+from nsync_jax.train.config import default_config
 
 
 def get_config():

@@ -17,7 +17,7 @@ Without Aux images, --config.styleforge.generate_aux=20 draws 20 with the class 
 --config.mesh.data=1 --config.mesh.fsdp=-1 (full weights, gradients and AdamW state are sharded over fsdp);
 --config.trainable=lora trains LoRA adapters instead of the full weights.
 """
-from nsync_jax.train.trainer import default_config
+from nsync_jax.train.config import default_config
 
 
 def get_config():

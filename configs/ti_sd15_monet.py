@@ -5,7 +5,7 @@ lr 5e-4 scaled by the batch, 8000 steps, captions + " in the style of <token>", 
       --config.model=stable-diffusion-v1-5 --config.data.images=monet2photo/trainA \
       --config.data.captions=monet2photo/captions
 """
-from nsync_jax.train.trainer import default_config
+from nsync_jax.train.config import default_config
 
 
 def get_config():

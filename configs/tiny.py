@@ -4,7 +4,7 @@ the caller.
   nsync-jax train --config configs/tiny.py --workdir /tmp/tiny --config.model=DIR \
       --config.data.images=DIR/images --config.data.captions=DIR/captions --config.data.negatives=DIR/negatives
 """
-from nsync_jax.train.trainer import default_config
+from nsync_jax.train.config import default_config
 
 
 def get_config():

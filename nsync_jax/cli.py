@@ -229,20 +229,12 @@ def _add_train_parser(subparsers) -> None:
 def _run_train(args) -> None:
     from nsync_jax.config import load_config
     from nsync_jax.distributed import is_main_process
-    from nsync_jax.export import sibling_path
-    from nsync_jax.train.trainer import learned_words, train
+    from nsync_jax.train.trainer import train
 
-    config = load_config(args.config, args.config_overrides)
-    train(config, args.workdir)
-    kind = config.get("trainable", "embeddings")
-    if kind != "embeddings":
-        if is_main_process():
-            wrote = args.workdir / "lora.safetensors" if kind == "lora" else args.workdir / "checkpoints"
-            print(f"wrote {wrote} (nsync-jax export --format diffusers-pipeline writes a model folder)")
-        return
+    result = train(load_config(args.config, args.config_overrides), args.workdir)
     if is_main_process():
-        first = args.workdir / "learned_embeds.safetensors"
-        print("wrote " + ", ".join(str(sibling_path(first, suffix)) for suffix, _, _ in learned_words(config)))
+        wrote = ", ".join(map(str, result.files or [result.checkpoints]))
+        print(f"wrote {wrote} (nsync-jax export writes them for diffusers or A1111)")
 
 
 def _add_export_parser(subparsers) -> None:
@@ -264,22 +256,9 @@ def _add_export_parser(subparsers) -> None:
 
 
 def _run_export(args) -> None:
-    import ml_collections
+    from nsync_jax.train.trainer import export_run
 
-    from nsync_jax.export import MODEL_FORMATS
-    if args.format in MODEL_FORMATS:
-        from nsync_jax.train.trainer import export_run
-
-        print(export_run(args.workdir, args.output, args.format, args.step))
-        return
-
-    from nsync_jax.train.trainer import export_words, learned_words, read_checkpoint_rows
-
-    rows, meta = read_checkpoint_rows(args.workdir, args.step)
-    config = ml_collections.ConfigDict(meta["config"])
-    paths = export_words(args.output, config, rows, meta["step"], fmt=args.format)
-    written = [f"{path} ({token}, {count} vectors)" for path, (_, token, count) in zip(paths, learned_words(config))]
-    print(f"wrote {', '.join(written)}, step {meta['step']}")
+    print(export_run(args.workdir, args.output, args.format, args.step))
 
 
 def _config_with_overrides(default_config, overrides):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from nsync_jax.config import load_config
-from nsync_jax.train import trainer
+from nsync_jax.train.config import check_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 
@@ -20,4 +20,4 @@ def test_config_and_its_documented_command(path):
     if not config.model:  # configs/tiny.py leaves the model and data to the caller
         config.model = "model"
         config.data.images = "images"
-    trainer.check_config(config)
+    check_config(config)

@@ -18,7 +18,11 @@ from nsync_jax.errors import UserError
 from nsync_jax.pipeline import encode_text, load_pipeline
 from nsync_jax.schedulers import add_noise
 from conftest import CONFIG, tiny_config, write_style_dataset
-from nsync_jax.train import trainer
+from nsync_jax.schedulers import NoiseSchedule
+from nsync_jax.train import data as train_data, methods, trainer
+from nsync_jax.train.config import default_config
+from nsync_jax.train.methods import dreamartist
+from nsync_jax.train.step import StepSpec, denoise, draw_latents, group_keys
 from test_train import diffusers_text_states
 
 TOKEN, NEGATIVE = "<tiny-style>", "<tiny-style>-neg"
@@ -36,8 +40,8 @@ def frozen_model(pipe):
     graphdefs, frozen = {}, {}
     for name in ("text_encoder", "unet", "vae"):
         graphdefs[name], frozen[name] = nnx.split(pipe.modules()[name])
-    spec = trainer.StepSpec(graphdefs, trainer.NoiseSchedule.from_config(pipe.scheduler_config),
-                            pipe.vae.config.scaling_factor, jnp.float32, 0)
+    spec = StepSpec(graphdefs, NoiseSchedule.from_config(pipe.scheduler_config), pipe.vae.config.scaling_factor,
+                    jnp.float32, 0)
     return spec, frozen
 
 
@@ -48,14 +52,14 @@ def first_step(sd1_dir, style_dir):
     config = dreamartist_config(sd1_dir, style_dir)
     pipe = load_pipeline(sd1_dir)
     vocab = len(pipe.tokenizer)
-    trainer.add_learned_words(pipe.tokenizer, config)
-    prepared = trainer.prepare_data(pipe, trainer.load_training_data(config), TOKEN, negative_word=NEGATIVE,
-                                    keep_images=True)
-    batch = {k: jnp.asarray(v) for k, v in trainer.step_batch(prepared, "dreamartist", 2, seed=0, step=0).items()}
+    method = methods.get("dreamartist")
+    method.add_words(pipe.tokenizer, config)
+    prepared = train_data.prepare(pipe, method.read_data(config), TOKEN, negative_word=NEGATIVE, keep_images=True)
+    batch = {k: jnp.asarray(v) for k, v in method.batch(prepared, config, step=0).items()}
     spec, frozen = frozen_model(pipe)
-    da = trainer.DreamArtistSpec.from_config(config)
-    gradients = jax.jit(lambda rows, frozen, batch, key: trainer.dreamartist_gradients(spec, da, rows, frozen,
-                                                                                        batch, key))
+    da = dreamartist.DreamArtistSpec.from_config(config)
+    gradients = jax.jit(lambda rows, frozen, batch, key: dreamartist.dreamartist_gradients(spec, da, rows, frozen,
+                                                                                            batch, key))
     return spec, frozen, batch, vocab, gradients
 
 
@@ -70,7 +74,7 @@ def test_fused_gradient_equals_the_fusion_written_out(first_step):
         vae = nnx.merge(spec.graphdefs["vae"], frozen["vae"])
         table = text_encoder.embeddings.token_embedding.embedding[...]
         # The noise and timesteps of the step: both words use the key of group 0.
-        latents, noise, t = trainer.draw_latents(spec, jax.random.fold_in(key, 0), batch["mean"][0],
+        latents, noise, t = draw_latents(spec, jax.random.fold_in(key, 0), batch["mean"][0],
                                                  batch["logvar"][0])
         noisy = add_noise(spec.schedule.alphas_cumprod, latents, noise, t)
 
@@ -110,17 +114,17 @@ def test_guidance_schedules_match_the_released_formulas():
     rho = np.asarray(t) / 999
     ramps = {"ln": rho, "cos": np.cos((rho - 1) * np.pi / 2), "cos2": 1 - np.cos(rho * np.pi / 2)}
     for schedule, ramp in ramps.items():
-        da = trainer.DreamArtistSpec(2, guidance=5.0, guidance_schedule=schedule, guidance_min=1.0)
-        np.testing.assert_allclose(trainer.fusion_guidance(da, t, 1000), 1.0 + 4.0 * ramp, rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(trainer.fusion_guidance(trainer.DreamArtistSpec(2, guidance=3.0), t, 1000), 3.0)
+        da = dreamartist.DreamArtistSpec(2, guidance=5.0, guidance_schedule=schedule, guidance_min=1.0)
+        np.testing.assert_allclose(dreamartist.fusion_guidance(da, t, 1000), 1.0 + 4.0 * ramp, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(dreamartist.fusion_guidance(dreamartist.DreamArtistSpec(2, guidance=3.0), t, 1000), 3.0)
 
 
 def test_optimizer_matches_torch_adamw_with_a_group_and_a_clip_per_word():
-    config = trainer.default_config()
+    config = default_config()
     config.method, config.num_vectors, config.train.scale_lr = "dreamartist", 2, False
     config.train.learning_rate, config.dreamartist.num_negative_vectors = 3e-3, 3
     config.dreamartist.neg_lr_weight, config.dreamartist.ema_weight, config.dreamartist.ema_rep_step = 0.5, 0.9, 3
-    tx = trainer.make_optimizer(config)
+    tx = trainer.make_optimizer(config, methods.get("dreamartist"))
     rng = np.random.default_rng(0)
     rows = rng.standard_normal((5, 4)).astype(np.float32)
     grads = [rng.standard_normal((5, 4)).astype(np.float32) * scale for scale in (3.0, 0.1, 2.0, 0.2, 5.0, 1.0, 0.3)]
@@ -257,8 +261,9 @@ def test_attention_masks_weight_the_denoising_loss(sd1_dir, tmp_path):
     config = dreamartist_config(sd1_dir, root, dreamartist__attention_masks=True)
     config.dreamartist.reconstruction = False
     pipe = load_pipeline(sd1_dir)
-    trainer.add_learned_words(pipe.tokenizer, config)
-    prepared = trainer.prepare_data(pipe, trainer.load_training_data(config), TOKEN, negative_word=NEGATIVE)
+    method = methods.get("dreamartist")
+    method.add_words(pipe.tokenizer, config)
+    prepared = train_data.prepare(pipe, method.read_data(config), TOKEN, negative_word=NEGATIVE)
     weights = prepared.loss_weights
     size = prepared.positives.shape[2]
     assert weights.shape == (4, 2, size, size)
@@ -266,22 +271,23 @@ def test_attention_masks_weight_the_denoising_loss(sd1_dir, tmp_path):
     assert weights[0, 0, :, 0].max() < 0.1 and weights[0, 0, :, -1].min() > 4.9
     np.testing.assert_array_equal(weights[0, 1], weights[0, 0, :, ::-1])  # the mirror image's mask is mirrored
     # The first step whose batch draws the masked image.
-    batch = next(b for b in (trainer.step_batch(prepared, "dreamartist", 4, seed=1, step=s) for s in range(20))
+    config.train.batch_size, config.train.seed = 4, 1
+    batch = next(b for b in (method.batch(prepared, config, step=s) for s in range(20))
                  if (b["weights"] != 1).any())
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     spec, frozen = frozen_model(pipe)
-    da = trainer.DreamArtistSpec.from_config(config)
+    da = dreamartist.DreamArtistSpec.from_config(config)
     rows = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32)), jnp.float32)
     key = jax.random.key(0)
-    masked, _ = trainer.dreamartist_losses(spec, da, rows, frozen, batch, key)
-    prediction, target, _, t = trainer.denoise(spec, jnp.broadcast_to(rows, (2, *rows.shape)), frozen, batch["ids"],
+    masked, _ = dreamartist.dreamartist_losses(spec, da, rows, frozen, batch, key)
+    prediction, target, _, t = denoise(spec, jnp.broadcast_to(rows, (2, *rows.shape)), frozen, batch["ids"],
                                                jnp.broadcast_to(batch["mean"], (2, *batch["mean"].shape[1:])),
                                                jnp.broadcast_to(batch["logvar"], (2, *batch["logvar"].shape[1:])),
-                                               trainer.group_keys(key, 2, share_noise=True))
-    gamma = trainer.fusion_guidance(da, t[1], spec.schedule.num_train_timesteps)[:, None, None, None]
+                                               group_keys(key, 2, share_noise=True))
+    gamma = dreamartist.fusion_guidance(da, t[1], spec.schedule.num_train_timesteps)[:, None, None, None]
     fused = prediction[0] + gamma * (prediction[1] - prediction[0])
     expected = jnp.mean(jnp.square(fused - target[1]) * batch["weights"][0][..., None])
     np.testing.assert_allclose(masked, expected, rtol=1e-6)
-    unweighted, _ = trainer.dreamartist_losses(spec, da, rows, frozen, {k: v for k, v in batch.items()
+    unweighted, _ = dreamartist.dreamartist_losses(spec, da, rows, frozen, {k: v for k, v in batch.items()
                                                                         if k != "weights"}, key)
     assert abs(float(unweighted) - float(masked)) > 1e-3 * float(unweighted)

@@ -47,7 +47,7 @@ def train_on_mesh(name):
     data, fsdp, shard_weights = spec["meshes"][name]
     config = load_config(spec["config"], spec["overrides"] + [
         f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.shard_frozen_weights={shard_weights}"])
-    learned = trainer.train(config, out / name, progress=False)
+    learned = trainer.train(config, out / name, progress=False).trained
     arrays = {"rows": learned} if not isinstance(learned, dict) else {
         f"{part}/{path}": value for part, weights in learned.items() for path, value in weights.items()}
     np.savez(out / f"{name}.npz", **arrays)

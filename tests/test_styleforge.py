@@ -18,7 +18,11 @@ from nsync_jax.errors import UserError
 from nsync_jax.models.vae import sample_posterior
 from nsync_jax.pipeline import load_pipeline
 from nsync_jax.schedulers import add_noise, training_target
-from nsync_jax.train import styleforge, trainer
+from nsync_jax.schedulers import NoiseSchedule
+from nsync_jax.train import methods, trainables, trainer
+from nsync_jax.train.config import check_config
+from nsync_jax.train.methods import styleforge
+from nsync_jax.train.step import StepSpec
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +44,14 @@ def styleforge_config(model, style, aux, **overrides):
 def test_loss_is_instance_mse_plus_weighted_prior_mse(sd1_dir, style_dir, aux_dir, tmp_path):
     config = styleforge_config(sd1_dir, style_dir, aux_dir, trainable="full", full__train_text_encoder=True)
     pipe = load_pipeline(sd1_dir)
-    data = trainer.prepare_concepts(pipe, config, tmp_path, progress=False)
+    data = styleforge.prepare_concepts(pipe, config, tmp_path, progress=False)
     batch = styleforge.step_batch(data, "joint", 10, 2, seed=0, step=3, flip=False)
-    graphdefs, frozen, trained = trainer.split_models(pipe, config, ("text_encoder", "unet"))
-    schedule = trainer.NoiseSchedule.from_config(pipe.scheduler_config)
-    spec = trainer.StepSpec(graphdefs, schedule, pipe.vae.config.scaling_factor, jnp.float32, 0)
+    trainable = trainables.get("full")
+    graphdefs, frozen, trained = trainable.split(pipe, config, methods.get("styleforge"), ("text_encoder", "unet"))
+    schedule = NoiseSchedule.from_config(pipe.scheduler_config)
+    spec = StepSpec(graphdefs, schedule, pipe.vae.config.scaling_factor, jnp.float32, 0, trainable=trainable)
     key = jax.random.key(7)
-    loss, parts = jax.jit(functools.partial(trainer.styleforge_losses, spec, 0.5))(trained, frozen, batch, key)
+    loss, parts = jax.jit(functools.partial(styleforge.styleforge_losses, spec, 0.5))(trained, frozen, batch, key)
 
     # Directly: each group through the text encoder and UNet on its own, with its own latent sample, noise and
     # timesteps, and the mean squared error over its elements.
@@ -101,7 +106,7 @@ def test_random_crop_is_the_short_side_resize_cropped_per_seed():
 def test_config_errors_name_the_key(sd1_dir, style_dir, aux_dir, change, message):
     config = styleforge_config(sd1_dir, style_dir, aux_dir, **change)
     with pytest.raises(UserError, match=message):
-        trainer.check_config(config)
+        check_config(config)
 
 
 def test_multi_concept_run_with_generated_aux_images(sd1_dir, style_dir, aux_dir, tmp_path):
@@ -119,7 +124,7 @@ def test_multi_concept_run_with_generated_aux_images(sd1_dir, style_dir, aux_dir
         "b_people": {"instance_prompt": "a ukj person", "class_prompt": "a person",
                      "images": str(aux_dir), "captions": "", "aux_images": "", "aux_captions": ""}})
     config.styleforge.append_captions = True
-    trained = trainer.train(config, tmp_path / "work", progress=False)
+    trained = trainer.train(config, tmp_path / "work", progress=False).trained
 
     drawn = sorted(p.name for p in (tmp_path / "work" / "aux" / "b_people").glob("*.png"))
     assert drawn == ["aux_0.png", "aux_1.png"]
@@ -136,7 +141,7 @@ def test_multi_concept_run_with_generated_aux_images(sd1_dir, style_dir, aux_dir
                                                                            "b_people": "a ukj person"}
 
     pipe = load_pipeline(sd1_dir)
-    data = trainer.prepare_concepts(pipe, config, tmp_path / "work", progress=False)
+    data = styleforge.prepare_concepts(pipe, config, tmp_path / "work", progress=False)
     captions = [(style_dir / "captions" / f"item{i}.txt").read_text() for i in range(4)]
     np.testing.assert_array_equal(data[0].style_ids, tokens.tokenize(pipe.tokenizer,
                                                                      [f"zwx style, {c}" for c in captions]))
@@ -144,8 +149,9 @@ def test_multi_concept_run_with_generated_aux_images(sd1_dir, style_dir, aux_dir
     np.testing.assert_array_equal(data[1].aux_ids, tokens.tokenize(pipe.tokenizer, ["a person"] * 2))
 
     # The sample grids draw with the adapters as trained so far.
-    trainer.split_models(pipe, config, ("text_encoder", "unet"))  # puts (untrained) adapters on the pipeline
-    trainer.show_trained(pipe, jax.tree.map(jnp.asarray, trained), "lora")
+    lora_trainable = trainables.get("lora")
+    lora_trainable.split(pipe, config, methods.get("styleforge"), ("text_encoder", "unet"))  # untrained adapters
+    lora_trainable.show(pipe, jax.tree.map(jnp.asarray, trained))
     adapter = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
     key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_up"
     np.testing.assert_array_equal(np.asarray(adapter.lora_up[...]), trained["unet"][key])

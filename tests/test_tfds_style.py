@@ -74,7 +74,7 @@ def test_training_from_a_prepared_dataset_equals_training_from_folders(sd1_dir, 
     root = write_style_dataset(tmp_path / "style")
     tfds_style.prepare(tmp_path / "prepared", root)
     config = tiny_config(sd1_dir, root, train__steps=2)
-    from_folders = trainer.train(config, tmp_path / "folders", progress=False)
+    from_folders = trainer.train(config, tmp_path / "folders", progress=False).trained
     config.data.images = config.data.captions = config.data.negatives = ""
     config.data.prepared = str(tmp_path / "prepared")
-    np.testing.assert_array_equal(trainer.train(config, tmp_path / "tfds", progress=False), from_folders)
+    np.testing.assert_array_equal(trainer.train(config, tmp_path / "tfds", progress=False).trained, from_folders)

@@ -14,7 +14,7 @@ from nsync_jax.errors import UserError
 from nsync_jax.pipeline import load_pipeline
 from nsync_jax.sampling import SampleSettings, generate, initial_latents
 from nsync_jax.toyworld import demo, pretrain, world
-from nsync_jax.train import trainer
+from nsync_jax.train.config import check_config
 
 PROMPTS = ["a red star on a white background in the style of striped", "a blue circle on a gray background"]
 
@@ -211,7 +211,7 @@ def test_every_benchmark_run_has_a_valid_training_config(tmp_path):
     scene = world.sample_scenes(0, 1, styles=("halftone",))[0]
     for run in demo.RUNS:
         run_config = demo.training_config(config, run, tmp_path)
-        trainer.check_config(run_config)
+        check_config(run_config)
         prompt = demo.test_prompt(run, scene)
         if run_config.get("trainable", "embeddings") == "embeddings":
             assert demo.token(run) in prompt and run_config.placeholder_token == demo.token(run)

@@ -18,7 +18,10 @@ from nsync_jax.config import load_config
 from nsync_jax.data.style_dataset import load_style_dataset
 from nsync_jax.errors import UserError
 from nsync_jax.pipeline import encode_text, load_pipeline
-from nsync_jax.train import trainer
+from nsync_jax import checkpoints
+from nsync_jax.schedulers import NoiseSchedule
+from nsync_jax.train import data as train_data, methods, step as train_step, trainer
+from nsync_jax.train.config import check_config
 
 def diffusers_text_states(model, files, prompts, token=None):
     """diffusers' pipeline after `load_textual_inversion(files, token=token)`, its token ids of `prompts` and
@@ -43,12 +46,12 @@ def nsync_step_inputs(sd1_dir, style_dir):
     tokens.add_placeholder_tokens(pipe.tokenizer, config.placeholder_token, config.num_vectors)
     dataset = load_style_dataset(style_dir / "images", captions=style_dir / "captions",
                                  negatives=style_dir / "negatives", resolution=32)
-    data = trainer.prepare_data(pipe, dataset, config.placeholder_token)
-    batch = {k: jnp.asarray(v) for k, v in trainer.step_batch(data, "nsync", 2, seed=0, step=0).items()}
+    data = train_data.prepare(pipe, dataset, config.placeholder_token)
+    batch = {k: jnp.asarray(v) for k, v in methods.get("nsync").batch(data, config, step=0).items()}
     graphdefs, frozen = {}, {}
     for name in ("text_encoder", "unet"):
         graphdefs[name], frozen[name] = nnx.split(pipe.modules()[name])
-    spec = trainer.StepSpec(graphdefs, trainer.NoiseSchedule.from_config(pipe.scheduler_config),
+    spec = train_step.StepSpec(graphdefs, NoiseSchedule.from_config(pipe.scheduler_config),
                             pipe.vae.config.scaling_factor, jnp.float32, 0)
     rows = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32)), jnp.float32)
     return spec, frozen, batch, rows
@@ -56,15 +59,15 @@ def nsync_step_inputs(sd1_dir, style_dir):
 
 def test_fused_gradients_equal_separate_gradients(sd1_dir, style_dir):
     spec, frozen, batch, rows = nsync_step_inputs(sd1_dir, style_dir)
-    keys = trainer.group_keys(jax.random.key(0), 3, share_noise=False)
+    keys = train_step.group_keys(jax.random.key(0), 3, share_noise=False)
 
     def fused_loss(group_rows, spec):
-        return trainer.denoising_losses(spec, group_rows, frozen, batch["ids"], batch["mean"], batch["logvar"],
+        return train_step.denoising_losses(spec, group_rows, frozen, batch["ids"], batch["mean"], batch["logvar"],
                                         keys).sum()
 
     def one_group_loss(group_rows, group):  # `group` is traced: the three gradients share one compilation
         take = lambda x: jax.lax.dynamic_slice_in_dim(x, group, 1)
-        return trainer.denoising_losses(spec, group_rows, frozen, take(batch["ids"]), take(batch["mean"]),
+        return train_step.denoising_losses(spec, group_rows, frozen, take(batch["ids"]), take(batch["mean"]),
                                         take(batch["logvar"]), take(keys)).sum()
 
     fused = jax.jit(jax.grad(lambda r: fused_loss(r, spec)))(jnp.broadcast_to(rows, (3, 2, 32)))
@@ -89,10 +92,12 @@ def test_nonfinite_steps_are_skipped_when_asked(sd1_dir, style_dir):
     graphdefs, frozen = {}, {}
     for name in ("text_encoder", "unet"):
         graphdefs[name], frozen[name] = nnx.split(pipe.modules()[name])
-    spec = trainer.StepSpec(graphdefs, trainer.NoiseSchedule.from_config(pipe.scheduler_config),
+    spec = train_step.StepSpec(graphdefs, NoiseSchedule.from_config(pipe.scheduler_config),
                             pipe.vae.config.scaling_factor, jnp.float32, 0)
-    tx = trainer.make_optimizer(config)
-    step = jax.jit(trainer.make_train_step(spec, tx, "textual_inversion", False, skip_nonfinite=True))
+    method = methods.get("textual_inversion")
+    tx = trainer.make_optimizer(config, method)
+    step = jax.jit(train_step.make_train_step(method.gradients(spec, config), tx, norm_metric="row_norm",
+                                              skip_nonfinite=True))
     rows = jnp.ones((2, 32), jnp.float32)
     opt_state = tx.init(rows)
     ids = np.asarray(tokens.tokenize(pipe.tokenizer, ["a red star"]))[None]
@@ -112,11 +117,13 @@ def test_variants_without_the_anchor_term_do_not_run_the_anchor(sd1_dir, style_d
     spec, frozen, batch, rows = nsync_step_inputs(sd1_dir, style_dir)
     other_anchor = {k: jnp.concatenate([v[:2], v[1:2]]) for k, v in batch.items()}  # the negatives as anchors
     key = jax.random.key(3)
-    pos, extra, _ = jax.jit(lambda b: trainer.group_gradients(spec, 3, False, rows, frozen, b, key))(batch)
+    pos, extra, _ = jax.jit(lambda b: train_step.group_gradients(spec, 3, False, rows, frozen, b, key))(batch)
     for variant in ("orthogonal", "orthogonal_anchor", "released", "mean"):
         # The update is -1e4 x the refined gradient: large enough to stand out of the rows' float32 rounding.
         tx = optax.chain(orthogonal_projection(variant), optax.sgd(1e4))
-        step = jax.jit(trainer.make_train_step(spec, tx, "nsync", False, nsync_variant=variant))
+        config = tiny_config(sd1_dir, style_dir, nsync__variant=variant)
+        step = jax.jit(train_step.make_train_step(methods.get("nsync").gradients(spec, config), tx,
+                                                  norm_metric="row_norm"))
         new_rows, _, metrics = step(rows, tx.init(rows), frozen, batch, key)
         # The positive and negative gradients are those of the three-group pass, refined as the variant says.
         refined = refine_gradients(pos, extra["negative_grads"], extra["anchor_grads"], variant=variant)
@@ -135,30 +142,30 @@ def test_training_can_start_from_an_embedding_file(tmp_path):
     learned = np.random.default_rng(1).standard_normal((2, 32)).astype(np.float32)
     write_embeddings(tmp_path / "start.safetensors", "<old>", learned)
     config.initializer_embedding = str(tmp_path / "start.safetensors")
-    np.testing.assert_array_equal(trainer.starting_rows(config, table, tokenizer=None), learned)
+    np.testing.assert_array_equal(methods.get("nsync").initial_rows(config, table, tokenizer=None), learned)
     config.num_vectors = 3
     with pytest.raises(UserError, match="start.safetensors: embedding of shape \\(2, 32\\), the run needs"):
-        trainer.starting_rows(config, table, tokenizer=None)
+        methods.get("nsync").initial_rows(config, table, tokenizer=None)
 
 
 # The same resume code serves both methods; the Textual Inversion case runs with `-m slow` (about 2 minutes).
 @pytest.mark.parametrize("method", ["nsync", pytest.param("textual_inversion", marks=pytest.mark.slow)])
 def test_resume_is_bit_identical(sd1_dir, style_dir, tmp_path, monkeypatch, method):
     config = tiny_config(sd1_dir, style_dir, method=method)
-    straight = trainer.train(config, tmp_path / "straight", progress=False)
+    straight = trainer.train(config, tmp_path / "straight", progress=False).trained
     # The second run is stopped by SIGTERM during its third step (as a cluster's preemption would), then rerun.
-    batch_of_step = trainer.step_batch
+    draw_of_step = train_data.draw_examples
 
-    def terminated_at_third_step(*args):
-        if args[4] == 2:  # the step index
+    def terminated_at_third_step(*args, **kwargs):
+        if args[3] == 2:  # the step index
             os.kill(os.getpid(), signal.SIGTERM)
-        return batch_of_step(*args)
+        return draw_of_step(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "step_batch", terminated_at_third_step)
+    monkeypatch.setattr(train_data, "draw_examples", terminated_at_third_step)
     with pytest.raises(UserError, match=r"stopped by SIGTERM after step 3; .* run the same command again"):
         trainer.train(config, tmp_path / "resumed", progress=False)
     monkeypatch.undo()
-    resumed = trainer.train(config, tmp_path / "resumed", progress=False)
+    resumed = trainer.train(config, tmp_path / "resumed", progress=False).trained
     np.testing.assert_array_equal(straight, resumed)
     from safetensors.numpy import load_file
 
@@ -226,35 +233,35 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(CONFIG, ["--config.train.steps=many"])
     config.method = "dreambooth"
     with pytest.raises(UserError, match="config method='dreambooth' must be one of"):
-        trainer.check_config(config)
+        check_config(config)
 
 
 def test_max_timestep_bounds_the_training_timesteps():
-    schedule = trainer.NoiseSchedule.from_config({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+    schedule = NoiseSchedule.from_config({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
                                                   "beta_start": 0.00085, "beta_end": 0.012})
     mean = np.zeros((512, 2, 2, 4), np.float32)
-    draw = lambda max_timestep: np.asarray(trainer.draw_latents(
-        trainer.StepSpec(None, schedule, 1.0, jnp.float32, 0, max_timestep=max_timestep),
+    draw = lambda max_timestep: np.asarray(train_step.draw_latents(
+        train_step.StepSpec(None, schedule, 1.0, jnp.float32, 0, max_timestep=max_timestep),
         jax.random.key(0), mean, mean)[2])
     assert draw(300).max() < 300 and draw(300).min() == 0 and len(set(draw(300))) > 200
     assert draw(0).max() > 900  # 0: the whole schedule
     config = load_config(CONFIG, ["--config.train.max_timestep=-1", "--config.method=textual_inversion"])
     with pytest.raises(UserError, match="train.max_timestep=-1"):
-        trainer.check_config(config)
+        check_config(config)
 
 
 def test_bfloat16_compute_keeps_float32_rows_and_state(sd1_dir, style_dir, tmp_path):
     """train.dtype=bfloat16 runs the frozen model in bf16; the rows and AdamW moments stay float32, and the
     run follows the float32 one closely (a bf16 master copy would lose updates of 1e-3 relative size)."""
     config = tiny_config(sd1_dir, style_dir, train__steps=3)
-    full = trainer.train(config, tmp_path / "float32", progress=False)
+    full = trainer.train(config, tmp_path / "float32", progress=False).trained
     config.train.dtype = "bfloat16"
-    half = trainer.train(config, tmp_path / "bfloat16", progress=False)
-    manager = trainer.checkpoint_manager(tmp_path / "bfloat16", keep=3)
+    half = trainer.train(config, tmp_path / "bfloat16", progress=False).trained
+    manager = checkpoints.manager(tmp_path / "bfloat16" / "checkpoints", keep=3)
     state = manager.item_metadata(3)["state"]
     assert {leaf.dtype for leaf in jax.tree.leaves(state) if leaf.dtype != np.int32} == {np.dtype(np.float32)}
     pipe = load_pipeline(sd1_dir)
-    initial = trainer.starting_rows(config, np.asarray(pipe.text_encoder.embeddings.token_embedding.embedding[...]),
+    initial = methods.get("nsync").initial_rows(config, np.asarray(pipe.text_encoder.embeddings.token_embedding.embedding[...]),
                                     pipe.tokenizer)
     # Adam moves every coordinate by about the learning rate whatever its gradient's size, so one whose gradient
     # is near zero can go either way in bf16 (seen on a CPU with native bf16 arithmetic, AMD EPYC with
@@ -274,8 +281,8 @@ def test_gradient_accumulation_averages_the_microbatches():
     params = {"w": jnp.arange(3.0)}
     batch = {"x": jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, 3)), jnp.float32)}
     key = jax.random.key(1)
-    got = jax.jit(trainer.accumulate(gradients, 3))(params, 0.5, batch, key)
+    got = jax.jit(train_step.accumulate(gradients, 3))(params, 0.5, batch, key)
     parts = [gradients(params, 0.5, {"x": batch["x"][:, i::3]}, jax.random.fold_in(key, i)) for i in range(3)]
     want = jax.tree.map(lambda *xs: sum(xs) / 3, *parts)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
-    assert trainer.accumulate(gradients, 1) is gradients
+    assert train_step.accumulate(gradients, 1) is gradients

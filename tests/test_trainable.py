@@ -16,7 +16,9 @@ from nsync_jax.cli import main
 from nsync_jax.imageio import to_uint8
 from nsync_jax.pipeline import encode_text, load_pipeline
 from nsync_jax.sampling import initial_latents
-from nsync_jax.train import trainer
+from nsync_jax import checkpoints
+from nsync_jax.schedulers import NoiseSchedule
+from nsync_jax.train import methods, step as train_step, trainables, trainer
 
 PROMPT = "a cat in the style of zwx"
 # Images of both samplers: the model's own scheduler (PNDM for the tiny SD1), guidance 7.5 (the default of
@@ -51,13 +53,14 @@ def flat_state(module):
 
 def first_step(pipe, config):
     """One jitted step as `trainer.train` builds it: (trained before, trained after, frozen states)."""
-    data = trainer.prepare_data(pipe, trainer.load_training_data(config), config.placeholder_token)
-    graphdefs, frozen, trained = trainer.split_models(pipe, config, ("text_encoder", "unet"))
-    spec = trainer.StepSpec(graphdefs, trainer.NoiseSchedule.from_config(pipe.scheduler_config),
-                            pipe.vae.config.scaling_factor, jnp.float32, 0)
-    tx = trainer.make_optimizer(config)
-    step = jax.jit(trainer.make_train_step(spec, tx, config.method, False))
-    batch = trainer.step_batch(data, config.method, 2, seed=0, step=0)
+    method, trainable = methods.get(config.method), trainables.get(config.trainable)
+    graphdefs, frozen, trained = trainable.split(pipe, config, method, ("text_encoder", "unet"))
+    data = method.prepare(pipe, method.read_data(config), config, workdir=None, progress=False)
+    spec = train_step.StepSpec(graphdefs, NoiseSchedule.from_config(pipe.scheduler_config),
+                               pipe.vae.config.scaling_factor, jnp.float32, 0, trainable=trainable)
+    tx = trainer.make_optimizer(config, method)
+    step = jax.jit(train_step.make_train_step(method.gradients(spec, config), tx, norm_metric=trainable.norm_metric))
+    batch = data.batch(0)
     before = jax.tree.map(np.asarray, trained)
     after, _, metrics = step(trained, tx.init(trained), frozen, batch, jax.random.key(0))
     assert np.isfinite(metrics["loss"])
@@ -116,16 +119,16 @@ def test_resume_is_bit_identical(sd1_dir, style_dir, tmp_path, kind):
         config = tiny_config(sd1_dir, style_dir, trainable="full", placeholder_token="zwx",
                              method="textual_inversion", nsync__granularity="leaf")
     config.train.steps = 4
-    straight = trainer.train(config, tmp_path / "straight", progress=False)
+    straight = trainer.train(config, tmp_path / "straight", progress=False).trained
     config.train.steps = 2
     trainer.train(config, tmp_path / "resumed", progress=False)
     config.train.steps = 4
-    resumed = trainer.train(config, tmp_path / "resumed", progress=False)
+    resumed = trainer.train(config, tmp_path / "resumed", progress=False).trained
     assert straight.keys() == resumed.keys() == {"unet", "text_encoder"}
     for part in straight:
         assert all(np.array_equal(straight[part][k], resumed[part][k]) for k in straight[part])
     # Checkpoints hold only the trained part and its optimizer state.
-    state = trainer.checkpoint_manager(tmp_path / "resumed", keep=3).item_metadata(4)["state"]
+    state = checkpoints.manager(tmp_path / "resumed" / "checkpoints", keep=3).item_metadata(4)["state"]
     assert set(state) == {"params", "opt_state"}
     assert jax.tree.structure(state["params"]) == jax.tree.structure(straight)
 
@@ -276,7 +279,7 @@ def test_full_export_is_a_diffusers_pipeline(sd1_dir, style_dir, tmp_path, capsy
 
     config = tiny_config(sd1_dir, style_dir, trainable="full", placeholder_token="zwx", method="textual_inversion",
                          train__steps=2, train__learning_rate=1e-3)
-    trained = trainer.train(config, tmp_path / "work", progress=False)
+    trained = trainer.train(config, tmp_path / "work", progress=False).trained
     out = tmp_path / "exported"
     assert main(["export", "--workdir", str(tmp_path / "work"), "--format", "diffusers-pipeline",
                  "--output", str(out)]) == 0, capsys.readouterr().err

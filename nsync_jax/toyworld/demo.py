@@ -30,7 +30,8 @@ from nsync_jax.pipeline import load_pipeline
 from nsync_jax.toyworld import judge as judge_lib
 from nsync_jax.toyworld import world
 from nsync_jax.toyworld.pretrain import BUNDLED_MODEL
-from nsync_jax.train import trainer
+from nsync_jax.train import methods, trainables, trainer
+from nsync_jax.train.config import default_config as training_defaults
 
 BUNDLED_JUDGE = Path(__file__).parent / "assets" / "judge"
 # Adapters on the UNet's attention and feed-forward layers (the text encoder's moved the colour words towards the
@@ -139,7 +140,7 @@ def draw(pipe, prompts: list[str], config, folder: Path, stems: list[str], progr
 
 
 def training_config(config, run: str, data: Path) -> ml_collections.ConfigDict:
-    c = trainer.default_config()
+    c = training_defaults()
     c.model = config.model
     c.placeholder_token = RARE_WORD if "trainable" in RUNS[run] else token(run)
     c.initializer_token = config.train.initializer_token
@@ -158,7 +159,7 @@ def training_config(config, run: str, data: Path) -> ml_collections.ConfigDict:
         for part in parents:
             node = node[part]
         node[leaf] = value
-    c.data.negatives = str(data / "negatives") if c.method == "nsync" else ""
+    c.data.negatives = str(data / "negatives") if methods.get(c.method).contrastive else ""
     if c.method == "styleforge":
         c.data.aux_images, c.data.aux_captions = str(data / "aux" / "images"), str(data / "aux" / "captions")
     return c
@@ -238,19 +239,18 @@ def run_demo(config: ml_collections.ConfigDict, output: Path, *, progress: bool 
         shutil.rmtree(workdir, ignore_errors=True)  # a rerun trains from scratch rather than resuming a finished run
         run_config = training_config(config, run, data)
         handoffs[run] = run_config.train.max_timestep
-        trained = trainer.train(run_config, workdir, progress=progress)
-        if isinstance(trained, dict):
+        result = trainer.train(run_config, workdir, progress=progress)
+        trainable = trainables.get(run_config.trainable)
+        if trainable.trains_modules:
             pipes[run] = load_pipeline(Path(config.model))
-            trainer.merge_trained(pipes[run].modules(), trained, run_config, source=workdir)
+            trainable.merge(pipes[run].modules(), result.trained, run_config, source=workdir)
             continue
         (output / "embeddings").mkdir(exist_ok=True)
-        for word_suffix, word, _ in trainer.learned_words(run_config):
-            for suffix in (".safetensors", ".json"):
-                shutil.copyfile(workdir / f"learned_embeds{word_suffix}{suffix}",
-                                output / "embeddings" / f"{run}{word_suffix}{suffix}")
-            pipe.add_embeddings(output / "embeddings" / f"{run}{word_suffix}.safetensors")
-            if word_suffix == trainer.NEGATIVE_SUFFIX:
-                negative_prompts[run] = word
+        for path in result.files:  # learned_embeds<suffix>.safetensors and its .json, as <run><suffix>.*
+            for written in (path, path.with_suffix(".json")):
+                shutil.copyfile(written, output / "embeddings" / written.name.replace("learned_embeds", run))
+            pipe.add_embeddings(output / "embeddings" / path.name.replace("learned_embeds", run))
+        negative_prompts[run] = methods.get(run_config.method).preview_negative_prompt(run_config)
 
     # --- test captions: real renders, the base model, each learned token ---
     test_scenes = world.sample_scenes(config.seed + 1, config.test_images, styles=(config.style,))

@@ -28,7 +28,8 @@ from flax import nnx
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from nsync_jax import distributed, tokens, weights
+from nsync_jax import checkpoints as ckpt, distributed, tokens, weights
+from nsync_jax.data import latent_cache
 from nsync_jax.files import atomic_folder, write_json
 from nsync_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from nsync_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -36,7 +37,6 @@ from nsync_jax.errors import UserError
 from nsync_jax.models.vae import AutoencoderKL, VAEConfig, load_vae, sample_posterior
 from nsync_jax.schedulers import NoiseSchedule, add_noise, min_snr_weights, training_target
 from nsync_jax.toyworld import world
-from nsync_jax.train import trainer
 
 ASSETS = Path(__file__).parent / "assets"
 BUNDLED_MODEL = ASSETS / "sd-toyworld"
@@ -175,11 +175,11 @@ def fit(name: str, params, loss_fn: Callable, batch_fn: Callable[[int], Any], *,
     if ema_decay:
         state["ema"] = jax.device_put(params, replicated, may_alias=False)
 
-    manager = trainer.checkpoint_manager(Path(checkpoints) / name, keep=1) if checkpoints else None
+    manager = ckpt.manager(Path(checkpoints) / name / "checkpoints", keep=1) if checkpoints else None
     first, rows, running = 0, [], []
     if manager is not None and manager.latest_step() is not None:
         first = manager.latest_step()
-        state, meta = trainer.restore_checkpoint(manager, first, state)
+        state, meta = ckpt.restore(manager, first, state)
         rows, running = meta["log"], [np.float32(loss) for loss in meta["running"]]
         for row in rows:
             log(row)
@@ -191,7 +191,7 @@ def fit(name: str, params, loss_fn: Callable, batch_fn: Callable[[int], Any], *,
     bar = tqdm(total=steps, initial=first, desc=name, unit="step", disable=not progress)
     done = first
     # Without checkpoints SIGTERM kills as usual.
-    with trainer.stop_on_sigterm(enabled=manager is not None) as stop_requested:
+    with ckpt.stop_on_sigterm(enabled=manager is not None) as stop_requested:
         try:
             for step in range(first, steps):
                 batch = jax.tree.map(lambda x: distributed.put(x, split), batch_fn(step))
@@ -209,7 +209,7 @@ def fit(name: str, params, loss_fn: Callable, batch_fn: Callable[[int], Any], *,
                 if manager is not None and (done % checkpoint_every == 0 or done == steps or stop_requested):
                     # The losses since the last curve row too, so that a resumed run's curve is the same.
                     losses = [float(x) for x in jax.device_get(running)]
-                    trainer.save_checkpoint(manager, done, state, {"step": done, "log": rows, "running": losses})
+                    ckpt.save(manager, done, state, {"step": done, "log": rows, "running": losses})
                 if stop_requested:
                     break
         finally:
@@ -347,12 +347,9 @@ def make_deterministic(vae: AutoencoderKL) -> None:
     vae.quant_conv.bias[channels:] = -30.0
 
 
-def encode_pool(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Posterior moments `(N, h, w, 2c)` of every pool image."""
-    graphdef, state = nnx.split(vae)
-    encode = jax.jit(lambda state, x: jnp.concatenate(nnx.merge(graphdef, state).encode(x), axis=-1))
-    return np.concatenate([np.asarray(encode(state, to_signed(images[i:i + batch_size])))
-                           for i in range(0, len(images), batch_size)])
+def encode_pool(vae: AutoencoderKL, images: np.ndarray) -> np.ndarray:
+    """Posterior moments `(N, h, w, 2c)` of every pool image (uint8, converted a batch at a time)."""
+    return latent_cache.posterior_moments(vae, images, batch_size=256, to_pixels=to_signed)
 
 
 def train_denoiser(text_encoder: CLIPTextModel, unet: UNet2DConditionModel, latents: np.ndarray, ids: np.ndarray,

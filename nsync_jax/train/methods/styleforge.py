@@ -1,4 +1,7 @@
-"""StyleForge's data: concepts, their StyleRef and Aux images and prompts, and the examples of each step.
+"""StyleForge (DreamBooth's dual binding for a style): a StyleRef group ("zwx style") and an Aux group ("style")
+run through the same weights, each with its own noise and timesteps, minimising MSE(ref) + lambda MSE(aux); what
+is trained is LoRA adapters or the full weights (`trainable`). Here too: its concepts, their StyleRef and Aux
+images and prompts, and the examples of each step.
 
 A concept binds its StyleRef images to an identifier prompt ("zwx style") and its Aux images to the class
 prompt ("style"), DreamBooth's instance and prior sets. Single-StyleForge (StyleBoost) has one concept, from
@@ -15,11 +18,19 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
+import optax
 
+from nsync_jax import distributed, negatives, tokens
+from nsync_jax.data.latent_cache import mirrored_moments
 from nsync_jax.data.style_dataset import StyleDataset, build_style_dataset, find_style_items
 from nsync_jax.errors import UserError
+from nsync_jax.sampling import SampleSettings
+from nsync_jax.train import data as train_data, trainables
+from nsync_jax.train.methods.base import Method
+from nsync_jax.train.step import StepSpec, denoising_losses, group_keys
 
 SCHEDULES = ("joint", "sequential")
 CONCEPT_KEYS = ("instance_prompt", "class_prompt", "images", "captions", "aux_images", "aux_captions")
@@ -43,7 +54,7 @@ def concepts_from_config(config: ml_collections.ConfigDict) -> list[Concept]:
     sf, data = config.styleforge, config.data
     if not sf.concepts:
         return [Concept(SINGLE, sf.instance_prompt, sf.class_prompt, data.images, data.captions,
-                        data.get("aux_images", ""), data.get("aux_captions", ""))]
+                        data.aux_images, data.aux_captions)]
     concepts = []
     for name in sorted(sf.concepts.keys()):
         entry = sf.concepts[name]
@@ -56,13 +67,12 @@ def concepts_from_config(config: ml_collections.ConfigDict) -> list[Concept]:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    if "styleforge" not in config:
-        raise UserError("config key styleforge is missing (start from trainer.default_config())")
     sf, data = config.styleforge, config.data
-    if config.get("trainable", "embeddings") == "embeddings":
-        raise UserError("config method styleforge fine-tunes weights: set trainable='full' (as released) or 'lora'")
+    if not trainables.get(config.trainable).trains_modules:
+        raise UserError(f"config method styleforge fine-tunes weights, not trainable={config.trainable!r}: set "
+                        "trainable='full' (as released) or 'lora'")
     for key in ("prepared", "negatives"):
-        if data.get(key):
+        if data[key]:
             raise UserError(f"config data.{key}={data[key]!r} is not used by method styleforge (it reads "
                             "StyleRef images and Aux images): leave it empty")
     if sf.concepts and data.images:
@@ -115,8 +125,8 @@ def read_concept(concept: Concept, aux_folder: Path, config) -> ConceptImages:
 
     def load(images, captions):
         items = find_style_items(Path(images), captions=Path(captions) if captions else None, negatives=None,
-                                 skip_bad_items=data.get("skip_bad_items", False))
-        return build_style_dataset(items, data.resolution, data.get("resize", "squash"), config.train.seed)
+                                 skip_bad_items=data.skip_bad_items)
+        return build_style_dataset(items, data.resolution, data.resize, config.train.seed)
 
     refs = load(concept.images, concept.captions)
     aux = load(concept.aux_images or aux_folder, concept.aux_captions)
@@ -163,3 +173,73 @@ def step_batch(concepts: list[ConceptData], schedule: str, steps: int, batch_siz
     moments = np.stack([m[i, f] for (_, m), i, f in zip(groups, picks, flips)])
     mean, logvar = np.split(moments, 2, axis=-1)
     return {"ids": np.stack([ids[i] for (ids, _), i in zip(groups, picks)]), "mean": mean, "logvar": logvar}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The method.
+# ------------------------------------------------------------------------------------------------------------
+
+def styleforge_losses(spec: StepSpec, prior_loss_weight: float, params, frozen, batch, key):
+    """MSE(ref) + lambda MSE(aux) and its parts. batch: ids, mean, logvar `(2, batch, ...)`, the StyleRef
+    group then the Aux group; each group draws its own latent sample, noise and timesteps."""
+    losses = denoising_losses(spec, params, frozen, batch["ids"], batch["mean"], batch["logvar"],
+                              group_keys(key, 2, share_noise=False), shared=True)
+    return losses[0] + prior_loss_weight * losses[1], {"loss_instance": losses[0], "loss_prior": losses[1]}
+
+
+def styleforge_gradients(spec: StepSpec, prior_loss_weight: float, params, frozen, batch, key):
+    """The gradient of StyleForge's loss, no extra optimizer arguments, and metrics."""
+    (loss, parts), grads = jax.value_and_grad(styleforge_losses, argnums=2, has_aux=True)(
+        spec, prior_loss_weight, params, frozen, batch, key)
+    return grads, {}, {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
+
+
+def prepare_concepts(pipe, config, workdir: Path, progress: bool) -> list[ConceptData]:
+    """Each concept's prompt ids and cached posteriors. Aux images a concept does not give are drawn first with
+    its class prompt into WORKDIR/aux/<concept> (resumable: a rerun keeps the images drawn)."""
+    ids = lambda prompts: tokens.tokenize(pipe.tokenizer, prompts)
+    prepared = []
+    for concept in concepts_from_config(config):
+        aux_folder = workdir / "aux" / concept.name
+        if not concept.aux_images:
+            sample, resolution = config.sample, config.data.resolution
+            settings = SampleSettings(scheduler=sample.scheduler, steps=sample.steps, guidance=sample.guidance,
+                                      height=resolution, width=resolution, clip_skip=config.clip_skip)
+            negatives.generate_set(pipe, {"aux": concept.class_prompt}, aux_folder, settings=settings,
+                                   seed=config.train.seed, images_per_caption=config.styleforge.generate_aux,
+                                   model_name=str(config.model), progress=progress)
+            distributed.barrier("styleforge_aux")  # process 0 wrote the files the others read next
+        images = read_concept(concept, aux_folder, config)
+        prepared.append(ConceptData(
+            style_prompts=images.style_prompts, style_ids=ids(images.style_prompts),
+            style_refs=mirrored_moments(pipe.vae, images.style_refs.positives),
+            aux_ids=ids(images.aux_prompts), aux=mirrored_moments(pipe.vae, images.aux.positives)))
+    return prepared
+
+
+class StyleForge(Method):
+    name = "styleforge"
+
+    def check_config(self, config):
+        check_config(config)
+
+    def read_data(self, config):
+        return None  # each concept's folders are read once the model is loaded (it may draw Aux images)
+
+    def prepare(self, pipe, dataset, config, workdir, progress):
+        concepts = prepare_concepts(pipe, config, workdir, progress)
+        sf, train = config.styleforge, config.train
+
+        def batch(step):
+            return step_batch(concepts, sf.schedule, train.steps, train.batch_size, train.seed, step, config.data.flip)
+
+        # A sequential Multi-StyleForge run starts each concept with a fresh optimizer state.
+        return train_data.TrainingData(batch, concepts[0].style_prompts,
+                                       frozenset(optimizer_restarts(train.steps, len(concepts), sf.schedule)))
+
+    def gradients(self, spec, config):
+        weight = config.styleforge.prior_loss_weight
+        return lambda params, frozen, batch, key: styleforge_gradients(spec, weight, params, frozen, batch, key)
+
+    def metadata(self, config):  # what to prompt with: the identifiers, not placeholder_token
+        return {"token": None, "prompts": {c.name: c.instance_prompt for c in concepts_from_config(config)}}

@@ -1,0 +1,132 @@
+"""A style dataset made ready for training, and the examples of each step (a function of seed and step).
+
+`TrainingData` is what a method hands the trainer: the batch of any step (numpy, groups first:
+`(groups, batch, ...)`), the prompts of the preview grids, and the steps at which the optimizer starts afresh.
+Textual Inversion, NSYNC and DreamArtist read one style dataset (`read_style_dataset`, `prepare`,
+`draw_examples`); StyleForge reads its concepts (`methods/styleforge.py`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import ml_collections
+import numpy as np
+
+from nsync_jax import tokens
+from nsync_jax.data import tfds_style
+from nsync_jax.data.latent_cache import mirrored_moments
+from nsync_jax.data.style_dataset import StyleDataset, build_style_dataset, find_style_items, mask_weights
+from nsync_jax.errors import UserError
+
+# Prompts for images without captions (Textual Inversion's style templates).
+STYLE_TEMPLATES = ("a painting in the style of {}", "a rendering in the style of {}", "a picture in the style of {}",
+                   "a cropped painting in the style of {}", "a good painting in the style of {}",
+                   "a close-up painting in the style of {}", "a nice painting in the style of {}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingData:
+    batch: Callable[[int], dict[str, np.ndarray]]  # the examples of a step
+    preview_prompts: list[str]  # the sample grids draw the first `sample.count` of these
+    optimizer_restarts: frozenset[int] = frozenset()  # steps that start with a fresh optimizer state
+
+
+@dataclasses.dataclass
+class PreparedData:
+    ids: np.ndarray  # (N or templates, tokens) int32 prompt ids for each positive (captioned) or template
+    positives: np.ndarray  # (N, 2, h, w, 2c) posterior moments of each image and its mirror image
+    negatives: np.ndarray | None
+    captioned: bool
+    prompts: list[str]  # the prompts of `ids`
+    negative_word_ids: np.ndarray | None = None  # DreamArtist: `ids` with the negative word for the token
+    loss_weights: np.ndarray | None = None  # DreamArtist's attention masks: (N, 2, h, w), the mirror second
+    images: np.ndarray | None = None  # (N, H, W, 3) in [-1, 1], for DreamArtist's pixel reconstruction
+
+
+def read_style_dataset(config: ml_collections.ConfigDict, *, masks: bool = False,
+                       needs_negatives: str = "") -> StyleDataset:
+    """The validated style dataset: from folders (`data.images`, ...) or a prepared tfds dataset. `masks`:
+    read attention masks next to the images; `needs_negatives`: the method that needs negatives (an error
+    names it when a prepared dataset has none)."""
+    data = config.data
+    if data.prepared:
+        if masks:
+            raise UserError("config dreamartist.attention_masks needs data.images (prepared datasets hold no masks)")
+        items = tfds_style.read(data.prepared, data.split)
+        if needs_negatives and items[0].negative is None:
+            raise UserError(f"{data.prepared}: the prepared dataset has no negatives, which method "
+                            f"{needs_negatives} needs")
+    else:
+        items = find_style_items(data.images, captions=data.captions or None, negatives=data.negatives or None,
+                                 skip_bad_items=data.skip_bad_items, masks=masks)
+    return build_style_dataset(items, data.resolution, data.resize, config.train.seed)
+
+
+def training_prompts(dataset: StyleDataset, word: str) -> list[str]:
+    """"<caption> in the style of <word>" per image, or Textual Inversion's style templates without captions."""
+    if any(dataset.captions):
+        return [f"{caption} in the style of {word}" for caption in dataset.captions]
+    return [template.format(word) for template in STYLE_TEMPLATES]
+
+
+def prepare(pipe, dataset: StyleDataset, token: str, *, negative_word: str | None = None,
+            keep_images: bool = False) -> PreparedData:
+    """Prompt ids and cached posteriors. `negative_word`: also the same prompts with it in place of `token`
+    (DreamArtist's negative prompts); `keep_images`: keep the pixels (for a reconstruction loss)."""
+    def prompt_ids(word):
+        prompts = training_prompts(dataset, word)
+        return tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(p, pipe.tokenizer) for p in prompts])
+
+    positives = mirrored_moments(pipe.vae, dataset.positives)
+    loss_weights = None
+    if dataset.masks is not None:  # at latent size, for each image and its mirror image
+        weights = mask_weights(dataset.masks, positives.shape[2])
+        loss_weights = np.stack([weights, weights[:, :, ::-1]], axis=1)
+    return PreparedData(
+        ids=prompt_ids(token), positives=positives, prompts=training_prompts(dataset, token),
+        negatives=mirrored_moments(pipe.vae, dataset.negatives) if dataset.negatives is not None else None,
+        captioned=any(dataset.captions), negative_word_ids=prompt_ids(negative_word) if negative_word else None,
+        loss_weights=loss_weights, images=dataset.positives if keep_images else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Draw:
+    """Which examples a step takes: positives `index` `(batch,)`, for contrastive steps their negatives and a
+    random other positive each (`anchor`), whether each group's example is mirrored `flips` `(groups, batch)`,
+    and without captions the template of each prompt."""
+
+    index: np.ndarray
+    anchor: np.ndarray | None
+    flips: np.ndarray
+    template: np.ndarray | None
+
+
+def draw_examples(data: PreparedData, batch_size: int, seed: int, step: int, *, contrastive: bool,
+                  flip: bool = True) -> Draw:
+    rng = np.random.default_rng([seed, step])
+    count = len(data.positives)
+    index = rng.integers(0, count, batch_size)
+    anchor = None
+    if contrastive:
+        anchor = (index + rng.integers(1, count, batch_size)) % count if count > 1 else index
+    flips = rng.integers(0, 2, (3 if contrastive else 1, batch_size))
+    if not flip:  # drawn all the same, so that the other draws do not depend on `flip`
+        flips = np.zeros_like(flips)
+    template = None if data.captioned else rng.integers(0, len(data.ids), batch_size)
+    return Draw(index, anchor, flips, template)
+
+
+def style_batch(data: PreparedData, draw: Draw) -> dict[str, np.ndarray]:
+    """ids `(groups, batch, tokens)`, mean and logvar `(groups, batch, h, w, c)`: the positives, then for a
+    contrastive draw their negatives and the anchors."""
+    groups = [(data.positives, draw.index)]
+    if draw.anchor is not None:
+        groups += [(data.negatives, draw.index), (data.positives, draw.anchor)]
+    moments = np.stack([source[i, draw.flips[g]] for g, (source, i) in enumerate(groups)])
+    if data.captioned:
+        ids = np.stack([data.ids[i] for _, i in groups])
+    else:
+        ids = np.stack([data.ids[draw.template]] * len(groups))
+    mean, logvar = np.split(moments, 2, axis=-1)
+    return {"ids": ids, "mean": mean, "logvar": logvar}

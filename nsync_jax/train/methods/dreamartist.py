@@ -1,0 +1,199 @@
+"""DreamArtist: a positive word and a negative word `<token>-neg`, their predictions fused as classifier-free
+guidance does, eps_n + gamma(t) (eps_p - eps_n), and the denoising loss (and optionally a pixel L1 through the
+frozen VAE decoder) taken on the fused prediction, so one gradient reaches both words: the positive's through
+gamma, the negative's through (1 - gamma). Both words are rows of one trained matrix (the positive's first);
+the optimizer treats each as the separate torch parameter it is in the released code (`configs/dreamartist_*.py`
+hold the released settings).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from nsync_jax import tokens
+from nsync_jax.errors import UserError
+from nsync_jax.optim import clip_row_blocks, ema_reset, scale_row_blocks
+from nsync_jax.schedulers import predicted_original
+from nsync_jax.train import data as train_data
+from nsync_jax.train.methods.base import Method, Word
+from nsync_jax.train.step import StepSpec, denoise, group_keys
+
+# gamma(t) = lo + (hi - lo) r(t / (T - 1)), as the released extension's dynamic CFG.
+GUIDANCE_SCHEDULES = ("constant", "ln", "cos", "cos2")
+# The negative word is `<token>-neg` in prompts and `<name>-neg.pt` on disk, as released.
+NEGATIVE_SUFFIX = "-neg"
+
+
+@dataclasses.dataclass(frozen=True)
+class DreamArtistSpec:
+    """What DreamArtist's step needs to know statically (from `config.dreamartist`)."""
+
+    num_positive_vectors: int  # the first rows are the positive word's, the rest the negative word's
+    guidance: float  # gamma, or gamma at t = T - 1 with a schedule
+    guidance_schedule: str = "constant"
+    guidance_min: float | None = None  # gamma at t = 0 with a schedule
+    reconstruction_weight: float = 0.0  # 0: no pixel reconstruction term
+
+    @classmethod
+    def from_config(cls, config) -> DreamArtistSpec:
+        da = config.dreamartist
+        return cls(num_positive_vectors=config.num_vectors, guidance=da.guidance,
+                   guidance_schedule=da.guidance_schedule, guidance_min=da.guidance_min,
+                   reconstruction_weight=da.reconstruction_weight if da.reconstruction else 0.0)
+
+
+def fusion_guidance(da: DreamArtistSpec, t: jax.Array, num_train_timesteps: int) -> jax.Array:
+    """gamma(t) `(batch,)` float32: constant, or guidance_min + (guidance - guidance_min) r(t / (T - 1)), rising
+    with the noise level."""
+    if da.guidance_schedule == "constant":
+        return jnp.full(t.shape, da.guidance, jnp.float32)
+    rho = t.astype(jnp.float32) / (num_train_timesteps - 1)
+    ramp = {"ln": lambda: rho, "cos": lambda: jnp.cos((rho - 1) * jnp.pi / 2),
+            "cos2": lambda: 1 - jnp.cos(rho * jnp.pi / 2)}[da.guidance_schedule]()
+    return da.guidance_min + (da.guidance - da.guidance_min) * ramp
+
+
+def dreamartist_losses(spec: StepSpec, da: DreamArtistSpec, rows, frozen, batch, key):
+    """DreamArtist's loss and its parts `{"loss_denoise", "loss_reconstruction"}` for one step.
+
+    Args:
+      rows: `(num_positive_vectors + num_negative_vectors, width)`, the positive word's rows, then the negative's.
+      batch: ids `(2, batch, tokens)`, the negative word's prompts then the positive word's (as released);
+        mean, logvar `(1, batch, h, w, c)`; with reconstruction, pixels `(1, batch, H, W, 3)` in [-1, 1]; with
+        attention masks, weights `(1, batch, h, w)` of the squared error.
+    """
+    # Both groups read the same posteriors with the same key: the two words see the same noisy latents and
+    # timesteps, and the UNet runs once on the batch of both.
+    both = lambda x: jnp.broadcast_to(x, (2, *x.shape[1:]))
+    prediction, target, noisy, t = denoise(spec, both(rows[None]), frozen, batch["ids"], both(batch["mean"]),
+                                           both(batch["logvar"]), group_keys(key, 2, share_noise=True))
+    negative, positive = prediction[0], prediction[1]
+    gamma = fusion_guidance(da, t[1], spec.schedule.num_train_timesteps)[:, None, None, None]
+    fused = negative + gamma * (positive - negative)
+    # In the model's own parameterisation (v for v-prediction models), as the other methods' loss: fusing v is
+    # fusing eps (the two are affine in each other at fixed x_t), and the v loss is the eps loss / abar_t.
+    squared = jnp.square(fused - target[1])
+    if "weights" in batch:  # attention masks, per latent pixel
+        squared = squared * batch["weights"][0][..., None]
+    parts = {"loss_denoise": jnp.mean(squared)}
+    loss = parts["loss_denoise"]
+    if da.reconstruction_weight:
+        vae = nnx.merge(spec.graphdefs["vae"], frozen["vae"])
+        latents = predicted_original(spec.schedule, noisy[1], fused, t[1]) / spec.scaling_factor
+        images = vae.decode(latents.astype(spec.compute_dtype), remat=True).astype(jnp.float32)
+        parts["loss_reconstruction"] = jnp.mean(jnp.abs(images - batch["pixels"][0]))
+        loss = loss + da.reconstruction_weight * parts["loss_reconstruction"]
+    return loss, parts
+
+
+def dreamartist_gradients(spec: StepSpec, da: DreamArtistSpec, rows, frozen, batch, key):
+    """The gradient of DreamArtist's loss on both words' rows, no extra optimizer arguments, and metrics."""
+    (loss, parts), grads = jax.value_and_grad(dreamartist_losses, argnums=2, has_aux=True)(
+        spec, da, rows, frozen, batch, key)
+    positive, negative = grads[:da.num_positive_vectors], grads[da.num_positive_vectors:]
+    metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(positive),
+               "negative_grad_norm": optax.tree.norm(negative)}
+    return grads, {}, metrics
+
+
+class DreamArtist(Method):
+    name = "dreamartist"
+    token_rows_only = True  # its negative word is learned token rows
+
+    def check_config(self, config):
+        da = config.dreamartist
+        for key in ("num_negative_vectors", "ema_rep_step"):
+            if not isinstance(da[key], int) or da[key] < 1:
+                raise UserError(f"config dreamartist.{key}={da[key]!r} must be a positive integer")
+        if da.guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise UserError(f"config dreamartist.guidance_schedule={da.guidance_schedule!r} must be one of "
+                            f"{', '.join(GUIDANCE_SCHEDULES)}")
+        scheduled = da.guidance_schedule != "constant"
+        if scheduled != (da.guidance_min is not None):
+            raise UserError(f"config dreamartist.guidance_min={da.guidance_min!r}: set it (gamma at t = 0) exactly "
+                            f"when dreamartist.guidance_schedule is not 'constant' (it is {da.guidance_schedule!r})")
+        if not 0.0 < da.ema_weight <= 1.0:
+            raise UserError(f"config dreamartist.ema_weight={da.ema_weight!r} must be in (0, 1] (1: no EMA)")
+        if not da.grad_clip_norm > 0:
+            raise UserError(f"config dreamartist.grad_clip_norm={da.grad_clip_norm!r} must be positive")
+        for key in ("neg_lr_weight", "negative_init_std"):
+            if da[key] < 0:
+                raise UserError(f"config dreamartist.{key}={da[key]!r} must not be negative")
+        if da.reconstruction and not da.reconstruction_weight > 0:
+            raise UserError(f"config dreamartist.reconstruction_weight={da.reconstruction_weight!r} must be "
+                            "positive with dreamartist.reconstruction=True")
+        # The negative of DreamArtist is a learned word, not an image set; one embedding file holds one word.
+        if config.data.negatives:
+            raise UserError(f"config data.negatives={config.data.negatives!r} is not used by method dreamartist "
+                            "(its negative is the learned word <token>-neg): leave it empty")
+        if config.initializer_embedding:
+            raise UserError("config initializer_embedding is not supported with method dreamartist (it starts both "
+                            "words from initializer_token)")
+
+    def words(self, config):
+        return [*super().words(config), Word(NEGATIVE_SUFFIX, config.placeholder_token + NEGATIVE_SUFFIX,
+                                             config.dreamartist.num_negative_vectors)]
+
+    def initial_rows(self, config, table, tokenizer):
+        """Both words from the initializer word's row, the negative's plus small noise."""
+        positive, negative = (word.count for word in self.words(config))
+        rows = tokens.initial_rows(table, tokenizer, config.initializer_token, positive + negative)
+        noise = np.random.default_rng(config.train.seed).normal(0.0, config.dreamartist.negative_init_std,
+                                                                rows[positive:].shape)
+        rows[positive:] += noise.astype(np.float32)
+        return rows
+
+    def frozen_modules(self, config):
+        return super().frozen_modules(config) + (("vae",) if config.dreamartist.reconstruction else ())
+
+    def read_data(self, config):
+        return train_data.read_style_dataset(config, masks=config.dreamartist.attention_masks)
+
+    def prepare(self, pipe, dataset, config, workdir, progress):
+        prepared = train_data.prepare(pipe, dataset, config.placeholder_token,
+                                      negative_word=self.negative_word(config),
+                                      keep_images=config.dreamartist.reconstruction)
+        return train_data.TrainingData(functools.partial(self.batch, prepared, config), prepared.prompts)
+
+    def batch(self, prepared, config, step):
+        """The positives' prompts with the negative word, then with the token (as released), on the same
+        latents; with reconstruction their pixels, with attention masks their loss weights."""
+        draw = train_data.draw_examples(prepared, config.train.batch_size, config.train.seed, step,
+                                        contrastive=False, flip=config.data.flip)
+        batch = train_data.style_batch(prepared, draw)
+        prompt = draw.index if prepared.captioned else draw.template
+        batch["ids"] = np.stack([prepared.negative_word_ids[prompt], prepared.ids[prompt]])
+        if prepared.images is not None:
+            batch["pixels"] = np.stack([prepared.images[i][:, ::-1] if mirrored else prepared.images[i]
+                                        for i, mirrored in zip(draw.index, draw.flips[0])])[None]
+        if prepared.loss_weights is not None:
+            batch["weights"] = prepared.loss_weights[draw.index, draw.flips[0]][None]
+        return batch
+
+    def gradients(self, spec, config):
+        da = DreamArtistSpec.from_config(config)
+        return lambda rows, frozen, batch, key: dreamartist_gradients(spec, da, rows, frozen, batch, key)
+
+    def optimizer(self, config, adamw):
+        da, sizes = config.dreamartist, tuple(word.count for word in self.words(config))
+        # Each word is its own torch parameter in the released code: clipped alone, with its own learning rate.
+        chain = [clip_row_blocks(sizes, da.grad_clip_norm), adamw, scale_row_blocks(sizes, (1.0, da.neg_lr_weight))]
+        if da.ema_weight < 1:
+            chain.append(ema_reset(da.ema_weight, da.ema_rep_step))
+        return optax.chain(*chain)
+
+    def metadata(self, config):  # the training gamma is the CFG scale to start sampling from
+        return {"negative_token": self.negative_word(config), "guidance": config.dreamartist.guidance}
+
+    def preview_negative_prompt(self, config):  # drawn with its negative word, as it is meant to be used
+        return self.negative_word(config)
+
+    @staticmethod
+    def negative_word(config) -> str:
+        return config.placeholder_token + NEGATIVE_SUFFIX

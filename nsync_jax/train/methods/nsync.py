@@ -1,0 +1,45 @@
+"""NSYNC: each step's positive gradient refined against its caption-matched synthetic negative's (and a random
+other positive's, the anchor) by `optim.orthogonal_projection`, first in the optax chain.
+
+The step runs its positive, negative and anchor groups through the text encoder and UNet as one batch; each
+group reads its own copy of what is trained, so one backward pass returns (g_p, g_n, g_a). Variants that do not
+read the anchor's gradient (`orthogonal`, `released`) do not run the anchor group.
+"""
+from __future__ import annotations
+
+import functools
+
+import optax
+
+from nsync_jax.errors import UserError
+from nsync_jax.optim import ANCHOR_VARIANTS, GRANULARITIES, VARIANTS, orthogonal_projection
+from nsync_jax.train import data as train_data
+from nsync_jax.train.methods.base import Method
+from nsync_jax.train.step import group_gradients
+
+
+class NSYNC(Method):
+    name = "nsync"
+    contrastive = True
+
+    def check_config(self, config):
+        if config.nsync.variant not in VARIANTS:
+            raise UserError(f"config nsync.variant={config.nsync.variant!r} must be one of {', '.join(VARIANTS)}")
+        if config.nsync.granularity not in GRANULARITIES:
+            raise UserError(f"config nsync.granularity={config.nsync.granularity!r} must be one of "
+                            f"{', '.join(GRANULARITIES)}")
+        if not (config.data.negatives or config.data.prepared):
+            raise UserError("config data.negatives is required for method nsync")
+
+    def read_data(self, config):
+        return train_data.read_style_dataset(config, needs_negatives=self.name)
+
+    def gradients(self, spec, config):
+        groups = 3 if config.nsync.variant in ANCHOR_VARIANTS else 2
+        return functools.partial(group_gradients, spec, groups, config.nsync.share_noise)
+
+    def optimizer(self, config, adamw):
+        return optax.chain(orthogonal_projection(config.nsync.variant, config.nsync.granularity), adamw)
+
+    def metadata(self, config):
+        return {"variant": config.nsync.variant}

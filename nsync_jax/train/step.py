@@ -1,0 +1,194 @@
+"""The shared forward pass and the jitted training step every method and trainable runs through.
+
+A step is one pure function `train_step(trained, opt_state, frozen, batch, key)` under `jax.jit`: the frozen
+model is an argument (never a captured constant), what is trained and its optimizer state are donated, and
+the step's randomness is `fold_in(key(seed), step)`. A batch holds groups `(groups, batch, ...)` (NSYNC:
+positive, negative, anchor); `denoise` runs the text encoder and the UNet once over all of them, each group
+reading its own copy of what is trained, so one backward pass returns every group's gradient. What a method
+does with those predictions is its `gradients` function (`methods/`); what is trained and how it enters the
+modules is the trainable's (`trainables.py`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from nsync_jax import tokens
+from nsync_jax.models.vae import sample_posterior
+from nsync_jax.schedulers import NoiseSchedule, add_noise, training_target
+from nsync_jax.train import trainables
+
+# gradients(trained, frozen, batch, key) -> (gradients, extra optimizer arguments, metrics)
+Gradients = Callable[[Any, Any, dict, jax.Array], tuple[Any, dict, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What the jitted step needs to know statically."""
+
+    graphdefs: Any
+    schedule: NoiseSchedule
+    scaling_factor: float
+    compute_dtype: Any
+    clip_skip: int
+    remat: bool = False
+    max_timestep: int = 0  # 0: all of the schedule's timesteps
+    trainable: trainables.Trainable = trainables.EMBEDDINGS  # how what is trained enters the modules
+
+
+def draw_latents(spec: StepSpec, key, mean, logvar):
+    """One group's training inputs from its key: a latent sample of each cached posterior `(batch, h, w, c)`
+    (scaled), its noise, and timesteps `(batch,)`."""
+    k_latent, k_noise, k_time = jax.random.split(key, 3)
+    latents = sample_posterior(mean, logvar, k_latent) * spec.scaling_factor
+    noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
+    t = jax.random.randint(k_time, (mean.shape[0],), 0, spec.max_timestep or spec.schedule.num_train_timesteps)
+    return latents, noise, t
+
+
+def denoise(spec: StepSpec, group_params, frozen, ids, mean, logvar, group_keys, shared: bool = False):
+    """One denoising pass over every group of a step: text encoder and UNet each run once on all groups.
+
+    Args:
+      group_params: one copy per group of what is trained (leading axis `groups`); with `shared`, one copy for
+        every group.
+      ids: `(groups, batch, tokens)`; mean, logvar: `(groups, batch, h, w, c)` cached VAE posteriors.
+      group_keys: `(groups,)` keys; each group's latent sample, noise and timesteps come from its own key.
+    Returns:
+      The UNet's float32 predictions and their training targets `(groups, batch, h, w, c)`, the noisy latents
+      `(groups, batch, h, w, c)` and the timesteps `(groups, batch)`.
+    """
+    trainable = spec.trainable
+
+    def run_unet(unet_states, x, t, context):
+        return nnx.merge(spec.graphdefs["unet"], *unet_states)(x, t, context)
+
+    if spec.remat:  # keep only the UNet's inputs for the backward pass and recompute the rest
+        run_unet = jax.checkpoint(run_unet)
+
+    def text_encoder_of(params):
+        return nnx.merge(spec.graphdefs["text_encoder"], *trainable.module_states("text_encoder", params, frozen))
+
+    def embed(params, ids):
+        table = text_encoder_of(params).embeddings.token_embedding.embedding[...]
+        return tokens.embed_tokens(table, trainable.token_rows(params, table), ids)
+
+    def one_pass(params, ids, latents, noise, t):
+        """Text encoder and UNet on a batch `(n, ...)` with one copy of what is trained."""
+        context = text_encoder_of(params)(inputs_embeds=embed(params, ids), clip_skip=spec.clip_skip)
+        noisy = add_noise(spec.schedule.alphas_cumprod, latents, noise, t)
+        prediction = run_unet(trainable.module_states("unet", params, frozen), noisy.astype(spec.compute_dtype), t,
+                              context.astype(spec.compute_dtype))
+        target = training_target(spec.schedule, latents, noise, t)
+        return prediction.astype(jnp.float32), target, noisy
+
+    groups, batch = ids.shape[:2]
+    flat = lambda x: x.reshape(groups * batch, *x.shape[2:])
+    by_group = lambda x: x.reshape(groups, batch, *x.shape[1:])
+    latents, noise, t = jax.vmap(functools.partial(draw_latents, spec))(group_keys, mean, logvar)
+    if shared:  # one set of weights: every group runs as one batch
+        prediction, target, noisy = one_pass(group_params, flat(ids), flat(latents), flat(noise), flat(t))
+        return by_group(prediction), by_group(target), by_group(noisy), t
+    if trainable.trains_modules:
+        # Each group runs with its own copy of the trained weights (vmapped), so one backward pass gives every
+        # group's gradient. The frozen weights are shared (not mapped).
+        prediction, target, noisy = jax.vmap(one_pass)(group_params, ids, latents, noise, t)
+        return prediction, target, noisy, t
+    # Only token rows differ between groups: each group embeds its prompts with its own copy, then every group
+    # runs through the frozen text encoder and UNet as one batch.
+    text_encoder = text_encoder_of(None)
+    embeds = jax.vmap(embed)(group_params, ids)
+    context = text_encoder(inputs_embeds=flat(embeds), clip_skip=spec.clip_skip)
+    latents, noise, t = flat(latents), flat(noise), flat(t)
+    noisy = add_noise(spec.schedule.alphas_cumprod, latents, noise, t)
+    prediction = run_unet(trainable.module_states("unet", None, frozen), noisy.astype(spec.compute_dtype), t,
+                          context.astype(spec.compute_dtype))
+    target = training_target(spec.schedule, latents, noise, t)
+    return by_group(prediction.astype(jnp.float32)), by_group(target), by_group(noisy), by_group(t)
+
+
+def denoising_losses(spec: StepSpec, group_params, frozen, ids, mean, logvar, group_keys, shared: bool = False):
+    """Per-group denoising losses `(groups,)`: the mean over each group's elements (arguments as `denoise`)."""
+    prediction, target, _, _ = denoise(spec, group_params, frozen, ids, mean, logvar, group_keys, shared)
+    return jnp.mean(jnp.square(prediction - target), axis=(2, 3, 4)).mean(axis=1)
+
+
+def group_keys(key, groups: int, share_noise: bool):
+    """One key per group; group 1 reuses group 0's key when the two share their noise (NSYNC's positive and
+    its negative with `share_noise`; DreamArtist's two words always)."""
+    ids = [0, 0 if share_noise else 1, 2][:groups] if groups > 1 else [0]
+    return jnp.stack([jax.random.fold_in(key, i) for i in ids])
+
+
+def group_gradients(spec: StepSpec, groups: int, share_noise: bool, params, frozen, batch, key):
+    """Each group's gradient of its own denoising loss, from one pass (Textual Inversion: one group; NSYNC:
+    positive, negative and, for the variants that read it, anchor). Returns (the first group's gradient, the
+    others' as the optimizer's extra arguments `negative_grads`, `anchor_grads`, metrics)."""
+    batch = jax.tree.map(lambda x: x[:groups], batch)  # NSYNC's batches carry an anchor group; not run when unread
+
+    def total_loss(group_params):
+        losses = denoising_losses(spec, group_params, frozen, batch["ids"], batch["mean"], batch["logvar"],
+                                  group_keys(key, groups, share_noise))
+        return losses.sum(), losses
+
+    group_params = jax.tree.map(lambda x: jnp.broadcast_to(x, (groups, *x.shape)), params)
+    (_, losses), grads = jax.value_and_grad(total_loss, has_aux=True)(group_params)
+    grads = [jax.tree.map(lambda g, i=i: g[i], grads) for i in range(groups)]
+    metrics = {"loss": losses[0], "grad_norm": optax.tree.norm(grads[0])}
+    if groups == 1:
+        return grads[0], {}, metrics
+    metrics.update(loss_negative=losses[1], negative_grad_norm=optax.tree.norm(grads[1]))
+    extra = {"negative_grads": grads[1]}
+    if groups == 3:
+        metrics["loss_anchor"] = losses[2]
+        extra["anchor_grads"] = grads[2]
+    return grads[0], extra, metrics
+
+
+def accumulate(gradients: Gradients, microbatches: int) -> Gradients:
+    """`gradients` over `microbatches` slices of the batch (arrays `(groups, batch, ...)`), run one after the
+    other under `lax.scan`: the means of all three outputs. Slice i takes every `microbatches`-th example from
+    i, so each device keeps its own examples; its key is `fold_in(key, i)`."""
+    if microbatches == 1:
+        return gradients
+
+    def run(params, frozen, batch, key):
+        split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], -1, microbatches, *x.shape[2:]), 2, 0)
+        slices = jax.tree.map(split, batch)
+
+        def add(total, inputs):
+            index, part = inputs
+            return jax.tree.map(jnp.add, total, gradients(params, frozen, part, jax.random.fold_in(key, index))), None
+
+        shapes = jax.eval_shape(gradients, params, frozen, jax.tree.map(lambda x: x[0], slices), key)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        total, _ = jax.lax.scan(add, zeros, (jnp.arange(microbatches), slices))
+        return jax.tree.map(lambda x: x / microbatches, total)
+
+    return run
+
+
+def make_train_step(gradients: Gradients, tx: optax.GradientTransformationExtraArgs, *, norm_metric: str,
+                    skip_nonfinite: bool = False, grad_accum_steps: int = 1):
+    """`train_step(trained, opt_state, frozen, batch, key) -> (trained, opt_state, metrics)` from a method's
+    gradient function and the optimizer; `norm_metric` names the norm of what is trained in the metrics."""
+    gradients = accumulate(gradients, grad_accum_steps)  # metrics become means over the microbatches
+
+    def train_step(trained, opt_state, frozen, batch, key):
+        grads, extra, metrics = gradients(trained, frozen, batch, key)
+        updates, new_opt_state = tx.update(grads, opt_state, trained, **extra)
+        new_trained = optax.apply_updates(trained, updates)
+        if skip_nonfinite:  # a NaN/Inf anywhere leaves what is trained and the optimizer state as they were
+            finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves((grads, extra, metrics))]))
+            new_trained, new_opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                                      (new_trained, new_opt_state), (trained, opt_state))
+        metrics.update({"update_norm": optax.tree.norm(updates), norm_metric: optax.tree.norm(new_trained)})
+        return new_trained, new_opt_state, metrics
+
+    return train_step

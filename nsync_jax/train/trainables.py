@@ -1,0 +1,266 @@
+"""What a run trains, as values the trainer is given: token rows, LoRA adapters or the full weights.
+
+Each trainable is one object that knows what is trained (the initial pytree, split off the loaded model by an
+NNX filter), how it enters the modules in the step (`module_states`, `token_rows`), how it is placed on the mesh,
+how it is shown to the pipeline that draws previews, and which files it writes. The trainer looks one up by
+`config.trainable` in `REGISTRY` and never asks which one it has; `register` adds another (a test adds one that
+trains only the UNet's normalisation layers).
+
+- `embeddings`: the new token rows `(num_vectors, width)` of the method's words (`Method.words`), embedded in
+  place of the placeholder ids; the text encoder and UNet stay frozen.
+- `lora`: `nnx.LoRAParam` adapters that `lora.add_lora` puts on the targeted linear layers.
+- `full`: every `nnx.Param` of the UNet (and of the text encoder with `full.train_text_encoder`), with float32
+  master copies split over `fsdp` like frozen weights.
+Weights of modules come as flat dicts `{component: {path: array}}` (`lora.flat_params`); the VAE is always frozen.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nsync_jax import distributed, export, lora
+from nsync_jax.errors import UserError
+
+
+class Trainable:
+    """The interface; `ModuleWeights` and `Embeddings` below implement it."""
+
+    name: str
+    checkpoint_key: str  # the name of what is trained in a checkpoint's state
+    norm_metric: str  # the metric that logs its norm
+    trains_modules: bool  # False: the modules stay frozen, so groups of a step share one UNet pass
+    export_formats: tuple[str, ...]  # `nsync-jax export --format` choices for a run that trained this
+    load_dtype: Any = None  # `load_pipeline(param_dtype=)`: float32 master weights for what is trained
+
+    def check_config(self, config, method) -> None:
+        """Raises UserError for settings this trainable does not support with `method`."""
+
+    def split(self, pipe, config, method, names) -> tuple[dict, dict, Any]:
+        """`(graphdefs, frozen states, what is trained before the first step)` of the modules `names`."""
+        raise NotImplementedError
+
+    def module_states(self, name: str, trained, frozen) -> tuple:
+        """The states `nnx.merge` takes for module `name` (`trained`: one copy, or None for the frozen model)."""
+        return (frozen[name],)
+
+    def token_rows(self, trained, table: jax.Array) -> jax.Array:
+        """The rows of the new token ids `(new, width)` that follow `table`'s."""
+        return jnp.zeros((0, table.shape[-1]), table.dtype)
+
+    def shardings(self, mesh, tree):
+        """Shardings of what is trained, or of its optimizer state (`tree`: either, or their shapes)."""
+        return distributed.frozen_shardings(mesh, tree, False)
+
+    def to_host(self, trained) -> Any:
+        """What is trained as float32 numpy on every process (from global arrays, sharded or not)."""
+        return jax.tree.map(lambda x: distributed.gather_to_host(x).astype(np.float32), trained)
+
+    def show(self, pipe, trained) -> None:
+        """Puts what is trained so far into the pipeline that draws the sample grids."""
+        raise NotImplementedError
+
+    def merge(self, modules: dict, trained, config, source: Path) -> None:
+        """Puts a finished run's weights (host arrays) into a base model's modules `{name: module}`."""
+        raise NotImplementedError
+
+    def metadata(self, config) -> dict[str, Any]:
+        """What the exported files record about this trainable."""
+        return {}
+
+    def write_outputs(self, workdir: Path, config, method, trained, metadata: dict) -> list[Path]:
+        """The files a finished run leaves in its workdir for the PyTorch world; returns them."""
+        return []
+
+    def export(self, output: Path, fmt: str, config, method, trained, metadata: dict, source: Path) -> str:
+        """Writes a checkpoint's `trained` (host arrays) as `fmt`; returns a line saying what it wrote."""
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, Trainable] = {}
+
+
+def register(trainable: Trainable) -> Trainable:
+    REGISTRY[trainable.name] = trainable
+    return trainable
+
+
+def get(name: str) -> Trainable:
+    if name not in REGISTRY:
+        raise UserError(f"config trainable={name!r} must be one of {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Token rows.
+# ------------------------------------------------------------------------------------------------------------
+
+class Embeddings(Trainable):
+    name = "embeddings"
+    checkpoint_key = "rows"
+    norm_metric = "row_norm"
+    trains_modules = False
+    export_formats = export.FORMATS
+
+    def split(self, pipe, config, method, names):
+        table = np.asarray(pipe.text_encoder.embeddings.token_embedding.embedding[...], np.float32)
+        rows = method.initial_rows(config, table, pipe.tokenizer)
+        method.add_words(pipe.tokenizer, config)  # row i is token id len(table) + i
+        graphdefs, frozen = {}, {}
+        for name in names:
+            graphdefs[name], frozen[name] = nnx.split(pipe.modules()[name])
+        return graphdefs, frozen, rows
+
+    def token_rows(self, trained, table):
+        return trained
+
+    def to_host(self, trained):  # replicated: every process has it, no gathering
+        return distributed.to_host(trained).astype(np.float32)
+
+    def show(self, pipe, trained):
+        pipe.extra_token_rows = distributed.to_host(trained).astype(np.float32)
+
+    def write_outputs(self, workdir, config, method, trained, metadata):
+        return method.write_words(workdir / "learned_embeds.safetensors", config, trained, metadata, "diffusers")
+
+    def export(self, output, fmt, config, method, trained, metadata, source):
+        paths = method.write_words(output, config, trained, metadata, fmt)
+        written = [f"{path} ({word.token}, {word.count} vectors)" for path, word in zip(paths, method.words(config))]
+        return f"wrote {', '.join(written)}, step {metadata['step']}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Weights of the modules: a filter over their variables.
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModuleWeights(Trainable):
+    """The variables of the trained modules that `selected` picks (an NNX filter); `modules(config)` names the
+    modules trained. `full` is every `nnx.Param`; another filter gives another trainable."""
+
+    name: str
+    modules: Callable[[Any], tuple[str, ...]]
+    selected: Any = nnx.Param
+    sharded: bool = True  # split over `fsdp` (a replicated copy when mesh.fsdp is 1); False: small, replicated
+    load_dtype: Any = jnp.float32
+    checkpoint_key = "params"
+    norm_metric = "param_norm"
+    trains_modules = True
+    export_formats = ("diffusers-pipeline",)
+
+    def check_config(self, config, method):
+        if not method.trains_modules_ok:
+            raise UserError(f"config trainable={self.name!r} is not supported with method {method.name} (it learns "
+                            "token rows): use trainable='embeddings'")
+
+    def prepare(self, module: nnx.Module, name: str, config, key: jax.Array) -> None:
+        """Changes a module before it is split (LoRA: puts the adapters on it)."""
+
+    def split(self, pipe, config, method, names):
+        trained_names = self.modules(config)
+        # Initialisation of new variables has its own stream, apart from the steps' fold_in(key(seed), step).
+        init_key = jax.random.fold_in(jax.random.key(config.train.seed), 0x4C6F5241)
+        graphdefs, frozen, trained = {}, {}, {}
+        for index, name in enumerate(names):
+            module = pipe.modules()[name]
+            if name not in trained_names:
+                graphdefs[name], frozen[name] = nnx.split(module)
+                continue
+            self.prepare(module, name, config, jax.random.fold_in(init_key, index))
+            graphdefs[name], trained_state, frozen[name] = nnx.split(module, self.selected, ...)
+            trained[name] = lora.flat_params(trained_state)
+        return graphdefs, frozen, trained
+
+    def module_states(self, name, trained, frozen):
+        if trained is not None and name in trained:
+            return lora.nested_params(trained[name]), frozen[name]
+        return (frozen[name],)
+
+    def shardings(self, mesh, tree):
+        return distributed.frozen_shardings(mesh, tree, self.sharded)
+
+    def show(self, pipe, trained):
+        for name, flat in trained.items():
+            nnx.update(pipe.modules()[name], lora.nested_params(
+                {path: jnp.asarray(distributed.gather_to_host(x)) for path, x in flat.items()}))
+
+    def merge(self, modules, trained, config, source):
+        for name, flat in trained.items():
+            nnx.update(modules[name], lora.nested_params({k: jnp.asarray(v) for k, v in flat.items()}))
+
+    def metadata(self, config):
+        return {"trainable": self.name, "num_vectors": 0}
+
+    def export(self, output, fmt, config, method, trained, metadata, source):
+        from nsync_jax.pipeline import load_pipeline
+
+        pipe = load_pipeline(config.model)
+        modules = {name: pipe.modules()[name] for name in trained}
+        self.merge(modules, trained, config, source)
+        export.write_diffusers_pipeline(output, config.model, modules)
+        return f"wrote {output} (base {config.model}, trained {', '.join(trained)}), step {metadata['step']}"
+
+
+def _unet_and(config_flag: Callable[[Any], bool]) -> Callable[[Any], tuple[str, ...]]:
+    return lambda config: ("unet",) + (("text_encoder",) if config_flag(config) else ())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoRA(ModuleWeights):
+    """Low-rank adapters (`lora.add_lora`) on `lora.targets` of the UNet, and on the text encoder's attention
+    projections with `lora.text_encoder`; small, so replicated."""
+
+    name: str = "lora"
+    modules: Callable = _unet_and(lambda config: config.lora.text_encoder)
+    selected: Any = nnx.LoRAParam
+    sharded: bool = False
+    load_dtype: Any = None
+    export_formats = (*export.LORA_FORMATS, "diffusers-pipeline")
+
+    def check_config(self, config, method):
+        super().check_config(config, method)
+        settings = config.lora
+        if not isinstance(settings.rank, int) or settings.rank < 1:
+            raise UserError(f"config lora.rank={settings.rank!r} must be a positive integer")
+        if not settings.alpha > 0:
+            raise UserError(f"config lora.alpha={settings.alpha!r} must be positive")
+        if not settings.targets:
+            raise UserError("config lora.targets must name at least one UNet linear layer (e.g. to_q)")
+
+    def prepare(self, module, name, config, key):
+        targets = tuple(config.lora.targets) if name == "unet" else lora.TEXT_ENCODER_TARGETS
+        lora.add_lora(module, targets, rank=config.lora.rank, alpha=config.lora.alpha, key=key)
+
+    def merge(self, modules, trained, config, source):
+        """The adapters folded into the plain weights, as diffusers' fuse_lora."""
+        deltas = lora.read_lora_state(lora.lora_state_dict(trained, lora_scale(config)), source=source)
+        lora.merge_lora(modules, deltas, source=source)
+
+    def metadata(self, config):
+        return {**super().metadata(config), "lora_rank": config.lora.rank, "lora_alpha": config.lora.alpha,
+                "lora_text_encoder": config.lora.text_encoder}
+
+    def write_outputs(self, workdir, config, method, trained, metadata):
+        path = workdir / "lora.safetensors"
+        lora.write_lora_file(path, trained, lora_scale(config), metadata=metadata)
+        return [path]
+
+    def export(self, output, fmt, config, method, trained, metadata, source):
+        if fmt not in export.LORA_FORMATS:
+            return super().export(output, fmt, config, method, trained, metadata, source)
+        lora.write_lora_file(output, trained, lora_scale(config), metadata=metadata, layout=export.LORA_FORMATS[fmt])
+        return f"wrote {output} (LoRA rank {config.lora.rank}, {', '.join(trained)}), step {metadata['step']}"
+
+
+def lora_scale(config) -> float:
+    return float(config.lora.alpha) / config.lora.rank
+
+
+EMBEDDINGS = register(Embeddings())
+LORA = register(LoRA())
+FULL = register(ModuleWeights("full", _unet_and(lambda config: config.full.train_text_encoder)))
