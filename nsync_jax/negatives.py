@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from nsync_jax import distributed, imageio
+from nsync_jax import checkpoints, distributed, imageio
 from nsync_jax.errors import UserError
 from nsync_jax.files import write_json
 from nsync_jax.pipeline import StableDiffusion
@@ -148,47 +148,48 @@ def generate_set(pipe: StableDiffusion, prompts: dict[str, str], output: Path, *
                 "sampler": {"scheduler": settings.scheduler or pipe.scheduler_config.get("_class_name"),
                             "steps": settings.steps, "guidance": settings.guidance},
                 "resolution": resolution, "save_size": save_size, "images_per_caption": images_per_caption}
-    # A rerun may only complete the same set: other settings would mix two sets in one folder.
-    previous = _read_manifest(output / MANIFEST)
-    changed = sorted(key for key in manifest if key in previous and previous[key] != manifest[key])
-    if changed:
-        raise UserError(f"{output / MANIFEST}: this folder holds a set made with other settings "
-                        f"({', '.join(changed)}); use another --output folder")
-    # The manifest lists a file only once it is written, so a file it does not list (or lists with another
-    # prompt: an edited caption) is drawn again, as is one that does not decode.
-    files = previous.get("files", {})
-    todo = [item for item in items
-            if files.get(item.filename(images_per_caption)) != item.prompt
-            or not is_valid_image(output / item.filename(images_per_caption), save_size)]
-    main = distributed.is_main_process()
-    if main:
-        output.mkdir(parents=True, exist_ok=True)
-        write_json(output / MANIFEST, {**manifest, "files": files}, sort_keys=True)
+    with checkpoints.workdir_lock(output, "negatives run"):  # one writer per folder (its manifest, its files)
+        # A rerun may only complete the same set: other settings would mix two sets in one folder.
+        previous = _read_manifest(output / MANIFEST)
+        changed = sorted(key for key in manifest if key in previous and previous[key] != manifest[key])
+        if changed:
+            raise UserError(f"{output / MANIFEST}: this folder holds a set made with other settings "
+                            f"({', '.join(changed)}); use another --output folder")
+        # The manifest lists a file only once it is written, so a file it does not list (or lists with another
+        # prompt: an edited caption) is drawn again, as is one that does not decode.
+        files = previous.get("files", {})
+        todo = [item for item in items
+                if files.get(item.filename(images_per_caption)) != item.prompt
+                or not is_valid_image(output / item.filename(images_per_caption), save_size)]
+        main = distributed.is_main_process()
+        if main:
+            output.mkdir(parents=True, exist_ok=True)
+            write_json(output / MANIFEST, {**manifest, "files": files}, sort_keys=True)
 
-    factor = pipe.vae_scale_factor
-    latent_shape = (resolution // factor, resolution // factor, pipe.unet.config.in_channels)
+        factor = pipe.vae_scale_factor
+        latent_shape = (resolution // factor, resolution // factor, pipe.unet.config.in_channels)
 
-    def save_one(item: Item, image: np.ndarray) -> None:
-        pixels = imageio.to_uint8(image)
-        if save_size != resolution:
-            pixels = np.asarray(Image.fromarray(pixels).resize((save_size, save_size), Image.BICUBIC))
-        imageio.write_png(output / item.filename(images_per_caption), pixels)
+        def save_one(item: Item, image: np.ndarray) -> None:
+            pixels = imageio.to_uint8(image)
+            if save_size != resolution:
+                pixels = np.asarray(Image.fromarray(pixels).resize((save_size, save_size), Image.BICUBIC))
+            imageio.write_png(output / item.filename(images_per_caption), pixels)
 
-    def save(writers: concurrent.futures.Executor, first: int, images: np.ndarray) -> None:
-        # PNG compression releases the GIL: a batch's files are encoded side by side (the next batch is
-        # already drawing meanwhile), then listed in the manifest together.
-        batch_items = todo[first:first + len(images)]
-        list(writers.map(save_one, batch_items, images))
-        files.update({item.filename(images_per_caption): item.prompt for item in batch_items})
-        write_json(output / MANIFEST, {**manifest, "files": files}, sort_keys=True)
+        def save(writers: concurrent.futures.Executor, first: int, images: np.ndarray) -> None:
+            # PNG compression releases the GIL: a batch's files are encoded side by side (the next batch is
+            # already drawing meanwhile), then listed in the manifest together.
+            batch_items = todo[first:first + len(images)]
+            list(writers.map(save_one, batch_items, images))
+            files.update({item.filename(images_per_caption): item.prompt for item in batch_items})
+            write_json(output / MANIFEST, {**manifest, "files": files}, sort_keys=True)
 
-    if todo:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as writers:
-            generate(pipe, [item.prompt for item in todo], negative_prompt=negative_prompt, seed=seed,
-                     settings=dataclasses.replace(settings, height=resolution, width=resolution),
-                     latents=lambda indices: item_latents(seed, [todo[i] for i in indices], latent_shape),
-                     on_batch=functools.partial(save, writers) if main else None, progress=progress)
-    return {"kept": len(items) - len(todo), "drawn": len(todo)}
+        if todo:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as writers:
+                generate(pipe, [item.prompt for item in todo], negative_prompt=negative_prompt, seed=seed,
+                         settings=dataclasses.replace(settings, height=resolution, width=resolution),
+                         latents=lambda indices: item_latents(seed, [todo[i] for i in indices], latent_shape),
+                         on_batch=functools.partial(save, writers) if main else None, progress=progress)
+        return {"kept": len(items) - len(todo), "drawn": len(todo)}
 
 
 def prepare_prompts(pipe: StableDiffusion, captions_folder: Path, template: str, style_phrase: str,

@@ -439,44 +439,47 @@ def pretrain(config: ml_collections.ConfigDict, output: Path, *, progress: bool 
     reused, reused_curve = reused_vae(Path(config.vae_from), config) if config.vae_from else (None, [])
     # Claimed once the settings are known to be good, so that a mistyped run leaves no folder behind.
     checkpoints = output.with_name(output.name + ".checkpoints")
-    claim_checkpoints(checkpoints, config)
-    curves: list[dict] = []
-    fit_options = dict(log=curves.append, progress=progress, checkpoints=checkpoints,
-                       checkpoint_every=checkpoint_every)
+    # One run per output: the lock lives in the checkpoints folder, and is given back before that is removed.
+    with ckpt.workdir_lock(checkpoints, "toy-world pretraining run"):
+        claim_checkpoints(checkpoints, config)
+        curves: list[dict] = []
+        fit_options = dict(log=curves.append, progress=progress, checkpoints=checkpoints,
+                           checkpoint_every=checkpoint_every)
 
-    tokenizer_folder = output.with_name(output.name + ".tokenizer.tmp")
-    tokens.write_clip_tokenizer(tokenizer_folder, tokens.clip_bpe_merges(CLIP_BPE),
-                                model_max_length=config.text_encoder.max_length)
-    tokenizer = tokens.load_tokenizer(tokenizer_folder)
+        tokenizer_folder = output.with_name(output.name + ".tokenizer.tmp")
+        tokens.write_clip_tokenizer(tokenizer_folder, tokens.clip_bpe_merges(CLIP_BPE),
+                                    model_max_length=config.text_encoder.max_length)
+        tokenizer = tokens.load_tokenizer(tokenizer_folder)
 
-    scenes = world.sample_scenes(config.seed, config.pool_size, styles=world.SEEN_STYLES,
-                                 two_shape_share=config.two_shape_share)
-    images = world.render_batch(scenes, size=config.resolution)
-    curves.append({"stage": "render", "images": len(images), "seconds": round(time.perf_counter() - started, 1)})
+        scenes = world.sample_scenes(config.seed, config.pool_size, styles=world.SEEN_STYLES,
+                                     two_shape_share=config.two_shape_share)
+        images = world.render_batch(scenes, size=config.resolution)
+        curves.append({"stage": "render", "images": len(images), "seconds": round(time.perf_counter() - started, 1)})
 
-    if reused is not None:
-        vae = reused
-        curves += [{"stage": "vae", "reused": str(config.vae_from)}, *reused_curve]
-    else:
-        vae = train_vae(modules["vae"], images, config, **fit_options)
-    make_deterministic(vae)
-    latents = np.split(encode_pool(vae, images), 2, axis=-1)[0]  # the pinned posterior's means
-    scaling_factor = float(1.0 / latents.std())
-    configs["vae"]["scaling_factor"] = scaling_factor
-    vae.config = VAEConfig.from_dict(configs["vae"])
+        if reused is not None:
+            vae = reused
+            curves += [{"stage": "vae", "reused": str(config.vae_from)}, *reused_curve]
+        else:
+            vae = train_vae(modules["vae"], images, config, **fit_options)
+        make_deterministic(vae)
+        latents = np.split(encode_pool(vae, images), 2, axis=-1)[0]  # the pinned posterior's means
+        scaling_factor = float(1.0 / latents.std())
+        configs["vae"]["scaling_factor"] = scaling_factor
+        vae.config = VAEConfig.from_dict(configs["vae"])
 
-    schedule = NoiseSchedule.from_config(configs["scheduler"])
-    text_encoder, unet = train_denoiser(modules["text_encoder"], modules["unet"], latents,
-                                        caption_variants(tokenizer, scenes), scaling_factor, schedule, config,
-                                        **fit_options)
-    curves.append({"stage": "done", "seconds": round(time.perf_counter() - started, 1)})
-    log_text = "".join(json.dumps(row) + "\n" for row in curves)
-    summary = {"config": config.to_dict(), "scaling_factor": scaling_factor, "jax": jax.__version__,
-               "devices": [str(d) for d in jax.devices()], "seconds": round(time.perf_counter() - started, 1),
-               # Where this run went on from an interrupted one's checkpoints (`seconds` is this run's alone).
-               "resumed_at": {row["resumed"]: row["step"] for row in curves if row["stage"] == "resumed"}}
-    write_model_folder(output, configs, {"vae": vae, "text_encoder": text_encoder, "unet": unet}, tokenizer_folder,
-                       {"pretrain_log.jsonl": log_text, "pretrain.json": json.dumps(summary, indent=2, default=list)})
-    shutil.rmtree(tokenizer_folder, ignore_errors=True)
+        schedule = NoiseSchedule.from_config(configs["scheduler"])
+        text_encoder, unet = train_denoiser(modules["text_encoder"], modules["unet"], latents,
+                                            caption_variants(tokenizer, scenes), scaling_factor, schedule, config,
+                                            **fit_options)
+        curves.append({"stage": "done", "seconds": round(time.perf_counter() - started, 1)})
+        log_text = "".join(json.dumps(row) + "\n" for row in curves)
+        summary = {"config": config.to_dict(), "scaling_factor": scaling_factor, "jax": jax.__version__,
+                   "devices": [str(d) for d in jax.devices()], "seconds": round(time.perf_counter() - started, 1),
+                   # Where this run went on from an interrupted one's checkpoints (`seconds` is this run's alone).
+                   "resumed_at": {row["resumed"]: row["step"] for row in curves if row["stage"] == "resumed"}}
+        write_model_folder(output, configs, {"vae": vae, "text_encoder": text_encoder, "unet": unet},
+                           tokenizer_folder, {"pretrain_log.jsonl": log_text,
+                                              "pretrain.json": json.dumps(summary, indent=2, default=list)})
+        shutil.rmtree(tokenizer_folder, ignore_errors=True)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return output

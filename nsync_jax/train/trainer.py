@@ -86,91 +86,94 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
     graphdefs, frozen, initial = trainable.split(pipe, config, method, method.frozen_modules(config))
     data = method.prepare(pipe, dataset, config, workdir, progress)
     workdir.mkdir(parents=True, exist_ok=True)  # only after the data and the model passed their checks
+    with checkpoints.workdir_lock(workdir, "training run"):  # one run per workdir
 
-    # --- mesh, shardings and the jitted step ---
-    mesh = distributed.make_mesh(config.mesh.data, config.mesh.fsdp)
-    accum = config.train.grad_accum_steps
-    if config.train.batch_size % (accum * distributed.batch_size_of(mesh)):
-        raise UserError(f"config train.batch_size={config.train.batch_size} must be a multiple of the "
-                        f"{distributed.batch_size_of(mesh)} devices of the mesh times train.grad_accum_steps={accum}")
-    whole = distributed.replicated(mesh)
-    batch_sharding = distributed.batch_sharded(mesh, batch_axis=1)  # batch arrays are (groups, batch, ...)
-    frozen_sharding = distributed.frozen_shardings(mesh, frozen, config.mesh.shard_frozen_weights)
-    frozen = distributed.put_tree(frozen, frozen_sharding)
-    schedule = NoiseSchedule.from_config(pipe.scheduler_config, pipe.folder / "scheduler" / "scheduler_config.json")
-    if config.train.max_timestep > schedule.num_train_timesteps:
-        raise UserError(f"config train.max_timestep={config.train.max_timestep} is above the model's "
-                        f"{schedule.num_train_timesteps} training timesteps")
-    spec = StepSpec(graphdefs=graphdefs, schedule=schedule, scaling_factor=pipe.vae.config.scaling_factor,
-                    compute_dtype=dtype, clip_skip=config.clip_skip, trainable=trainable, remat=config.train.remat,
-                    max_timestep=config.train.max_timestep)
-    tx = make_optimizer(config, method)
-    trained_sharding = trainable.shardings(mesh, initial)
-    opt_sharding = trainable.shardings(mesh, jax.eval_shape(tx.init, initial))
-    trained = distributed.put_tree(initial, trained_sharding, copy=True)  # donated: not the modules' arrays
-    step_fn = jax.jit(make_train_step(method.gradients(spec, config), tx, norm_metric=trainable.norm_metric,
-                                      skip_nonfinite=config.train.nonfinite == "skip", grad_accum_steps=accum),
-                      in_shardings=(trained_sharding, opt_sharding, frozen_sharding, batch_sharding, whole),
-                      out_shardings=(trained_sharding, opt_sharding, whole), donate_argnums=(0, 1))
-    init_opt_state = jax.jit(tx.init, out_shardings=opt_sharding)
-    opt_state = init_opt_state(trained)
+        # --- mesh, shardings and the jitted step ---
+        mesh = distributed.make_mesh(config.mesh.data, config.mesh.fsdp)
+        accum = config.train.grad_accum_steps
+        if config.train.batch_size % (accum * distributed.batch_size_of(mesh)):
+            raise UserError(f"config train.batch_size={config.train.batch_size} must be a multiple of the "
+                            f"{distributed.batch_size_of(mesh)} devices of the mesh times "
+                            f"train.grad_accum_steps={accum}")
+        whole = distributed.replicated(mesh)
+        batch_sharding = distributed.batch_sharded(mesh, batch_axis=1)  # batch arrays are (groups, batch, ...)
+        frozen_sharding = distributed.frozen_shardings(mesh, frozen, config.mesh.shard_frozen_weights)
+        frozen = distributed.put_tree(frozen, frozen_sharding)
+        schedule = NoiseSchedule.from_config(pipe.scheduler_config, pipe.folder / "scheduler" / "scheduler_config.json")
+        if config.train.max_timestep > schedule.num_train_timesteps:
+            raise UserError(f"config train.max_timestep={config.train.max_timestep} is above the model's "
+                            f"{schedule.num_train_timesteps} training timesteps")
+        spec = StepSpec(graphdefs=graphdefs, schedule=schedule, scaling_factor=pipe.vae.config.scaling_factor,
+                        compute_dtype=dtype, clip_skip=config.clip_skip, trainable=trainable, remat=config.train.remat,
+                        max_timestep=config.train.max_timestep)
+        tx = make_optimizer(config, method)
+        trained_sharding = trainable.shardings(mesh, initial)
+        opt_sharding = trainable.shardings(mesh, jax.eval_shape(tx.init, initial))
+        trained = distributed.put_tree(initial, trained_sharding, copy=True)  # donated: not the modules' arrays
+        step_fn = jax.jit(make_train_step(method.gradients(spec, config), tx, norm_metric=trainable.norm_metric,
+                                          skip_nonfinite=config.train.nonfinite == "skip", grad_accum_steps=accum),
+                          in_shardings=(trained_sharding, opt_sharding, frozen_sharding, batch_sharding, whole),
+                          out_shardings=(trained_sharding, opt_sharding, whole), donate_argnums=(0, 1))
+        init_opt_state = jax.jit(tx.init, out_shardings=opt_sharding)
+        opt_state = init_opt_state(trained)
 
-    # --- resume ---
-    manager = checkpoints.manager(workdir / "checkpoints", keep=config.checkpoint.keep)
-    start = 0
-    if manager.latest_step() is not None:
-        start = manager.latest_step()
-        restored, _ = checkpoints.restore(manager, start, {trainable.checkpoint_key: trained, "opt_state": opt_state})
-        trained, opt_state = restored[trainable.checkpoint_key], restored["opt_state"]
+        # --- resume ---
+        manager = checkpoints.manager(workdir / "checkpoints", keep=config.checkpoint.keep)
+        start = 0
+        if manager.latest_step() is not None:
+            start = manager.latest_step()
+            restored, _ = checkpoints.restore(manager, start,
+                                              {trainable.checkpoint_key: trained, "opt_state": opt_state})
+            trained, opt_state = restored[trainable.checkpoint_key], restored["opt_state"]
 
-    # --- loop ---
-    key = jax.random.key(config.train.seed)
-    main = distributed.is_main_process()  # only process 0 writes metrics and exports; checkpoints are collective
-    metrics_log = outputs.MetricsLog(workdir, enabled=main)
-    preview = Preview(pipe, config, method, trainable, data.preview_prompts) if config.train.sample_every_steps \
-        else None
-    bar = tqdm(total=config.train.steps, initial=start, unit="step", disable=not (progress and main))
-    last_time, last_step = time.perf_counter(), start
-    with checkpoints.stop_on_sigterm() as stop_requested:
-        try:
-            for step in range(start, config.train.steps):
-                if step in data.optimizer_restarts:
-                    opt_state = init_opt_state(trained)
-                batch = {k: distributed.put(v, batch_sharding) for k, v in data.batch(step).items()}
-                if step == start:
-                    step_fn = distributed.compile_together(step_fn, trained, opt_state, frozen, batch, key,
-                                                           name="train_step")
-                new_trained, new_opt_state, metrics = step_fn(trained, opt_state, frozen, batch,
-                                                              jax.random.fold_in(key, step))
-                metrics = {k: float(distributed.to_host(v)) for k, v in metrics.items()}
-                finite = all(np.isfinite(v) for v in metrics.values())
-                if not finite and config.train.nonfinite == "stop":
-                    raise UserError(f"non-finite loss or gradient at step {step + 1} ({metrics}); the last good "
-                                    f"checkpoint is step {manager.latest_step()} (train.nonfinite=skip skips such "
-                                    "steps instead)")
-                trained, opt_state = new_trained, new_opt_state  # a non-finite step left them unchanged (skip)
-                metrics["skipped"] = int(not finite)
-                done = step + 1
-                bar.update(1)
-                if done % config.train.log_every_steps == 0 or done == config.train.steps:
-                    now = time.perf_counter()
-                    metrics.update(step=done, steps_per_sec=(done - last_step) / (now - last_time))
-                    last_time, last_step = now, done
-                    metrics_log.write(metrics)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-                if preview and done % config.train.sample_every_steps == 0:
-                    preview.draw(trained, workdir / "samples" / f"step_{done:06d}.png" if main else None)
-                stopping = distributed.any_process(bool(stop_requested))
-                if done % config.checkpoint.every_steps == 0 or done == config.train.steps or stopping:
-                    checkpoints.save(manager, done, {trainable.checkpoint_key: trained, "opt_state": opt_state},
-                                     {"step": done, "config": config.to_dict()})
-                if stopping:
-                    stop_requested.append(True)
-                    break
-        finally:
-            manager.wait_until_finished()
-            metrics_log.close()
-            bar.close()
+        # --- loop ---
+        key = jax.random.key(config.train.seed)
+        main = distributed.is_main_process()  # only process 0 writes metrics and exports; checkpoints are collective
+        metrics_log = outputs.MetricsLog(workdir, enabled=main)
+        preview = Preview(pipe, config, method, trainable, data.preview_prompts) if config.train.sample_every_steps \
+            else None
+        bar = tqdm(total=config.train.steps, initial=start, unit="step", disable=not (progress and main))
+        last_time, last_step = time.perf_counter(), start
+        with checkpoints.stop_on_sigterm() as stop_requested:
+            try:
+                for step in range(start, config.train.steps):
+                    if step in data.optimizer_restarts:
+                        opt_state = init_opt_state(trained)
+                    batch = {k: distributed.put(v, batch_sharding) for k, v in data.batch(step).items()}
+                    if step == start:
+                        step_fn = distributed.compile_together(step_fn, trained, opt_state, frozen, batch, key,
+                                                               name="train_step")
+                    new_trained, new_opt_state, metrics = step_fn(trained, opt_state, frozen, batch,
+                                                                  jax.random.fold_in(key, step))
+                    metrics = {k: float(distributed.to_host(v)) for k, v in metrics.items()}
+                    finite = all(np.isfinite(v) for v in metrics.values())
+                    if not finite and config.train.nonfinite == "stop":
+                        raise UserError(f"non-finite loss or gradient at step {step + 1} ({metrics}); the last good "
+                                        f"checkpoint is step {manager.latest_step()} (train.nonfinite=skip skips such "
+                                        "steps instead)")
+                    trained, opt_state = new_trained, new_opt_state  # a non-finite step left them unchanged (skip)
+                    metrics["skipped"] = int(not finite)
+                    done = step + 1
+                    bar.update(1)
+                    if done % config.train.log_every_steps == 0 or done == config.train.steps:
+                        now = time.perf_counter()
+                        metrics.update(step=done, steps_per_sec=(done - last_step) / (now - last_time))
+                        last_time, last_step = now, done
+                        metrics_log.write(metrics)
+                        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                    if preview and done % config.train.sample_every_steps == 0:
+                        preview.draw(trained, workdir / "samples" / f"step_{done:06d}.png" if main else None)
+                    stopping = distributed.any_process(bool(stop_requested))
+                    if done % config.checkpoint.every_steps == 0 or done == config.train.steps or stopping:
+                        checkpoints.save(manager, done, {trainable.checkpoint_key: trained, "opt_state": opt_state},
+                                         {"step": done, "config": config.to_dict()})
+                    if stopping:
+                        stop_requested.append(True)
+                        break
+            finally:
+                manager.wait_until_finished()
+                metrics_log.close()
+                bar.close()
 
     if stop_requested:
         raise UserError(f"stopped by SIGTERM after step {manager.latest_step()}; the checkpoint is saved in "
