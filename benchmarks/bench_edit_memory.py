@@ -5,7 +5,7 @@ Programs, for `--batch` images of `--resolution` px: the DDIM inversion with noi
 in one scan with the reference recomputed (`--reference recompute`, the default); one edit step fed with a
 stored reference (`--reference host`). "weights" are the UNet's arguments, "temporaries" the largest live set
 XLA plans besides them. On CPU the plan follows XLA's CPU backend (bfloat16 is computed through float32 there);
-run it on the accelerator to plan for that one. Appends a table to benchmarks/RESULTS.md unless `--no-write`.
+run it on the accelerator to plan for that one. Appends a table to benchmarks/history/ unless `--no-write`.
 
   python benchmarks/bench_edit_memory.py --resolution 512 --batch 1 --dtype float32
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from results_file import append_report  # benchmarks/ is on sys.path when run as a script
+from results_file import publish  # benchmarks/ is on sys.path when run as a script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_sd15_sizes import SD15_UNET  # noqa: E402  the real SD 1.5 UNet configuration
@@ -101,9 +101,7 @@ def main() -> None:
         f"A stored reference (`--reference host`) holds {records / 1e9:.2f} G values for the batch "
         f"({2 * records / 2**30:.1f} GiB in bfloat16) on the host.\n",
         "| program | weights GiB | temporaries GiB | total GiB | compile s |", "|---|---|---|---|---|", *rows, ""])
-    if not args.no_write:
-        append_report(report)
-    print(report)
+    publish(report, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ model: the input itself (what "no edit" scores) and a render of the edited scene
     python benchmarks/bench_edit_toyworld.py --colour-edits 40 --shape-edits 20 --style flat \
         --methods zerocon pix2pix-zero sdedit --steps 50 --batch-size 20 --seed 0
 
-Prints a Markdown table and appends it to benchmarks/RESULTS.md unless `--no-write`; per-edit records
+Prints a Markdown table and appends it to benchmarks/history/ unless `--no-write`; per-edit records
 (`edits.json`) and a contact sheet of the first edits (`grid.png`) go to `--output`.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from results_file import append_report  # benchmarks/ is on sys.path when run as a script
+from results_file import publish  # benchmarks/ is on sys.path when run as a script
 from scipy import ndimage
 
 from nsync_jax import imageio
@@ -226,9 +226,7 @@ def main() -> None:
         f"Editing time per method: "
         + ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items()) + f"; {total:.0f} s in all.\n",
         *table(results, edits, reconstruction_l1), ""])
-    if not args.no_write:
-        append_report(report)
-    print(report)
+    publish(report, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -39,14 +39,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench_sampling import PRESETS, build_pipeline  # noqa: E402
 from bench_train import median_rate  # noqa: E402
-from results_file import append_report  # noqa: E402  benchmarks/ is on sys.path when run as a script
+from results_file import publish  # noqa: E402  benchmarks/ is on sys.path when run as a script
 
 from nsync_jax import distributed  # noqa: E402
+from nsync_jax.data.style_dataset import StyleDataset  # noqa: E402
 from nsync_jax.models.clip_text import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from nsync_jax.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
 from nsync_jax.pipeline import StableDiffusion, load_pipeline  # noqa: E402
 from nsync_jax.schedulers import NoiseSchedule  # noqa: E402
-from nsync_jax.train import trainer  # noqa: E402
+from nsync_jax.train import methods, trainables  # noqa: E402
+from nsync_jax.train.config import default_config  # noqa: E402
+from nsync_jax.train.step import StepSpec, make_train_step  # noqa: E402
+from nsync_jax.train.trainer import make_optimizer  # noqa: E402
 
 MEMORY_MESHES = ((8, 1), (1, 8))  # (data, fsdp): replicated trained state, then split over fsdp
 GiB = 2 ** 30
@@ -54,11 +58,19 @@ GiB = 2 ** 30
 
 def full_config(batch: int, learning_rate: float):
     """The trainer's config for full fine-tuning of the UNet and text encoder (AdamW, no lr scaling)."""
-    config = trainer.default_config()
+    config = default_config()
     config.method, config.trainable, config.placeholder_token = "textual_inversion", "full", "zwx"
     config.full.train_text_encoder = True
     config.train.batch_size, config.train.learning_rate, config.train.scale_lr = batch, learning_rate, False
     return config
+
+
+def full_step(config, spec: StepSpec, tx, **jit_args):
+    """The jitted step of `config`'s method and trainable, as `trainer.train` builds it (`jit_args`: shardings,
+    donation)."""
+    gradients = methods.get(config.method).gradients(spec, config)
+    return jax.jit(make_train_step(gradients, tx, norm_metric=trainables.get(config.trainable).norm_metric),
+                   **jit_args)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -77,19 +89,20 @@ def speed_rows(args) -> list[tuple[str, float]]:
         folder = Path(tmp) / "model"
         count, res = 8, args.resolution
         images = np.random.default_rng(0).uniform(-1, 1, (count, res, res, 3)).astype(np.float32)
-        dataset = trainer.StyleDataset(stems=tuple(map(str, range(count))), positives=images, negatives=None,
-                                       captions=("a red star",) * count)
+        dataset = StyleDataset(stems=tuple(map(str, range(count))), positives=images, negatives=None,
+                               captions=("a red star",) * count)
 
         # --- nsync-jax: the trainer's step, float32 master weights ------------------------------------------
-        pipe = load_pipeline(folder, param_dtype=jnp.float32)
-        data = trainer.prepare_data(pipe, dataset, config.placeholder_token)
-        batches = [trainer.step_batch(data, config.method, args.batch, 0, i) for i in range(4)]
-        graphdefs, frozen, trained = trainer.split_models(pipe, config, ("text_encoder", "unet"))
-        spec = trainer.StepSpec(graphdefs, NoiseSchedule.from_config(pipe.scheduler_config),
-                                pipe.vae.config.scaling_factor, jnp.float32, 0)
+        method, trainable = methods.get(config.method), trainables.get(config.trainable)
+        pipe = load_pipeline(folder, param_dtype=trainable.load_dtype)  # float32 master weights
+        training = method.prepare(pipe, dataset, config, Path(tmp), False)
+        batches = [training.batch(i) for i in range(4)]
+        graphdefs, frozen, trained = trainable.split(pipe, config, method, ("text_encoder", "unet"))
+        spec = StepSpec(graphdefs, NoiseSchedule.from_config(pipe.scheduler_config),
+                        pipe.vae.config.scaling_factor, jnp.float32, 0, trainable=trainable)
         scaling_factor = pipe.vae.config.scaling_factor
-        tx = trainer.make_optimizer(config)
-        step = jax.jit(trainer.make_train_step(spec, tx, config.method, False), donate_argnums=(0, 1))
+        tx = make_optimizer(config, method)
+        step = full_step(config, spec, tx, donate_argnums=(0, 1))
         state = {"trained": trained, "opt": tx.init(trained), "i": 0}
 
         def jax_step():
@@ -155,6 +168,7 @@ def memory_plans(resolution: int) -> list[dict]:
         raise SystemExit("the memory plans need 8 devices: run without --memory-child (it sets XLA_FLAGS)")
     batch = 8  # one image per device on either mesh
     config = full_config(batch, 1e-5)
+    method, trainable = methods.get(config.method), trainables.get(config.trainable)
     graphdefs = {}
 
     def split_sd15():
@@ -164,13 +178,14 @@ def memory_plans(resolution: int) -> list[dict]:
             text_encoder=CLIPTextModel(CLIPTextConfig.from_dict(SD15_TEXT), rngs=nnx.Rngs(0)),
             unet=UNet2DConditionModel(UNetConfig.from_dict(dict(SD15_UNET)), rngs=nnx.Rngs(0)),
             extra_token_rows=np.zeros((0, SD15_TEXT["hidden_size"]), np.float32))
-        split_graphdefs, frozen, trained = trainer.split_models(pipe, config, ("text_encoder", "unet"))
+        split_graphdefs, frozen, trained = trainable.split(pipe, config, method, ("text_encoder", "unet"))
         graphdefs.update(split_graphdefs)  # static structure, not arrays: it leaves the trace as it is
         return frozen, trained
 
     frozen, trained = jax.eval_shape(split_sd15)
-    spec = trainer.StepSpec(graphdefs, NoiseSchedule.from_config(SD15_SCHEDULER), 0.18215, jnp.float32, 0)
-    tx = trainer.make_optimizer(config)
+    spec = StepSpec(graphdefs, NoiseSchedule.from_config(SD15_SCHEDULER), 0.18215, jnp.float32, 0,
+                    trainable=trainable)
+    tx = make_optimizer(config, method)
     opt_state = jax.eval_shape(tx.init, trained)
     side = resolution // 8
     latent = jax.ShapeDtypeStruct((1, batch, side, side, 4), jnp.float32)  # (groups, batch, h, w, c)
@@ -184,12 +199,12 @@ def memory_plans(resolution: int) -> list[dict]:
         mesh = distributed.make_mesh(data, fsdp)
         whole, batch_sharding = distributed.replicated(mesh), distributed.batch_sharded(mesh, batch_axis=1)
         # As trainer.train for trainable=full: weights and Adam state split over fsdp (whole when fsdp is 1).
-        trained_sharding = distributed.frozen_shardings(mesh, trained, True)
-        opt_sharding = distributed.frozen_shardings(mesh, opt_state, True)
+        trained_sharding = trainable.shardings(mesh, trained)
+        opt_sharding = trainable.shardings(mesh, opt_state)
         frozen_sharding = distributed.frozen_shardings(mesh, frozen, False)
-        step = jax.jit(trainer.make_train_step(spec, tx, config.method, False),
-                       in_shardings=(trained_sharding, opt_sharding, frozen_sharding, batch_sharding, whole),
-                       out_shardings=(trained_sharding, opt_sharding, whole), donate_argnums=(0, 1))
+        step = full_step(config, spec, tx,
+                         in_shardings=(trained_sharding, opt_sharding, frozen_sharding, batch_sharding, whole),
+                         out_shardings=(trained_sharding, opt_sharding, whole), donate_argnums=(0, 1))
         start = time.perf_counter()
         compiled = step.lower(with_sharding(trained, trained_sharding), with_sharding(opt_state, opt_sharding),
                               with_sharding(frozen, frozen_sharding),
@@ -277,9 +292,7 @@ def main() -> None:
         return
     plans = run_memory_child(args.memory_resolution) if args.memory_resolution else []
     text = report(args, speed_rows(args), plans)
-    print(text)
-    if not args.no_write:
-        append_report(text)
+    publish(text, write=not args.no_write)
 
 
 if __name__ == "__main__":

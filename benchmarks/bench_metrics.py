@@ -6,7 +6,7 @@ ViT-L/14 at 224 px (CLIP score; CSD is the same tower) and at 336 px (CMMD). Eac
 `no_grad` (torch) forward on one batch of preprocessed pixels, float32 at full matmul precision as the metrics
 need; medians of `--repeats` timed runs after one warm-up (JAX's compile time reported apart). The torch
 Inception-v3 lives in torchvision, which cannot be installed next to this project's torch, so Inception has
-no torch column here. Appends a table to benchmarks/RESULTS.md unless `--no-write`.
+no torch column here. Appends a table to benchmarks/history/ unless `--no-write`.
 
   python benchmarks/bench_metrics.py --batch 8 --repeats 3
 """
@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from bench_sampling import timed  # benchmarks/ is on sys.path when run as a script
-from results_file import append_report
+from results_file import publish
 
 # transformers' CLIPVisionConfig for OpenAI's ViT-L/14 image tower (projection to 768).
 VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -96,9 +96,7 @@ def main() -> None:
         ratio = f"{row['jax'] / row['torch']:.2f}x" if "torch" in row else "-"
         lines.append(f"| {row['network']} | {row['jax']:.2f} | {torch_col} | {ratio} | {row['compile']:.1f} |")
     report = "\n".join(lines) + "\n"
-    print(report)
-    if not args.no_write:
-        append_report(report)
+    publish(report, write=not args.no_write)
 
 
 if __name__ == "__main__":

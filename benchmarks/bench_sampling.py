@@ -7,7 +7,7 @@ includes JAX's compilation; compile time is reported separately). The VAE decode
 latents to images on the host: with the UNet row it splits the sampling row's time. The negative set is
 `--set-size` captions drawn and written as PNG files (`nsync_jax.negatives.generate_set` against a loop over diffusers'
 `StableDiffusionPipeline` in batches of `--batch`, each image saved with PIL). Appends a table to
-benchmarks/RESULTS.md unless `--no-write`.
+benchmarks/history/ unless `--no-write`.
 
   python benchmarks/bench_sampling.py --preset small            # CPU-sized
   python benchmarks/bench_sampling.py --preset sd15 --dtype bfloat16 --resolution 512 --batch 8   # GPU
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_file import append_report  # benchmarks/ is on sys.path when run as a script
+from results_file import publish  # benchmarks/ is on sys.path when run as a script
 
 PRESETS = {
     # SD 1.5's UNet layout with narrower channels: every block type, 2 layers per block, 8 heads.
@@ -231,9 +231,7 @@ def main() -> None:
     lines.append(f"\nNegative set: diffusers {args.set_size / torch_set:.2f} images/s, nsync-jax "
                  f"{args.set_size / jax_set:.2f} images/s ({torch_set / jax_set:.2f}x).")
     report = "\n".join(lines) + "\n"
-    print(report)
-    if not args.no_write:
-        append_report(report)
+    publish(report, write=not args.no_write)
 
 
 if __name__ == "__main__":

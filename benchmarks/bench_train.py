@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench_sampling import PRESETS, pipeline_folder  # noqa: E402
-from results_file import append_report  # benchmarks/ is on sys.path when run as a script
+from results_file import publish  # benchmarks/ is on sys.path when run as a script
 
 PRESETS = {"tiny": None, **PRESETS}
 
@@ -76,9 +76,14 @@ def main() -> None:
 
     from conftest import build_tiny_pipeline, write_tiny_tokenizer
     from nsync_jax import tokens
+    from nsync_jax.data.style_dataset import StyleDataset
     from nsync_jax.pipeline import load_pipeline
     from nsync_jax.schedulers import NoiseSchedule
-    from nsync_jax.train import trainer
+    from nsync_jax.train import data as train_data
+    from nsync_jax.train import methods, trainables
+    from nsync_jax.train.config import default_config
+    from nsync_jax.train.step import StepSpec, denoising_losses, group_keys, make_train_step
+    from nsync_jax.train.trainer import make_optimizer
 
     torch.set_num_threads(os.cpu_count())
     on_gpu = jax.default_backend() == "gpu"
@@ -109,24 +114,31 @@ def main() -> None:
         table = np.asarray(pipe.text_encoder.embeddings.token_embedding.embedding[...], np.float32)
         initial = tokens.initial_rows(table, pipe.tokenizer, "painting", 1)
         tokens.add_placeholder_tokens(pipe.tokenizer, token, 1)
-        dataset = trainer.StyleDataset(stems=tuple(map(str, range(count))), positives=images, negatives=negatives,
-                                       captions=("a red star",) * count)
-        data = trainer.prepare_data(pipe, dataset, token)
+        dataset = StyleDataset(stems=tuple(map(str, range(count))), positives=images, negatives=negatives,
+                               captions=("a red star",) * count)
+        data = train_data.prepare(pipe, dataset, token)
         graphdefs, frozen = {}, {}
         for name in ("text_encoder", "unet"):
             graphdefs[name], frozen[name] = nnx.split(pipe.modules()[name])
-        spec = trainer.StepSpec(graphdefs, NoiseSchedule.from_config(pipe.scheduler_config),
-                                pipe.vae.config.scaling_factor, dtype, 0)
-        config = trainer.default_config()
+        spec = StepSpec(graphdefs, NoiseSchedule.from_config(pipe.scheduler_config),
+                        pipe.vae.config.scaling_factor, dtype, 0)
+        nsync, textual_inversion = methods.get("nsync"), methods.get("textual_inversion")
+        config = default_config()
         config.train.batch_size = batch
-        tx_nsync = trainer.make_optimizer(config)
-        config.method = "textual_inversion"
-        tx_ti = trainer.make_optimizer(config)
-        def runner(method, tx, batch_size, data=data, initial=initial, dreamartist=None):
-            step = jax.jit(trainer.make_train_step(spec, tx, method, False, dreamartist=dreamartist),
-                           donate_argnums=(0, 1))
+        tx_nsync = make_optimizer(config, nsync)
+        tx_ti = make_optimizer(config, textual_inversion)
+
+        def step_batches(method, data, config, batch_size):
+            """The method's batches of steps 0-3 at `batch_size` (the optimizer's learning rate stays `config`'s)."""
+            sized = config.copy_and_resolve_references()
+            sized.train.batch_size = batch_size
+            return [method.batch(data, sized, i) for i in range(4)]
+
+        def runner(method, tx, batch_size, data=data, initial=initial, config=config):
+            step = jax.jit(make_train_step(method.gradients(spec, config), tx,
+                                           norm_metric=trainables.EMBEDDINGS.norm_metric), donate_argnums=(0, 1))
             state = {"rows": jnp.asarray(initial), "opt": tx.init(jnp.asarray(initial)), "i": 0}
-            batches = [trainer.step_batch(data, method, batch_size, 0, i) for i in range(4)]
+            batches = step_batches(method, data, config, batch_size)
 
             def run():
                 state["rows"], state["opt"], metrics = step(state["rows"], state["opt"], frozen,
@@ -137,16 +149,16 @@ def main() -> None:
 
         def separate_runner():
             tx = tx_nsync
-            grad = jax.jit(jax.grad(lambda r, ids, mean, logvar, key: trainer.denoising_losses(
+            grad = jax.jit(jax.grad(lambda r, ids, mean, logvar, key: denoising_losses(
                 spec, r[None], frozen, ids[None], mean[None], logvar[None], key[None]).sum()))
             update = jax.jit(lambda rows, opt, gp, gn, ga: (lambda u, o: (optax.apply_updates(rows, u), o))(
                 *tx.update(gp, opt, rows, negative_grads=gn, anchor_grads=ga)))
             state = {"rows": jnp.asarray(initial), "opt": tx.init(jnp.asarray(initial)), "i": 0}
-            batches = [trainer.step_batch(data, "nsync", batch, 0, i) for i in range(4)]
+            batches = step_batches(nsync, data, config, batch)
 
             def run():
                 b = batches[state["i"] % 4]
-                keys = trainer.group_keys(jax.random.key(state["i"]), 3, False)
+                keys = group_keys(jax.random.key(state["i"]), 3, False)
                 g = [grad(state["rows"], b["ids"][k], b["mean"][k], b["logvar"][k], keys[k]) for k in range(3)]
                 state["rows"], state["opt"] = update(state["rows"], state["opt"], *g)
                 jax.block_until_ready(state["rows"])
@@ -154,22 +166,21 @@ def main() -> None:
             return run
 
         # (row, images through the UNet per step, steps/s)
-        record("nsync-jax NSYNC fused", 3 * batch, runner("nsync", tx_nsync, batch))
+        record("nsync-jax NSYNC fused", 3 * batch, runner(nsync, tx_nsync, batch))
         record("nsync-jax NSYNC three passes", 3 * batch, separate_runner())
-        record("nsync-jax Textual Inversion, 3x batch", 3 * batch, runner("textual_inversion", tx_ti, 3 * batch))
+        record("nsync-jax Textual Inversion, 3x batch", 3 * batch, runner(textual_inversion, tx_ti, 3 * batch))
         if not args.skip_dreamartist:
             # DreamArtist: the same frozen weights, a tokenizer of its own with `<style>` (3) and `<style>-neg` (6).
-            da_config = trainer.default_config()
+            dreamartist = methods.get("dreamartist")
+            da_config = default_config()
             da_config.method, da_config.placeholder_token, da_config.num_vectors = "dreamartist", token, 3
             da_pipe = load_pipeline(folder, dtype=dtype)
-            da_initial = trainer.starting_rows(da_config, table, da_pipe.tokenizer)
-            trainer.add_learned_words(da_pipe.tokenizer, da_config)
-            da_data = trainer.prepare_data(da_pipe, dataset, token,
-                                           negative_word=trainer.learned_words(da_config)[1][1])
+            da_initial = dreamartist.initial_rows(da_config, table, da_pipe.tokenizer)
+            dreamartist.add_words(da_pipe.tokenizer, da_config)
+            da_data = train_data.prepare(da_pipe, dataset, token, negative_word=dreamartist.negative_word(da_config))
             record("nsync-jax DreamArtist (3 + 6 vectors)", 2 * batch,
-                   runner("dreamartist", trainer.make_optimizer(da_config), batch, da_data, da_initial,
-                          trainer.DreamArtistSpec.from_config(da_config)))
-            record("nsync-jax Textual Inversion, 2x batch", 2 * batch, runner("textual_inversion", tx_ti, 2 * batch))
+                   runner(dreamartist, make_optimizer(da_config, dreamartist), batch, da_data, da_initial, da_config))
+            record("nsync-jax Textual Inversion, 2x batch", 2 * batch, runner(textual_inversion, tx_ti, 2 * batch))
         pipe = frozen = None  # frees the JAX models before the PyTorch run
 
         # --- PyTorch: the released NSYNC algorithm on diffusers modules ---------------------------------------
@@ -242,9 +253,7 @@ def main() -> None:
         lines.append(f"\nDreamArtist steps/s over Textual Inversion steps/s at the same UNet batch: "
                      f"{dreamartist_ratio:.2f}x")
     report = "\n".join(lines) + "\n"
-    print(report)
-    if not args.no_write:
-        append_report(report)
+    publish(report, write=not args.no_write)
 
 
 if __name__ == "__main__":

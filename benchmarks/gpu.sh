@@ -4,8 +4,9 @@
 #   1. bench_sampling.py: UNet forward, 50 PNDM steps with guidance at batch 8, and a 16-image negative set;
 #   2. bench_train.py: the fused NSYNC step (2 triples), three separate passes, Textual Inversion at 3x the
 #      batch, and the released PyTorch algorithm.
-# The pipeline is built once and shared. Logs, machine facts and the appended RESULTS.md go to $OUT
-# (./gpu-out when OUT is unset).
+# The pipeline is built once and shared. Logs, machine facts and the history files the scripts appended to
+# (benchmarks/history/<date>-<script>.md) go to $OUT (./gpu-out when OUT is unset); the table in
+# benchmarks/RESULTS.md is updated by hand from them.
 #
 #   bash benchmarks/gpu.sh            # from the repository root, with nsync_jax and diffusers importable
 #   BENCH_PRESET=small BENCH_RESOLUTION=64 bash benchmarks/gpu.sh    # a dry run of the script on a CPU
@@ -28,4 +29,5 @@ timeout $((deadline - SECONDS - 240)) python3 benchmarks/bench_sampling.py --pre
   --batch 8 --steps 50 --repeats 2 --set-size 16 --dtype bfloat16 --model-dir "$model" 2>&1 | tee "$out/sampling.log"
 timeout $((deadline - SECONDS)) python3 benchmarks/bench_train.py --preset "$preset" --resolution "$resolution" --batch 2 \
   --dtype bfloat16 --skip-dreamartist --steps 5 --repeats 3 --model-dir "$model" 2>&1 | tee "$out/train.log"
-cp benchmarks/RESULTS.md "$out/RESULTS.md"
+# the history files appended since machine.txt was written, i.e. by this run
+find benchmarks/history -name '*.md' -newer "$out/machine.txt" -exec cp {} "$out/" \;

@@ -8,7 +8,8 @@ features) as mean +- std over the runs.
     python benchmarks/toyworld.py --output /tmp/toyworld-bench [--styles zigzag halftone crosshatch framed]
         [--seeds 0 1 2] [--config.train.steps=400 ...]
 
-Prints a Markdown table for benchmarks/RESULTS.md and writes it, with every run's report, under --output.
+Prints a Markdown table (for benchmarks/history/, and RESULTS.md by hand) and writes it, with every run's report,
+under --output.
 """
 from __future__ import annotations
 
