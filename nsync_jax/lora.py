@@ -240,3 +240,18 @@ def write_lora_file(path: Path, params: dict[str, dict[str, np.ndarray]], scale:
     state = lora_state_dict(params, scale, layout)
     header = {"format": "pt", "nsync_jax": json.dumps(metadata or {}, sort_keys=True)}
     atomic_write(Path(path), lambda tmp: save_file(state, str(tmp), metadata=header))
+
+
+def recorded_handoff(lora_files: list[Path]) -> int:
+    """The handoff timestep the LoRA files were trained for (their `train.max_timestep`, which `write_lora_file`
+    records as `handoff_timestep`), 0 where none is; files that record different ones are an error."""
+    recorded = {}
+    for path in lora_files:
+        value = read_lora_metadata(path).get("handoff_timestep") or 0
+        if not isinstance(value, int) or value < 0:
+            raise UserError(f"{path}: header key 'handoff_timestep' must be a non-negative integer, got {value!r}")
+        recorded[path] = value
+    if len(set(recorded.values())) > 1:
+        listed = ", ".join(f"{path}: {value}" for path, value in recorded.items())
+        raise UserError(f"the --lora files record different handoff timesteps ({listed}); pass --handoff-timestep")
+    return next(iter(recorded.values()), 0)

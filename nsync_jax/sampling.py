@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -22,8 +23,10 @@ from tqdm.auto import tqdm
 
 from nsync_jax import distributed, tokens
 from nsync_jax.errors import UserError
+from nsync_jax.imageio import write_png
+from nsync_jax.lora import merge_lora, read_lora_file, recorded_handoff
 from nsync_jax.models.vae import AutoencoderKL
-from nsync_jax.pipeline import StableDiffusion, encode_text
+from nsync_jax.pipeline import StableDiffusion, encode_text, load_pipeline
 from nsync_jax.schedulers import make_sampler
 
 
@@ -216,3 +219,68 @@ def generate(
         finish(*pending)
     bar.close()
     return np.concatenate(results)
+
+
+def load_for_sampling(model: Path, *, embeddings: Sequence[Path] = (), lora_files: Sequence[Path] = (),
+                      lora_scale: float = 1.0, handoff_timestep: int | None = None, dtype=jnp.float32,
+                      attention_backend: str = "auto") -> tuple[StableDiffusion, StableDiffusion | None, int]:
+    """The models `generate` samples with: `(pipe, base, handoff_timestep)`.
+
+    `pipe` is the diffusers folder `model` with the `embeddings` files added and the `lora_files` merged into its
+    weights (`W + lora_scale * delta`). With a handoff (`handoff_timestep` > 0; None: the one the LoRA files
+    record, else 0), `base` is the same folder with the embeddings but without the LoRA, which denoises the
+    timesteps at or above the handoff (pass both and the timestep to `generate`); otherwise `base` is None.
+    """
+    if handoff_timestep is None:
+        handoff_timestep = recorded_handoff(lora_files)
+    if handoff_timestep and not lora_files:
+        raise UserError("--handoff-timestep needs --lora: it hands the low timesteps to the LoRA's weights")
+    if handoff_timestep < 0:
+        raise UserError(f"--handoff-timestep must not be negative, got {handoff_timestep}")
+
+    def load_with_embeddings():
+        loaded = load_pipeline(model, dtype=dtype, attention_backend=attention_backend)
+        for path in embeddings:
+            loaded.add_embeddings(path)
+        return loaded
+
+    pipe = load_with_embeddings()
+    base = load_with_embeddings() if handoff_timestep else None  # the LoRA weights stay out of it
+    for path in lora_files:
+        merge_lora(pipe.modules(), read_lora_file(path), lora_scale, source=path)
+    return pipe, base, handoff_timestep
+
+
+def read_latents(path: Path, pipe: StableDiffusion, num_images: int, settings: SampleSettings) -> np.ndarray:
+    """Initial latents for `generate` from a float32 `.npy` in diffusers' layout `(num_images, C, H/f, W/f)` at
+    the settings' resolution (f: the VAE's downscale factor), returned in `generate`'s NHWC layout."""
+    height = settings.height or pipe.default_resolution
+    width = settings.width or pipe.default_resolution
+    f = pipe.vae_scale_factor
+    expected = (num_images, pipe.unet.config.in_channels, height // f, width // f)
+    try:
+        latents = np.load(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read latents ({e})") from None
+    if latents.shape != expected:
+        raise UserError(f"{path}: latents have shape {latents.shape}, expected {expected} (N, C, H/f, W/f)")
+    return latents.astype(np.float32).transpose(0, 2, 3, 1)
+
+
+def image_file(folder: Path, index: int) -> Path:
+    """Where `generate_to_folder` writes image `index`: `000000.png`, `000001.png`, ..."""
+    return Path(folder) / f"{index:06d}.png"
+
+
+def generate_to_folder(pipe: StableDiffusion, prompts: Sequence[str], output: Path, **kwargs) -> list[Path]:
+    """`generate(pipe, prompts, **kwargs)`, writing each image to `image_file(output, index)` as its batch comes
+    (on the main process only); returns the files, in image order."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+
+    def save(first, images):
+        for offset, image in enumerate(images):
+            write_png(image_file(output, first + offset), image)
+
+    images = generate(pipe, prompts, on_batch=save if distributed.is_main_process() else None, **kwargs)
+    return [image_file(output, index) for index in range(len(images))]

@@ -1,6 +1,9 @@
-"""The `nsync-jax sample` command: files written, parity with diffusers through the CLI, one-line errors."""
+"""The `nsync-jax` command: its help, and `sample` (files written, parity with diffusers through the CLI,
+one-line errors)."""
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +17,21 @@ def run_cli(capsys, *args):
     code = main(["sample", *map(str, args)])
     captured = capsys.readouterr()
     return code, captured.err
+
+
+def test_help_opens_with_what_the_tool_does():
+    """`python -m nsync_jax.cli` is the `nsync-jax` command; its help starts with what it does for a user and lists
+    every command with a line of its own."""
+    from nsync_jax.cli import COMMANDS, DESCRIPTION
+
+    result = subprocess.run([sys.executable, "-m", "nsync_jax.cli", "--help"], capture_output=True, text=True,
+                            check=True)
+    usage, description, commands = result.stdout.split("\n\n")[:3]
+    assert usage.startswith("usage: nsync-jax") and description == DESCRIPTION
+    for name in ("sample", "negatives", "caption", "data", "train", "export", "evaluate", "convert-weights", "demo",
+                 "toyworld", "edit"):
+        assert f"\n    {name} " in commands
+    assert len(COMMANDS) == 11
 
 
 def test_sample_writes_pngs_matching_diffusers(sd1_dir, tmp_path, capsys):
@@ -110,8 +128,7 @@ def test_sample_hands_off_where_the_lora_files_say(tmp_path, sd1_dir, capsys):
     train.max_timestep); files that disagree need the flag, files from other tools record none."""
     from safetensors.numpy import save_file
 
-    from nsync_jax.cli import _recorded_handoff
-    from nsync_jax.lora import write_lora_file
+    from nsync_jax.lora import recorded_handoff, write_lora_file
 
     adapter = {"unet": {"a.lora_down": np.ones((4, 2), np.float32), "a.lora_up": np.ones((2, 4), np.float32)}}
     files = {}
@@ -121,10 +138,10 @@ def test_sample_hands_off_where_the_lora_files_say(tmp_path, sd1_dir, capsys):
         write_lora_file(files[name], adapter, 1.0, metadata=metadata)
     save_file({"x.lora_A.weight": np.ones((2, 4), np.float32)}, tmp_path / "other_tool.safetensors")
 
-    assert _recorded_handoff([files["low"], files["also_low"]]) == 600
-    assert _recorded_handoff([files["everywhere"]]) == 0
-    assert _recorded_handoff([tmp_path / "other_tool.safetensors"]) == 0
-    assert _recorded_handoff([]) == 0
+    assert recorded_handoff([files["low"], files["also_low"]]) == 600
+    assert recorded_handoff([files["everywhere"]]) == 0
+    assert recorded_handoff([tmp_path / "other_tool.safetensors"]) == 0
+    assert recorded_handoff([]) == 0
     code, err = run_cli(capsys, "--model", sd1_dir, "--prompt", "a cat", "--output", tmp_path / "out",
                         "--lora", files["low"], "--lora", files["higher"])
     assert code == 2 and err.strip().count("\n") == 0

@@ -1,0 +1,66 @@
+"""`nsync-jax sample`: draw images from prompts, with learned embeddings and LoRA files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from nsync_jax.cli.common import DTYPES, SCHEDULERS, positive_int, process_flags
+from nsync_jax.errors import UserError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("sample", parents=[process_flags()],
+                              help="draw images from prompts with a diffusers-format model folder, with learned "
+                                   "embeddings and LoRA files")
+    p.add_argument("--model", type=Path, required=True, help="diffusers-format Stable Diffusion folder")
+    p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
+    p.add_argument("--negative-prompt", default="", help="the unconditional prompt of guidance")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="default: the model's own")
+    p.add_argument("--steps", type=positive_int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=positive_int, default=None, help="default: the model's resolution")
+    p.add_argument("--width", type=positive_int, default=None)
+    p.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per compiled call")
+    p.add_argument("--latents", type=Path, default=None,
+                   help="float32 .npy of initial latents in diffusers' layout (N, C, H/8, W/8)")
+    p.add_argument("--embeddings", type=Path, action="append", default=[],
+                   help="learned embedding file (diffusers or A1111); repeatable")
+    p.add_argument("--lora", type=Path, action="append", default=[],
+                   help="LoRA .safetensors (diffusers or kohya/A1111 keys), merged into the weights at load; "
+                        "repeatable")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="weight of every --lora (W + scale * delta)")
+    p.add_argument("--handoff-timestep", type=int, default=None,
+                   help="the base model (without --lora) denoises timesteps at or above this one, the model with "
+                        "--lora the rest: for a LoRA trained with train.max_timestep (0: --lora everywhere; "
+                        "default: the handoff_timestep the --lora files record, else 0)")
+    p.add_argument("--clip-skip", type=int, default=0, help="use the text encoder's k-th layer from the end")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--attention", choices=("auto", "cudnn", "xla", "einsum"), default="auto",
+                   help="attention backend (auto: cuDNN on GPU in bfloat16, einsum otherwise)")
+    p.add_argument("--output", type=Path, required=True, help="folder for 000000.png, 000001.png, ...")
+    p.set_defaults(run=run)
+
+
+def run(args) -> None:
+    import jax.numpy as jnp
+
+    from nsync_jax.distributed import is_main_process
+    from nsync_jax.sampling import SampleSettings, generate_to_folder, load_for_sampling, read_latents
+
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value % 8:
+            raise UserError(f"{flag} must be divisible by 8, got {value}")
+    pipe, base, handoff = load_for_sampling(args.model, embeddings=args.embeddings, lora_files=args.lora,
+                                            lora_scale=args.lora_scale, handoff_timestep=args.handoff_timestep,
+                                            dtype=jnp.dtype(args.dtype), attention_backend=args.attention)
+    settings = SampleSettings(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
+                              height=args.height, width=args.width, clip_skip=args.clip_skip,
+                              batch_size=args.batch_size, handoff_timestep=handoff)
+    num_images = len(args.prompt) * args.num_images
+    latents = None if args.latents is None else read_latents(args.latents, pipe, num_images, settings)
+    files = generate_to_folder(pipe, args.prompt, args.output, negative_prompt=args.negative_prompt,
+                               num_images_per_prompt=args.num_images, seed=args.seed, settings=settings,
+                               latents=latents, base=base)
+    if is_main_process():
+        print(f"wrote {len(files)} images to {args.output}")
