@@ -21,7 +21,7 @@ from pathlib import Path
 import ml_collections
 
 from nsync_jax.config import load_config
-from nsync_jax.train.styleforge import CONCEPT_KEYS
+from nsync_jax.train.methods.styleforge import CONCEPT_KEYS
 
 
 def concept(instance_prompt: str, class_prompt: str) -> ml_collections.ConfigDict:

@@ -66,10 +66,6 @@ def write_diffusers_pipeline(output: Path, base: Path, modules: dict[str, Any]) 
     """A complete diffusers Stable Diffusion folder at `output`: every file of the base folder `base`, with the
     weights of `unet/` and `text_encoder/` replaced by those of `modules` (`{"unet": ..., "text_encoder": ...}`,
     NNX modules), as float32 safetensors. Written to a temporary folder, then renamed: never half a folder."""
-    from safetensors.numpy import save_file
-
-    from nsync_jax.weights import module_state_dict
-
     output, base = Path(output), Path(base)
 
     def skip_weights(folder, names):
@@ -81,9 +77,23 @@ def write_diffusers_pipeline(output: Path, base: Path, modules: dict[str, Any]) 
     with atomic_folder(output, exists_hint="give a new folder") as temporary:
         shutil.copytree(base, temporary, ignore=skip_weights, dirs_exist_ok=True)
         for name, module in modules.items():
-            state = module_state_dict(module)
-            if name == "text_encoder":  # transformers' CLIPTextModel keeps its weights under text_model.
-                state = {f"text_model.{k}": v for k, v in state.items()}
-            file = "diffusion_pytorch_model.safetensors" if name == "unet" else "model.safetensors"
-            save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(temporary / name / file),
-                      metadata={"format": "pt"})
+            write_module_weights(temporary / name, name, module)
+
+
+# The weight file of each component in a diffusers folder.
+WEIGHT_FILES = {"vae": "diffusion_pytorch_model.safetensors", "unet": "diffusion_pytorch_model.safetensors",
+                "text_encoder": "model.safetensors"}
+
+
+def write_module_weights(folder: Path, name: str, module) -> None:
+    """Component `name`'s weights (an NNX module) as `folder/<its weight file>`: float32 safetensors under the
+    names diffusers and transformers read (`text_model.` before the text encoder's)."""
+    from safetensors.numpy import save_file
+
+    from nsync_jax.weights import module_state_dict
+
+    state = module_state_dict(module)
+    if name == "text_encoder":  # transformers' CLIPTextModel keeps its weights under text_model.
+        state = {f"text_model.{k}": v for k, v in state.items()}
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(Path(folder) / WEIGHT_FILES[name]),
+              metadata={"format": "pt"})

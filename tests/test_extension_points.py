@@ -31,7 +31,7 @@ class MinSNRDenoising(Method):
         def loss(trained, frozen, batch, key):
             prediction, target, _, t = denoise(spec, trained, frozen, batch["ids"], batch["mean"], batch["logvar"],
                                                group_keys(key, 1, False), shared=True)
-            abar = spec.schedule.alphas_cumprod[t[0]]
+            abar = jnp.asarray(spec.schedule.alphas_cumprod)[t[0]]
             snr = abar / (1 - abar)
             return jnp.mean(jnp.minimum(snr, 5.0) / snr * jnp.mean(jnp.square(prediction - target)[0], (1, 2, 3)))
 

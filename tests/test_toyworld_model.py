@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from nsync_jax import export
 from nsync_jax.cli import main
 from nsync_jax.errors import UserError
 from nsync_jax.pipeline import load_pipeline
@@ -169,7 +170,7 @@ def test_pretrain_writes_a_reproducible_folder_both_loaders_read(tmp_path):
     config.pool_size, config.vae.steps, config.unet.steps, config.warmup_steps = 16, 3, 3, 1
     folders = [pretrain.pretrain(config, tmp_path / name, progress=False) for name in ("first", "second")]
     assert not (tmp_path / "first.checkpoints").exists()  # removed once the folder is written
-    for part, weights_file in pretrain.WEIGHT_FILES.items():
+    for part, weights_file in export.WEIGHT_FILES.items():
         first, second = (folder / part / weights_file for folder in folders)
         assert first.read_bytes() == second.read_bytes(), part
     assert (folders[0] / "vae" / "config.json").read_text() == (folders[1] / "vae" / "config.json").read_text()

@@ -25,10 +25,9 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from nsync_jax import checkpoints as ckpt, distributed, tokens, weights
+from nsync_jax import checkpoints as ckpt, distributed, export, tokens, weights
 from nsync_jax.data import latent_cache
 from nsync_jax.files import atomic_folder, write_json
 from nsync_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
@@ -387,10 +386,6 @@ def train_denoiser(text_encoder: CLIPTextModel, unet: UNet2DConditionModel, late
 # Writing the diffusers folder (all parts into a temporary folder, then one rename).
 # ------------------------------------------------------------------------------------------------------------
 
-WEIGHT_FILES = {"vae": "diffusion_pytorch_model.safetensors", "unet": "diffusion_pytorch_model.safetensors",
-                "text_encoder": "model.safetensors"}
-
-
 def write_model_folder(output: Path, configs: dict[str, dict], modules: dict[str, nnx.Module], tokenizer_folder: Path,
                        extra_files: dict[str, str]) -> Path:
     output = Path(output)
@@ -408,11 +403,7 @@ def write_model_folder(output: Path, configs: dict[str, dict], modules: dict[str
         for name, module in modules.items():
             (temporary / name).mkdir()
             (temporary / name / "config.json").write_text(json.dumps(configs[name], indent=2))
-            state = weights.module_state_dict(module)
-            if name == "text_encoder":  # transformers' CLIPTextModel keys
-                state = {f"text_model.{key}": value for key, value in state.items()}
-            save_file({k: np.ascontiguousarray(v) for k, v in state.items()},
-                      str(temporary / name / WEIGHT_FILES[name]), metadata={"format": "pt"})
+            export.write_module_weights(temporary / name, name, module)
         for name, text in extra_files.items():
             (temporary / name).write_text(text)
     return output

@@ -26,6 +26,7 @@ from flax import nnx
 
 from nsync_jax import distributed, export, lora
 from nsync_jax.errors import UserError
+from nsync_jax.train.registry import Registry
 
 
 class Trainable:
@@ -82,18 +83,8 @@ class Trainable:
         raise NotImplementedError
 
 
-REGISTRY: dict[str, Trainable] = {}
-
-
-def register(trainable: Trainable) -> Trainable:
-    REGISTRY[trainable.name] = trainable
-    return trainable
-
-
-def get(name: str) -> Trainable:
-    if name not in REGISTRY:
-        raise UserError(f"config trainable={name!r} must be one of {', '.join(REGISTRY)}")
-    return REGISTRY[name]
+REGISTRY: Registry[Trainable] = Registry("trainable")
+register, get = REGISTRY.register, REGISTRY.find
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -154,7 +145,7 @@ class ModuleWeights(Trainable):
     export_formats = ("diffusers-pipeline",)
 
     def check_config(self, config, method):
-        if not method.trains_modules_ok:
+        if method.token_rows_only:
             raise UserError(f"config trainable={self.name!r} is not supported with method {method.name} (it learns "
                             "token rows): use trainable='embeddings'")
 

@@ -18,6 +18,7 @@ import optax
 
 from nsync_jax import export, tokens
 from nsync_jax.errors import UserError
+from nsync_jax.train.registry import Registry
 from nsync_jax.train import data as train_data
 from nsync_jax.train.step import Gradients, StepSpec
 
@@ -121,15 +122,5 @@ class Method:
         return ""
 
 
-REGISTRY: dict[str, Method] = {}
-
-
-def register(method: Method) -> Method:
-    REGISTRY[method.name] = method
-    return method
-
-
-def get(name: str) -> Method:
-    if name not in REGISTRY:
-        raise UserError(f"config method={name!r} must be one of {', '.join(REGISTRY)}")
-    return REGISTRY[name]
+REGISTRY: Registry[Method] = Registry("method")
+register, get = REGISTRY.register, REGISTRY.find
