@@ -10,7 +10,10 @@ setup(
     version="0.1.0",
     description="NSYNC contrastive style learning for Stable Diffusion in JAX/Flax",
     python_requires=">=3.11",
-    packages=find_packages(include=["nsync_jax", "nsync_jax.*"]),
+    # configs/ (one experiment per file) installs as nsync_jax.configs: `nsync-jax demo` and `toyworld pretrain`
+    # read their settings there.
+    packages=find_packages(include=["nsync_jax", "nsync_jax.*"]) + ["nsync_jax.configs"],
+    package_dir={"nsync_jax.configs": "configs"},
     # The bundled toy-world model, its judge and CLIP's BPE merges.
     package_data={"nsync_jax.toyworld": ["assets/*", "assets/*/*", "assets/*/*/*"]},
     install_requires=[

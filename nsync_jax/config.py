@@ -30,6 +30,14 @@ def load_config(path: Path, overrides: list[str] = ()) -> ml_collections.ConfigD
     return config
 
 
+def bundled_config(name: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """`configs/<name>.py` of this project (installed as the package `nsync_jax.configs`), with `overrides`."""
+    from importlib.resources import as_file, files
+
+    with as_file(files("nsync_jax.configs") / f"{name}.py") as path:
+        return load_config(path, overrides)
+
+
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     """Applies `a.b=value` (the `--config.` prefix already removed or not)."""
     key, sep, text = override.removeprefix("--").removeprefix("config.").partition("=")

@@ -13,6 +13,10 @@ default), `euler` (EulerDiscreteScheduler without churn) and `dpm` (DPMSolverMul
 DPM-Solver++ of order 2). Each reads the options its diffusers class knows, with that class's defaults, and
 ignores the rest, as `XScheduler.from_config(config)` does; an option it knows but does not implement for the
 value given is a `UserError`. `NoiseSchedule` is the forward process for training, as DDPMScheduler reads it.
+
+One module of ~540 lines on purpose: the four samplers share the host-side tables, the config reading and the
+step-function shape, and each is a small subclass next to the others, as diffusers' scheduler files are read
+side by side when checking parity.
 """
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from nsync_jax import imageio, lora, sampling
+from nsync_jax.config import bundled_config
 from nsync_jax.errors import UserError
 from nsync_jax.pipeline import load_pipeline
 from nsync_jax.toyworld import judge as judge_lib
@@ -36,8 +37,8 @@ from nsync_jax.train.config import default_config as training_defaults
 BUNDLED_JUDGE = Path(__file__).parent / "assets" / "judge"
 # Adapters on the UNet's attention and feed-forward layers (the text encoder's moved the colour words towards the
 # training images': colour 0.71), trained on timesteps below 600 at batch 8, sampled with the base model above
-# them: 400 steps at lr 5e-3 (1,000 at 2e-3 drew more content but took 338 s of the 5 minutes; RESULTS.md,
-# seventeenth session).
+# them: 400 steps at lr 5e-3 (1,000 at 2e-3 drew more content but took 338 s of the 5 minutes; benchmarks/history/
+# 2026-12-05-seventeenth-session.md).
 LORA_RECIPE = {"trainable": "lora", "lora.rank": 4, "lora.alpha": 4.0,
                "lora.targets": lora.UNET_TARGETS + lora.FEED_FORWARD_TARGETS,
                "train.learning_rate": 5e-3, "train.batch_size": 8, "train.max_timestep": 600}
@@ -51,7 +52,7 @@ RUNS = {"textual_inversion": {"method": "textual_inversion"},
         "dreamartist": {"method": "dreamartist"},
         # NSYNC's projection without the anchor term: a step runs two groups, not three. On the bundled model the
         # paper's rule drew 0.77 style at 0.83 content on the demo's 48 test captions but took 305 s of the 5
-        # minutes; this 0.75 at 0.77 in 261 s (RESULTS.md, nineteenth session).
+        # minutes; this 0.75 at 0.77 in 261 s (benchmarks/history/2026-12-06-nineteenth-session.md).
         "nsync_lora": {"method": "nsync", "nsync.variant": "orthogonal", **LORA_RECIPE},
         # The same adapters on the plain denoising loss: what NSYNC's projection adds to a LoRA.
         "lora": {"method": "textual_inversion", **LORA_RECIPE},
@@ -73,28 +74,8 @@ def test_prompt(run: str, scene: world.Scene) -> str:
 
 
 def default_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.model = str(BUNDLED_MODEL)
-    c.judge = str(BUNDLED_JUDGE)
-    # One of world.HELD_OUT_STYLES. `framed` recombines what the bundled model draws (a flat fill, an outline),
-    # the one a method reaches there: NSYNC-LoRA, not a token (RESULTS.md, tenth session).
-    c.style = "framed"
-    c.seed = 0
-    # Simulated CPU devices the steps split their batches over (the GPU or TPU unchanged): on 2 cores, 2 drew
-    # the test captions 2x as fast and NSYNC-LoRA's steps 1.2x (RESULTS.md, seventeenth session).
-    c.cpu_devices = 2
-    c.train_images = 20
-    # 48: a rate near 0.7 is then known to +-0.07 (32: +-0.08), and the demo stays under 5 minutes (253 s).
-    c.test_images = 48
-    # DreamArtist and the other RUNS by --config.methods; these three fit the 5-minute bar on 2 CPU cores.
-    c.methods = ("textual_inversion", "nsync", "nsync_lora")
-    # 20 DDIM steps: at 25 (and on one device) the demo took 301 s (RESULTS.md, seventeenth session).
-    c.sample = ml_collections.ConfigDict(dict(scheduler="ddim", steps=20, guidance=5.0))
-    # For every run; RUNS entries set their own over these (NSYNC-LoRA: batch 8, 0.24 s a step on 2 cores, most of
-    # the demo's time). Tokens at batch 2 keep the demo under 5 minutes (RESULTS.md, eleventh session).
-    c.train = ml_collections.ConfigDict(dict(steps=400, batch_size=2, learning_rate=5e-3, num_vectors=1,
-                                             initializer_token="drawing"))
-    return c
+    """The demo's settings: configs/demo.py."""
+    return bundled_config("demo")
 
 
 def check_config(config) -> None:

@@ -163,7 +163,7 @@ def soften(images: jax.Array, key: jax.Array, fraction: float = 0.5, sigma=(0.5,
 
     A VAE decoder softens every image the judge is asked about: the bundled model's round trip is closest to
     a blur of sigma 0.8-1.0 px. A judge trained on sharp renders alone reads that softening as `gradient`
-    (RESULTS.md 2026-12-03), so training shows it both; edges are padded by replication, as a VAE's are not
+    (benchmarks/history/2026-12-03.md), so training shows it both; edges are padded by replication, as a VAE's are not
     darkened.
     """
     n, h, w, _ = images.shape

@@ -32,6 +32,7 @@ from nsync_jax.data import latent_cache
 from nsync_jax.files import atomic_folder, write_json
 from nsync_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from nsync_jax.models.unet import UNet2DConditionModel, UNetConfig
+from nsync_jax.config import bundled_config
 from nsync_jax.errors import UserError
 from nsync_jax.models.vae import AutoencoderKL, VAEConfig, load_vae, sample_posterior
 from nsync_jax.schedulers import NoiseSchedule, add_noise, min_snr_weights, training_target
@@ -43,46 +44,8 @@ CLIP_BPE = ASSETS / "bpe_simple_vocab_16e6.txt.gz"  # from the open-clip-torch w
 
 
 def default_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.resolution = 64
-    c.pool_size = 16000  # rendered once; every stage samples from this pool
-    # Two-shape scenes are where the models fail: a pool of 65% two-shape scenes (the world's default draw: 50%)
-    # raised them 0.37 -> 0.515 (RESULTS.md, eighth session); from scratch, this recipe drew them 0.65 at 65% and
-    # 0.79 at 80% (one-shape scenes 0.90 and 0.96; RESULTS.md, seventeenth and eighteenth sessions).
-    c.two_shape_share = 0.8
-    # Caption mix of the denoiser stage; the rest name the scene's own style.
-    c.captions = ml_collections.ConfigDict(dict(drop=0.1, generic=0.2, no_style=0.1))
-
-    # Sized for a 2-core CPU: full-resolution VAE layers are narrow. The UNet attends (self and cross) at 16x16
-    # and 8x8 latents and in its mid block: attending at 8x8 only drew two-shape scenes 0.62 (shapes 0.755) from
-    # 9,000 steps of batch 64; at 16x16 too a step costs 1.7x, and of the batch sizes tried, 16 for 18,000 steps
-    # drew two-shape scenes 0.79 (shapes 0.86) where 64 for 5,500 drew 0.08 and 32 for 11,000 0.54 (RESULTS.md,
-    # fourteenth to seventeenth sessions): this small UNet needs optimizer steps more than images. 16,000 steps
-    # (shapes 0.85; 18,000 drew 0.88) leave room in the 90 minutes: 18,000 took 85 to 90.5 (nineteenth session).
-    # 8 latent channels (SD has 4): at 16x16 latents, 4 channels lost the textures and even the colours.
-    c.vae = ml_collections.ConfigDict(dict(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=8,
-                                           norm_num_groups=8, mid_block_add_attention=False, steps=2400,
-                                           batch_size=8, learning_rate=2e-3, kl_weight=1e-6,
-                                           scale_equivariance=1.0))
-    # vae.scale_equivariance: weight of a second reconstruction, of the 2x-downsampled image from the 2x-pooled
-    # latents (arXiv 2502.14831). Without it, 27% of the latents' power of flat scenes lay above 0.3 cycles per
-    # latent pixel (neighbour correlation 0.55), detail a UNet must learn to draw; with it 11% (0.76).
-    c.text_encoder = ml_collections.ConfigDict(dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                                    max_length=32))
-    c.unet = ml_collections.ConfigDict(dict(block_out_channels=(32, 64, 64), attention=(True, True, False),
-                                            layers_per_block=1, attention_heads=2, norm_num_groups=8, steps=16000,
-                                            batch_size=16, learning_rate=3e-3, ema_decay=0.998, snr_gamma=5.0))
-    # unet.learning_rate: 3e-3 beat 1e-3 at every held-out timestep at equal time (RESULTS.md, fourth session).
-    # unet.snr_gamma: Min-SNR-gamma loss weights; 0 trains on the plain v-prediction error.
-    c.warmup_steps = 200
-    # A model folder whose VAE stage 1 reuses instead of training one (its VAE settings must equal `vae` above):
-    # for work on the later stages, which then start ~8 minutes sooner.
-    c.vae_from = ""
-    # Each batch is split over this many simulated CPU devices when running on a CPU (`nsync-jax toyworld
-    # pretrain` sets it before JAX starts): 2 ran a UNet step 1.56x faster than one device on 2 cores, 4 no better.
-    c.cpu_devices = 2
-    return c
+    """The pretraining recipe: configs/toyworld_pretrain.py."""
+    return bundled_config("toyworld_pretrain")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -413,17 +376,21 @@ def write_model_folder(output: Path, configs: dict[str, dict], modules: dict[str
 # The whole job.
 # ------------------------------------------------------------------------------------------------------------
 
-def pretrain(config: ml_collections.ConfigDict, output: Path, *, progress: bool = True,
-             checkpoint_every: int = 500) -> Path:
-    """Writes the model folder `output`. Training state is checkpointed in its sibling `NAME.checkpoints` (every
-    `checkpoint_every` steps; removed once the folder is written): a killed run, rerun, goes on from there."""
-    output = Path(output)
+def check_config(config: ml_collections.ConfigDict) -> None:
     if not isinstance(config.cpu_devices, int) or config.cpu_devices < 1:
         raise UserError(f"--config.cpu_devices={config.cpu_devices!r} must be a positive integer")
     for stage in ("vae", "unet"):
         if config[stage].batch_size % jax.device_count():
             raise UserError(f"--config.{stage}.batch_size={config[stage].batch_size} must be a multiple of the "
                             f"{jax.device_count()} devices it is split over")
+
+
+def pretrain(config: ml_collections.ConfigDict, output: Path, *, progress: bool = True,
+             checkpoint_every: int = 500) -> Path:
+    """Writes the model folder `output`. Training state is checkpointed in its sibling `NAME.checkpoints` (every
+    `checkpoint_every` steps; removed once the folder is written): a killed run, rerun, goes on from there."""
+    output = Path(output)
+    check_config(config)
     started = time.perf_counter()
     configs = folder_configs(config)
     modules = build_modules(configs, config.seed)

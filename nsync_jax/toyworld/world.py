@@ -37,8 +37,8 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 SEEN_STYLES: tuple[str, ...] = ("flat", "striped", "dotted", "outlined", "checkered", "grainy", "gradient",
                                 "pixelated")
 # Held out: three new textures, and a new stroke (framed: `outlined`'s line, in another shade, around the flat
-# fill), which recombines what the bundled model draws: NSYNC-LoRA learns it there, tokens do not (RESULTS.md,
-# tenth session).
+# fill), which recombines what the bundled model draws: NSYNC-LoRA learns it there, tokens do not (benchmarks/history/
+# 2026-12-04-tenth-session.md).
 HELD_OUT_STYLES: tuple[str, ...] = ("zigzag", "halftone", "crosshatch", "framed")
 GENERIC_STYLE = "drawing"
 ALL_STYLES: tuple[str, ...] = SEEN_STYLES + HELD_OUT_STYLES
@@ -210,11 +210,11 @@ def _texture(style: str, colour: np.ndarray, placement, x: np.ndarray, y: np.nda
         on = np.hypot(np.mod(x, 6.0) - 3.0, np.mod(y, 6.0) - 3.0) < 2.2
     elif style == "checkered":
         on = (np.floor(x / 6.0) + np.floor(y / 6.0)) % 2 == 0
-    # The held-out styles are 2.5x coarser than they were first drawn: the bundled model's VAE (8x downsampling)
-    # keeps about as much of them through a round trip as of `striped` (texture correlation 0.76-0.81 against
-    # 0.82; 0.40-0.62 at the first periods; RESULTS.md 2026-12-03), so a method can learn them in principle.
-    # Never pretrained on, they can be redefined with only a new judge. Their diagonal periods (11-12.5 px)
-    # also stay clear of the 8.5 px diagonal fundamental of `checkered`, all that a blur leaves of its squares.
+    # The held-out styles are 2.5x coarser than they were first drawn: the bundled model's VAE (8x downsampling) keeps
+    # about as much of them through a round trip as of `striped` (texture correlation 0.76-0.81 against 0.82;
+    # 0.40-0.62 at the first periods; benchmarks/history/2026-12-03.md), so a method can learn them in principle.
+    # Never pretrained on, they can be redefined with only a new judge. Their diagonal periods (11-12.5 px) also stay
+    # clear of the 8.5 px diagonal fundamental of `checkered`, all that a blur leaves of its squares.
     elif style == "zigzag":
         wave = np.abs(np.mod(x, 20.0) - 10.0) - 5.0  # triangle wave in [-5, 5]: chevrons of slope 1.5
         on = np.mod(y + 1.5 * wave, 17.5) < 8.75  # 8.75 px bands, their arms 56 degrees off the stripes
@@ -281,8 +281,8 @@ def render(scene: Scene, size: int = 64) -> np.ndarray:
                 image[c][box] += line * (ink[c] - image[c][box])
     image = _downsample(image)
     if scene.style == "grainy":
-        # Grain in square cells of 3 px at 64: per-pixel grain does not pass a VAE with 4x-smaller latents
-        # (texture kept 0.32 through the fourth model's VAE; 3-px cells 0.69: RESULTS.md, ninth session).
+        # Grain in square cells of 3 px at 64: per-pixel grain does not pass a VAE with 4x-smaller latents (texture
+        # kept 0.32 through the fourth model's VAE; 3-px cells 0.69: benchmarks/history/2026-12-04-ninth-session.md).
         cell = max(1, round(_GRAIN_CELL * size / 64))
         cells = _scene_rng(scene, size).normal(0.0, 1.0, (-(-size // cell),) * 2).astype(np.float32)
         grain = np.repeat(np.repeat(cells, cell, 0), cell, 1)[:size, :size]
