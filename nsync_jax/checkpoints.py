@@ -43,8 +43,8 @@ def save(manager, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Non
 
 def restore(manager, step: int, like: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Checkpoint `step`'s state, restored onto the structure, shapes and shardings of `like` as they are now,
-    and its metadata. A checkpoint of another structure (another trainable, an older layout) is a UserError
-    naming the folder."""
+    and its metadata. A checkpoint of another structure or shape (another trainable, method or number of
+    vectors) is a one-line UserError naming the folder."""
     import orbax.checkpoint as ocp
 
     saved = manager.item_metadata(step)["state"]
@@ -53,8 +53,13 @@ def restore(manager, step: int, like: dict[str, Any]) -> tuple[dict[str, Any], d
                         f"this run trains ({sorted(like)}): use a new workdir, or the settings of the run that "
                         "wrote it")
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                             meta=ocp.args.JsonRestore()))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                 meta=ocp.args.JsonRestore()))
+    except ValueError as error:  # Orbax's words for a tree or shape that differs from the one saved
+        reason = " ".join(str(error).split())[:300]
+        raise UserError(f"{manager.directory}: checkpoint {step} does not fit this run ({reason}): use a new "
+                        "workdir, or the settings of the run that wrote it") from None
     return restored["state"], restored["meta"]
 
 

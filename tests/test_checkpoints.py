@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nsync_jax import checkpoints, distributed, negatives
@@ -177,3 +178,27 @@ def test_two_runs_on_one_workdir_the_second_is_refused_and_a_killed_runs_lock_bl
     assert main(train_args(work, sd1_dir, style_dir, steps=46)) == 0, capsys.readouterr().err
     assert logged_steps(work)[-6:] == list(range(41, 47))
     assert not (work / ".lock").exists()
+
+
+def test_a_checkpoint_that_does_not_fit_the_run_is_refused_in_one_line(tmp_path):
+    """Another trainable (other names), another optimizer chain (other tree) or other shapes: one line that
+    names the folder, not Orbax's traceback."""
+    import jax.numpy as jnp
+    import optax
+
+    manager = checkpoints.manager(tmp_path / "checkpoints", keep=2)
+    rows = jnp.ones((2, 4))
+    adamw = optax.adamw(1e-3)
+    checkpoints.save(manager, 1, {"rows": rows, "opt_state": adamw.init(rows)}, {"step": 1})
+    manager.wait_until_finished()
+    clipped = optax.chain(optax.clip_by_global_norm(1.0), adamw)
+    for like in ({"params": rows, "opt_state": adamw.init(rows)},
+                 {"rows": rows, "opt_state": clipped.init(rows)},
+                 {"rows": jnp.ones((3, 4)), "opt_state": adamw.init(jnp.ones((3, 4)))}):
+        with pytest.raises(UserError) as refused:
+            checkpoints.restore(manager, 1, like)
+        message = str(refused.value)
+        assert message.startswith(f"{tmp_path / 'checkpoints'}: checkpoint 1 ") and "\n" not in message
+    state, meta = checkpoints.restore(manager, 1, {"rows": rows, "opt_state": adamw.init(rows)})
+    np.testing.assert_array_equal(state["rows"], rows)
+    assert meta == {"step": 1}
