@@ -175,15 +175,15 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
                 metrics_log.close()
                 bar.close()
 
-    if stop_requested:
-        raise UserError(f"stopped by SIGTERM after step {manager.latest_step()}; the checkpoint is saved in "
-                        f"{workdir / 'checkpoints'}: run the same command again to resume")
-    final = trainable.to_host(trained)
-    files = []
-    if main:
-        metadata = run_metadata(config, method, trainable, config.train.steps)
-        files = trainable.write_outputs(workdir, config, method, final, metadata)
-    return TrainResult(final, files, workdir / "checkpoints", config.train.steps)
+        if stop_requested:
+            raise UserError(f"stopped by SIGTERM after step {manager.latest_step()}; the checkpoint is saved in "
+                            f"{workdir / 'checkpoints'}: run the same command again to resume")
+        final = trainable.to_host(trained)
+        files = []
+        if main:
+            metadata = run_metadata(config, method, trainable, config.train.steps)
+            files = trainable.write_outputs(workdir, config, method, final, metadata)
+        return TrainResult(final, files, workdir / "checkpoints", config.train.steps)
 
 
 class Preview:
