@@ -4,12 +4,23 @@ NSYNC's gradient refinement, and DreamArtist's per-word clipping, per-word learn
 With proj(a, b) = (<a, b> / (<b, b> + eps)) b, the positive gradient g_p is refined with the gradient of
 the caption-matched synthetic negative g_n (and of a random other positive, the anchor g_a):
 
-  orthogonal         g_p - proj(g_p, g_n)
-  orthogonal_anchor  g_p - proj(g_p, g_n) + proj(g_p, g_a)     (the paper's rule; the default)
-  released           2 g_p - proj(g_p, g_p + g_n)              (what the released code's "v4.2" computes:
-                                                                its gradients accumulate between passes
-                                                                and its anchor term reduces to g_p)
-  mean               mean of g_p, g_n and, when given, g_a     (the released "v5.x" family)
+  orthogonal                 g_p - proj(g_p, g_n)                    (the paper's Eq. 1)
+  orthogonal_anchor          g_p - proj(g_p, g_n) + proj(g_p, g_a)   (the paper's rule; the default)
+  orthogonal_anchor_refined  r + proj(r, g_a), r = g_p - proj(g_p, g_n)   (ablation A2: the refined gradient,
+                                                                      not the positive one, onto the anchor)
+  mean                       mean of g_p, g_n and, when given, g_a   (what the released "v5.x" comments say)
+
+The released `contrastive_training.py` runs its positive, negative and anchor passes without zeroing the
+gradient between them, so the snapshots it combines are S1 = g_p, S2 = g_p + g_n and S3 = g_p + g_n + g_a.
+What each of its configurations therefore computes:
+
+  released_v4.1              S1 - proj(S1, S2)       = g_p - proj(g_p, g_p + g_n)
+  released (= "v4.2", the    S1 + proj(S1, S1)       = 2 g_p - proj(g_p, g_p + g_n)   (its anchor pass is
+    released default)          - proj(S1, S2)                                       never read)
+  released_v5.0              (S1 + S2) / 2           = (2 g_p + g_n) / 2
+  released_v5.1              (S1 + S2 + S3) / 3      = (3 g_p + 2 g_n + g_a) / 3
+The v5.x configurations also prompt the negative with "<caption> not in the style of <token>"
+(`nsync.negative_prompt="not_in_style"` in the trainer).
 
 Put it first in a chain, and pass the other gradients as extra arguments to `update`::
 
@@ -40,8 +51,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-VARIANTS = ("orthogonal", "orthogonal_anchor", "released", "mean")
-ANCHOR_VARIANTS = ("orthogonal_anchor", "mean")  # the variants that read the anchor's gradient
+VARIANTS = ("orthogonal", "orthogonal_anchor", "orthogonal_anchor_refined", "mean", "released_v4.1", "released",
+            "released_v5.0", "released_v5.1")
+# The variants that read the anchor's gradient ("mean" when it is given); the others run no anchor pass.
+ANCHOR_VARIANTS = ("orthogonal_anchor", "orthogonal_anchor_refined", "mean", "released_v5.1")
+# The released code's snapshots: its gradients accumulate over the passes (see the module docstring).
+_RELEASED_SNAPSHOTS = {"released_v4.1": 2, "released": 2, "released_v5.0": 2, "released_v5.1": 3}
 GRANULARITIES = ("global", "leaf")
 
 
@@ -58,15 +73,23 @@ def _refine(pos, neg, anchor, variant: str, eps: float):
     """The refined gradient for lists of matching leaves (one group: the whole tree, or one leaf)."""
     scaled = lambda leaves, c: [c * x.astype(jnp.float32) for x in leaves]
     add = lambda *trees: [sum(xs) for xs in zip(*trees)]
+    project = lambda a, b: scaled(b, _projection_coefficient(a, b, eps))  # proj(a, b)
+    if variant in _RELEASED_SNAPSHOTS:
+        s1, s2 = pos, add(pos, neg)
+        snapshots = [s1, s2] + ([add(s2, anchor)] if _RELEASED_SNAPSHOTS[variant] == 3 else [])
+        if variant == "released_v4.1":
+            return add(scaled(s1, 1.0), scaled(project(s1, s2), -1.0))
+        if variant == "released":
+            return add(scaled(s1, 1.0), project(s1, s1), scaled(project(s1, s2), -1.0))
+        return scaled(add(*snapshots), 1.0 / len(snapshots))
     if variant == "mean":
         given = [pos, neg] + ([anchor] if anchor is not None else [])
         return scaled(add(*given), 1.0 / len(given))
-    if variant == "released":
-        both = add(pos, neg)
-        return add(scaled(pos, 2.0), scaled(both, -_projection_coefficient(pos, both, eps)))
-    refined = add(scaled(pos, 1.0), scaled(neg, -_projection_coefficient(pos, neg, eps)))
+    refined = add(scaled(pos, 1.0), scaled(project(pos, neg), -1.0))
     if variant == "orthogonal_anchor":
-        refined = add(refined, scaled(anchor, _projection_coefficient(pos, anchor, eps)))
+        refined = add(refined, project(pos, anchor))
+    if variant == "orthogonal_anchor_refined":
+        refined = add(refined, project(refined, anchor))
     return refined
 
 
@@ -79,8 +102,8 @@ def refine_gradients(pos_grads, negative_grads, anchor_grads=None, *, variant: s
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if negative_grads is None:
         raise ValueError("orthogonal_projection.update needs negative_grads=")
-    if variant == "orthogonal_anchor" and anchor_grads is None:
-        raise ValueError("variant 'orthogonal_anchor' needs anchor_grads=")
+    if variant in ANCHOR_VARIANTS and variant != "mean" and anchor_grads is None:
+        raise ValueError(f"variant {variant!r} needs anchor_grads=")
     structure = jax.tree.structure(pos_grads)
     for name, tree in (("negative_grads", negative_grads), ("anchor_grads", anchor_grads)):
         if tree is not None and jax.tree.structure(tree) != structure:

@@ -24,8 +24,13 @@ def flat(tree):
 EXPECTED = {
     "orthogonal": lambda p, n, a: p - proj(p, n),
     "orthogonal_anchor": lambda p, n, a: p - proj(p, n) + proj(p, a),
-    "released": lambda p, n, a: 2 * p - proj(p, p + n),
+    "orthogonal_anchor_refined": lambda p, n, a: (p - proj(p, n)) + proj(p - proj(p, n), a),
     "mean": lambda p, n, a: (p + n + a) / 3,
+    # The released configurations, in closed form (methods.md §1.5).
+    "released_v4.1": lambda p, n, a: p - proj(p, p + n),
+    "released": lambda p, n, a: 2 * p - proj(p, p + n),
+    "released_v5.0": lambda p, n, a: (2 * p + n) / 2,
+    "released_v5.1": lambda p, n, a: (3 * p + 2 * n + a) / 3,
 }
 
 
@@ -116,3 +121,35 @@ def test_clear_errors():
         tx.update(pos, tx.init(pos), negative_grads={"rows": pos["rows"]}, anchor_grads=random_tree(2))
     with pytest.raises(ValueError, match="variant must be one of"):
         orthogonal_projection("paper")
+
+
+def released_loop(version, pos, neg, anchor):
+    """The released `contrastive_training.py` step's gradient arithmetic, replayed in torch: three backward
+    passes into one `.grad` without zeroing it, snapshots after each, then the combination its `version` flags
+    choose (lines 340-434 as methods.md §1.5 transcribes them)."""
+    import torch
+
+    def tensor_projection(a, b):
+        return (torch.sum(a * b) / torch.sum(b * b)) * b
+
+    row = torch.zeros(pos.shape, dtype=torch.float64, requires_grad=True)
+    snapshots = []
+    for gradient in (pos, neg, anchor):  # each pass's loss has this gradient with respect to the row
+        (row * torch.from_numpy(gradient)).sum().backward()
+        snapshots.append(row.grad.clone())
+    g1, g2, g3 = snapshots
+    if version == "v4.1":
+        return (g1 - tensor_projection(g1, g2)).numpy()
+    if version == "v4.2":
+        return (g1 + tensor_projection(g1, g1) - tensor_projection(g1, g2)).numpy()
+    if version == "v5.0":
+        return ((g1 + g2) / 2).numpy()
+    return ((g1 + g2 + g3) / 3).numpy()
+
+
+@pytest.mark.parametrize("variant, version", [("released_v4.1", "v4.1"), ("released", "v4.2"),
+                                              ("released_v5.0", "v5.0"), ("released_v5.1", "v5.1")])
+def test_released_variants_replay_the_released_accumulating_passes(variant, version):
+    pos, neg, anchor = (flat(random_tree(seed)) for seed in (8, 9, 10))
+    ours = refine_gradients(*(jnp.asarray(x, jnp.float32) for x in (pos, neg, anchor)), variant=variant)
+    np.testing.assert_allclose(ours, released_loop(version, pos, neg, anchor), rtol=1e-5, atol=1e-6)

@@ -112,13 +112,13 @@ def test_nonfinite_steps_are_skipped_when_asked(sd1_dir, style_dir):
 
 
 def test_variants_without_the_anchor_term_do_not_run_the_anchor(sd1_dir, style_dir):
-    from nsync_jax.optim import orthogonal_projection, refine_gradients
+    from nsync_jax.optim import VARIANTS, orthogonal_projection, refine_gradients
 
     spec, frozen, batch, rows = nsync_step_inputs(sd1_dir, style_dir)
     other_anchor = {k: jnp.concatenate([v[:2], v[1:2]]) for k, v in batch.items()}  # the negatives as anchors
     key = jax.random.key(3)
     pos, extra, _ = jax.jit(lambda b: train_step.group_gradients(spec, 3, False, rows, frozen, b, key))(batch)
-    for variant in ("orthogonal", "orthogonal_anchor", "released", "mean"):
+    for variant in VARIANTS:
         # The update is -1e4 x the refined gradient: large enough to stand out of the rows' float32 rounding.
         tx = optax.chain(orthogonal_projection(variant), optax.sgd(1e4))
         config = tiny_config(sd1_dir, style_dir, nsync__variant=variant)
@@ -129,9 +129,28 @@ def test_variants_without_the_anchor_term_do_not_run_the_anchor(sd1_dir, style_d
         refined = refine_gradients(pos, extra["negative_grads"], extra["anchor_grads"], variant=variant)
         np.testing.assert_allclose((rows - new_rows) / 1e4, refined, rtol=1e-4, atol=1e-9)
         moved, _, _ = step(rows, tx.init(rows), frozen, other_anchor, key)
-        reads_anchor = variant in ("orthogonal_anchor", "mean")
+        reads_anchor = variant in ("orthogonal_anchor", "orthogonal_anchor_refined", "mean", "released_v5.1")
         assert ("loss_anchor" in metrics) == reads_anchor
         assert np.array_equal(moved, new_rows) != reads_anchor
+
+
+def test_negatives_can_be_prompted_not_in_the_style_of_the_token(sd1_dir, style_dir):
+    """nsync.negative_prompt="not_in_style" (the released v5.x): the negatives' prompts say "not in the style of"
+    the token; the positives' and the anchors' do not change."""
+    config = tiny_config(sd1_dir, style_dir, nsync__negative_prompt="not_in_style")
+    pipe = load_pipeline(sd1_dir)
+    method = methods.get("nsync")
+    method.add_words(pipe.tokenizer, config)
+    data = method.prepare(pipe, method.read_data(config), config, workdir=None, progress=False)
+    ids = data.batch(0)["ids"]
+    captions = [(style_dir / "captions" / f"item{i}.txt").read_text().strip() for i in range(4)]
+    table = lambda words: tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(
+        f"{caption} {words} {config.placeholder_token}", pipe.tokenizer) for caption in captions])
+    in_style, not_in_style = table("in the style of"), table("not in the style of")
+    items = lambda prompts, group: [next(i for i in range(4) if np.array_equal(prompts[i], row)) for row in group]
+    # Each negative is prompted with its positive's caption, negated; the anchors keep the plain prompt.
+    assert items(not_in_style, ids[1]) == items(in_style, ids[0])
+    assert len(items(in_style, ids[2])) == 2
 
 
 def test_training_can_start_from_an_embedding_file(tmp_path):

@@ -78,9 +78,14 @@ def default_config() -> ml_collections.ConfigDict:
     config.sample.seed = 0
 
     config.nsync = ml_collections.ConfigDict()
-    config.nsync.variant = "orthogonal_anchor"  # the paper's rule; "released" reproduces the released code
+    # The paper's rule; optim.VARIANTS lists the others, "released" being what the released code's default
+    # (v4.2) computes.
+    config.nsync.variant = "orthogonal_anchor"
     config.nsync.granularity = "global"
     config.nsync.share_noise = False  # positive and its negative draw the same latent noise and timestep
+    # The negatives' prompts: "in_style" (the positives' prompts) or "not_in_style" ("<caption> not in the style
+    # of <token>", as the released v5.x configurations).
+    config.nsync.negative_prompt = "in_style"
 
     # DreamArtist (configs/dreamartist_*.py hold the released settings).
     config.dreamartist = ml_collections.ConfigDict()

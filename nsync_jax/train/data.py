@@ -39,6 +39,7 @@ class PreparedData:
     negatives: np.ndarray | None
     captioned: bool
     prompts: list[str]  # the prompts of `ids`
+    negative_ids: np.ndarray | None = None  # NSYNC: the negatives' own prompt ids, when they differ from `ids`
     negative_word_ids: np.ndarray | None = None  # DreamArtist: `ids` with the negative word for the token
     loss_weights: np.ndarray | None = None  # DreamArtist's attention masks: (N, 2, h, w), the mirror second
     images: np.ndarray | None = None  # (N, H, W, 3) in [-1, 1], for DreamArtist's pixel reconstruction
@@ -63,19 +64,23 @@ def read_style_dataset(config: ml_collections.ConfigDict, *, masks: bool = False
     return build_style_dataset(items, data.resolution, data.resize, config.train.seed)
 
 
-def training_prompts(dataset: StyleDataset, word: str) -> list[str]:
-    """"<caption> in the style of <word>" per image, or Textual Inversion's style templates without captions."""
-    if any(dataset.captions):
-        return [f"{caption} in the style of {word}" for caption in dataset.captions]
-    return [template.format(word) for template in STYLE_TEMPLATES]
+def training_prompts(dataset: StyleDataset, word: str, negated: bool = False) -> list[str]:
+    """"<caption> in the style of <word>" per image, or Textual Inversion's style templates without captions;
+    `negated`: "not in the style of" (the released NSYNC v5.x negatives' prompts)."""
+    prompts = ([f"{caption} in the style of {{}}" for caption in dataset.captions] if any(dataset.captions)
+               else list(STYLE_TEMPLATES))
+    if negated:
+        prompts = [prompt.replace(" in the style of ", " not in the style of ") for prompt in prompts]
+    return [prompt.format(word) for prompt in prompts]
 
 
 def prepare(pipe, dataset: StyleDataset, token: str, *, negative_word: str | None = None,
-            keep_images: bool = False) -> PreparedData:
+            keep_images: bool = False, negated_negatives: bool = False) -> PreparedData:
     """Prompt ids and cached posteriors. `negative_word`: also the same prompts with it in place of `token`
-    (DreamArtist's negative prompts); `keep_images`: keep the pixels (for a reconstruction loss)."""
-    def prompt_ids(word):
-        prompts = training_prompts(dataset, word)
+    (DreamArtist's negative prompts); `keep_images`: keep the pixels (for a reconstruction loss);
+    `negated_negatives`: the negative images' prompts say "not in the style of" the token."""
+    def prompt_ids(word, negated=False):
+        prompts = training_prompts(dataset, word, negated)
         return tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(p, pipe.tokenizer) for p in prompts])
 
     positives = mirrored_moments(pipe.vae, dataset.positives)
@@ -87,6 +92,7 @@ def prepare(pipe, dataset: StyleDataset, token: str, *, negative_word: str | Non
         ids=prompt_ids(token), positives=positives, prompts=training_prompts(dataset, token),
         negatives=mirrored_moments(pipe.vae, dataset.negatives) if dataset.negatives is not None else None,
         captioned=any(dataset.captions), negative_word_ids=prompt_ids(negative_word) if negative_word else None,
+        negative_ids=prompt_ids(token, negated=True) if negated_negatives else None,
         loss_weights=loss_weights, images=dataset.positives if keep_images else None)
 
 
@@ -124,9 +130,11 @@ def style_batch(data: PreparedData, draw: Draw) -> dict[str, np.ndarray]:
     if draw.anchor is not None:
         groups += [(data.negatives, draw.index), (data.positives, draw.anchor)]
     moments = np.stack([source[i, draw.flips[g]] for g, (source, i) in enumerate(groups)])
+    prompt_ids = [data.ids] + ([data.ids if data.negative_ids is None else data.negative_ids, data.ids]
+                               if draw.anchor is not None else [])
     if data.captioned:
-        ids = np.stack([data.ids[i] for _, i in groups])
+        ids = np.stack([table[i] for table, (_, i) in zip(prompt_ids, groups)])
     else:
-        ids = np.stack([data.ids[draw.template]] * len(groups))
+        ids = np.stack([table[draw.template] for table in prompt_ids])
     mean, logvar = np.split(moments, 2, axis=-1)
     return {"ids": ids, "mean": mean, "logvar": logvar}
