@@ -3,7 +3,8 @@
 NSYNC needs a caption per training image, both to prompt the token (`<caption> in the style of <token>`) and
 to draw the caption-matched negatives. The captioner is a PyTorch model (transformers ships no Flax models
 any more), run on the CPU build of torch this project pins; it is a one-off step over tens of images.
-Captions are written as `<stem>.txt`, each atomically; existing ones are kept unless `overwrite`.
+Captions are written as `<stem>.txt`, each atomically; existing ones are kept unless `overwrite`, and are read
+first by `imageio.read_caption`'s rule (an empty or undecodable one is the error every command gives for it).
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from nsync_jax import files
-from nsync_jax.data.style_dataset import IMAGE_SUFFIXES, images_by_stem
+from nsync_jax import files, imageio
+from nsync_jax.data.style_dataset import images_by_stem
 from nsync_jax.errors import UserError
 
 
@@ -43,8 +44,6 @@ def read_images(folder: Path) -> dict[str, Image.Image]:
             unreadable.append(str(path))
     if unreadable:
         raise UserError(f"cannot read {len(unreadable)} image(s): {', '.join(unreadable)}")
-    if not images:
-        raise UserError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
     return images
 
 
@@ -72,7 +71,10 @@ def caption_folder(images: Path, output: Path, model: Path, *, prompt: str = "",
     """Writes `output/<stem>.txt` for every image without one (all when `overwrite`); returns the counts."""
     output = Path(output)
     pictures = read_images(images)
-    todo = [stem for stem in pictures if overwrite or not (output / f"{stem}.txt").is_file()]
+    kept = {stem for stem in pictures if not overwrite and imageio.caption_path(output, stem).is_file()}
+    for stem in sorted(kept):  # a caption kept must be one that training and `negatives` read
+        imageio.read_caption(imageio.caption_path(output, stem))
+    todo = [stem for stem in pictures if stem not in kept]
     if not todo:
         return {"written": 0, "kept": len(pictures)}
     processor, captioner = load_captioner(model)
@@ -86,8 +88,7 @@ def caption_folder(images: Path, output: Path, model: Path, *, prompt: str = "",
             if not caption:
                 raise UserError(f"{model}: produced an empty caption for {Path(images) / stem} "
                                 "(try another --prompt or captioner)")
-            path = output / f"{stem}.txt"
-            files.write_text(path, caption + "\n")
+            files.write_text(imageio.caption_path(output, stem), caption + "\n")
         bar.update(len(stems))
     bar.close()
     return {"written": len(todo), "kept": len(pictures) - len(todo)}

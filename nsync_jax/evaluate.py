@@ -31,8 +31,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image, UnidentifiedImageError
 
-from nsync_jax import metrics
-from nsync_jax.data.style_dataset import IMAGE_SUFFIXES
+from nsync_jax import imageio, metrics
 from nsync_jax.errors import UserError
 from nsync_jax.models.clip_vision import CLIP_MEAN, CLIP_STD
 
@@ -80,12 +79,10 @@ class ImageFolder:
 
 
 def read_image_folder(folder: Path) -> ImageFolder:
-    """Every image file (by suffix) in `folder`, sorted by name, decoded to RGB uint8."""
+    """Every image file of `folder` (`imageio.image_files`: by suffix, sorted by name), decoded to RGB uint8."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: image folder not found")
     result = ImageFolder(folder, [], [], {}, [])
-    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+    for path in imageio.image_files(folder):
         try:
             with Image.open(path) as image:
                 image.load()
@@ -228,16 +225,11 @@ def _csd_features(ev: Evaluation, folders: list[ImageFolder]) -> list[np.ndarray
 
 def _clip_score(ev: Evaluation, generated: ImageFolder, captions_dir: Path | None) -> dict:
     from nsync_jax.models.clip_vision import load_clip_model
-    from nsync_jax.negatives import read_captions
     from nsync_jax.tokens import load_tokenizer
 
     if captions_dir is None:
         raise UserError("--captions: the clip metric needs a caption (<stem>.txt) for each generated image")
-    captions = read_captions(captions_dir)
-    missing = [s for s in generated.stems if s not in captions]
-    if missing:
-        raise UserError(f"{Path(captions_dir) / (missing[0] + '.txt')}: no caption for generated image "
-                        f"{missing[0]!r} ({len(missing)} missing)")
+    captions = imageio.read_captions(captions_dir, generated.stems)
     folder = _weight_path(ev.weights, "clip")
     model = load_clip_model(folder)
     tokenizer = load_tokenizer(folder)

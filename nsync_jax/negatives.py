@@ -1,9 +1,10 @@
 """Caption-matched image sets drawn by the frozen base model: NSYNC's negatives and their relatives.
 
-For each caption file `<stem>.txt`, the model draws `template.format(caption=..., style_phrase=...)`, e.g.
-"a harbour at dawn in the style of painting" (the negatives), "... a natural image, no styles." (the
-released code's content set) or "... in the style of Claude Monet" on test captions (its base-model
-baseline). Outputs are `<stem>.png`, or `<stem>_<k>.png` for several images per caption.
+For each caption file `<stem>.txt` (read by `imageio.read_captions`), the model draws
+`template.format(caption=..., style_phrase=...)`, e.g. "a harbour at dawn in the style of painting" (the
+negatives), "... a natural image, no styles." (the released code's content set) or "... in the style of
+Claude Monet" on test captions (its base-model baseline). Outputs are `<stem>.png`, or `<stem>_<k>.png` for
+several images per caption.
 
 A set is resumable and reproducible: image k of a stem always starts from the noise of `(seed, stem, k)`,
 whatever the batch, the device count or which images were already there; a rerun keeps every valid image
@@ -50,25 +51,6 @@ class Item:
 # Captions and prompts.
 # ------------------------------------------------------------------------------------------------------------
 
-def read_captions(folder: Path) -> dict[str, str]:
-    """`{stem: caption}` of every `*.txt` in `folder`; an empty or undecodable file is an error naming it."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: captions folder not found")
-    captions = {}
-    for path in sorted(folder.glob("*.txt")):
-        try:
-            text = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: cannot read the caption ({type(e).__name__}: {e})") from None
-        if not text:
-            raise UserError(f"{path}: the caption is empty")
-        captions[path.stem] = " ".join(text.split())
-    if not captions:
-        raise UserError(f"{folder}: no caption files (*.txt)")
-    return captions
-
-
 def build_prompts(captions: dict[str, str], template: str, style_phrase: str) -> dict[str, str]:
     try:
         return {stem: template.format(caption=caption, style_phrase=style_phrase).strip()
@@ -84,7 +66,7 @@ def check_prompt_lengths(prompts: dict[str, str], tokenizer, folder: Path, stric
     too_long = [stem for stem, prompt in prompts.items() if len(tokenizer(prompt).input_ids) > limit]
     if not too_long:
         return
-    files = ", ".join(str(Path(folder) / f"{stem}.txt") for stem in too_long)
+    files = ", ".join(str(imageio.caption_path(folder, stem)) for stem in too_long)
     message = f"{len(too_long)} prompt(s) longer than the text encoder's {limit} tokens: {files}"
     if strict:
         raise UserError(message + " (--strict)")
@@ -194,7 +176,7 @@ def generate_set(pipe: StableDiffusion, prompts: dict[str, str], output: Path, *
 
 def prepare_prompts(pipe: StableDiffusion, captions_folder: Path, template: str, style_phrase: str,
                     strict: bool) -> dict[str, str]:
-    prompts = build_prompts(read_captions(captions_folder), template, style_phrase)
+    prompts = build_prompts(imageio.read_captions(captions_folder), template, style_phrase)
     check_prompt_lengths(prompts, pipe.tokenizer, captions_folder, strict)
     return prompts
 

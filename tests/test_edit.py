@@ -329,7 +329,7 @@ def test_user_errors_are_one_line(sd1_dir, images, tmp_path, capsys):
     assert code == 2 and f"{tmp_path / 'odd.png'}: size 33x32 is not divisible by 2; pass --resolution N" in err
 
     code, err = run_edit(capsys, *base, *word_edit, "--caption", "  ", "--image", images / "disc.png")
-    assert code == 2 and "--caption is empty" in err
+    assert code == 2 and "--caption: the caption is empty" in err
 
     code, err = run_edit(capsys, *base, *word_edit, "--image", images / "disc.png")
     assert code == 2 and "--caption TEXT or a captioner with --captioner DIR" in err

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nsync_jax import negatives
+from nsync_jax import imageio, negatives
 from nsync_jax.cli import main
 from nsync_jax.errors import UserError
 from nsync_jax.pipeline import load_pipeline
@@ -90,7 +90,7 @@ def test_bad_captions_are_reported_by_file(pipe, tmp_path):
     assert not (tmp_path / "out").exists()
 
     long_captions = write_captions(tmp_path / "long", {"long": " ".join(["star"] * 40)})
-    prompts = negatives.build_prompts(negatives.read_captions(long_captions), "{caption}", "")
+    prompts = negatives.build_prompts(imageio.read_captions(long_captions), "{caption}", "")
     with pytest.raises(UserError, match=f"{long_captions / 'long.txt'} \\(--strict\\)"):
         negatives.check_prompt_lengths(prompts, pipe.tokenizer, long_captions, strict=True)
     with pytest.warns(UserWarning, match="truncated"):
@@ -153,7 +153,7 @@ def test_caption_command_writes_one_caption_per_image(tmp_path, capsys):
         words = (tmp_path / "captions" / f"{stem}.txt").read_text().split()
         assert 1 <= len(words) <= 4 and words[:3] != ["a", "picture", "of"]  # the prompt is not repeated
     # Negatives can be drawn from what it wrote.
-    assert set(negatives.read_captions(tmp_path / "captions")) == {"one", "two", "three"}
+    assert set(imageio.read_captions(tmp_path / "captions")) == {"one", "two", "three"}
 
     (images / "bad.png").write_bytes(b"not a png")
     assert main(args + ["--overwrite"]) == 2

@@ -5,10 +5,11 @@
     negatives/ monet_001.png  monet_002.png ...      the same caption drawn by the frozen model in a generic style
 
 `load_style_dataset` checks the whole folder before anything else happens and reports every problem at once
-(missing caption, missing negative, unreadable image), so that a long run never dies at step 5000 on one bad
-file. Images are resized to a square of `resolution` by squashing (as the released NSYNC code does), by a
-centre crop, or by a random crop of the short-side resize (as DreamBooth / StyleForge scripts do: drawn once,
-seeded per image), and returned as float32 NHWC in [-1, 1].
+(missing, empty or undecodable caption, missing negative, unreadable image), so that a long run never dies at
+step 5000 on one bad file; folders and captions are read by `imageio`'s rules, as every command reads them.
+Images are resized to a square of `resolution` by squashing (as the released NSYNC code does), by a centre
+crop, or by a random crop of the short-side resize (as DreamBooth / StyleForge scripts do: drawn once, seeded
+per image), and returned as float32 NHWC in [-1, 1].
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from nsync_jax.errors import UserError
+from nsync_jax.imageio import caption_path, image_files, read_caption
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RESIZE_MODES = ("squash", "center_crop", "random_crop")
 MASK_SUFFIX = "_att"
 
@@ -38,12 +39,10 @@ class StyleDataset:
 
 
 def images_by_stem(folder: Path, what: str) -> dict[str, Path]:
-    if not folder.is_dir():
-        raise UserError(f"{folder}: {what} folder not found")
+    """`imageio.image_files(folder)` by stem; of two files with one stem, the first by name."""
     found = {}
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            found.setdefault(path.stem, path)
+    for path in image_files(folder, what):
+        found.setdefault(path.stem, path)
     return found
 
 
@@ -108,7 +107,8 @@ def find_style_items(images: Path, *, captions: Path | None, negatives: Path | N
                      skip_bad_items: bool = False, masks: bool = False) -> list[StyleItem]:
     """Validates a style dataset in NSYNC's layout and reads its files; see the module docstring.
 
-    Raises `UserError` listing every missing caption, missing negative and unreadable image, unless
+    Raises `UserError` listing every missing, empty or undecodable caption (the latter two in
+    `imageio.read_caption`'s words), missing negative and unreadable image, unless
     `skip_bad_items`, which drops those items with a warning instead. With `masks`, an image `<stem>_att.<ext>`
     next to `<stem>.<ext>` is that image's attention mask (DreamArtist's), not a training image.
     """
@@ -123,8 +123,6 @@ def find_style_items(images: Path, *, captions: Path | None, negatives: Path | N
     negative_files = images_by_stem(Path(negatives), "negatives") if negatives else {}
     if captions is not None and not captions.is_dir():
         raise UserError(f"{captions}: captions folder not found")
-    if not positives:
-        raise UserError(f"{images}: no images ({', '.join(IMAGE_SUFFIXES)})")
 
     problems: dict[str, list[str]] = {}
     kept = []
@@ -132,11 +130,14 @@ def find_style_items(images: Path, *, captions: Path | None, negatives: Path | N
         item_problems: list[str] = []
         caption = ""
         if captions is not None:
-            caption_file = captions / f"{stem}.txt"
-            if caption_file.is_file():
-                caption = caption_file.read_text(encoding="utf-8", errors="replace").strip()
-            else:
+            caption_file = caption_path(captions, stem)
+            if not caption_file.is_file():
                 item_problems.append(f"missing caption {caption_file}")
+            else:
+                try:
+                    caption = read_caption(caption_file)
+                except UserError as e:  # empty or undecodable: the message `read_caption` gives everywhere
+                    item_problems.append(str(e))
         negative = None
         if negatives:
             if stem in negative_files:

@@ -33,7 +33,6 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from nsync_jax import distributed, imageio, schedulers
-from nsync_jax.data.style_dataset import IMAGE_SUFFIXES
 from nsync_jax.editing import directions, zerocon
 from nsync_jax.editing.inversion import NoiseRegularization, invert
 from nsync_jax.errors import UserError
@@ -325,15 +324,12 @@ class InputImages:
 
 
 def read_images(paths: Sequence[Path], resolution: int | None = None) -> InputImages:
-    """The images of `paths` (files, or folders of images), resized to `resolution` squared (Lanczos, as
-    pix2pix-zero) if given; a missing or unreadable file is an error naming it."""
+    """The images of `paths` (files, or folders of images by `imageio.image_files`), resized to `resolution`
+    squared (Lanczos, as pix2pix-zero) if given; a missing or unreadable file is an error naming it."""
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise UserError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)})")
-            files += found
+            files += imageio.image_files(path)
         elif path.is_file():
             files.append(path)
         else:
@@ -377,10 +373,8 @@ def _captions(inputs: InputImages, captions: Sequence[str] | None, captioner: Pa
         raise UserError("give the image's caption with --caption TEXT or a captioner with --captioner DIR")
     if len(captions) not in (1, len(inputs.paths)):
         raise UserError(f"{len(captions)} --caption for {len(inputs.paths)} images: give one for all, or one each")
-    for caption in captions:
-        if not caption.strip():
-            raise UserError("--caption is empty")
-    return [c.strip() for c in captions] * (len(inputs.paths) // len(captions))
+    captions = [imageio.caption_text(caption, "--caption") for caption in captions]
+    return captions * (len(inputs.paths) // len(captions))
 
 
 def _output_folders(output: Path, paths: list[Path]) -> list[Path]:
