@@ -17,10 +17,11 @@ from transformers import CLIPVisionConfig as TorchCLIPVisionConfig
 from transformers import CLIPVisionModelWithProjection as TorchCLIPVisionModelWithProjection
 
 from conftest import _randomize
+from nsync_jax.convert import convert_csd, convert_openai_clip, openai_to_transformers
 from nsync_jax.errors import UserError
 from nsync_jax.models.clip_text import CLIPTextConfig
-from nsync_jax.models.clip_vision import (STYLE_KEY, CLIPConfig, CLIPVisionConfig, convert_csd, convert_openai_clip,
-                                          load_clip_model, load_clip_vision, load_csd, openai_to_transformers)
+from nsync_jax.models.clip_vision import (STYLE_KEY, CLIPConfig, CLIPVisionConfig, load_clip_model, load_clip_vision,
+                                          load_csd)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
 
@@ -192,6 +193,20 @@ def csd_checkpoint(fixture, path: Path, prefix: str = "module.") -> Path:
     torch.save({"model_state_dict": state, "opt_bb": {"state": {}}, "iter": 3,
                 "args": argparse.Namespace(arch="vit_large", lr=0.003)}, path)
     return path
+
+
+def test_convert_weights_command_writes_what_evaluate_loads(fixture, tmp_path, capsys):
+    from nsync_jax.cli import main
+
+    src = torchscript_file(openai_state(fixture), tmp_path / "ViT-tiny.pt")
+    assert main(["convert-weights", "openai-clip", str(src), str(tmp_path / "clip")]) == 0
+    assert f"wrote {tmp_path / 'clip'}" in capsys.readouterr().out
+    load_clip_vision(tmp_path / "clip")
+    checkpoint = csd_checkpoint(fixture, tmp_path / "checkpoint.pth")
+    assert main(["convert-weights", "csd", str(checkpoint), str(tmp_path / "csd")]) == 0
+    load_csd(tmp_path / "csd")
+    assert main(["convert-weights", "csd", str(checkpoint), str(tmp_path / "csd")]) == 2
+    assert f"{tmp_path / 'csd'}: already exists" in capsys.readouterr().err
 
 
 def test_csd_matches_direct_computation(fixture, tmp_path):

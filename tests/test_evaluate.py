@@ -102,7 +102,7 @@ def metric_weights(tmp_path_factory, tiny_tokenizer_dir):
                               CLIPVisionModelWithProjection)
 
     from conftest import _randomize
-    from nsync_jax.models.clip_vision import convert_csd
+    from nsync_jax.convert import convert_csd
 
     folder = tmp_path_factory.mktemp("metric_weights")
     for variant in ("fid", "torchvision"):

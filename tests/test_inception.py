@@ -16,8 +16,9 @@ from safetensors.numpy import load_file, save_file
 
 import inception_weights as iw
 from nsync_jax import weights
+from nsync_jax.convert import convert_inception
 from nsync_jax.errors import UserError
-from nsync_jax.models.inception import InceptionV3, convert_inception, load_inception
+from nsync_jax.models.inception import InceptionV3, load_inception
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOLERANCE = 1e-4
@@ -101,6 +102,19 @@ def test_convert_pth_drops_aux_logits(tmp_path):
     assert all(np.array_equal(converted[k], state[k]) for k in state)
     assert sorted(p.name for p in dst.parent.iterdir()) == ["inception.safetensors"]  # no temporary left
     load_inception(dst, "torchvision")
+
+
+def test_convert_weights_command(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from nsync_jax.cli import main
+
+    state = torch_state("fid")
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / "pt_inception.pth")
+    dst = tmp_path / "inception-fid.safetensors"
+    assert main(["convert-weights", "inception-fid", str(tmp_path / "pt_inception.pth"), str(dst)]) == 0
+    assert f"wrote {dst}" in capsys.readouterr().out
+    assert load_file(dst).keys() == state.keys()
+    load_inception(dst, "fid")
 
 
 def test_convert_rejects_the_wrong_variant_or_shape(weight_files, tmp_path):

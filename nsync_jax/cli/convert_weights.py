@@ -19,13 +19,12 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> None:
+    from nsync_jax import convert
+
     if args.kind.startswith("inception-"):
-        from nsync_jax.models.inception import convert_inception
-
-        convert_inception(args.source, args.destination, args.kind.removeprefix("inception-"))
+        convert.convert_inception(args.source, args.destination, args.kind.removeprefix("inception-"))
+    elif args.kind == "openai-clip":
+        convert.convert_openai_clip(args.source, args.destination)
     else:
-        from nsync_jax.models import clip_vision
-
-        convert = clip_vision.convert_openai_clip if args.kind == "openai-clip" else clip_vision.convert_csd
-        convert(args.source, args.destination)
+        convert.convert_csd(args.source, args.destination)
     print(f"wrote {args.destination}")

@@ -21,18 +21,10 @@ Loading (all or nothing; `UserError` naming the file and key):
 * `load_clip_vision(folder)`: a transformers folder saved from `CLIPVisionModelWithProjection`, or from a
   full `CLIPModel` (its text tower is skipped), e.g. `openai/clip-vit-large-patch14-336` for CMMD.
 * `load_clip_model(folder)`: a transformers `CLIPModel` folder, e.g. `openai/clip-vit-large-patch14`.
-* `load_csd(folder)`: a folder written by `convert_csd`.
+* `load_csd(folder)`: a folder written by `convert.convert_csd`.
 
-Converters (need the `torch` extra), writing a transformers-layout folder (config.json + model.safetensors,
-tensors kept in the source's dtype) under a temporary name and renaming it, so it is complete or absent:
-
-* `convert_openai_clip(src_pt, dst_folder)`: OpenAI's `ViT-*.pt` release files (TorchScript) or a plain state
-  dict of OpenAI's layout -> a `CLIPVisionModelWithProjection` folder (the image tower only).
-* `convert_csd(src_checkpoint, dst_folder)`: CSD's training checkpoint -> a folder for `load_csd`: the
-  backbone as a transformers `CLIPVisionModel` plus `style_projection.weight`, which is `last_layer_style`
-  transposed (transformers' `Linear` layout, as `visual_projection.weight`); `projection_dim` in its
-  config.json is the style embedding's size. The content head is dropped (no metric uses it).
-* `openai_to_transformers(state_dict)`: the renaming and layout change behind both.
+OpenAI's and CSD's PyTorch files are converted to such folders by `nsync_jax.convert` (`nsync-jax
+convert-weights`).
 
 Precision: GPUs and TPUs multiply float32 in TF32/bf16 by default, which visibly perturbs CMMD (a difference of
 kernel values near 1). The forward passes here run under `jax.default_matmul_precision("highest")`, which
@@ -42,20 +34,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import re
-import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from nsync_jax import weights
 from nsync_jax.errors import UserError
-from nsync_jax.files import atomic_folder
 from nsync_jax.models.clip_text import (ENCODER_CONFIG_KEYS, CLIPEncoder, CLIPTextConfig, CLIPTextModel,
                                         check_heads, layer_norm, pooled_output, positive_int)
 
@@ -63,7 +50,7 @@ from nsync_jax.models.clip_text import (ENCODER_CONFIG_KEYS, CLIPEncoder, CLIPTe
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# The key of CSD's style matrix in a folder written by `convert_csd`.
+# The key of CSD's style matrix in a folder written by `convert.convert_csd`.
 STYLE_KEY = "style_projection.weight"
 
 _VISION_SUPPORTED = {
@@ -312,180 +299,7 @@ def load_clip_model(folder: Path, *, attention_backend: str = "auto") -> CLIPMod
 
 
 def load_csd(folder: Path, *, attention_backend: str = "auto") -> CSDStyleModel:
-    """Loads a folder written by `convert_csd`."""
+    """Loads a folder written by `convert.convert_csd`."""
     return _load(folder, CLIPVisionConfig.from_dict,
                  lambda cfg, rngs: CSDStyleModel(cfg, attention_backend=attention_backend, rngs=rngs),
                  ignored_keys=lambda key: key.endswith("embeddings.position_ids"))
-
-
-# ------------------------------------------------------------------------------------------------ converters
-
-_RESBLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.")
-
-
-def openai_to_transformers(state_dict: dict[str, Any], *, prefix: str = "visual.", projection: bool = True,
-                           source: Path | str = "state dict") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """OpenAI CLIP's image tower (`clip/model.py` `VisionTransformer`) in transformers' layout.
-
-    Args:
-      state_dict: OpenAI's keys (`visual.conv1.weight`, `visual.transformer.resblocks.0.attn.in_proj_weight`, ...)
-        to arrays; keys outside `prefix` (the text tower of a full CLIP file) are left out.
-      prefix: where the image tower's keys start (`"backbone."` in CSD's checkpoints).
-      projection: whether the tower has its `proj` (`x @ proj`, so `visual_projection.weight = proj.T`);
-        CSD's has none.
-      source: named in errors.
-
-    Returns:
-      The transformers `CLIPVisionConfig` dict (sizes read off the shapes; OpenAI's heads = width // 64, quick
-      GELU, layer norm epsilon 1e-5) and the state dict (`vision_model.*`, `visual_projection.weight`),
-      in the source's dtype. Missing, unexpected or inconsistent weights raise `UserError` naming `source`.
-    """
-    visual = {k[len(prefix):]: np.asarray(v) for k, v in state_dict.items() if k.startswith(prefix)}
-
-    def take(name: str) -> np.ndarray:
-        if name not in visual:
-            raise UserError(f"{source}: missing weight {prefix + name!r}")
-        return visual.pop(name)
-
-    conv = take("conv1.weight")
-    if conv.ndim != 4:
-        raise UserError(f"{source}: weight {prefix + 'conv1.weight'!r} has shape {conv.shape}, expected 4 axes")
-    width, channels, patch = conv.shape[0], conv.shape[1], conv.shape[-1]
-    if width % 64:
-        raise UserError(f"{source}: image tower width {width} is not a multiple of 64 (OpenAI CLIP has "
-                        f"width // 64 heads)")
-    positions = take("positional_embedding")
-    grid = round((positions.shape[0] - 1) ** 0.5)
-    if grid * grid + 1 != positions.shape[0]:
-        raise UserError(f"{source}: weight {prefix + 'positional_embedding'!r} has {positions.shape[0]} rows, "
-                        "not 1 + a square number of patches")
-    out = {
-        "vision_model.embeddings.patch_embedding.weight": conv,
-        "vision_model.embeddings.class_embedding": take("class_embedding"),
-        "vision_model.embeddings.position_embedding.weight": positions,
-    }
-    for src, dst in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
-        for leaf in ("weight", "bias"):
-            out[f"vision_model.{dst}.{leaf}"] = take(f"{src}.{leaf}")
-    layers = sorted({int(m.group(1)) for k in visual if (m := _RESBLOCK.match(k))})
-    if layers != list(range(len(layers))) or not layers:
-        raise UserError(f"{source}: image tower layers {layers} are not numbered 0 to n-1")
-    for i in layers:
-        src, dst = f"transformer.resblocks.{i}.", f"vision_model.encoder.layers.{i}."
-        qkv_weight = np.split(take(src + "attn.in_proj_weight"), 3)
-        qkv_bias = np.split(take(src + "attn.in_proj_bias"), 3)
-        for name, weight, bias in zip(("q_proj", "k_proj", "v_proj"), qkv_weight, qkv_bias):
-            out[f"{dst}self_attn.{name}.weight"], out[f"{dst}self_attn.{name}.bias"] = weight, bias
-        for ours, theirs in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
-                             ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
-            for leaf in ("weight", "bias"):
-                out[f"{dst}{ours}.{leaf}"] = take(f"{src}{theirs}.{leaf}")
-    config = {
-        "architectures": ["CLIPVisionModelWithProjection" if projection else "CLIPVisionModel"],
-        "model_type": "clip_vision_model",
-        "hidden_size": width,
-        "intermediate_size": int(out["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
-        "num_hidden_layers": len(layers),
-        "num_attention_heads": width // 64,
-        "num_channels": channels,
-        "image_size": patch * grid,
-        "patch_size": patch,
-        "hidden_act": "quick_gelu",
-        "layer_norm_eps": 1e-5,
-    }
-    if projection:
-        proj = take("proj")
-        out["visual_projection.weight"] = proj.T
-        config["projection_dim"] = int(proj.shape[1])
-    if visual:
-        raise UserError(f"{source}: unexpected weight {prefix + min(visual)!r} in the image tower")
-    return config, out
-
-
-def _import_torch(path: Path):
-    try:
-        import torch
-    except ImportError:
-        raise UserError(f"{path}: converting it needs PyTorch; install the extra (pip install 'nsync_jax[torch]')"
-                        ) from None
-    return torch
-
-
-def _check_converted(config: dict, state: dict, build, source: Path) -> None:
-    """Loads the converted weights into the module they are for, so that a bad file fails before any write."""
-    cfg = CLIPVisionConfig.from_dict(config, source)
-    weights.load_module(weights.abstract_module(lambda rngs: build(cfg, rngs)), state, source=source)
-
-
-def _write_folder(folder: Path, config: dict, state: dict[str, np.ndarray]) -> Path:
-    """Writes config.json + model.safetensors into a new folder, atomically."""
-    from safetensors.numpy import save_file
-
-    with atomic_folder(folder, exists_hint="choose a new folder for the converted model") as temporary:
-        (temporary / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(temporary / "model.safetensors"),
-                  metadata={"format": "pt"})
-    return Path(folder)
-
-
-def _torch_state(state: dict) -> dict[str, np.ndarray]:
-    return {k: weights.tensor_to_numpy(v) for k, v in state.items() if hasattr(v, "detach")}
-
-
-def convert_openai_clip(src_pt: Path, dst_folder: Path) -> Path:
-    """Converts the image tower of an OpenAI CLIP file (`ViT-L-14.pt`, `ViT-L-14-336px.pt`, ...) to a
-    transformers `CLIPVisionModelWithProjection` folder for `load_clip_vision`.
-
-    OpenAI's release files are TorchScript archives (read with `torch.jit.load`, which runs no pickled
-    code); a plain state dict of the same keys is read with `torch.load(weights_only=True)`.
-    """
-    src = Path(src_pt)
-    if not src.is_file():
-        raise UserError(f"{src}: file not found")
-    torch = _import_torch(src)
-    try:
-        with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript, the format of OpenAI's files
-            warnings.filterwarnings("ignore", "`torch.jit", DeprecationWarning)
-            state = torch.jit.load(str(src), map_location="cpu").state_dict()
-    except RuntimeError:  # not a TorchScript archive
-        state = weights.read_torch_pickle(src)
-    config, converted = openai_to_transformers(_torch_state(state), source=src)
-    _check_converted(config, converted, lambda cfg, rngs: CLIPVisionModelWithProjection(cfg, rngs=rngs), src)
-    return _write_folder(dst_folder, config, converted)
-
-
-def convert_csd(src_checkpoint: Path, dst_folder: Path) -> Path:
-    """Converts CSD's checkpoint (learn2phoenix/CSD, e.g. HF `tomg-group-umd/CSD-ViT-L` `pytorch_model.bin`) to
-    a folder for `load_csd`.
-
-    The file is a training checkpoint, `{'model_state_dict', 'args', 'opt_bb', ...}`; only
-    `model_state_dict` is kept: `module.backbone.*` (OpenAI's image tower without `proj`) and
-    `module.last_layer_style`. Its pickle holds an `argparse.Namespace`, which `torch.load(weights_only=True)`
-    refuses, so this is the one place that reads a pickle with `weights_only=False`: that runs code stored
-    in the file. Convert only checkpoints you trust.
-    """
-    src = Path(src_checkpoint)
-    if not src.is_file():
-        raise UserError(f"{src}: file not found")
-    torch = _import_torch(src)
-    try:
-        raw = torch.load(str(src), map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types for corrupt pickles
-        raise UserError(f"{src}: cannot read PyTorch file ({type(e).__name__}: {e})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{src}: expected a dict, found {type(raw).__name__}")
-    state = {k.removeprefix("module."): v for k, v in _torch_state(raw.get("model_state_dict", raw)).items()}
-    if "last_layer_style" not in state:
-        raise UserError(f"{src}: missing weight 'last_layer_style' (is this a CSD checkpoint?)")
-    style = state.pop("last_layer_style")  # (hidden, style_dim), applied as feature @ style
-    other = sorted(k for k in state if not k.startswith(("backbone.", "last_layer_content")))
-    if other:
-        raise UserError(f"{src}: unexpected weight {other[0]!r} in a CSD checkpoint")
-    config, converted = openai_to_transformers(state, prefix="backbone.", projection=False, source=src)
-    if style.ndim != 2 or style.shape[0] != config["hidden_size"]:
-        raise UserError(f"{src}: weight 'last_layer_style' has shape {style.shape}, expected "
-                        f"({config['hidden_size']}, style size)")
-    config["projection_dim"] = int(style.shape[1])
-    converted[STYLE_KEY] = style.T
-    _check_converted(config, converted, lambda cfg, rngs: CSDStyleModel(cfg, rngs=rngs), src)
-    return _write_folder(dst_folder, config, converted)

@@ -37,7 +37,6 @@ from flax import nnx
 
 from nsync_jax import weights
 from nsync_jax.errors import UserError
-from nsync_jax.files import atomic_write
 
 VARIANTS = ("fid", "torchvision")
 NUM_CLASSES = {"fid": 1008, "torchvision": 1000}
@@ -265,15 +264,21 @@ class InceptionV3(nnx.Module):
         return self.stages(images)["pool3"]
 
 
-def _read_inception_state(path: Path) -> dict[str, np.ndarray]:
+def check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise UserError(f"Inception variant {variant!r} is not one of {VARIANTS}")
+
+
+def read_inception_state(path: Path) -> dict[str, np.ndarray]:
     """A torch-layout Inception state dict without the parts this module has no use for."""
     state = weights.read_state_dict(Path(path))
     return {k: v for k, v in state.items()
             if not k.startswith("AuxLogits.") and not k.endswith("num_batches_tracked")}
 
 
-def _fill(state: dict[str, np.ndarray], variant: str, source: Path, num_classes: int | None,
-          transform_input: bool) -> InceptionV3:
+def inception_from_state(state: dict[str, np.ndarray], variant: str, source: Path, num_classes: int | None = None,
+                         transform_input: bool = False) -> InceptionV3:
+    """The module of `variant` filled with `state` (read from `source`); every key and shape is checked."""
     abstract = weights.abstract_module(
         lambda rngs: InceptionV3(variant, num_classes=num_classes, transform_input=transform_input, rngs=rngs))
     try:
@@ -288,28 +293,6 @@ def load_inception(path: Path, variant: str, *, num_classes: int | None = None,
 
     All or nothing: a missing, unexpected or wrongly shaped weight raises `UserError` naming the file.
     """
-    if variant not in VARIANTS:
-        raise UserError(f"Inception variant {variant!r} is not one of {VARIANTS}")
+    check_variant(variant)
     path = Path(path)
-    return _fill(_read_inception_state(path), variant, path, num_classes, transform_input)
-
-
-def convert_inception(src: Path, dst: Path, variant: str) -> Path:
-    """Converts PyTorch Inception-v3 weights (pytorch-fid's or torchvision's `.pth`) to `dst` (.safetensors).
-
-    The state dict must load into `variant` (the two are told apart by the classifier's size, 1008 or 1000);
-    `AuxLogits.*` and `num_batches_tracked` are dropped. `dst` is written under a temporary name in its folder
-    and then renamed, so it is either complete or absent. The tensors keep PyTorch's names and layouts.
-    """
-    from safetensors.numpy import save_file
-
-    src, dst = Path(src), Path(dst)
-    if variant not in VARIANTS:
-        raise UserError(f"Inception variant {variant!r} is not one of {VARIANTS}")
-    if dst.suffix != ".safetensors":
-        raise UserError(f"{dst}: the converted weights must be a .safetensors file")
-    state = _read_inception_state(src)
-    _fill(state, variant, src, None, False)  # checks every key and shape
-    atomic_write(dst, lambda tmp: save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()},
-                                            str(tmp), metadata={"format": "pt", "inception_variant": variant}))
-    return dst
+    return inception_from_state(read_inception_state(path), variant, path, num_classes, transform_input)
