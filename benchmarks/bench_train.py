@@ -116,7 +116,7 @@ def main() -> None:
         tokens.add_placeholder_tokens(pipe.tokenizer, token, 1)
         dataset = StyleDataset(stems=tuple(map(str, range(count))), positives=images, negatives=negatives,
                                captions=("a red star",) * count)
-        data = train_data.prepare(pipe, dataset, token)
+        data = train_data.prepare(pipe, dataset, default_config(), token)
         graphdefs, frozen = {}, {}
         for name in ("text_encoder", "unet"):
             graphdefs[name], frozen[name] = nnx.split(pipe.modules()[name])
@@ -177,7 +177,8 @@ def main() -> None:
             da_pipe = load_pipeline(folder, dtype=dtype)
             da_initial = dreamartist.initial_rows(da_config, table, da_pipe.tokenizer)
             dreamartist.add_words(da_pipe.tokenizer, da_config)
-            da_data = train_data.prepare(da_pipe, dataset, token, negative_word=dreamartist.negative_word(da_config))
+            da_data = train_data.prepare(da_pipe, dataset, da_config, token,
+                                         negative_word=dreamartist.negative_word(da_config))
             record("nsync-jax DreamArtist (3 + 6 vectors)", 2 * batch,
                    runner(dreamartist, make_optimizer(da_config, dreamartist), batch, da_data, da_initial, da_config))
             record("nsync-jax Textual Inversion, 2x batch", 2 * batch, runner(textual_inversion, tx_ti, 2 * batch))

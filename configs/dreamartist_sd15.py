@@ -28,6 +28,8 @@ def get_config():
     config.dreamartist.guidance = 3.0
     config.dreamartist.reconstruction = False
     config.data.resolution = 512
+    # The released preprocessing: a centre square (bicubic), no mirroring, one latent per image for the run.
+    config.data.resize, config.data.flip, config.data.latent_sample = "center_crop", False, "once"
     config.train.steps = 8000
     config.train.batch_size = 1
     config.train.learning_rate = 3e-3

@@ -54,7 +54,8 @@ def first_step(sd1_dir, style_dir):
     vocab = len(pipe.tokenizer)
     method = methods.get("dreamartist")
     method.add_words(pipe.tokenizer, config)
-    prepared = train_data.prepare(pipe, method.read_data(config), TOKEN, negative_word=NEGATIVE, keep_images=True)
+    prepared = train_data.prepare(pipe, method.read_data(config), config, TOKEN, negative_word=NEGATIVE,
+                                  keep_images=True)
     batch = {k: jnp.asarray(v) for k, v in method.batch(prepared, config, step=0).items()}
     spec, frozen = frozen_model(pipe)
     da = dreamartist.DreamArtistSpec.from_config(config)
@@ -263,7 +264,7 @@ def test_attention_masks_weight_the_denoising_loss(sd1_dir, tmp_path):
     pipe = load_pipeline(sd1_dir)
     method = methods.get("dreamartist")
     method.add_words(pipe.tokenizer, config)
-    prepared = train_data.prepare(pipe, method.read_data(config), TOKEN, negative_word=NEGATIVE)
+    prepared = train_data.prepare(pipe, method.read_data(config), config, TOKEN, negative_word=NEGATIVE)
     weights = prepared.loss_weights
     size = prepared.positives.shape[2]
     assert weights.shape == (4, 2, size, size)

@@ -46,7 +46,7 @@ def nsync_step_inputs(sd1_dir, style_dir):
     tokens.add_placeholder_tokens(pipe.tokenizer, config.placeholder_token, config.num_vectors)
     dataset = load_style_dataset(style_dir / "images", captions=style_dir / "captions",
                                  negatives=style_dir / "negatives", resolution=32)
-    data = train_data.prepare(pipe, dataset, config.placeholder_token)
+    data = train_data.prepare(pipe, dataset, config, config.placeholder_token)
     batch = {k: jnp.asarray(v) for k, v in methods.get("nsync").batch(data, config, step=0).items()}
     graphdefs, frozen = {}, {}
     for name in ("text_encoder", "unet"):
@@ -151,6 +151,23 @@ def test_negatives_can_be_prompted_not_in_the_style_of_the_token(sd1_dir, style_
     # Each negative is prompted with its positive's caption, negated; the anchors keep the plain prompt.
     assert items(not_in_style, ids[1]) == items(in_style, ids[0])
     assert len(items(in_style, ids[2])) == 2
+
+
+def test_a_latent_sampled_once_is_the_same_at_every_step():
+    """data.latent_sample="once": one posterior draw per image, mean + std * N(0, 1) from the seed, which every
+    step's `sample_posterior` then returns whatever its key."""
+    from nsync_jax.data.latent_cache import sampled_once
+    from nsync_jax.models.vae import sample_posterior
+
+    rng = np.random.default_rng(0)
+    mean, logvar = rng.standard_normal((2, 3, 2, 4, 4, 4)).astype(np.float32)
+    once = sampled_once(np.concatenate([mean, logvar], axis=-1), seed=5)
+    expected = mean + np.exp(0.5 * logvar) * np.random.default_rng(5).standard_normal(mean.shape)
+    draws = [np.asarray(sample_posterior(*np.split(once, 2, axis=-1), jax.random.key(k))) for k in (0, 1)]
+    np.testing.assert_allclose(draws[0], expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(draws[0], draws[1])
+    per_step = [np.asarray(sample_posterior(mean, logvar, jax.random.key(k))) for k in (0, 1)]
+    assert not np.allclose(per_step[0], per_step[1])
 
 
 def test_training_can_start_from_an_embedding_file(tmp_path):

@@ -25,6 +25,16 @@ def posterior_moments(vae, images: np.ndarray, batch_size: int = 8,
                                       np.float32) for i in range(0, len(images), batch_size)])
 
 
+def sampled_once(moments: np.ndarray, seed: int) -> np.ndarray:
+    """One posterior draw per cached posterior, kept for the whole run (the released DreamArtist caches one
+    latent per image), as moments `(..., 2c)` whose log-variance is -inf: `sample_posterior` then returns the
+    draw itself at every step."""
+    mean, logvar = np.split(moments, 2, axis=-1)
+    noise = np.random.default_rng(seed).standard_normal(mean.shape).astype(np.float32)
+    draw = mean + np.exp(0.5 * logvar) * noise
+    return np.concatenate([draw, np.full_like(logvar, -np.inf)], axis=-1)
+
+
 def mirrored_moments(vae, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
     """Posterior moments `(N, 2, h, w, 2c)` of each image and its horizontal mirror image."""
     both = np.stack([images, images[:, :, ::-1]], axis=1)

@@ -45,7 +45,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.data.split = "train"
     config.data.resolution = 512
     config.data.resize = "squash"  # as the released code; or "center_crop", "random_crop" (StyleForge)
-    config.data.flip = True  # each example mirrored at random (NSYNC, DreamArtist); StyleForge does not
+    config.data.flip = True  # each example mirrored at random (NSYNC); the released DreamArtist and StyleForge do not
+    # "per_step": a fresh latent from each image's cached VAE posterior at every step; "once": one draw per image,
+    # kept for the run (the released DreamArtist).
+    config.data.latent_sample = "per_step"
     config.data.aux_images = ""  # StyleForge's Aux images (bound to styleforge.class_prompt) ...
     config.data.aux_captions = ""  # ... and their captions (optional)
     config.data.skip_bad_items = False
@@ -139,6 +142,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                         "nsync_jax.train.config.default_config())")
     method = methods.get(config.method)
     trainable = trainables.get(config.trainable)
+    if config.data.latent_sample not in ("per_step", "once"):
+        raise UserError(f"config data.latent_sample={config.data.latent_sample!r} must be 'per_step' or 'once'")
     if config.train.nonfinite not in ("stop", "skip"):
         raise UserError(f"config train.nonfinite={config.train.nonfinite!r} must be 'stop' or 'skip'")
     for key in ("num_vectors", "train.steps", "train.batch_size", "checkpoint.every_steps", "data.resolution",

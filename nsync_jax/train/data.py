@@ -15,7 +15,7 @@ import numpy as np
 
 from nsync_jax import tokens
 from nsync_jax.data import tfds_style
-from nsync_jax.data.latent_cache import mirrored_moments
+from nsync_jax.data.latent_cache import mirrored_moments, sampled_once
 from nsync_jax.data.style_dataset import StyleDataset, build_style_dataset, find_style_items, mask_weights
 from nsync_jax.errors import UserError
 
@@ -74,23 +74,30 @@ def training_prompts(dataset: StyleDataset, word: str, negated: bool = False) ->
     return [prompt.format(word) for prompt in prompts]
 
 
-def prepare(pipe, dataset: StyleDataset, token: str, *, negative_word: str | None = None,
+def image_latents(pipe, images: np.ndarray, config) -> np.ndarray:
+    """The cached posteriors of each image and its mirror image `(N, 2, h, w, 2c)`; with
+    `data.latent_sample="once"`, one draw of each, kept for the run (a function of `train.seed`)."""
+    moments = mirrored_moments(pipe.vae, images)
+    return sampled_once(moments, config.train.seed) if config.data.latent_sample == "once" else moments
+
+
+def prepare(pipe, dataset: StyleDataset, config, token: str, *, negative_word: str | None = None,
             keep_images: bool = False, negated_negatives: bool = False) -> PreparedData:
-    """Prompt ids and cached posteriors. `negative_word`: also the same prompts with it in place of `token`
-    (DreamArtist's negative prompts); `keep_images`: keep the pixels (for a reconstruction loss);
-    `negated_negatives`: the negative images' prompts say "not in the style of" the token."""
+    """Prompt ids and cached posteriors (`image_latents`). `negative_word`: also the same prompts with it in
+    place of `token` (DreamArtist's negative prompts); `keep_images`: keep the pixels (for a reconstruction
+    loss); `negated_negatives`: the negative images' prompts say "not in the style of" the token."""
     def prompt_ids(word, negated=False):
         prompts = training_prompts(dataset, word, negated)
         return tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(p, pipe.tokenizer) for p in prompts])
 
-    positives = mirrored_moments(pipe.vae, dataset.positives)
+    positives = image_latents(pipe, dataset.positives, config)
     loss_weights = None
     if dataset.masks is not None:  # at latent size, for each image and its mirror image
         weights = mask_weights(dataset.masks, positives.shape[2])
         loss_weights = np.stack([weights, weights[:, :, ::-1]], axis=1)
     return PreparedData(
         ids=prompt_ids(token), positives=positives, prompts=training_prompts(dataset, token),
-        negatives=mirrored_moments(pipe.vae, dataset.negatives) if dataset.negatives is not None else None,
+        negatives=image_latents(pipe, dataset.negatives, config) if dataset.negatives is not None else None,
         captioned=any(dataset.captions), negative_word_ids=prompt_ids(negative_word) if negative_word else None,
         negative_ids=prompt_ids(token, negated=True) if negated_negatives else None,
         loss_weights=loss_weights, images=dataset.positives if keep_images else None)

@@ -91,7 +91,7 @@ class Method:
 
     def prepare(self, pipe, dataset, config, workdir: Path, progress: bool) -> train_data.TrainingData:
         """Prompt ids and cached posteriors, and the batch of each step."""
-        prepared = train_data.prepare(pipe, dataset, config.placeholder_token)
+        prepared = train_data.prepare(pipe, dataset, config, config.placeholder_token)
         return train_data.TrainingData(functools.partial(self.batch, prepared, config), prepared.prompts)
 
     def batch(self, prepared: train_data.PreparedData, config, step: int) -> dict[str, np.ndarray]:

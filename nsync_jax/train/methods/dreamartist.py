@@ -156,7 +156,7 @@ class DreamArtist(Method):
         return train_data.read_style_dataset(config, masks=config.dreamartist.attention_masks)
 
     def prepare(self, pipe, dataset, config, workdir, progress):
-        prepared = train_data.prepare(pipe, dataset, config.placeholder_token,
+        prepared = train_data.prepare(pipe, dataset, config, config.placeholder_token,
                                       negative_word=self.negative_word(config),
                                       keep_images=config.dreamartist.reconstruction)
         return train_data.TrainingData(functools.partial(self.batch, prepared, config), prepared.prompts)

@@ -42,7 +42,7 @@ class NSYNC(Method):
             raise UserError("config data.negatives is required for method nsync")
 
     def prepare(self, pipe, dataset, config, workdir, progress):
-        prepared = train_data.prepare(pipe, dataset, config.placeholder_token,
+        prepared = train_data.prepare(pipe, dataset, config, config.placeholder_token,
                                       negated_negatives=config.nsync.negative_prompt == "not_in_style")
         return train_data.TrainingData(functools.partial(self.batch, prepared, config), prepared.prompts)
 

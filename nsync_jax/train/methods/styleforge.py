@@ -24,7 +24,6 @@ import numpy as np
 import optax
 
 from nsync_jax import distributed, negatives, tokens
-from nsync_jax.data.latent_cache import mirrored_moments
 from nsync_jax.data.style_dataset import StyleDataset, build_style_dataset, find_style_items
 from nsync_jax.errors import UserError
 from nsync_jax.sampling import SampleSettings
@@ -212,8 +211,8 @@ def prepare_concepts(pipe, config, workdir: Path, progress: bool) -> list[Concep
         images = read_concept(concept, aux_folder, config)
         prepared.append(ConceptData(
             style_prompts=images.style_prompts, style_ids=ids(images.style_prompts),
-            style_refs=mirrored_moments(pipe.vae, images.style_refs.positives),
-            aux_ids=ids(images.aux_prompts), aux=mirrored_moments(pipe.vae, images.aux.positives)))
+            style_refs=train_data.image_latents(pipe, images.style_refs.positives, config),
+            aux_ids=ids(images.aux_prompts), aux=train_data.image_latents(pipe, images.aux.positives, config)))
     return prepared
 
 
