@@ -134,6 +134,50 @@ def test_variants_without_the_anchor_term_do_not_run_the_anchor(sd1_dir, style_d
         assert np.array_equal(moved, new_rows) != reads_anchor
 
 
+def test_released_variants_equal_a_torch_rerun_of_the_released_loop(sd1_dir, style_dir):
+    """The released `contrastive_training.py` step, re-run in torch on the tiny model: the positive, negative and
+    anchor passes backpropagate into the whole embedding table without zeroing its gradient between them, the
+    token rows' gradient is snapshotted after each, and each `version` combines the snapshots as released. Each
+    `released*` variant, applied to this project's fused three-group gradients on the same latents, noise and
+    timesteps, gives the same update."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from nsync_jax.optim import refine_gradients
+
+    spec, frozen, batch, rows = nsync_step_inputs(sd1_dir, style_dir)
+    key = jax.random.key(11)
+    pos, extra, _ = jax.jit(lambda b: train_step.group_gradients(spec, 3, False, rows, frozen, b, key))(batch)
+
+    reference = StableDiffusionPipeline.from_pretrained(sd1_dir, safety_checker=None)
+    table = reference.text_encoder.get_input_embeddings()
+    vocab = table.weight.shape[0]
+    reference.text_encoder.resize_token_embeddings(vocab + len(rows))
+    table = reference.text_encoder.get_input_embeddings()
+    with torch.no_grad():
+        table.weight[vocab:] = torch.from_numpy(np.array(rows))
+    noise_scheduler = DDPMScheduler.from_config(reference.scheduler.config)
+    to_torch = lambda x: torch.from_numpy(np.array(x)).permute(0, 3, 1, 2)  # NHWC -> NCHW
+    snapshots = []
+    for group, group_key in enumerate(train_step.group_keys(key, 3, share_noise=False)):
+        latents, noise, t = train_step.draw_latents(spec, group_key, batch["mean"][group], batch["logvar"][group])
+        latents, noise, t = to_torch(latents), to_torch(noise), torch.from_numpy(np.asarray(t))
+        context = reference.text_encoder(torch.from_numpy(np.asarray(batch["ids"][group])))[0]
+        prediction = reference.unet(noise_scheduler.add_noise(latents, noise, t), t, context).sample
+        torch.nn.functional.mse_loss(prediction, noise).backward()  # no zero_grad: the gradient accumulates
+        snapshots.append(table.weight.grad[vocab:].clone().double())
+
+    def projection(a, b):
+        return (torch.sum(a * b) / torch.sum(b * b)) * b
+
+    g1, g2, g3 = snapshots
+    released = {"released_v4.1": g1 - projection(g1, g2), "released": g1 + projection(g1, g1) - projection(g1, g2),
+                "released_v5.0": (g1 + g2) / 2, "released_v5.1": (g1 + g2 + g3) / 3}
+    for variant, theirs in released.items():
+        ours = refine_gradients(pos, extra["negative_grads"], extra["anchor_grads"], variant=variant)
+        theirs = theirs.numpy()
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max(), err_msg=variant)
+
+
 def test_negatives_can_be_prompted_not_in_the_style_of_the_token(sd1_dir, style_dir):
     """nsync.negative_prompt="not_in_style" (the released v5.x): the negatives' prompts say "not in the style of"
     the token; the positives' and the anchors' do not change."""
