@@ -145,14 +145,17 @@ def expand_placeholders(prompt: str, tokenizer) -> str:
     return pattern.sub(lambda m: " ".join(vector_names(*counts[m.group(0).lower()])), prompt)
 
 
-def embed_tokens(table: jax.Array, new_rows: jax.Array, ids: jax.Array) -> jax.Array:
-    """Embeddings `(*ids.shape, width)`: ids `< len(table)` select `table`, the others `new_rows[id - len(table)]`.
+def embed_tokens(table: jax.Array, new_rows: jax.Array, ids: jax.Array, table_scale=None) -> jax.Array:
+    """Embeddings `(*ids.shape, width)`: ids `< len(table)` select `table` (times `table_scale` when given), the
+    others `new_rows[id - len(table)]`.
 
     Only the rows the ids use receive gradient, and the frozen table is never concatenated or copied.
     Ids past the new rows are clamped to the last one (an index error cannot be raised under jit).
     """
     vocab = table.shape[0]
     frozen = jnp.take(table, jnp.minimum(ids, vocab - 1), axis=0)
+    if table_scale is not None:
+        frozen = frozen * jnp.asarray(table_scale, frozen.dtype)
     if new_rows.shape[0] == 0:
         return frozen
     learned = jnp.take(new_rows, jnp.clip(ids - vocab, 0, new_rows.shape[0] - 1), axis=0)

@@ -178,6 +178,55 @@ def test_released_variants_equal_a_torch_rerun_of_the_released_loop(sd1_dir, sty
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max(), err_msg=variant)
 
 
+def test_table_weight_decay_shrinks_the_vocabulary_as_torch_adamw_over_the_whole_table():
+    """train.weight_decay_scope="table": AdamW over the token rows and a stopped-gradient `table_scale` leaves the
+    token rows and the scaled table where torch's AdamW over the whole table (gradient on the token rows only,
+    as the released scripts zero the others) leaves them, step after step."""
+    from nsync_jax.train import trainables
+
+    config = load_config(CONFIG)
+    config.train.weight_decay_scope, config.train.learning_rate, config.train.scale_lr = "table", 0.05, False
+    rng = np.random.default_rng(0)
+    table, rows = rng.standard_normal((10, 8)).astype(np.float32), rng.standard_normal((2, 8)).astype(np.float32)
+    grads = rng.standard_normal((4, 2, 8)).astype(np.float32)
+
+    whole = torch.nn.Parameter(torch.from_numpy(np.concatenate([table, rows])))
+    adamw = torch.optim.AdamW([whole], lr=0.05, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+    tx = trainer.make_optimizer(config, methods.get("textual_inversion"))
+    trained = {"rows": jnp.asarray(rows), "table_scale": jnp.ones((), jnp.float32)}
+    opt_state = tx.init(trained)
+    for grad in grads:
+        whole.grad = torch.from_numpy(np.concatenate([np.zeros_like(table), grad]))
+        adamw.step()
+        updates, opt_state = tx.update({"rows": jnp.asarray(grad), "table_scale": jnp.zeros(())}, opt_state, trained)
+        trained = optax.apply_updates(trained, updates)
+        expected = whole.detach().numpy()
+        np.testing.assert_allclose(trained["rows"], expected[10:], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(table * float(trained["table_scale"]), expected[:10], rtol=1e-6)
+    assert float(trained["table_scale"]) == pytest.approx((1 - 0.05 * 1e-2) ** 4, rel=1e-6)
+
+    # The step embeds vocabulary ids from the scaled table and new ids from the rows; no gradient reaches the scale.
+    decayed = trainables.EMBEDDINGS.configured(config)
+    ids = jnp.array([[1, 10, 11, 3]])
+    embed = lambda t: decayed.embed(t, jnp.asarray(table), ids)
+    np.testing.assert_allclose(embed(trained)[0], np.stack([table[1] * float(trained["table_scale"]),
+                                                            *np.asarray(trained["rows"]),
+                                                            table[3] * float(trained["table_scale"])]), rtol=1e-6)
+    assert float(jax.grad(lambda t: embed(t).sum())(trained)["table_scale"]) == 0.0
+
+
+def test_a_run_with_table_weight_decay_records_the_scale_and_says_so_on_export(sd1_dir, style_dir, tmp_path,
+                                                                              capsys):
+    config = tiny_config(sd1_dir, style_dir, train__steps=3, train__weight_decay_scope="table")
+    result = trainer.train(config, tmp_path / "work", progress=False)
+    lr = config.train.learning_rate * config.train.batch_size  # train.scale_lr
+    assert float(result.trained["table_scale"]) == pytest.approx((1 - lr * 1e-2) ** 3, rel=1e-6)
+    assert main(["export", "--workdir", str(tmp_path / "work"), "--output", str(tmp_path / "style.safetensors")]) == 0
+    assert "the rest of the vocabulary was decayed" in capsys.readouterr().out
+    sidecar = json.loads((tmp_path / "style.json").read_text())
+    assert sidecar["weight_decay_scope"] == "table" and sidecar["table_scale"] < 1
+
+
 def test_negatives_can_be_prompted_not_in_the_style_of_the_token(sd1_dir, style_dir):
     """nsync.negative_prompt="not_in_style" (the released v5.x): the negatives' prompts say "not in the style of"
     the token; the positives' and the anchors' do not change."""

@@ -58,7 +58,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.batch_size = 2  # NSYNC: triples (positive, negative, anchor) per step
     config.train.learning_rate = 5e-4
     config.train.scale_lr = True  # multiply by the batch size, as the released code
-    config.train.weight_decay = 1e-2  # torch's AdamW default; applies to the token rows only
+    config.train.weight_decay = 1e-2  # torch's AdamW default
+    # What the weight decay shrinks: "rows" (the token rows only) or "table" (every row of the embedding table, as
+    # the released NSYNC and Textual Inversion scripts' AdamW over the whole table does).
+    config.train.weight_decay_scope = "rows"
     config.train.seed = 0
     config.train.dtype = "float32"  # compute dtype of the frozen model; rows and Adam state stay float32
     config.train.remat = False  # recompute UNet activations in the backward pass: less memory at 768 px and up
@@ -142,6 +145,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                         "nsync_jax.train.config.default_config())")
     method = methods.get(config.method)
     trainable = trainables.get(config.trainable)
+    if config.train.weight_decay_scope not in ("rows", "table"):
+        raise UserError(f"config train.weight_decay_scope={config.train.weight_decay_scope!r} must be 'rows' or "
+                        "'table'")
     if config.data.latent_sample not in ("per_step", "once"):
         raise UserError(f"config data.latent_sample={config.data.latent_sample!r} must be 'per_step' or 'once'")
     if config.train.nonfinite not in ("stop", "skip"):

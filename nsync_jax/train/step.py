@@ -76,8 +76,7 @@ def denoise(spec: StepSpec, group_params, frozen, ids, mean, logvar, group_keys,
         return nnx.merge(spec.graphdefs["text_encoder"], *trainable.module_states("text_encoder", params, frozen))
 
     def embed(params, ids):
-        table = text_encoder_of(params).embeddings.token_embedding.embedding[...]
-        return tokens.embed_tokens(table, trainable.token_rows(params, table), ids)
+        return trainable.embed(params, text_encoder_of(params).embeddings.token_embedding.embedding[...], ids)
 
     def one_pass(params, ids, latents, noise, t):
         """Text encoder and UNet on a batch `(n, ...)` with one copy of what is trained."""

@@ -1,7 +1,7 @@
 """What a run trains, as values the trainer is given: token rows, LoRA adapters or the full weights.
 
 Each trainable is one object that knows what is trained (the initial pytree, split off the loaded model by an
-NNX filter), how it enters the modules in the step (`module_states`, `token_rows`), how it is placed on the mesh,
+NNX filter), how it enters the modules in the step (`module_states`, `embed`), how it is placed on the mesh,
 how it is shown to the pipeline that draws previews, and which files it writes. The trainer looks one up by
 `config.trainable` in `REGISTRY` and never asks which one it has; `register` adds another (a test adds one that
 trains only the UNet's normalisation layers).
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nsync_jax import distributed, export, lora
+from nsync_jax import distributed, export, lora, tokens
 from nsync_jax.errors import UserError
 from nsync_jax.train.registry import Registry
 
@@ -50,9 +50,13 @@ class Trainable:
         """The states `nnx.merge` takes for module `name` (`trained`: one copy, or None for the frozen model)."""
         return (frozen[name],)
 
-    def token_rows(self, trained, table: jax.Array) -> jax.Array:
-        """The rows of the new token ids `(new, width)` that follow `table`'s."""
-        return jnp.zeros((0, table.shape[-1]), table.dtype)
+    def configured(self, config) -> Trainable:
+        """The trainable a run with `config` uses (a variant of this one where a setting asks for it)."""
+        return self
+
+    def embed(self, trained, table: jax.Array, ids: jax.Array) -> jax.Array:
+        """The input embeddings of token ids `ids` with the text encoder's `table` (`trained`: one copy)."""
+        return tokens.embed_tokens(table, jnp.zeros((0, table.shape[-1]), table.dtype), ids)
 
     def shardings(self, mesh, tree):
         """Shardings of what is trained, or of its optimizer state (`tree`: either, or their shapes)."""
@@ -107,8 +111,11 @@ class Embeddings(Trainable):
             graphdefs[name], frozen[name] = nnx.split(pipe.modules()[name])
         return graphdefs, frozen, rows
 
-    def token_rows(self, trained, table):
-        return trained
+    def configured(self, config):
+        return DECAYED_TABLE if config.train.weight_decay_scope == "table" else self
+
+    def embed(self, trained, table, ids):
+        return tokens.embed_tokens(table, trained, ids)
 
     def to_host(self, trained):  # replicated: every process has it, no gathering
         return distributed.to_host(trained).astype(np.float32)
@@ -123,6 +130,41 @@ class Embeddings(Trainable):
         paths = method.write_words(output, config, trained, metadata, fmt)
         written = [f"{path} ({word.token}, {word.count} vectors)" for path, word in zip(paths, method.words(config))]
         return f"wrote {', '.join(written)}, step {metadata['step']}"
+
+
+class DecayedTableEmbeddings(Embeddings):
+    """Token rows trained as the released NSYNC and Textual Inversion scripts train them
+    (`train.weight_decay_scope="table"`): their AdamW holds the whole embedding table, so its decoupled weight
+    decay shrinks every vocabulary row too. Rows without gradient keep zero Adam moments, so each shrinks by
+    (1 - lr wd) a step; what is trained carries that factor as a scalar `table_scale` (its gradient stopped),
+    which the same AdamW shrinks the same way, and the step scales the table's rows by it. Files hold the token
+    rows, used with the original table at inference as the released code does; their metadata say so."""
+
+    def split(self, pipe, config, method, names):
+        graphdefs, frozen, rows = super().split(pipe, config, method, names)
+        return graphdefs, frozen, {"rows": rows, "table_scale": np.ones((), np.float32)}
+
+    def embed(self, trained, table, ids):
+        return tokens.embed_tokens(table, trained["rows"], ids, jax.lax.stop_gradient(trained["table_scale"]))
+
+    def to_host(self, trained):
+        return jax.tree.map(super().to_host, trained)
+
+    def show(self, pipe, trained):
+        super().show(pipe, trained["rows"])
+
+    def metadata(self, config):
+        return {"weight_decay_scope": "table"}
+
+    def write_outputs(self, workdir, config, method, trained, metadata):
+        return super().write_outputs(workdir, config, method, trained["rows"],
+                                     dict(metadata, table_scale=float(trained["table_scale"])))
+
+    def export(self, output, fmt, config, method, trained, metadata, source):
+        scale = float(trained["table_scale"])
+        line = super().export(output, fmt, config, method, trained["rows"], dict(metadata, table_scale=scale), source)
+        return (f"{line}; in training the rest of the vocabulary was decayed to {scale:.4f} of its values "
+                "(weight_decay_scope='table'): the files hold the token rows, for the original table")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -145,6 +187,9 @@ class ModuleWeights(Trainable):
     export_formats = ("diffusers-pipeline",)
 
     def check_config(self, config, method):
+        if config.train.weight_decay_scope != "rows":
+            raise UserError(f"config train.weight_decay_scope={config.train.weight_decay_scope!r} applies to token "
+                            f"rows (trainable='embeddings'), not trainable={self.name!r}: use 'rows'")
         if method.token_rows_only:
             raise UserError(f"config trainable={self.name!r} is not supported with method {method.name} (it learns "
                             "token rows): use trainable='embeddings'")
@@ -253,5 +298,6 @@ def lora_scale(config) -> float:
 
 
 EMBEDDINGS = register(Embeddings())
+DECAYED_TABLE = DecayedTableEmbeddings()  # `embeddings` with train.weight_decay_scope="table"
 LORA = register(LoRA())
 FULL = register(ModuleWeights("full", _unet_and(lambda config: config.full.train_text_encoder)))

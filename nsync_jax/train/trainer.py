@@ -72,7 +72,7 @@ def run_metadata(config, method: methods.Method, trainable: trainables.Trainable
 def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = True) -> TrainResult:
     """Trains what `config.trainable` names with `config.method`; resumes from `workdir/checkpoints` if present."""
     check_config(config)
-    method, trainable = methods.get(config.method), trainables.get(config.trainable)
+    method, trainable = methods.get(config.method), trainables.get(config.trainable).configured(config)
     workdir = Path(workdir)
     dataset = method.read_data(config)
 
@@ -223,7 +223,7 @@ def export_run(workdir: Path, output: Path, fmt: str, step: int | None = None) -
     workdir = Path(workdir)
     state, meta = checkpoints.read(workdir / "checkpoints", step)
     config = with_defaults(meta["config"])
-    method, trainable = methods.get(config.method), trainables.get(config.trainable)
+    method, trainable = methods.get(config.method), trainables.get(config.trainable).configured(config)
     if fmt not in trainable.export_formats:
         raise UserError(f"{workdir}: the run trained trainable={trainable.name!r}: export it with --format "
                         f"{' or '.join(trainable.export_formats)}, not {fmt}")

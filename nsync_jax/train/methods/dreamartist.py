@@ -132,6 +132,9 @@ class DreamArtist(Method):
         if config.data.negatives:
             raise UserError(f"config data.negatives={config.data.negatives!r} is not used by method dreamartist "
                             "(its negative is the learned word <token>-neg): leave it empty")
+        if config.train.weight_decay_scope != "rows":
+            raise UserError("config train.weight_decay_scope='table' is not supported with method dreamartist (its "
+                            "words are parameters of their own in the released code, not rows of the table)")
         if config.initializer_embedding:
             raise UserError("config initializer_embedding is not supported with method dreamartist (it starts both "
                             "words from initializer_token)")
