@@ -62,10 +62,12 @@ def write_embeddings(path: Path, token: str, rows: np.ndarray, *, fmt: str = "di
         write_json(sidecar, metadata, sort_keys=True)
 
 
-def write_diffusers_pipeline(output: Path, base: Path, modules: dict[str, Any]) -> None:
-    """A complete diffusers Stable Diffusion folder at `output`: every file of the base folder `base`, with the
-    weights of `unet/` and `text_encoder/` replaced by those of `modules` (`{"unet": ..., "text_encoder": ...}`,
-    NNX modules), as float32 safetensors. Written to a temporary folder, then renamed: never half a folder."""
+def write_diffusers_pipeline(output: Path, base: Path, modules: dict[str, Any], variant: str | None = None) -> None:
+    """A complete diffusers Stable Diffusion folder at `output`: every file of the base folder `base` (copied, not
+    linked, from a Hugging Face cache snapshot), with the weights of `unet/` and `text_encoder/` replaced by those
+    of `modules` (`{"unet": ..., "text_encoder": ...}`, NNX modules), as float32 safetensors. The base's `variant`
+    weight files (`*.fp16.safetensors`) take the plain names, so the folder loads without a variant. Written to a
+    temporary folder, then renamed: never half a folder."""
     output, base = Path(output), Path(base)
 
     def skip_weights(folder, names):
@@ -75,7 +77,9 @@ def write_diffusers_pipeline(output: Path, base: Path, modules: dict[str, Any]) 
                 or n.endswith(".index.json")]
 
     with atomic_folder(output, exists_hint="give a new folder") as temporary:
-        shutil.copytree(base, temporary, ignore=skip_weights, dirs_exist_ok=True)
+        shutil.copytree(base, temporary, ignore=skip_weights, dirs_exist_ok=True)  # follows the cache's links
+        for path in temporary.glob(f"*/*.{variant}.*") if variant else ():
+            path.replace(path.with_name(path.name.replace(f".{variant}.", ".")))
         for name, module in modules.items():
             write_module_weights(temporary / name, name, module)
 

@@ -1,8 +1,9 @@
 """A loaded Stable Diffusion folder: the three Flax modules, the tokenizer and the scheduler config.
 
 `load_pipeline` reads a diffusers-format folder (`model_index.json`, `text_encoder/`, `tokenizer/`, `unet/`,
-`vae/`, `scheduler/`). Learned token embeddings (Textual Inversion, NSYNC) are kept apart from the frozen
-embedding table as `extra_token_rows`, so the frozen weights never change and only those rows are trained.
+`vae/`, `scheduler/`), local or fetched from the Hugging Face Hub (`sources.resolve_model`). Learned token
+embeddings (Textual Inversion, NSYNC) are kept apart from the frozen embedding table as `extra_token_rows`, so the
+frozen weights never change and only those rows are trained.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nsync_jax import tokens, weights
+from nsync_jax import sources, tokens, weights
 from nsync_jax.errors import UserError
 from nsync_jax.models.clip_text import CLIPTextModel, load_text_encoder
 from nsync_jax.models.unet import UNet2DConditionModel, load_unet
@@ -56,16 +57,16 @@ class StableDiffusion:
         return list(learned)
 
 
-def load_pipeline(folder: Path, *, dtype=jnp.float32, attention_backend: str = "auto",
-                  param_dtype=None) -> StableDiffusion:
-    """Loads every part of a diffusers Stable Diffusion folder, failing on the first missing or bad part.
+def load_pipeline(folder: str | Path, *, dtype=jnp.float32, attention_backend: str = "auto", param_dtype=None,
+                  revision: str | None = None, variant: str | None = None) -> StableDiffusion:
+    """Loads every part of a diffusers Stable Diffusion model, failing on the first missing or bad part.
 
+    `folder` is a diffusers folder or a Hugging Face Hub id (`org/name`) at `revision`, fetched into the Hugging
+    Face cache (`sources.resolve_model`); `variant` (e.g. "fp16") picks the weight files of that variant.
     `dtype` is the compute dtype; the text encoder and UNet keep their parameters in `param_dtype` (default:
     `dtype`; float32 master weights for bfloat16 training), the VAE in `dtype`.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: model folder not found")
+    folder = sources.resolve_model(folder, revision=revision, variant=variant)
     weights.read_json(folder / "model_index.json")
     for part in PARTS:
         if not (folder / part).is_dir():
@@ -73,13 +74,14 @@ def load_pipeline(folder: Path, *, dtype=jnp.float32, attention_backend: str = "
                             f"{', '.join(PARTS)})")
     scheduler_config = weights.read_json(folder / "scheduler" / "scheduler_config.json")
     text_encoder = load_text_encoder(folder / "text_encoder", dtype=dtype, param_dtype=param_dtype,
-                                     attention_backend=attention_backend)
+                                     attention_backend=attention_backend, variant=variant)
     return StableDiffusion(
         folder=folder,
         tokenizer=tokens.load_tokenizer(folder / "tokenizer"),
         text_encoder=text_encoder,
-        unet=load_unet(folder / "unet", dtype=dtype, param_dtype=param_dtype, attention_backend=attention_backend),
-        vae=load_vae(folder / "vae", dtype=dtype, attention_backend=attention_backend),
+        unet=load_unet(folder / "unet", dtype=dtype, param_dtype=param_dtype, attention_backend=attention_backend,
+                       variant=variant),
+        vae=load_vae(folder / "vae", dtype=dtype, attention_backend=attention_backend, variant=variant),
         scheduler_config=scheduler_config,
         extra_token_rows=np.zeros((0, text_encoder.config.hidden_size), np.float32),
     )

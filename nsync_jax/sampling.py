@@ -221,15 +221,17 @@ def generate(
     return np.concatenate(results)
 
 
-def load_for_sampling(model: Path, *, embeddings: Sequence[Path] = (), lora_files: Sequence[Path] = (),
+def load_for_sampling(model: str | Path, *, embeddings: Sequence[Path] = (), lora_files: Sequence[Path] = (),
                       lora_scale: float = 1.0, handoff_timestep: int | None = None, dtype=jnp.float32,
-                      attention_backend: str = "auto") -> tuple[StableDiffusion, StableDiffusion | None, int]:
+                      attention_backend: str = "auto", revision: str | None = None, variant: str | None = None
+                      ) -> tuple[StableDiffusion, StableDiffusion | None, int]:
     """The models `generate` samples with: `(pipe, base, handoff_timestep)`.
 
     `pipe` is the diffusers folder `model` with the `embeddings` files added and the `lora_files` merged into its
     weights (`W + lora_scale * delta`). With a handoff (`handoff_timestep` > 0; None: the one the LoRA files
     record, else 0), `base` is the same folder with the embeddings but without the LoRA, which denoises the
     timesteps at or above the handoff (pass both and the timestep to `generate`); otherwise `base` is None.
+    `model`, `revision` and `variant` are `load_pipeline`'s: a folder, or a Hugging Face Hub id.
     """
     if handoff_timestep is None:
         handoff_timestep = recorded_handoff(lora_files)
@@ -239,7 +241,8 @@ def load_for_sampling(model: Path, *, embeddings: Sequence[Path] = (), lora_file
         raise UserError(f"--handoff-timestep must not be negative, got {handoff_timestep}")
 
     def load_with_embeddings():
-        loaded = load_pipeline(model, dtype=dtype, attention_backend=attention_backend)
+        loaded = load_pipeline(model, dtype=dtype, attention_backend=attention_backend, revision=revision,
+                               variant=variant)
         for path in embeddings:
             loaded.add_embeddings(path)
         return loaded

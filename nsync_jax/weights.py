@@ -60,15 +60,32 @@ def check_config(config: dict[str, Any], supported: dict[str, Callable[[Any], bo
             raise UserError(f"{source}: config {key}={value!r} is not supported by nsync-jax")
 
 
-def find_weight_file(folder: Path, stems: Iterable[str]) -> Path:
-    """The weight file of a model folder: `.safetensors` first (single or sharded index), then `.bin`."""
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+
+
+def with_variant(name: str, variant: str | None) -> str:
+    """A weight file's name for a variant, as diffusers and transformers name it: `model.fp16.safetensors`,
+    `model.safetensors.index.fp16.json` (the variant before the last extension)."""
+    if not variant:
+        return name
+    stem, extension = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{extension}"
+
+
+def weight_file_names(stems: Iterable[str], variant: str | None = None) -> list[str]:
+    """The names a model folder's weights may have, preferred first: the `variant`'s files (if one is asked)
+    before the plain ones, and for each `.safetensors` (single file, then a sharded index) before `.bin`."""
+    stems = tuple(stems)
+    return [with_variant(f"{stem}{suffix}", v) for v in dict.fromkeys((variant, None))
+            for suffix in WEIGHT_SUFFIXES for stem in stems]
+
+
+def find_weight_file(folder: Path, stems: Iterable[str], variant: str | None = None) -> Path:
+    """The weight file of a model folder, the first of `weight_file_names(stems, variant)` that exists."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: model folder not found")
-    candidates = []
-    for suffix in (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"):
-        for stem in stems:
-            candidates.append(folder / f"{stem}{suffix}")
+    candidates = [folder / name for name in weight_file_names(stems, variant)]
     for path in candidates:
         if path.is_file():
             return path
@@ -250,10 +267,12 @@ def load_model_folder(
     dtype=jnp.float32,
     ignored_keys: Callable[[str], bool] = lambda key: False,
     rename_keys: Callable[[dict], dict] = lambda state: state,
+    variant: str | None = None,
 ) -> nnx.Module:
     """Loads a diffusers/transformers model folder: `config.json`, then the weights, all or nothing.
 
     `parse_config(config_dict, path)` validates the config; `build(config, rngs)` constructs the module.
+    `variant` (e.g. "fp16") prefers the variant's weight files (`model.fp16.safetensors`) where the folder has them.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -261,7 +280,7 @@ def load_model_folder(
     config_path = folder / "config.json"
     config = parse_config(read_json(config_path), config_path)
     abstract = abstract_module(lambda rngs: build(config, rngs))
-    weight_file = find_weight_file(folder, weight_stems)
+    weight_file = find_weight_file(folder, weight_stems, variant)
     state = rename_keys(read_state_dict(weight_file))
     return load_module(abstract, state, source=weight_file, ignored_keys=ignored_keys,
                        dtype=dtype)

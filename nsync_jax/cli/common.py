@@ -1,4 +1,5 @@
-"""What several subcommands share: flag types, the multi-process flags, and configs built from overrides."""
+"""What several subcommands share: flag types, the model flags, the multi-process flags, and configs built from
+overrides."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,18 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def add_model_flags(parser: argparse.ArgumentParser, *, required: bool = True, default_help: str = "") -> None:
+    """`--model`, `--revision`, `--variant`: a Stable Diffusion model, named as `pipeline.load_pipeline` takes it.
+    Pass `args.model`, `args.revision` and `args.variant` on to it."""
+    parser.add_argument("--model", required=required, default=None,
+                        help="a diffusers folder or a Hugging Face Hub id (org/name)" + default_help)
+    parser.add_argument("--revision", default=None,
+                        help="of a Hub id: branch, tag or commit (default: main); read from the Hugging Face cache "
+                             "when HF_HUB_OFFLINE=1")
+    parser.add_argument("--variant", default=None,
+                        help="weight files of this variant, e.g. fp16 for *.fp16.safetensors")
 
 
 def process_flags() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nsync_jax.cli.common import DTYPES, positive_int
+from nsync_jax.cli.common import DTYPES, add_model_flags, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -16,7 +16,7 @@ def add_parser(subparsers) -> None:
                     "--target-prompt, and writes edited.png, reconstruction.png, attention.png (the edited word's "
                     "cross-attention over the reconstruction and the edit) and edit.json into --output (one "
                     "folder per image when there are several).")
-    p.add_argument("--model", type=Path, required=True, help="diffusers-format Stable Diffusion folder")
+    add_model_flags(p)
     p.add_argument("--image", type=Path, action="append", required=True,
                    help="image file or folder of images (repeatable); several images are edited in batches")
     p.add_argument("--source", default=None, help="the concept to replace, e.g. cat")
@@ -64,7 +64,7 @@ def run(args) -> None:
         method=args.method, steps=args.steps, guidance=args.guidance, xa_guidance=args.xa_guidance,
         cut_weight=args.cut_weight, regularization=NoiseRegularization() if args.inversion_regularization else None,
         strength=args.strength, reference=args.reference, batch_size=args.batch_size).checked()
-    pipe = load_pipeline(args.model, dtype=jnp.dtype(args.dtype))
+    pipe = load_pipeline(args.model, dtype=jnp.dtype(args.dtype), revision=args.revision, variant=args.variant)
     folders = edit_files(pipe, inputs, args.output, source=args.source, target=args.target,
                          target_prompt=args.target_prompt, captions=args.caption, captioner=args.captioner,
                          banks=args.directions, settings=settings, seed=args.seed)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nsync_jax.cli.common import DTYPES, SCHEDULERS, positive_int, process_flags
+from nsync_jax.cli.common import DTYPES, SCHEDULERS, add_model_flags, positive_int, process_flags
 from nsync_jax.errors import UserError
 
 
@@ -16,7 +16,7 @@ def add_parser(subparsers) -> None:
                     "draws only missing or unreadable images. The same command makes the released code's "
                     "content set (--style-phrase 'a natural image, no styles.') and base-model baseline "
                     "(test captions, --style-phrase 'in the style of Claude Monet').")
-    p.add_argument("--model", type=Path, required=True, help="diffusers-format Stable Diffusion folder")
+    add_model_flags(p)
     p.add_argument("--captions", type=Path, required=True, help="folder of <stem>.txt captions")
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--style-phrase", default=DEFAULT_STYLE_PHRASE)
@@ -44,7 +44,7 @@ def run(args) -> None:
     from nsync_jax.pipeline import load_pipeline
     from nsync_jax.sampling import SampleSettings
 
-    pipe = load_pipeline(args.model, dtype=jnp.dtype(args.dtype))
+    pipe = load_pipeline(args.model, dtype=jnp.dtype(args.dtype), revision=args.revision, variant=args.variant)
     if args.resolution is not None and args.resolution % pipe.vae_scale_factor:
         raise UserError(f"--resolution must be divisible by {pipe.vae_scale_factor}, got {args.resolution}")
     prompts = prepare_prompts(pipe, args.captions, args.template, args.style_phrase, args.strict)

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nsync_jax.cli.common import DTYPES, SCHEDULERS, positive_int, process_flags
+from nsync_jax.cli.common import DTYPES, SCHEDULERS, add_model_flags, positive_int, process_flags
 from nsync_jax.errors import UserError
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("sample", parents=[process_flags()],
-                              help="draw images from prompts with a diffusers-format model folder, with learned "
-                                   "embeddings and LoRA files")
-    p.add_argument("--model", type=Path, required=True, help="diffusers-format Stable Diffusion folder")
+                              help="draw images from prompts with a Stable Diffusion model, with learned embeddings "
+                                   "and LoRA files")
+    add_model_flags(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
     p.add_argument("--negative-prompt", default="", help="the unconditional prompt of guidance")
     p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="default: the model's own")
@@ -53,7 +53,8 @@ def run(args) -> None:
             raise UserError(f"{flag} must be divisible by 8, got {value}")
     pipe, base, handoff = load_for_sampling(args.model, embeddings=args.embeddings, lora_files=args.lora,
                                             lora_scale=args.lora_scale, handoff_timestep=args.handoff_timestep,
-                                            dtype=jnp.dtype(args.dtype), attention_backend=args.attention)
+                                            dtype=jnp.dtype(args.dtype), attention_backend=args.attention,
+                                            revision=args.revision, variant=args.variant)
     settings = SampleSettings(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
                               height=args.height, width=args.width, clip_skip=args.clip_skip,
                               batch_size=args.batch_size, handoff_timestep=handoff)

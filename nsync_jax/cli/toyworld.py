@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nsync_jax.cli.common import config_with_overrides, positive_int
+from nsync_jax.cli.common import add_model_flags, config_with_overrides, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
     pretrain.set_defaults(run=run_pretrain)
     evaluate = commands.add_parser("evaluate", help="how often a model draws what seen-style captions ask (judged)",
                                    epilog="Sampler settings come from the demo config: --config.sample.steps=...")
-    evaluate.add_argument("--model", type=Path, default=None, help="default: the bundled model")
+    add_model_flags(evaluate, required=False, default_help="; default: the bundled model")
     evaluate.add_argument("--count", type=positive_int, default=200, help="captions to draw")
     evaluate.set_defaults(run=run_evaluate)
     judge = commands.add_parser("judge", help="train the style/shape/colour classifier on ground-truth renders")
@@ -60,7 +60,8 @@ def run_evaluate(args) -> None:
     if args.model is not None:
         config.model = str(args.model)
     distributed.use_cpu_devices(config.cpu_devices)
-    print(json.dumps(demo.prompt_following(config, args.count), indent=2))
+    print(json.dumps(demo.prompt_following(config, args.count, revision=args.revision, variant=args.variant),
+                     indent=2))
 
 
 def run_judge(args) -> None:

@@ -275,8 +275,8 @@ def _strip_text_model_prefix(state: dict) -> dict:
     return {key.removeprefix("text_model."): value for key, value in state.items()}
 
 
-def load_text_encoder(folder: Path, *, dtype=jnp.float32, param_dtype=None, attention_backend: str = "auto"
-                      ) -> CLIPTextModel:
+def load_text_encoder(folder: Path, *, dtype=jnp.float32, param_dtype=None, attention_backend: str = "auto",
+                      variant: str | None = None) -> CLIPTextModel:
     """Loads a transformers `text_encoder/` folder (config.json + model.safetensors or pytorch_model.bin).
 
     `dtype` is the compute dtype; parameters are kept in `param_dtype` (default: `dtype`).
@@ -284,7 +284,7 @@ def load_text_encoder(folder: Path, *, dtype=jnp.float32, param_dtype=None, atte
     param_dtype = param_dtype or dtype
     return weights.load_model_folder(
         folder, parse_config=CLIPTextConfig.from_dict, weight_stems=weights.TRANSFORMERS_WEIGHTS,
-        dtype=param_dtype, rename_keys=_strip_text_model_prefix,
+        dtype=param_dtype, rename_keys=_strip_text_model_prefix, variant=variant,
         # A buffer (arange) that checkpoints from before transformers 4.31 carry; it holds no parameter.
         ignored_keys=lambda key: key == "embeddings.position_ids",
         build=lambda cfg, rngs: CLIPTextModel(cfg, dtype=dtype, param_dtype=param_dtype,

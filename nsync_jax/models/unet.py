@@ -343,8 +343,8 @@ class UNet2DConditionModel(nnx.Module):
         return self.conv_out(nnx.silu(self.conv_norm_out(h)))
 
 
-def load_unet(folder: Path, *, dtype=jnp.float32, param_dtype=None, attention_backend: str = "auto"
-              ) -> UNet2DConditionModel:
+def load_unet(folder: Path, *, dtype=jnp.float32, param_dtype=None, attention_backend: str = "auto",
+              variant: str | None = None) -> UNet2DConditionModel:
     """Loads a diffusers `unet/` folder (config.json + safetensors or .bin) into a Flax UNet.
 
     `dtype` is the compute dtype; parameters are kept in `param_dtype` (default: `dtype`).
@@ -352,5 +352,6 @@ def load_unet(folder: Path, *, dtype=jnp.float32, param_dtype=None, attention_ba
     param_dtype = param_dtype or dtype
     return weights.load_model_folder(
         folder, parse_config=UNetConfig.from_dict, weight_stems=weights.DIFFUSERS_WEIGHTS, dtype=param_dtype,
+        variant=variant,
         build=lambda cfg, rngs: UNet2DConditionModel(cfg, dtype=dtype, param_dtype=param_dtype,
                                                      attention_backend=attention_backend, rngs=rngs))

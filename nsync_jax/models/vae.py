@@ -216,12 +216,12 @@ def _rename_legacy_keys(state: dict) -> dict:
     return renamed
 
 
-def load_vae(folder: Path, *, dtype=jnp.float32, param_dtype=None, attention_backend: str = "auto"
-             ) -> AutoencoderKL:
+def load_vae(folder: Path, *, dtype=jnp.float32, param_dtype=None, attention_backend: str = "auto",
+             variant: str | None = None) -> AutoencoderKL:
     """Loads a diffusers `vae/` folder into a Flax `AutoencoderKL`."""
     param_dtype = param_dtype or dtype
     return weights.load_model_folder(
         folder, parse_config=VAEConfig.from_dict, weight_stems=weights.DIFFUSERS_WEIGHTS, dtype=param_dtype,
-        rename_keys=_rename_legacy_keys,
+        rename_keys=_rename_legacy_keys, variant=variant,
         build=lambda cfg, rngs: AutoencoderKL(cfg, dtype=dtype, param_dtype=param_dtype,
                                               attention_backend=attention_backend, rngs=rngs))

@@ -182,10 +182,12 @@ def report_markdown(config, scores: dict[str, dict], seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def prompt_following(config, count: int = 200, *, progress: bool = True) -> dict[str, float]:
-    """How often the base model draws what a seen-style caption asks, by the judge (style, shapes, colours)."""
+def prompt_following(config, count: int = 200, *, progress: bool = True, revision: str | None = None,
+                     variant: str | None = None) -> dict[str, float]:
+    """How often the base model draws what a seen-style caption asks, by the judge (style, shapes, colours).
+    `revision` and `variant` are `load_pipeline`'s, for a `config.model` that is a Hugging Face Hub id."""
     check_config(config)
-    pipe = load_pipeline(Path(config.model))
+    pipe = load_pipeline(config.model, revision=revision, variant=variant)
     judge = judge_lib.load_judge(Path(config.judge))
     scenes = world.sample_scenes(config.seed + 3, count, styles=world.SEEN_STYLES)
     images = imageio.to_uint8(sampling.generate(pipe, [world.caption(s) for s in scenes], seed=config.seed,

@@ -16,7 +16,9 @@ from nsync_jax.train import methods, trainables
 
 def default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.model = ""  # diffusers-format Stable Diffusion folder
+    config.model = ""  # a diffusers Stable Diffusion folder or a Hugging Face Hub id (org/name)
+    config.model_revision = ""  # of a Hub id: a branch, tag or commit ("": main)
+    config.model_variant = ""  # weight files of this variant, e.g. "fp16" (*.fp16.safetensors); "": the plain ones
     config.method = "nsync"  # or "textual_inversion", "dreamartist", "styleforge"
     config.placeholder_token = "<style>"
     config.initializer_token = "painting"

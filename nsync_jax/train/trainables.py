@@ -235,10 +235,11 @@ class ModuleWeights(Trainable):
     def export(self, output, fmt, config, method, trained, metadata, source):
         from nsync_jax.pipeline import load_pipeline
 
-        pipe = load_pipeline(config.model)
+        pipe = load_pipeline(config.model, revision=config.model_revision or None,
+                             variant=config.model_variant or None)
         modules = {name: pipe.modules()[name] for name in trained}
         self.merge(modules, trained, config, source)
-        export.write_diffusers_pipeline(output, config.model, modules)
+        export.write_diffusers_pipeline(output, pipe.folder, modules, variant=config.model_variant or None)
         return f"wrote {output} (base {config.model}, trained {', '.join(trained)}), step {metadata['step']}"
 
 

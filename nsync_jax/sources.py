@@ -1,0 +1,128 @@
+"""Where a model comes from: one reference names it everywhere (`--model`, `config.model`, `load_pipeline`).
+
+`resolve_model` turns a reference into a local diffusers Stable Diffusion folder:
+
+- an existing folder is used as it is;
+- a Hugging Face Hub id (`org/name`, with an optional revision and weight variant such as `fp16`) is fetched with
+  `huggingface_hub` into its standard cache (`HF_HOME`, `HF_HUB_CACHE`): only the files `load_pipeline` reads,
+  `.safetensors` rather than `.bin`, and only the asked variant's weights. With `HF_HUB_OFFLINE=1` only the cache
+  is read;
+- a file (a single-file checkpoint) is refused for now; its converter will be routed from `_single_file`.
+
+Every failure is one `UserError` naming what was asked and what to do.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterable
+
+from nsync_jax import weights
+from nsync_jax.errors import UserError
+
+# What `load_pipeline` reads besides the weights, as patterns of paths in a model repository.
+CONFIG_FILES = ("model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json", "tokenizer/*",
+                "unet/config.json", "vae/config.json")
+# The stems of each model's weight files.
+WEIGHT_STEMS = {"text_encoder": weights.TRANSFORMERS_WEIGHTS, "unet": weights.DIFFUSERS_WEIGHTS,
+                "vae": weights.DIFFUSERS_WEIGHTS}
+HUB_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")
+# A variant's weight file, e.g. unet/diffusion_pytorch_model.fp16.safetensors (group 1: the variant).
+VARIANT_FILE = re.compile(rf"[^/]+/(?:{'|'.join(weights.DIFFUSERS_WEIGHTS + weights.TRANSFORMERS_WEIGHTS)})"
+                          r"\.(\w+)\.(?:safetensors|bin)")
+
+
+def resolve_model(reference: str | Path, *, revision: str | None = None, variant: str | None = None) -> Path:
+    """The local diffusers folder that `reference` names: a folder, or a Hub id fetched into the Hugging Face
+    cache (at `revision`, default the main branch, with the `variant`'s weight files, e.g. "fp16")."""
+    path = Path(reference)
+    if path.is_dir():
+        if revision:
+            raise UserError(f"{path}: a revision ({revision}) picks a version of a Hugging Face Hub model; a local "
+                            "folder has none")
+        if variant:
+            weight_patterns(files_under(path), variant, source=path)  # fails if the folder lacks the variant
+        return path
+    if path.is_file():
+        return _single_file(path)
+    if HUB_ID.fullmatch(str(reference)):
+        return _from_hub(str(reference), revision, variant)
+    raise UserError(f"{reference}: model folder not found")
+
+
+def _single_file(path: Path) -> Path:
+    raise UserError(f"{path}: single-file checkpoints are not supported yet; give a diffusers folder or a Hugging "
+                    "Face Hub id (org/name)")
+
+
+def files_under(folder: Path) -> list[str]:
+    """The files of a folder, as paths relative to it with `/`."""
+    return [p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file()]
+
+
+def weight_patterns(files: Iterable[str], variant: str | None = None, *, source: str | Path) -> list[str]:
+    """The weight files to fetch from a repository holding `files`: per model, the first of
+    `weights.weight_file_names` present (never `.bin` when `.safetensors` exist; the variant's files before the
+    plain ones), with the shards of a sharded index (`unet/diffusion_pytorch_model-*.safetensors`).
+
+    A `variant` that no model has is an error naming `source`, as in diffusers."""
+    files = set(files)
+    chosen, found_variant = [], False
+    for part, stems in WEIGHT_STEMS.items():
+        name = next((n for n in weights.weight_file_names(stems, variant) if f"{part}/{n}" in files), None)
+        if name is None:
+            continue  # load_pipeline names what is missing
+        chosen.append(f"{part}/{name}")
+        is_variant = name not in weights.weight_file_names(stems)
+        found_variant |= is_variant
+        if ".index." in name:  # a sharded index; shards: <stem>[.<variant>]-00001-of-00002.<extension>
+            stem, extension = name.split(".")[:2]
+            chosen.append(f"{part}/{stem}{f'.{variant}' if is_variant else ''}-*.{extension}")
+    if variant and not found_variant:
+        there = sorted({m[1] for f in files if (m := VARIANT_FILE.fullmatch(f))})
+        raise UserError(f"{source}: no weight files of variant {variant!r} (such as unet/"
+                        f"{weights.with_variant('diffusion_pytorch_model.safetensors', variant)}); variants there: "
+                        f"{', '.join(there) or 'none'}")
+    return chosen
+
+
+def _from_hub(repo_id: str, revision: str | None, variant: str | None) -> Path:
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    offline = huggingface_hub.is_offline_mode()
+    name = repo_id + (f" (revision {revision})" if revision else "")
+
+    def download(revision: str | None, patterns) -> Path:
+        return Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=list(patterns),
+                                                      local_files_only=offline))
+
+    try:
+        folder = download(revision, CONFIG_FILES)  # a snapshot folder is named by its commit
+        try:
+            files = [f.path for f in huggingface_hub.get_cached_repo_tree(repo_id, revision=folder.name)]
+        except errors.CachedRepoTreeNotFoundError:  # a cache filled without the repository's listing
+            files = files_under(folder)
+        return download(folder.name, [*CONFIG_FILES, *weight_patterns(files, variant, source=name)])
+    except errors.IncompleteSnapshotError:
+        raise UserError(f"{name}: the cached snapshot lacks files this model needs; run once with network "
+                        "(HF_HUB_OFFLINE=0) to complete it") from None
+    except errors.LocalEntryNotFoundError:
+        where = f"not in the Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE})"
+        if offline:
+            raise UserError(f"{name}: {where} and HF_HUB_OFFLINE=1; run once with network (HF_HUB_OFFLINE=0), or "
+                            f"fetch it with `hf download {repo_id}{f' --revision {revision}' if revision else ''}`"
+                            ) from None
+        raise UserError(f"{name}: {where}, and the Hugging Face Hub cannot be reached; check the network") from None
+    except errors.GatedRepoError:
+        raise UserError(f"{name}: a gated model; accept its terms at https://huggingface.co/{repo_id} and log in "
+                        "(`hf auth login` or HF_TOKEN)") from None
+    except errors.RepositoryNotFoundError:
+        raise UserError(f"{repo_id}: model folder not found, and no such model on the Hugging Face Hub (a private "
+                        "one needs `hf auth login` or HF_TOKEN)") from None
+    except errors.RevisionNotFoundError:
+        raise UserError(f"{repo_id}: revision {revision!r} not found on the Hugging Face Hub") from None
+    except errors.HFValidationError as e:
+        raise UserError(f"{repo_id}: model folder not found, and not a valid Hugging Face Hub id ({e})") from None
+    except OSError as e:  # other answers of the Hub (HfHubHTTPError), a cache that cannot be written
+        raise UserError(f"{name}: cannot fetch from the Hugging Face Hub ({str(e).splitlines()[0]})") from None
