@@ -6,10 +6,12 @@ negatives), "... a natural image, no styles." (the released code's content set) 
 Claude Monet" on test captions (its base-model baseline). Outputs are `<stem>.png`, or `<stem>_<k>.png` for
 several images per caption.
 
-A set is resumable and reproducible: image k of a stem always starts from the noise of `(seed, stem, k)`,
-whatever the batch, the device count or which images were already there; a rerun keeps every valid image
-and draws only missing or unreadable ones; every file (images and `manifest.json`) is written under a
-temporary name and renamed, so a kill never leaves half a file.
+A set is resumable and reproducible: image k of a stem starts from the noise of `(seed, stem, k)` and is a
+function of that and the settings the manifest records alone, byte for byte: the same file on any number of
+devices or hosts, whichever images are drawn with it (`sampling.SampleSettings.batch_size`). A rerun keeps
+every valid image and draws only missing or unreadable ones, with the same settings (the per-device batch
+included: it is the shape the images are computed in); every file (images and `manifest.json`) is written
+under a temporary name and renamed, so a kill never leaves half a file.
 """
 from __future__ import annotations
 
@@ -129,14 +131,17 @@ def generate_set(pipe: StableDiffusion, prompts: dict[str, str], output: Path, *
     manifest = {"model": model_name or str(pipe.folder), "seed": seed, "negative_prompt": negative_prompt,
                 "sampler": {"scheduler": settings.scheduler or pipe.scheduler_config.get("_class_name"),
                             "steps": settings.steps, "guidance": settings.guidance},
-                "resolution": resolution, "save_size": save_size, "images_per_caption": images_per_caption}
+                "resolution": resolution, "save_size": save_size, "images_per_caption": images_per_caption,
+                "batch_size": settings.batch_size}
     with checkpoints.workdir_lock(output, "negatives run"):  # one writer per folder (its manifest, its files)
         # A rerun may only complete the same set: other settings would mix two sets in one folder.
         previous = _read_manifest(output / MANIFEST)
         changed = sorted(key for key in manifest if key in previous and previous[key] != manifest[key])
         if changed:
+            same_batch = (f" (or --batch-size {previous['batch_size']}: images per device per call, the shape "
+                          "its images were computed in, which sets their last bits)" if "batch_size" in changed else "")
             raise UserError(f"{output / MANIFEST}: this folder holds a set made with other settings "
-                            f"({', '.join(changed)}); use another --output folder")
+                            f"({', '.join(changed)}); use another --output folder{same_batch}")
         # The manifest lists a file only once it is written, so a file it does not list (or lists with another
         # prompt: an edited caption) is drawn again, as is one that does not decode.
         files = previous.get("files", {})

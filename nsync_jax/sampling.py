@@ -2,12 +2,17 @@
 
 `generate` is the entry point for every caller that draws images (the `sample` command, negative-set
 generation, demos): there is one denoising loop in the project, `_denoise_and_decode`. It is a pure
-function of the frozen weights (passed as arguments, never captured), the token ids and the initial
-latents, scanned over the sampler's steps with `lax.scan`, and jitted with the batch sharded over every
-device of every process (`distributed.make_mesh`); every process gets the whole batch of images back.
+function of the frozen weights and the sampler's tables (passed as arguments, never captured), the token ids
+and the initial latents, scanned over the sampler's steps with `lax.scan`, and jitted with the batch split
+over every device of every process (`distributed.make_mesh`), each device running the loop on its own rows
+(`shard_map`); every process gets the whole batch of images back.
+
+An image is a function of its noise, its prompt and the settings alone, bit for bit: the same bytes whatever
+the number of devices or hosts and whichever images are drawn with it (see `SampleSettings.batch_size`).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -38,7 +43,12 @@ class SampleSettings:
     height: int | None = None  # None: the model's default resolution
     width: int | None = None
     clip_skip: int = 0
-    batch_size: int = 8  # images per compiled call; a multiple of the device count is best
+    # Images per device per compiled call. Every call has this shape, the last one padded: XLA blocks a
+    # convolution's or matmul's sums by the batch it is compiled for, so another per-device batch moves an image
+    # by float rounding (a pixel by one grey level, rarely), while the image's position in the batch, the device
+    # count and which images share the call change nothing. Large on accelerators (throughput), small on a CPU
+    # (a padded last call costs the full batch there).
+    batch_size: int = 8
     # >0, with `generate(..., base=...)`: timesteps at or above it are denoised by the base model, the rest by the
     # tuned one (eDiff-I's expert denoisers, diffusers' `denoising_end`): the base lays out the content, the tuned
     # weights (trained on these timesteps only: `train.max_timestep`) draw the style.
@@ -56,8 +66,23 @@ def initial_latents(seed: int, indices: Sequence[int], shape: tuple[int, int, in
     return np.asarray(draw(jnp.asarray(indices, jnp.uint32)))
 
 
-def _denoise_and_decode(frozen, extra_rows, cond_ids, uncond_ids, latents, guidance, handoff_timestep, *,
+def _sampler_tables(sampler) -> dict[str, np.ndarray]:
+    """The numbers a sampler computed from its config (per-step coefficient tables, timesteps, noise scales),
+    as arrays for `_denoise_and_decode`'s `tables`. Captured as constants, XLA would fold them into the step's
+    arithmetic one way in a one-device program and another in a partitioned one: other roundings, other images."""
+    tables = {}
+    for name, value in vars(sampler).items():
+        if isinstance(value, (np.ndarray, float, np.floating)):
+            value = np.asarray(value)
+            tables[name] = value.astype(np.float32) if value.dtype.kind == "f" else value
+    return tables
+
+
+def _denoise_and_decode(frozen, extra_rows, cond_ids, uncond_ids, latents, guidance, handoff_timestep, tables, *,
                         graphdefs, sampler, clip_skip: int, use_guidance: bool):
+    sampler = copy.copy(sampler)  # the same sampler, reading its `tables` from the arguments
+    vars(sampler).update(tables)
+
     def contexts(text_encoder):
         context = encode_text(text_encoder, extra_rows, cond_ids, clip_skip=clip_skip)
         if use_guidance:
@@ -114,9 +139,15 @@ def _compiled(graphdefs_key, sampler_key, clip_skip, use_guidance, mesh):
     batch, whole = distributed.batch_sharded(mesh), distributed.replicated(mesh)
     fn = functools.partial(_denoise_and_decode, graphdefs=graphdefs, sampler=sampler, clip_skip=clip_skip,
                            use_guidance=use_guidance)
+    # Each device runs the one-device loop on its own rows: left to sharding propagation, the guidance halves of
+    # an image would meet across devices. No collective runs inside, so there is no replication to check (which
+    # would ask the samplers to mark their zero initial states as per-device).
+    shardings = (whole, whole, batch, batch, batch, whole, whole, whole)
+    per_device = jax.shard_map(fn, mesh=mesh, in_specs=tuple(s.spec for s in shardings), out_specs=batch.spec,
+                               check_vma=False)
     # Images come back replicated: an all-gather of a few images is nothing next to the denoising loop, and
     # every process (of a multi-host run too) can then read them.
-    return jax.jit(fn, in_shardings=(whole, whole, batch, batch, batch, whole, whole), out_shardings=whole)
+    return jax.jit(per_device, in_shardings=shardings, out_shardings=whole)
 
 
 def generate(
@@ -160,8 +191,8 @@ def generate(
         raise UserError("a handoff needs both a base model and --handoff-timestep > 0, got "
                         f"{'a' if base is not None else 'no'} base model and {settings.handoff_timestep}")
     # Built here too so that a bad scheduler name or option fails before anything is compiled.
-    make_sampler(settings.scheduler, pipe.scheduler_config, settings.steps,
-                 source=pipe.folder / "scheduler" / "scheduler_config.json")
+    sampler = make_sampler(settings.scheduler, pipe.scheduler_config, settings.steps,
+                           source=pipe.folder / "scheduler" / "scheduler_config.json")
     sampler_key = (settings.scheduler, json.dumps(pipe.scheduler_config, sort_keys=True), settings.steps)
     use_guidance = settings.guidance > 1.0
     mesh = distributed.make_mesh()
@@ -174,15 +205,15 @@ def generate(
     run = _compiled(tuple(sorted(graphdefs.items())), sampler_key, settings.clip_skip, use_guidance, mesh)
     whole = distributed.replicated(mesh)
     frozen = distributed.put_tree(frozen, jax.tree.map(lambda _: whole, frozen))
+    tables = _sampler_tables(sampler)
+    tables = distributed.put_tree(tables, jax.tree.map(lambda _: whole, tables))
     extra_rows = distributed.put(pipe.extra_token_rows, whole)
 
     cond_ids = tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(p, pipe.tokenizer) for p in all_prompts])
     uncond_ids = tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(negative_prompt, pipe.tokenizer)]
                                  * len(all_prompts))
     batch_sharding = distributed.batch_sharded(mesh)
-    batch_size = max(settings.batch_size, 1)
-    devices = distributed.batch_size_of(mesh)
-    batch_size += -batch_size % devices
+    batch_size = max(settings.batch_size, 1) * distributed.batch_size_of(mesh)  # one shape for every call
     results = []
     bar = tqdm(total=len(all_prompts), unit="img", disable=not (progress and distributed.is_main_process()))
     start = time.perf_counter()
@@ -204,11 +235,11 @@ def generate(
             batch_latents = initial_latents(seed, indices, latent_shape)
         else:
             batch_latents = latents(indices) if callable(latents) else latents[indices]
-        put = lambda x: distributed.put(distributed.pad_batch(np.asarray(x), devices), batch_sharding)
+        put = lambda x: distributed.put(distributed.pad_batch(np.asarray(x), batch_size), batch_sharding)
         args = (frozen, extra_rows, put(cond_ids[indices]), put(uncond_ids[indices]),
                 put(batch_latents.astype(np.float32)), distributed.put(np.float32(settings.guidance), whole),
-                distributed.put(np.int32(settings.handoff_timestep), whole))
-        key = (run, args[2].shape)  # a full batch, and perhaps a smaller last one
+                distributed.put(np.int32(settings.handoff_timestep), whole), tables)
+        key = (run, args[2].shape)
         if key not in _EXECUTABLES:
             _EXECUTABLES[key] = distributed.compile_together(run, *args, name="sample")
         images = _EXECUTABLES[key](*args)

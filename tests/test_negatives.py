@@ -1,6 +1,12 @@
-"""Negative-set generation: names, resumability, reproducibility, manifest and caption checks."""
+"""Negative-set generation: names, resumability, byte-identical redraws on any device count, manifest and caption
+checks."""
+import dataclasses
 import json
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,10 +34,10 @@ def pipe(sd1_dir):
     return load_pipeline(sd1_dir)
 
 
-def draw(pipe, folder, output, **kwargs):
+def draw(pipe, folder, output, settings=SETTINGS, **kwargs):
     prompts = negatives.prepare_prompts(pipe, folder, negatives.DEFAULT_TEMPLATE, "in the style of painting",
                                         strict=False)
-    return negatives.generate_set(pipe, prompts, output, settings=SETTINGS, progress=False, **kwargs)
+    return negatives.generate_set(pipe, prompts, output, settings=settings, progress=False, **kwargs)
 
 
 def pixels(path):
@@ -77,6 +83,68 @@ def test_rerun_redraws_exactly_the_missing_and_corrupt_images(pipe, tmp_path):
     with pytest.raises(UserError, match="other settings \\(seed\\)"):
         draw(pipe, captions, out, seed=1)
     assert not list(out.glob(".*tmp*"))  # no temporary file left behind
+
+
+# Issue 37's measurement: at 64 px, with 3 steps, redrawing cat and harbour in a call of 2 instead of 4, or the set
+# on 8 devices, moved pixels by one grey level while the program's batch shape followed the images drawn.
+BYTES_SETTINGS = SampleSettings(steps=3, guidance=7.5, height=64, batch_size=4)
+FOUR = {"cat": "a cat", "dog": "a dog", "harbour": "a harbour", "star": "a red star"}
+
+# Draws the set of the captions folder argv[2] with the model argv[1] into argv[3], on 8 simulated CPU devices.
+ON_EIGHT_DEVICES = f"""
+import sys
+from pathlib import Path
+import jax
+from nsync_jax import negatives
+from nsync_jax.pipeline import load_pipeline
+from nsync_jax.sampling import SampleSettings
+assert jax.device_count() == 8, jax.devices()
+model, captions, output = sys.argv[1:]
+pipe = load_pipeline(model)
+prompts = negatives.prepare_prompts(pipe, Path(captions), negatives.DEFAULT_TEMPLATE, "in the style of painting",
+                                    strict=False)
+negatives.generate_set(pipe, prompts, Path(output), settings={BYTES_SETTINGS!r}, progress=False)
+"""
+
+
+@pytest.fixture(scope="module")
+def first_set(pipe, tmp_path_factory):
+    """The four captions' set, drawn on one device in one call."""
+    root = tmp_path_factory.mktemp("bytes")
+    captions = write_captions(root / "captions", FOUR)
+    assert draw(pipe, captions, root / "first", BYTES_SETTINGS) == {"kept": 0, "drawn": 4}
+    return captions, root / "first"
+
+
+def same_files(folder, other):
+    for stem in FOUR:
+        ours, theirs = folder / f"{stem}.png", other / f"{stem}.png"
+        if ours.read_bytes() != theirs.read_bytes():
+            diff = np.abs(pixels(ours).astype(int) - pixels(theirs))
+            pytest.fail(f"{ours.name}: {np.count_nonzero(diff)} values differ, by up to {diff.max()} grey levels")
+
+
+def test_deleted_and_truncated_negatives_come_back_byte_identical(pipe, first_set, tmp_path):
+    captions, first = first_set
+    out = tmp_path / "out"
+    shutil.copytree(first, out)
+    (out / "cat.png").unlink()
+    (out / "harbour.png").write_bytes((out / "harbour.png").read_bytes()[:100])
+    assert draw(pipe, captions, out, BYTES_SETTINGS) == {"kept": 2, "drawn": 2}  # in a padded call of 4
+    same_files(out, first)
+    # Another per-device batch is another program shape: the folder's set cannot be completed with it.
+    (out / "cat.png").unlink()
+    with pytest.raises(UserError, match="other settings \\(batch_size\\).*--batch-size 4"):
+        draw(pipe, captions, out, dataclasses.replace(BYTES_SETTINGS, batch_size=2))
+
+
+def test_eight_devices_write_the_same_bytes_as_one(sd1_dir, first_set, tmp_path):
+    captions, first = first_set
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",  # the test's own XLA flags, and 8 devices
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()}
+    subprocess.run([sys.executable, "-c", ON_EIGHT_DEVICES, str(sd1_dir), str(captions), str(tmp_path / "eight")],
+                   check=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=600)
+    same_files(tmp_path / "eight", first)
 
 
 def test_bad_captions_are_reported_by_file(pipe, tmp_path):
