@@ -29,7 +29,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--save-size", type=positive_int, default=None, help="resize before saving (bicubic)")
     p.add_argument("--images-per-caption", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=positive_int, default=8, help="images per compiled call")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per device per compiled call (the same --batch-size gives the same bytes on any "
+                        "number of devices or hosts)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--strict", action="store_true", help="a prompt longer than the text encoder's context is "
                                                          "an error (default: truncated with a warning)")

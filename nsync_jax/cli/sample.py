@@ -21,7 +21,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--height", type=positive_int, default=None, help="default: the model's resolution")
     p.add_argument("--width", type=positive_int, default=None)
     p.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="images per compiled call")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per device per compiled call (the same --batch-size gives the same bytes on any "
+                        "number of devices or hosts)")
     p.add_argument("--latents", type=Path, default=None,
                    help="float32 .npy of initial latents in diffusers' layout (N, C, H/8, W/8)")
     p.add_argument("--embeddings", type=Path, action="append", default=[],

@@ -93,7 +93,7 @@ def check_config(config) -> None:
 
 def _settings(config) -> sampling.SampleSettings:
     return sampling.SampleSettings(scheduler=config.sample.scheduler, steps=config.sample.steps,
-                                   guidance=config.sample.guidance, batch_size=16)
+                                   guidance=config.sample.guidance, batch_size=8)  # per device
 
 
 def write_style_dataset(folder: Path, scenes: list[world.Scene], size: int) -> list[str]:

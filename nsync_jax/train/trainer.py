@@ -203,7 +203,8 @@ class Preview:
                      if handoff else None)
         self.settings = SampleSettings(scheduler=sample.scheduler, steps=sample.steps, guidance=sample.guidance,
                                        height=config.data.resolution, width=config.data.resolution,
-                                       clip_skip=config.clip_skip, batch_size=len(self.prompts),
+                                       clip_skip=config.clip_skip,
+                                       batch_size=-(-len(self.prompts) // jax.device_count()),  # per device
                                        handoff_timestep=handoff)
 
     def draw(self, trained, path: Path | None) -> None:
