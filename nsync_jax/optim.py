@@ -186,14 +186,25 @@ class EmaResetState(NamedTuple):
     ema: optax.Params  # exponential moving average of the parameters after each update
 
 
-def ema_reset(decay: float, every: int) -> optax.GradientTransformation:
+def ema_reset(decay, every, block_sizes: tuple[int, ...] | None = None) -> optax.GradientTransformation:
     """Keeps an EMA of the parameters, ema <- decay ema + (1 - decay) params after each update (starting from
     the initial parameters), and every `every` updates sets the parameters to it (DreamArtist's `ema_w`,
-    `ema_rep_step`). Put it last in a chain: it reads the parameters the other updates lead to."""
-    if not 0.0 < decay <= 1.0:
+    `ema_rep_step`). With `block_sizes`, `decay` and `every` are given per block of rows (DreamArtist's words
+    have their own: `ema_w`, `ema_rep_step` and `ema_w_neg`, `ema_rep_step_neg`); parameters whose decay is 1
+    keep no EMA and are never reset. Put it last in a chain: it reads the parameters the other updates lead to."""
+    decays, everies = np.atleast_1d(np.asarray(decay, np.float32)), np.atleast_1d(np.asarray(every, np.int32))
+    if not np.all((decays > 0.0) & (decays <= 1.0)):
         raise ValueError(f"decay must be in (0, 1], got {decay}")
-    if every < 1:
+    if not np.all(everies >= 1):
         raise ValueError(f"every must be at least 1, got {every}")
+    if block_sizes is not None:  # one value per row, broadcast over the row's width
+        if not len(decays) == len(everies) == len(block_sizes):
+            raise ValueError(f"{len(decays)} decays and {len(everies)} intervals for {len(block_sizes)} blocks")
+        decays, everies = (np.repeat(x, block_sizes)[:, None] for x in (decays, everies))
+    elif decays.size != 1 or everies.size != 1:
+        raise ValueError("several decays or intervals need block_sizes")
+    else:
+        decays, everies = decays[0], everies[0]
 
     def init(params):
         return EmaResetState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.array, params))
@@ -202,9 +213,9 @@ def ema_reset(decay: float, every: int) -> optax.GradientTransformation:
         if params is None:
             raise ValueError("ema_reset needs params")
         stepped = optax.apply_updates(params, updates)
-        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema, stepped)
+        ema = jax.tree.map(lambda e, p: decays * e + (1 - decays) * p, state.ema, stepped)
         count = state.count + 1
-        reset = count % every == 0
+        reset = (count % everies == 0) & (decays < 1)
         # On a reset step the update moves the parameters onto the EMA instead (exact up to rounding).
         updates = jax.tree.map(lambda u, e, p: jnp.where(reset, (e - p).astype(u.dtype), u), updates, ema, params)
         return updates, EmaResetState(count, ema)

@@ -125,6 +125,7 @@ def test_optimizer_matches_torch_adamw_with_a_group_and_a_clip_per_word():
     config.method, config.num_vectors, config.train.scale_lr = "dreamartist", 2, False
     config.train.learning_rate, config.dreamartist.num_negative_vectors = 3e-3, 3
     config.dreamartist.neg_lr_weight, config.dreamartist.ema_weight, config.dreamartist.ema_rep_step = 0.5, 0.9, 3
+    config.dreamartist.neg_ema_weight, config.dreamartist.neg_ema_rep_step = 0.8, 2  # its own EMA, as released
     tx = trainer.make_optimizer(config, methods.get("dreamartist"))
     rng = np.random.default_rng(0)
     rows = rng.standard_normal((5, 4)).astype(np.float32)
@@ -141,9 +142,9 @@ def test_optimizer_matches_torch_adamw_with_a_group_and_a_clip_per_word():
             torch.nn.utils.clip_grad_norm_(p, 1.0)
         adamw.step()
         with torch.no_grad():
-            for p, average in zip((positive, negative), ema):
-                average.mul_(0.9).add_(p, alpha=0.1)
-                if step % 3 == 0:
+            for p, average, decay, every in zip((positive, negative), ema, (0.9, 0.8), (3, 2)):
+                average.mul_(decay).add_(p, alpha=1 - decay)
+                if step % every == 0:
                     p.copy_(average)
         updates, state = tx.update(jnp.asarray(g), state, params)
         params = optax.apply_updates(params, updates)

@@ -153,3 +153,22 @@ def test_released_variants_replay_the_released_accumulating_passes(variant, vers
     pos, neg, anchor = (flat(random_tree(seed)) for seed in (8, 9, 10))
     ours = refine_gradients(*(jnp.asarray(x, jnp.float32) for x in (pos, neg, anchor)), variant=variant)
     np.testing.assert_allclose(ours, released_loop(version, pos, neg, anchor), rtol=1e-5, atol=1e-6)
+
+
+def test_ema_reset_per_block_leaves_a_block_without_ema_alone():
+    """Blocks of rows with their own decay and interval; a block whose decay is 1 keeps no EMA: its rows follow
+    the plain updates, never reset."""
+    from nsync_jax.optim import ema_reset
+
+    tx = optax.chain(optax.sgd(0.1), ema_reset((0.5, 1.0), (2, 1), block_sizes=(1, 2)))
+    params = jnp.ones((3, 2))
+    state = tx.init(params)
+    # Row 0 by hand: SGD steps of 0.1 x step, an EMA of decay 0.5 from 1.0, and a reset onto it every 2 steps.
+    first_row = [0.9, 0.825, 0.525, 0.4]
+    plain = 1.0
+    for step in range(1, 5):
+        updates, state = tx.update(jnp.full((3, 2), float(step)), state, params)
+        params = optax.apply_updates(params, updates)
+        plain -= 0.1 * step
+        np.testing.assert_allclose(params[0], first_row[step - 1], rtol=1e-6)
+        np.testing.assert_allclose(params[1:], plain, rtol=1e-6, atol=1e-6)

@@ -106,8 +106,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.dreamartist.reconstruction_weight = 1.0  # lambda_rec
     config.dreamartist.grad_clip_norm = 1.0  # each word's gradient clipped to this norm on its own
     config.dreamartist.neg_lr_weight = 1.0  # the negative word's learning rate is this times train.learning_rate
-    config.dreamartist.ema_weight = 1.0  # < 1: keep an EMA of the rows (this decay) ...
-    config.dreamartist.ema_rep_step = 25  # ... and copy it into the rows every this many steps
+    config.dreamartist.ema_weight = 1.0  # < 1: keep an EMA of the positive word's rows (this decay) ...
+    config.dreamartist.ema_rep_step = 25  # ... and copy it into them every this many steps
+    config.dreamartist.neg_ema_weight = 1.0  # the same for the negative word, on its own (as released)
+    config.dreamartist.neg_ema_rep_step = 25
     # `<stem>_att.<ext>` next to an image in data.images is its attention mask (not a training image): grey
     # levels weight the denoising loss per latent pixel, 0 -> 0, 127 -> 1, 255 -> 5 (the released mapping).
     config.dreamartist.attention_masks = False

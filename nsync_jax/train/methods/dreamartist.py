@@ -108,7 +108,7 @@ class DreamArtist(Method):
 
     def check_config(self, config):
         da = config.dreamartist
-        for key in ("num_negative_vectors", "ema_rep_step"):
+        for key in ("num_negative_vectors", "ema_rep_step", "neg_ema_rep_step"):
             if not isinstance(da[key], int) or da[key] < 1:
                 raise UserError(f"config dreamartist.{key}={da[key]!r} must be a positive integer")
         if da.guidance_schedule not in GUIDANCE_SCHEDULES:
@@ -118,8 +118,9 @@ class DreamArtist(Method):
         if scheduled != (da.guidance_min is not None):
             raise UserError(f"config dreamartist.guidance_min={da.guidance_min!r}: set it (gamma at t = 0) exactly "
                             f"when dreamartist.guidance_schedule is not 'constant' (it is {da.guidance_schedule!r})")
-        if not 0.0 < da.ema_weight <= 1.0:
-            raise UserError(f"config dreamartist.ema_weight={da.ema_weight!r} must be in (0, 1] (1: no EMA)")
+        for key in ("ema_weight", "neg_ema_weight"):
+            if not 0.0 < da[key] <= 1.0:
+                raise UserError(f"config dreamartist.{key}={da[key]!r} must be in (0, 1] (1: no EMA)")
         if not da.grad_clip_norm > 0:
             raise UserError(f"config dreamartist.grad_clip_norm={da.grad_clip_norm!r} must be positive")
         for key in ("neg_lr_weight", "negative_init_std"):
@@ -187,8 +188,9 @@ class DreamArtist(Method):
         da, sizes = config.dreamartist, tuple(word.count for word in self.words(config))
         # Each word is its own torch parameter in the released code: clipped alone, with its own learning rate.
         chain = [clip_row_blocks(sizes, da.grad_clip_norm), adamw, scale_row_blocks(sizes, (1.0, da.neg_lr_weight))]
-        if da.ema_weight < 1:
-            chain.append(ema_reset(da.ema_weight, da.ema_rep_step))
+        if da.ema_weight < 1 or da.neg_ema_weight < 1:  # each word's EMA on its own, as released
+            chain.append(ema_reset((da.ema_weight, da.neg_ema_weight), (da.ema_rep_step, da.neg_ema_rep_step),
+                                   block_sizes=sizes))
         return optax.chain(*chain)
 
     def metadata(self, config):  # the training gamma is the CFG scale to start sampling from
