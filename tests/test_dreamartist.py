@@ -293,3 +293,26 @@ def test_attention_masks_weight_the_denoising_loss(sd1_dir, tmp_path):
     unweighted, _ = dreamartist.dreamartist_losses(spec, da, rows, frozen, {k: v for k, v in batch.items()
                                                                         if k != "weights"}, key)
     assert abs(float(unweighted) - float(masked)) > 1e-3 * float(unweighted)
+
+
+def test_the_released_preprocessing_takes_the_centre_square_unmirrored(tmp_path):
+    """configs/dreamartist_sd15.py reads a non-square image as its centre square (bicubic), not squashed, with
+    mirroring off and one latent per image, as the released extension."""
+    from pathlib import Path
+
+    from nsync_jax.config import load_config
+
+    images = tmp_path / "images"
+    images.mkdir()
+    wide = np.zeros((32, 64, 3), np.uint8)
+    wide[:, :16], wide[:, 48:] = 255, 80  # side bands that only a squash keeps
+    wide[:, 16:48] = np.arange(32, dtype=np.uint8)[None, :, None] * 8  # a ramp across the centre square
+    Image.fromarray(wide).save(images / "wide.png")
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "dreamartist_sd15.py",
+                         [f"data.images={images}", "data.resolution=16", "model=unused"])
+    dataset = methods.get("dreamartist").read_data(config)
+    expected = np.asarray(Image.fromarray(wide[:, 16:48]).resize((16, 16), Image.Resampling.BICUBIC), np.float32)
+    np.testing.assert_allclose(dataset.positives[0], expected / 127.5 - 1, atol=1e-6)
+    squashed = np.asarray(Image.fromarray(wide).resize((16, 16), Image.Resampling.BICUBIC), np.float32)
+    assert np.abs(dataset.positives[0] - (squashed / 127.5 - 1)).max() > 0.5
+    assert not config.data.flip and config.data.latent_sample == "once"
