@@ -24,4 +24,5 @@ def run(args) -> None:
     result = train(load_config(args.config, args.config_overrides), args.workdir)
     if is_main_process():
         wrote = ", ".join(map(str, result.files or [result.checkpoints]))
-        print(f"wrote {wrote} (nsync-jax export writes them for diffusers or A1111)")
+        print(f"wrote {wrote} (nsync-jax export --workdir {args.workdir} --format "
+              f"{'|'.join(result.export_formats)} writes the run for diffusers, A1111 or ComfyUI)")

@@ -30,7 +30,6 @@ from nsync_jax.errors import UserError
 from nsync_jax.pipeline import load_pipeline
 from nsync_jax.toyworld import judge as judge_lib
 from nsync_jax.toyworld import world
-from nsync_jax.toyworld.pretrain import BUNDLED_MODEL
 from nsync_jax.train import methods, trainables, trainer
 from nsync_jax.train.config import default_config as training_defaults
 

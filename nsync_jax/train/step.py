@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nsync_jax import tokens
 from nsync_jax.models.vae import sample_posterior
 from nsync_jax.schedulers import NoiseSchedule, add_noise, training_target
 from nsync_jax.train import trainables

@@ -45,6 +45,7 @@ class TrainResult:
     files: list[Path]  # the files for the PyTorch world in the workdir (embeddings, LoRA); none for full weights
     checkpoints: Path
     step: int
+    export_formats: tuple[str, ...]  # what `export_run` can write from the checkpoints
 
 
 def make_optimizer(config, method: methods.Method) -> optax.GradientTransformationExtraArgs:
@@ -184,7 +185,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
         if main:
             metadata = run_metadata(config, method, trainable, config.train.steps)
             files = trainable.write_outputs(workdir, config, method, final, metadata)
-        return TrainResult(final, files, workdir / "checkpoints", config.train.steps)
+        return TrainResult(final, files, workdir / "checkpoints", config.train.steps, trainable.export_formats)
 
 
 class Preview:
