@@ -56,6 +56,15 @@ WEIGHT_FILES = {
              "copy the transformers folder openai/clip-vit-large-patch14 (with its tokenizer files) there"),
     "csd": ("csd", "convert the CSD checkpoint (tomg-group-umd/CSD-ViT-L pytorch_model.bin) with "
                    "`nsync-jax convert-weights csd FILE DIR/csd`"),
+    # `evaluate-edits` (nsync_jax.edit_metrics)
+    "dino": ("dino-vitb8", "copy the transformers folder facebook/dino-vitb8 there, or convert DINO's "
+                           "dino_vitbase8_pretrain.pth with `nsync-jax convert-weights dino-vit FILE.pth DIR/dino-vitb8`"),
+    "lpips-alex": ("lpips-alex.safetensors",
+                   "convert torchvision's alexnet-owt-7be5be79.pth and lpips' weights/v0.1/alex.pth with `nsync-jax "
+                   "convert-weights lpips-alex alexnet-owt-7be5be79.pth DIR/lpips-alex.safetensors --lpips-heads alex.pth`"),
+    "lpips-vgg": ("lpips-vgg.safetensors",
+                  "convert torchvision's vgg16-397923af.pth and lpips' weights/v0.1/vgg.pth with `nsync-jax "
+                  "convert-weights lpips-vgg vgg16-397923af.pth DIR/lpips-vgg.safetensors --lpips-heads vgg.pth`"),
 }
 
 
@@ -169,7 +178,7 @@ def batched_features(module: nnx.Module, forward: Callable, inputs: Iterator[np.
     return np.concatenate(out)
 
 
-def _weight_path(weights_dir: Path, name: str) -> Path:
+def weight_path(weights_dir: Path, name: str) -> Path:
     file_name, how = WEIGHT_FILES[name]
     path = Path(weights_dir) / file_name
     if not path.exists():
@@ -192,7 +201,7 @@ def _inception_features(ev: Evaluation, folders: list[ImageFolder]) -> list[np.n
     from nsync_jax.models.inception import load_inception
 
     variant = "fid" if ev.protocol == "standard" else "torchvision"
-    model = load_inception(_weight_path(ev.weights, f"inception-{variant}"), variant)
+    model = load_inception(weight_path(ev.weights, f"inception-{variant}"), variant)
     prepare = clean_fid_input if ev.protocol == "standard" else gan_metrics_input
     result = []
     for folder in folders:
@@ -207,7 +216,7 @@ def _inception_features(ev: Evaluation, folders: list[ImageFolder]) -> list[np.n
 def _clip_image_features(ev: Evaluation, folders: list[ImageFolder], name: str, prepare) -> list[np.ndarray]:
     from nsync_jax.models.clip_vision import l2_normalize, load_clip_vision
 
-    model = load_clip_vision(_weight_path(ev.weights, name))
+    model = load_clip_vision(weight_path(ev.weights, name))
     size = model.config.image_size
     return [batched_features(model, lambda m, x: l2_normalize(m(x).image_embeds),
                              (prepare(i, size) for i in f.images), len(f.images), ev.batch_size)
@@ -217,29 +226,37 @@ def _clip_image_features(ev: Evaluation, folders: list[ImageFolder], name: str, 
 def _csd_features(ev: Evaluation, folders: list[ImageFolder]) -> list[np.ndarray]:
     from nsync_jax.models.clip_vision import load_csd
 
-    model = load_csd(_weight_path(ev.weights, "csd"))
+    model = load_csd(weight_path(ev.weights, "csd"))
     size = model.config.image_size
     return [batched_features(model, lambda m, x: m(x), (clip_input(i, size, "round") for i in f.images),
                              len(f.images), ev.batch_size) for f in folders]
 
 
-def _clip_score(ev: Evaluation, generated: ImageFolder, captions_dir: Path | None) -> dict:
+def clip_embeddings(weights_dir: Path, images: list[np.ndarray], texts: list[str],
+                    batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """CLIP ViT-L/14's (`WEIGHT_FILES["clip"]`) unnormalised image `(len(images), d)` and text `(len(texts), d)`
+    embeddings; images preprocessed as CLIPImageProcessor does."""
     from nsync_jax.models.clip_vision import load_clip_model
     from nsync_jax.tokens import load_tokenizer
 
-    if captions_dir is None:
-        raise UserError("--captions: the clip metric needs a caption (<stem>.txt) for each generated image")
-    captions = imageio.read_captions(captions_dir, generated.stems)
-    folder = _weight_path(ev.weights, "clip")
+    folder = weight_path(weights_dir, "clip")
     model = load_clip_model(folder)
     tokenizer = load_tokenizer(folder)
     size = model.config.vision.image_size
-    image = batched_features(model, lambda m, x: m.image_features(x),
-                             (clip_input(i, size) for i in generated.images), len(generated.images), ev.batch_size)
+    image = batched_features(model, lambda m, x: m.image_features(x), (clip_input(i, size) for i in images),
+                             len(images), batch_size)
     # Truncation keeps the end-of-text token in the last position (OpenAI's `clip.tokenize(truncate=True)`).
-    ids = tokenizer([captions[s] for s in generated.stems], padding="max_length", truncation=True,
-                    max_length=tokenizer.model_max_length, return_tensors="np").input_ids
-    text = batched_features(model, lambda m, x: m.text_features(x), iter(ids), len(ids), ev.batch_size)
+    ids = tokenizer(texts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                    return_tensors="np").input_ids
+    return image, batched_features(model, lambda m, x: m.text_features(x), iter(ids), len(ids), batch_size)
+
+
+def _clip_score(ev: Evaluation, generated: ImageFolder, captions_dir: Path | None) -> dict:
+    if captions_dir is None:
+        raise UserError("--captions: the clip metric needs a caption (<stem>.txt) for each generated image")
+    captions = imageio.read_captions(captions_dir, generated.stems)
+    image, text = clip_embeddings(ev.weights, generated.images, [captions[s] for s in generated.stems],
+                                  ev.batch_size)
     score = metrics.clip_score(image, text)
     return {"value": score.value, "std": score.std, "images": len(image),
             "definition": "100 * cos(image, caption), mean clamped at 0 (torchmetrics CLIPScore)"}
