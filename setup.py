@@ -14,8 +14,10 @@ setup(
     # read their settings there.
     packages=find_packages(include=["nsync_jax", "nsync_jax.*"]) + ["nsync_jax.configs"],
     package_dir={"nsync_jax.configs": "configs"},
-    # The bundled toy-world model, its judge and CLIP's BPE merges.
-    package_data={"nsync_jax.toyworld": ["assets/*", "assets/*/*", "assets/*/*/*"]},
+    # The bundled toy-world model, its judge and CLIP's BPE merges; the configs of the standard Stable Diffusion
+    # architectures, for single-file checkpoints.
+    package_data={"nsync_jax.toyworld": ["assets/*", "assets/*/*", "assets/*/*/*"],
+                  "nsync_jax": ["architectures/*/*.json", "architectures/*/*/*.json"]},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",
@@ -35,6 +37,8 @@ setup(
     extras_require={
         # torch (CPU build) reads `.bin`/`.pt` files and writes A1111 `.pt` embeddings.
         "torch": ["torch==2.13.0"],
+        # converting single-file (A1111 / LDM layout) checkpoints, once each, with diffusers' own converters.
+        "single-file": ["torch==2.13.0", "diffusers==0.42.1"],
         # the parity oracle: diffusers/transformers PyTorch models on CPU.
         "test": ["torch==2.13.0", "diffusers==0.42.1", "accelerate", "peft", "pytest"],
     },

@@ -58,15 +58,18 @@ class StableDiffusion:
 
 
 def load_pipeline(folder: str | Path, *, dtype=jnp.float32, attention_backend: str = "auto", param_dtype=None,
-                  revision: str | None = None, variant: str | None = None) -> StableDiffusion:
+                  revision: str | None = None, variant: str | None = None,
+                  model_config: str | Path | None = None) -> StableDiffusion:
     """Loads every part of a diffusers Stable Diffusion model, failing on the first missing or bad part.
 
     `folder` is a diffusers folder or a Hugging Face Hub id (`org/name`) at `revision`, fetched into the Hugging
-    Face cache (`sources.resolve_model`); `variant` (e.g. "fp16") picks the weight files of that variant.
+    Face cache (`sources.resolve_model`); `variant` (e.g. "fp16") picks the weight files of that variant. It may
+    also be a single-file checkpoint (`.safetensors`, `.ckpt`), converted once; `model_config` then names its
+    architecture's configs when they are not the detected ones.
     `dtype` is the compute dtype; the text encoder and UNet keep their parameters in `param_dtype` (default:
     `dtype`; float32 master weights for bfloat16 training), the VAE in `dtype`.
     """
-    folder = sources.resolve_model(folder, revision=revision, variant=variant)
+    folder = sources.resolve_model(folder, revision=revision, variant=variant, model_config=model_config)
     weights.read_json(folder / "model_index.json")
     for part in PARTS:
         if not (folder / part).is_dir():

@@ -7,7 +7,10 @@
   `huggingface_hub` into its standard cache (`HF_HOME`, `HF_HUB_CACHE`): only the files `load_pipeline` reads,
   `.safetensors` rather than `.bin`, and only the asked variant's weights. With `HF_HUB_OFFLINE=1` only the cache
   is read;
-- a file (a single-file checkpoint) is refused for now; its converter will be routed from `_single_file`.
+- a single-file checkpoint (`.safetensors`, `.ckpt`) in the original LDM / A1111 layout is converted once into a
+  diffusers folder kept in the Hugging Face cache (`single_file`); `model_config` names its architecture's configs
+  when they are not the detected standard ones: a folder, a Hub id (only its configs are fetched), or a shipped
+  architecture (`sd1`, `sd2-base`, `sd2-v`, or the Hub id they come from).
 
 Every failure is one `UserError` naming what was asked and what to do.
 """
@@ -17,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from nsync_jax import weights
+from nsync_jax import single_file, weights
 from nsync_jax.errors import UserError
 
 # What `load_pipeline` reads besides the weights, as patterns of paths in a model repository.
@@ -32,10 +35,16 @@ VARIANT_FILE = re.compile(rf"[^/]+/(?:{'|'.join(weights.DIFFUSERS_WEIGHTS + weig
                           r"\.(\w+)\.(?:safetensors|bin)")
 
 
-def resolve_model(reference: str | Path, *, revision: str | None = None, variant: str | None = None) -> Path:
-    """The local diffusers folder that `reference` names: a folder, or a Hub id fetched into the Hugging Face
-    cache (at `revision`, default the main branch, with the `variant`'s weight files, e.g. "fp16")."""
+def resolve_model(reference: str | Path, *, revision: str | None = None, variant: str | None = None,
+                  model_config: str | Path | None = None) -> Path:
+    """The local diffusers folder that `reference` names: a folder, a Hub id fetched into the Hugging Face cache
+    (at `revision`, default the main branch, with the `variant`'s weight files, e.g. "fp16"), or a single-file
+    checkpoint converted into the cache (with the configs `model_config` names, or those of its detected
+    architecture)."""
     path = Path(reference)
+    if model_config and not path.is_file():
+        raise UserError(f"{reference}: a model config ({model_config}) describes a single-file checkpoint; a "
+                        "diffusers folder or Hub id has its own")
     if path.is_dir():
         if revision:
             raise UserError(f"{path}: a revision ({revision}) picks a version of a Hugging Face Hub model; a local "
@@ -44,15 +53,29 @@ def resolve_model(reference: str | Path, *, revision: str | None = None, variant
             weight_patterns(files_under(path), variant, source=path)  # fails if the folder lacks the variant
         return path
     if path.is_file():
-        return _single_file(path)
+        if revision or variant:
+            raise UserError(f"{path}: a {'revision' if revision else 'variant'} ({revision or variant}) picks files "
+                            "of a Hugging Face Hub model or folder; a single-file checkpoint has none")
+        from huggingface_hub import constants
+
+        cache = Path(constants.HF_HOME) / "nsync-jax" / "single-file"
+        return single_file.diffusers_folder(path, cache, _model_config(model_config) if model_config else None)
     if HUB_ID.fullmatch(str(reference)):
         return _from_hub(str(reference), revision, variant)
     raise UserError(f"{reference}: model folder not found")
 
 
-def _single_file(path: Path) -> Path:
-    raise UserError(f"{path}: single-file checkpoints are not supported yet; give a diffusers folder or a Hugging "
-                    "Face Hub id (org/name)")
+def _model_config(reference: str | Path) -> str | Path:
+    """A single file's configs: a local folder holding them, or a shipped architecture's name."""
+    if Path(reference).is_dir():
+        return Path(reference)
+    name = single_file.ARCHITECTURE_IDS.get(str(reference), str(reference))
+    if name in single_file.ARCHITECTURE_IDS.values():
+        return name
+    if HUB_ID.fullmatch(str(reference)):
+        return _from_hub(str(reference), None, None, configs_only=True)
+    raise UserError(f"{reference}: model config not found (a diffusers folder, a Hugging Face Hub id, or one of "
+                    f"{', '.join(single_file.ARCHITECTURE_IDS.values())})")
 
 
 def files_under(folder: Path) -> list[str]:
@@ -86,7 +109,9 @@ def weight_patterns(files: Iterable[str], variant: str | None = None, *, source:
     return chosen
 
 
-def _from_hub(repo_id: str, revision: str | None, variant: str | None) -> Path:
+def _from_hub(repo_id: str, revision: str | None, variant: str | None, *, configs_only: bool = False) -> Path:
+    """The snapshot folder of `repo_id` in the Hugging Face cache, with the files `load_pipeline` reads (only the
+    configs and tokenizer if `configs_only`)."""
     import huggingface_hub
     from huggingface_hub import errors
 
@@ -99,6 +124,8 @@ def _from_hub(repo_id: str, revision: str | None, variant: str | None) -> Path:
 
     try:
         folder = download(revision, CONFIG_FILES)  # a snapshot folder is named by its commit
+        if configs_only:
+            return folder
         try:
             files = [f.path for f in huggingface_hub.get_cached_repo_tree(repo_id, revision=folder.name)]
         except errors.CachedRepoTreeNotFoundError:  # a cache filled without the repository's listing

@@ -152,7 +152,7 @@ def test_model_errors_are_one_line(hub, tiny_repo, tmp_path, capsys):
     assert "hf download org/missing" in err
     err = error("--model", "org/tiny-sd", "--revision", "v2")
     assert "org/tiny-sd (revision v2): not in the Hugging Face cache" in err and "--revision v2" in err
-    assert f"{checkpoint}: single-file checkpoints are not supported yet" in error("--model", str(checkpoint))
+    assert f"{checkpoint}: not a readable safetensors file, truncated or corrupt" in error("--model", str(checkpoint))
     assert f"{tiny_repo}: a revision (main) picks a version of a Hugging Face Hub model" in error(
         "--model", str(tiny_repo), "--revision", "main")
     assert "org/tiny-sd: no weight files of variant 'bf16'" in error("--model", "org/tiny-sd", "--variant", "bf16")

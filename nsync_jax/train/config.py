@@ -19,6 +19,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.model = ""  # a diffusers Stable Diffusion folder or a Hugging Face Hub id (org/name)
     config.model_revision = ""  # of a Hub id: a branch, tag or commit ("": main)
     config.model_variant = ""  # weight files of this variant, e.g. "fp16" (*.fp16.safetensors); "": the plain ones
+    # A single-file checkpoint's configs, when not those of its detected standard architecture: a diffusers folder,
+    # a Hub id, or sd1, sd2-base, sd2-v
+    config.model_config = ""
     config.method = "nsync"  # or "textual_inversion", "dreamartist", "styleforge"
     config.placeholder_token = "<style>"
     config.initializer_token = "painting"
