@@ -1,10 +1,11 @@
-"""Caption-matched image sets drawn by the frozen base model: NSYNC's negatives and their relatives.
+"""Caption-matched image sets: NSYNC's negatives, its test-image generation and their relatives.
 
-For each caption file `<stem>.txt` (read by `imageio.read_captions`), the model draws
-`template.format(caption=..., style_phrase=...)`, e.g. "a harbour at dawn in the style of painting" (the
-negatives), "... a natural image, no styles." (the released code's content set) or "... in the style of
-Claude Monet" on test captions (its base-model baseline). Outputs are `<stem>.png`, or `<stem>_<k>.png` for
-several images per caption.
+For each caption `<stem>` (a caption file `<stem>.txt`, read by `imageio.read_captions`, or a line of a prompt
+list, `read_prompt_list`), the model draws `template.format(caption=..., **fields)`: e.g. "a harbour at dawn in
+the style of painting" with the frozen base model (the negatives: `nsync-jax negatives`, whose template also
+takes {style_phrase}; "... a natural image, no styles." is the released code's content set), or "a harbour at
+dawn in the style of <token>" with learned embeddings or LoRA files (`nsync-jax sample --captions`, the released
+`gen_imgs.py`). Outputs are `<stem>.png`, or `<stem>_<k>.png` for several images per caption.
 
 A set is resumable and reproducible: image k of a stem starts from the noise of `(seed, stem, k)` and is a
 function of that and the settings the manifest records alone, byte for byte: the same file on any number of
@@ -21,14 +22,16 @@ import functools
 import hashlib
 import json
 import os
+import string
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import jax
 import numpy as np
 from PIL import Image
 
-from nsync_jax import checkpoints, distributed, imageio
+from nsync_jax import checkpoints, distributed, imageio, tokens
 from nsync_jax.errors import UserError
 from nsync_jax.files import write_json
 from nsync_jax.pipeline import StableDiffusion
@@ -53,23 +56,50 @@ class Item:
 # Captions and prompts.
 # ------------------------------------------------------------------------------------------------------------
 
-def build_prompts(captions: dict[str, str], template: str, style_phrase: str) -> dict[str, str]:
+def build_prompts(captions: dict[str, str], template: str, **fields: str) -> dict[str, str]:
+    """`{stem: template.format(caption=caption, **fields)}`; the template must use {caption} and may use only
+    the `fields` besides (a placeholder nothing fills is an error, not an empty string)."""
+    allowed = ["caption", *fields]
     try:
-        return {stem: template.format(caption=caption, style_phrase=style_phrase).strip()
-                for stem, caption in captions.items()}
-    except (KeyError, IndexError, ValueError) as e:
-        raise UserError(f"--template {template!r}: only {{caption}} and {{style_phrase}} may appear ({e})") from None
+        used = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:
+        raise UserError(f"--template {template!r}: not a format string ({e})") from None
+    if "caption" not in used or not used <= set(allowed):
+        names = " and ".join(f"{{{name}}}" for name in allowed)
+        raise UserError(f"--template {template!r}: needs {{caption}} and may use only {names}")
+    return {stem: template.format(caption=caption, **fields).strip() for stem, caption in captions.items()}
 
 
-def check_prompt_lengths(prompts: dict[str, str], tokenizer, folder: Path, strict: bool) -> None:
+def read_prompt_list(path: Path, count: int | None = None, seed: int = 0) -> dict[str, str]:
+    """The prompts of a text file, one per line, as `{"img_<i>": prompt}` with i the line's 0-based number (the
+    released `gen_imgs_random_prompts.py` names its images so); blank lines are skipped. With `count`, `count`
+    of them drawn at random without replacement by `seed` (the released script draws every line): a subset that
+    names its images by line keeps a rerun resumable."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the prompt list ({type(e).__name__}: {e})") from None
+    prompts = {f"img_{i}": " ".join(line.split()) for i, line in enumerate(lines) if line.strip()}
+    if not prompts:
+        raise UserError(f"{path}: no prompts (one per line)")
+    if count is None:
+        return prompts
+    if count > len(prompts):
+        raise UserError(f"--num-prompts {count}: {path} has only {len(prompts)} prompts")
+    chosen = np.random.default_rng(seed).choice(list(prompts), count, replace=False)
+    return {stem: prompts[stem] for stem in sorted(chosen, key=lambda stem: int(stem[4:]))}
+
+
+def check_prompt_lengths(prompts: dict[str, str], tokenizer, source: Callable[[str], str], strict: bool) -> None:
     """A prompt longer than the text encoder's context is truncated (as diffusers does) with a warning naming
-    its caption file, or is an error with `strict`."""
+    where it comes from (`source(stem)`: its caption file, its line), or is an error with `strict`."""
     limit = tokenizer.model_max_length
-    too_long = [stem for stem, prompt in prompts.items() if len(tokenizer(prompt).input_ids) > limit]
+    too_long = [stem for stem, prompt in prompts.items()
+                if len(tokenizer(tokens.expand_placeholders(prompt, tokenizer)).input_ids) > limit]
     if not too_long:
         return
-    files = ", ".join(str(imageio.caption_path(folder, stem)) for stem in too_long)
-    message = f"{len(too_long)} prompt(s) longer than the text encoder's {limit} tokens: {files}"
+    message = (f"{len(too_long)} prompt(s) longer than the text encoder's {limit} tokens: "
+               f"{', '.join(source(stem) for stem in too_long)}")
     if strict:
         raise UserError(message + " (--strict)")
     warnings.warn(message + "; they are truncated", stacklevel=2)
@@ -120,20 +150,28 @@ def _read_manifest(path: Path) -> dict:
 
 def generate_set(pipe: StableDiffusion, prompts: dict[str, str], output: Path, *, settings: SampleSettings,
                  seed: int = 0, images_per_caption: int = 1, save_size: int | None = None,
-                 negative_prompt: str = "", model_name: str = "", progress: bool = True) -> dict[str, int]:
-    """Draws every missing or invalid image of the set into `output`; returns counts of kept and drawn."""
+                 negative_prompt: str = "", model_name: str = "", weights: dict | None = None,
+                 base: StableDiffusion | None = None, progress: bool = True) -> dict[str, int]:
+    """Draws every missing or invalid image of the set into `output`; returns counts of kept and drawn.
+
+    `weights` records, for the manifest, what else the images depend on that `pipe` does not show (the LoRA files
+    merged into it); `base` is `sampling.generate`'s model of a handoff."""
     output = Path(output)
     resolution = settings.height or pipe.default_resolution
     if settings.width not in (None, resolution):
-        raise UserError("negative sets are square: give --resolution only")
+        raise UserError("image sets are square: give one resolution (--resolution, or --height alone)")
     save_size = save_size or resolution
     items = [Item(stem, k, prompt) for stem, prompt in sorted(prompts.items()) for k in range(images_per_caption)]
+    # Keys added since the first sets (dtype onwards) are compared only where a manifest has them.
     manifest = {"model": model_name or str(pipe.folder), "seed": seed, "negative_prompt": negative_prompt,
                 "sampler": {"scheduler": settings.scheduler or pipe.scheduler_config.get("_class_name"),
                             "steps": settings.steps, "guidance": settings.guidance},
                 "resolution": resolution, "save_size": save_size, "images_per_caption": images_per_caption,
-                "batch_size": settings.batch_size}
-    with checkpoints.workdir_lock(output, "negatives run"):  # one writer per folder (its manifest, its files)
+                "batch_size": settings.batch_size, "dtype": str(pipe.unet.conv_in.kernel[...].dtype),
+                "clip_skip": settings.clip_skip, "handoff_timestep": settings.handoff_timestep,
+                "learned_rows": hashlib.sha256(np.ascontiguousarray(pipe.extra_token_rows).tobytes()).hexdigest(),
+                "weights": weights or {}}
+    with checkpoints.workdir_lock(output, "image set run"):  # one writer per folder (its manifest, its files)
         # A rerun may only complete the same set: other settings would mix two sets in one folder.
         previous = _read_manifest(output / MANIFEST)
         changed = sorted(key for key in manifest if key in previous and previous[key] != manifest[key])
@@ -175,13 +213,23 @@ def generate_set(pipe: StableDiffusion, prompts: dict[str, str], output: Path, *
                 generate(pipe, [item.prompt for item in todo], negative_prompt=negative_prompt, seed=seed,
                          settings=dataclasses.replace(settings, height=resolution, width=resolution),
                          latents=lambda indices: item_latents(seed, [todo[i] for i in indices], latent_shape),
-                         on_batch=functools.partial(save, writers) if main else None, progress=progress)
+                         on_batch=functools.partial(save, writers) if main else None, progress=progress,
+                         base=base)
         return {"kept": len(items) - len(todo), "drawn": len(todo)}
 
 
-def prepare_prompts(pipe: StableDiffusion, captions_folder: Path, template: str, style_phrase: str,
-                    strict: bool) -> dict[str, str]:
-    prompts = build_prompts(imageio.read_captions(captions_folder), template, style_phrase)
-    check_prompt_lengths(prompts, pipe.tokenizer, captions_folder, strict)
+def prepare_prompts(pipe: StableDiffusion, template: str, *, captions: Path | None = None,
+                    prompt_list: Path | None = None, count: int | None = None, seed: int = 0, strict: bool = False,
+                    **fields: str) -> dict[str, str]:
+    """The set's prompts by stem, from a folder of caption files or a prompt list (`read_prompt_list(prompt_list,
+    count, seed)`), through `build_prompts(..., template, **fields)`, their lengths checked."""
+    if (captions is None) == (prompt_list is None):
+        raise ValueError("give exactly one of captions and prompt_list")
+    if captions is not None:
+        prompts = build_prompts(imageio.read_captions(captions), template, **fields)
+        source = lambda stem: str(imageio.caption_path(captions, stem))
+    else:
+        prompts = build_prompts(read_prompt_list(prompt_list, count, seed), template, **fields)
+        source = lambda stem: f"{prompt_list} line {int(stem[4:]) + 1}"
+    check_prompt_lengths(prompts, pipe.tokenizer, source, strict)
     return prompts
-

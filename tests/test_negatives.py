@@ -35,8 +35,8 @@ def pipe(sd1_dir):
 
 
 def draw(pipe, folder, output, settings=SETTINGS, **kwargs):
-    prompts = negatives.prepare_prompts(pipe, folder, negatives.DEFAULT_TEMPLATE, "in the style of painting",
-                                        strict=False)
+    prompts = negatives.prepare_prompts(pipe, negatives.DEFAULT_TEMPLATE, captions=folder,
+                                        style_phrase="in the style of painting")
     return negatives.generate_set(pipe, prompts, output, settings=settings, progress=False, **kwargs)
 
 
@@ -101,8 +101,8 @@ from nsync_jax.sampling import SampleSettings
 assert jax.device_count() == 8, jax.devices()
 model, captions, output = sys.argv[1:]
 pipe = load_pipeline(model)
-prompts = negatives.prepare_prompts(pipe, Path(captions), negatives.DEFAULT_TEMPLATE, "in the style of painting",
-                                    strict=False)
+prompts = negatives.prepare_prompts(pipe, negatives.DEFAULT_TEMPLATE, captions=Path(captions),
+                                    style_phrase="in the style of painting")
 negatives.generate_set(pipe, prompts, Path(output), settings={BYTES_SETTINGS!r}, progress=False)
 """
 
@@ -158,11 +158,10 @@ def test_bad_captions_are_reported_by_file(pipe, tmp_path):
     assert not (tmp_path / "out").exists()
 
     long_captions = write_captions(tmp_path / "long", {"long": " ".join(["star"] * 40)})
-    prompts = negatives.build_prompts(imageio.read_captions(long_captions), "{caption}", "")
     with pytest.raises(UserError, match=f"{long_captions / 'long.txt'} \\(--strict\\)"):
-        negatives.check_prompt_lengths(prompts, pipe.tokenizer, long_captions, strict=True)
+        negatives.prepare_prompts(pipe, "{caption}", captions=long_captions, strict=True)
     with pytest.warns(UserWarning, match="truncated"):
-        negatives.check_prompt_lengths(prompts, pipe.tokenizer, long_captions, strict=False)
+        negatives.prepare_prompts(pipe, "{caption}", captions=long_captions)
 
 
 def test_command_line(sd1_dir, tmp_path, capsys):
@@ -174,7 +173,10 @@ def test_command_line(sd1_dir, tmp_path, capsys):
     assert manifest["files"]["star.png"] == "a red star a natural image, no styles."
     assert "drew 3 images, kept 0" in capsys.readouterr().out
     assert main(args + ["--template", "{caption} {artist}"]) == 2
-    assert "--template '{caption} {artist}'" in capsys.readouterr().err
+    assert ("--template '{caption} {artist}': needs {caption} and may use only {caption} and {style_phrase}"
+            in capsys.readouterr().err)
+    assert main(args + ["--template", "a painting {style_phrase}"]) == 2
+    assert "needs {caption}" in capsys.readouterr().err
     assert main(["negatives", "--model", str(sd1_dir), "--captions", str(tmp_path / "nope"), "--output",
                  str(tmp_path / "o")]) == 2
     assert f"{tmp_path / 'nope'}: captions folder not found" in capsys.readouterr().err

@@ -45,10 +45,12 @@ def run(args) -> None:
     from nsync_jax.pipeline import load_pipeline
     from nsync_jax.sampling import SampleSettings
 
-    pipe = load_pipeline(args.model, dtype=jnp.dtype(args.dtype), revision=args.revision, variant=args.variant)
+    pipe = load_pipeline(args.model, dtype=jnp.dtype(args.dtype), revision=args.revision, variant=args.variant,
+                         model_config=args.model_config)
     if args.resolution is not None and args.resolution % pipe.vae_scale_factor:
         raise UserError(f"--resolution must be divisible by {pipe.vae_scale_factor}, got {args.resolution}")
-    prompts = prepare_prompts(pipe, args.captions, args.template, args.style_phrase, args.strict)
+    prompts = prepare_prompts(pipe, args.template, captions=args.captions, strict=args.strict,
+                              style_phrase=args.style_phrase)
     settings = SampleSettings(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
                               height=args.resolution, batch_size=args.batch_size)
     counts = generate_set(pipe, prompts, args.output, settings=settings, seed=args.seed,
