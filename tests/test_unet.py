@@ -18,22 +18,33 @@ def rel_error(ours, reference) -> float:
 
 
 def torch_inputs_and_output(torch_unet, latent_size):
-    """Seeded inputs (sample NCHW, timesteps, context) and the torch UNet's output on them."""
+    """Seeded inputs (sample NCHW, timesteps, context, added_cond) and the torch UNet's output on them.
+
+    `added_cond` (SDXL's pooled text embedding and micro-conditioning) is None unless the UNet takes it.
+    """
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn(2, 4, *latent_size, generator=generator)
     context = torch.randn(2, 16, torch_unet.config.cross_attention_dim, generator=generator)
     timesteps = torch.tensor([3, 901])
+    added_cond = None
+    if torch_unet.config.addition_embed_type == "text_time":
+        config = torch_unet.config
+        pooled_width = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        # Original size, crop top-left, target size: unlike sizes and non-zero crops.
+        time_ids = torch.tensor([[1024., 768., 0., 32., 1024., 1024.], [512., 640., 16., 0., 768., 512.]])
+        added_cond = dict(text_embeds=torch.randn(2, pooled_width, generator=generator), time_ids=time_ids)
     with torch.no_grad():
-        return (sample, timesteps, context), torch_unet(sample, timesteps, context).sample.numpy()
+        output = torch_unet(sample, timesteps, context, added_cond_kwargs=added_cond).sample.numpy()
+    return (sample, timesteps, context, added_cond), output
 
 
 def unet_outputs(folder, latent_size, backend="auto"):
     """Runs the torch and the Flax UNet on the same inputs; returns both outputs in NCHW."""
-    (sample, timesteps, context), reference = torch_inputs_and_output(
+    (sample, timesteps, context, _), reference = torch_inputs_and_output(
         TorchUNet.from_pretrained(folder / "unet").eval(), latent_size)
     unet = load_unet(folder / "unet", attention_backend=backend)
     ours = jitted(unet)(jnp.asarray(sample.numpy().transpose(0, 2, 3, 1)), jnp.asarray(timesteps.numpy()),
-                jnp.asarray(context.numpy()))
+                        jnp.asarray(context.numpy()))
     return np.asarray(ours).transpose(0, 3, 1, 2), reference
 
 
@@ -65,6 +76,30 @@ def test_unet_with_text_time_embedding_matches_diffusers(tmp_path):
         {**config, "addition_embed_type_num_heads": 5}))
     with pytest.raises(UserError, match="addition_embed_type_num_heads=5 does not divide cross_attention_dim=32"):
         load_unet(tmp_path / "with_text" / "unet")
+
+
+def test_sdxl_unet_matches_diffusers(tmp_path):
+    """SDXL's UNet: `addition_embed_type="text_time"`, a plain first block, two transformer layers per block."""
+    from conftest import _randomize
+    from sdxl_fixtures import SDXL_UNET
+
+    torch.manual_seed(0)
+    torch_unet = TorchUNet(**SDXL_UNET).eval()
+    _randomize(torch_unet)
+    torch_unet.save_pretrained(tmp_path / "unet")
+    (sample, timesteps, context, added_cond), reference = torch_inputs_and_output(torch_unet, (8, 6))
+    unet = load_unet(tmp_path / "unet")
+    assert len(unet.down_blocks[1].attentions[0].transformer_blocks) == 2
+    run = jitted(unet)
+    inputs = [jnp.asarray(t.numpy()) for t in (sample.permute(0, 2, 3, 1), timesteps, context)]
+    added_cond = {key: jnp.asarray(value.numpy()) for key, value in added_cond.items()}
+    ours = np.asarray(run(*inputs, added_cond)).transpose(0, 3, 1, 2)
+    assert rel_error(ours, reference) <= 1e-4
+    # The micro-conditioning is not ignored: other sizes, other prediction.
+    other = np.asarray(run(*inputs, {**added_cond, "time_ids": added_cond["time_ids"][::-1]})).transpose(0, 3, 1, 2)
+    assert rel_error(other, reference) > 1e-3
+    with pytest.raises(ValueError, match="added_cond .* addition_embed_type is 'text_time'"):
+        unet(*inputs)
 
 
 def test_unet_odd_latent_size_and_xla_attention(sd1_dir):
@@ -103,6 +138,9 @@ def copy_unet(src, tmp_path):
     ("some_future_option", 1, "config key 'some_future_option' is not supported"),
     ("layers_per_block", [1, 1], "layers_per_block has 2 entries for 3 blocks"),
     ("addition_embed_type", "text_image", "addition_embed_type='text_image' is not supported"),
+    ("addition_embed_type", "text_time", "addition_embed_type='text_time' needs addition_time_embed_dim"),
+    ("addition_time_embed_dim", 8, "addition_time_embed_dim=8 is not supported without addition_embed_type="),
+    ("projection_class_embeddings_input_dim", 80, "projection_class_embeddings_input_dim=80 is not supported"),
 ])
 def test_unet_rejects_unsupported_config(sd1_dir, tmp_path, key, value, message):
     folder = copy_unet(sd1_dir, tmp_path)

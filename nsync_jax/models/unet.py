@@ -1,4 +1,4 @@
-"""diffusers' `UNet2DConditionModel` for Stable Diffusion 1.x and 2.x, in Flax NNX.
+"""diffusers' `UNet2DConditionModel` for Stable Diffusion 1.x, 2.x and XL, in Flax NNX.
 
 The module tree and its names follow diffusers, so a `unet/` folder loads by name through `weights.py`.
 Inputs and outputs are NHWC latents `(batch, height/8, width/8, 4)`, not diffusers' NCHW.
@@ -60,8 +60,8 @@ _SUPPORTED = {
     "dual_cross_attention": lambda v: v is False,
     "use_linear_projection": lambda v: isinstance(v, bool),
     "class_embed_type": _none,
-    "addition_embed_type": lambda v: v in (None, "text"),
-    "addition_time_embed_dim": _none,
+    "addition_embed_type": lambda v: v in (None, "text", "text_time"),
+    "addition_time_embed_dim": lambda v: v is None or _int(v),
     "num_class_embeds": _none,
     "upcast_attention": lambda v: isinstance(v, bool) or v is None,
     "resnet_time_scale_shift": lambda v: v == "default",
@@ -74,7 +74,7 @@ _SUPPORTED = {
     "time_cond_proj_dim": _none,
     "conv_in_kernel": lambda v: v in (1, 3, 5, 7),
     "conv_out_kernel": lambda v: v in (1, 3, 5, 7),
-    "projection_class_embeddings_input_dim": _none,
+    "projection_class_embeddings_input_dim": lambda v: v is None or _int(v),
     "attention_type": lambda v: v == "default",
     "class_embeddings_concat": lambda v: v is False,
     "mid_block_only_cross_attention": lambda v: v in (None, False),
@@ -113,8 +113,12 @@ class UNetConfig:
     conv_out_kernel: int = 3
     sample_size: int | None = 64
     # "text": the time embedding plus an attention-pooled summary of the text states (diffusers' TextTimeEmbedding).
+    # "text_time" (SDXL): the time embedding plus an MLP of the pooled text embedding and the sinusoidal features
+    # of the six micro-conditioning numbers (`time_ids`), `addition_time_embed_dim` each.
     addition_embed_type: str | None = None
     addition_embed_type_num_heads: int = 64
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: Path | str = "config.json") -> "UNetConfig":
@@ -126,9 +130,18 @@ class UNetConfig:
         if not (len(down) == len(up) == len(channels)):
             raise UserError(f"{source}: down_block_types, up_block_types and block_out_channels differ in length")
         n = len(channels)
-        if config.get("addition_embed_type") and get("cross_attention_dim") % get("addition_embed_type_num_heads"):
+        if config.get("addition_embed_type") == "text" and get("cross_attention_dim") % get("addition_embed_type_num_heads"):
             raise UserError(f"{source}: config addition_embed_type_num_heads={get('addition_embed_type_num_heads')} "
                             f"does not divide cross_attention_dim={get('cross_attention_dim')}")
+        text_time_keys = ("addition_time_embed_dim", "projection_class_embeddings_input_dim")
+        text_time = config.get("addition_embed_type") == "text_time"
+        for key in text_time_keys:
+            if text_time and config.get(key) is None:
+                raise UserError(f"{source}: config addition_embed_type='text_time' needs {key}")
+            # Without "text_time" diffusers builds nothing from these keys: a config setting them means otherwise.
+            if not text_time and config.get(key) is not None:
+                raise UserError(f"{source}: config {key}={config[key]!r} is not supported without "
+                                "addition_embed_type='text_time'")
         # diffusers' historical naming: in SD configs `attention_head_dim` holds the number of heads.
         heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
         sample_size = get("sample_size")
@@ -156,6 +169,7 @@ class UNetConfig:
             sample_size=sample_size if _int(sample_size) or sample_size is None else tuple(sample_size)[0],
             addition_embed_type=get("addition_embed_type"),
             addition_embed_type_num_heads=get("addition_embed_type_num_heads"),
+            **{key: config.get(key) for key in text_time_keys},
         )
 
 
@@ -276,6 +290,8 @@ class UNet2DConditionModel(nnx.Module):
         if cfg.addition_embed_type == "text":
             self.add_embedding = TextTimeEmbedding(opts, cfg.cross_attention_dim, temb_channels,
                                                    cfg.addition_embed_type_num_heads)
+        elif cfg.addition_embed_type == "text_time":
+            self.add_embedding = TimestepEmbedding(opts, cfg.projection_class_embeddings_input_dim, temb_channels)
         self.conv_in = opts.conv(cfg.in_channels, channels[0], cfg.conv_in_kernel)
 
         def block(kind, block_type, resnet_in, out, heads, layers, resample, **kw):
@@ -317,10 +333,19 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_norm_out = opts.group_norm(channels[0], cfg.norm_num_groups, cfg.norm_eps)
         self.conv_out = opts.conv(channels[0], cfg.out_channels, cfg.conv_out_kernel)
 
-    def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array,
+                 added_cond: dict[str, jax.Array] | None = None) -> jax.Array:
         """Predicts noise (or velocity) for NHWC `sample` at `timesteps` `(batch,)` or scalar, given the
-        text encoder states `context` `(batch, tokens, cross_attention_dim)`."""
+        text encoder states `context` `(batch, tokens, cross_attention_dim)`.
+
+        `added_cond` is diffusers' `added_cond_kwargs`, for `addition_embed_type="text_time"` (SDXL) only:
+        `text_embeds` `(batch, pooled width)` and `time_ids` `(batch, 6)` (original height and width, crop top
+        and left, target height and width).
+        """
         cfg = self.config
+        if (added_cond is not None) != (cfg.addition_embed_type == "text_time"):
+            raise ValueError("added_cond (text_embeds, time_ids) is given exactly when addition_embed_type is "
+                             f"'text_time'; this UNet's is {cfg.addition_embed_type!r}")
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
@@ -329,6 +354,8 @@ class UNet2DConditionModel(nnx.Module):
         temb = self.time_embedding(t_features.astype(self.dtype or sample.dtype))
         if cfg.addition_embed_type == "text":
             temb = temb + self.add_embedding(context.astype(temb.dtype))
+        elif cfg.addition_embed_type == "text_time":
+            temb = temb + self.add_embedding(self._text_time_features(**added_cond).astype(temb.dtype))
 
         h = self.conv_in(sample)
         skips = (h,)
@@ -341,6 +368,16 @@ class UNet2DConditionModel(nnx.Module):
             size = skips[-1].shape[1:3] if skips else None
             h, _ = block(h, temb, context, skips_in, upsample_size=size)
         return self.conv_out(nnx.silu(self.conv_norm_out(h)))
+
+
+    def _text_time_features(self, text_embeds: jax.Array, time_ids: jax.Array) -> jax.Array:
+        """concat(text_embeds, sinusoidal features of each time id): `add_embedding`'s input (diffusers'
+        `add_time_proj`, which shares the time projection's flip and shift)."""
+        batch = text_embeds.shape[0]
+        time_features = timestep_embedding(time_ids.reshape(-1), self.config.addition_time_embed_dim,
+                                           flip_sin_to_cos=self.config.flip_sin_to_cos,
+                                           freq_shift=self.config.freq_shift)
+        return jnp.concatenate([text_embeds.astype(jnp.float32), time_features.reshape(batch, -1)], axis=-1)
 
 
 def load_unet(folder: Path, *, dtype=jnp.float32, param_dtype=None, attention_backend: str = "auto",
