@@ -16,15 +16,20 @@ def positive_int(text: str) -> int:
 
 
 def add_model_flags(parser: argparse.ArgumentParser, *, required: bool = True, default_help: str = "") -> None:
-    """`--model`, `--revision`, `--variant`: a Stable Diffusion model, named as `pipeline.load_pipeline` takes it.
-    Pass `args.model`, `args.revision` and `args.variant` on to it."""
+    """`--model`, `--revision`, `--variant`, `--model-config`: a Stable Diffusion model, named as
+    `pipeline.load_pipeline` takes it. Pass `args.model`, `args.revision`, `args.variant` and `args.model_config` on
+    to it."""
     parser.add_argument("--model", required=required, default=None,
-                        help="a diffusers folder or a Hugging Face Hub id (org/name)" + default_help)
+                        help="a diffusers folder, a Hugging Face Hub id (org/name), or a single-file checkpoint "
+                             "(.safetensors or .ckpt, A1111 / original LDM layout)" + default_help)
     parser.add_argument("--revision", default=None,
                         help="of a Hub id: branch, tag or commit (default: main); read from the Hugging Face cache "
                              "when HF_HUB_OFFLINE=1")
     parser.add_argument("--variant", default=None,
                         help="weight files of this variant, e.g. fp16 for *.fp16.safetensors")
+    parser.add_argument("--model-config", default=None, metavar="DIR_OR_ID",
+                        help="of a single-file checkpoint: a diffusers folder or Hub id with its architecture's "
+                             "configs, or sd1, sd2-base, sd2-v (default: detected, as diffusers does)")
 
 
 def process_flags() -> argparse.ArgumentParser:

@@ -64,7 +64,8 @@ def run(args) -> None:
         method=args.method, steps=args.steps, guidance=args.guidance, xa_guidance=args.xa_guidance,
         cut_weight=args.cut_weight, regularization=NoiseRegularization() if args.inversion_regularization else None,
         strength=args.strength, reference=args.reference, batch_size=args.batch_size).checked()
-    pipe = load_pipeline(args.model, dtype=jnp.dtype(args.dtype), revision=args.revision, variant=args.variant)
+    pipe = load_pipeline(args.model, dtype=jnp.dtype(args.dtype), revision=args.revision, variant=args.variant,
+                         model_config=args.model_config)
     folders = edit_files(pipe, inputs, args.output, source=args.source, target=args.target,
                          target_prompt=args.target_prompt, captions=args.caption, captioner=args.captioner,
                          banks=args.directions, settings=settings, seed=args.seed)

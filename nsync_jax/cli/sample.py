@@ -55,7 +55,8 @@ def run(args) -> None:
     pipe, base, handoff = load_for_sampling(args.model, embeddings=args.embeddings, lora_files=args.lora,
                                             lora_scale=args.lora_scale, handoff_timestep=args.handoff_timestep,
                                             dtype=jnp.dtype(args.dtype), attention_backend=args.attention,
-                                            revision=args.revision, variant=args.variant)
+                                            revision=args.revision, variant=args.variant,
+                                            model_config=args.model_config)
     settings = SampleSettings(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
                               height=args.height, width=args.width, clip_skip=args.clip_skip,
                               batch_size=args.batch_size, handoff_timestep=handoff)

@@ -60,8 +60,8 @@ def run_evaluate(args) -> None:
     if args.model is not None:
         config.model = str(args.model)
     distributed.use_cpu_devices(config.cpu_devices)
-    print(json.dumps(demo.prompt_following(config, args.count, revision=args.revision, variant=args.variant),
-                     indent=2))
+    print(json.dumps(demo.prompt_following(config, args.count, revision=args.revision, variant=args.variant,
+                                           model_config=args.model_config), indent=2))
 
 
 def run_judge(args) -> None:

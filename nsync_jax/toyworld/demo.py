@@ -182,11 +182,12 @@ def report_markdown(config, scores: dict[str, dict], seconds: float) -> str:
 
 
 def prompt_following(config, count: int = 200, *, progress: bool = True, revision: str | None = None,
-                     variant: str | None = None) -> dict[str, float]:
+                     variant: str | None = None, model_config: str | None = None) -> dict[str, float]:
     """How often the base model draws what a seen-style caption asks, by the judge (style, shapes, colours).
-    `revision` and `variant` are `load_pipeline`'s, for a `config.model` that is a Hugging Face Hub id."""
+    `revision`, `variant` and `model_config` are `load_pipeline`'s, for a `config.model` that is a Hugging Face
+    Hub id or a single-file checkpoint."""
     check_config(config)
-    pipe = load_pipeline(config.model, revision=revision, variant=variant)
+    pipe = load_pipeline(config.model, revision=revision, variant=variant, model_config=model_config)
     judge = judge_lib.load_judge(Path(config.judge))
     scenes = world.sample_scenes(config.seed + 3, count, styles=world.SEEN_STYLES)
     images = imageio.to_uint8(sampling.generate(pipe, [world.caption(s) for s in scenes], seed=config.seed,

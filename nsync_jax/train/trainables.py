@@ -236,7 +236,8 @@ class ModuleWeights(Trainable):
         from nsync_jax.pipeline import load_pipeline
 
         pipe = load_pipeline(config.model, revision=config.model_revision or None,
-                             variant=config.model_variant or None)
+                             variant=config.model_variant or None,
+                             model_config=config.model_config or None)
         modules = {name: pipe.modules()[name] for name in trained}
         self.merge(modules, trained, config, source)
         export.write_diffusers_pipeline(output, pipe.folder, modules, variant=config.model_variant or None)

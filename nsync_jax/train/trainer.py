@@ -80,7 +80,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
     # --- the frozen model, what is trained, the data ---
     dtype = jnp.dtype(config.train.dtype)
     pipe = load_pipeline(config.model, dtype=dtype, param_dtype=trainable.load_dtype,
-                         revision=config.model_revision or None, variant=config.model_variant or None)
+                         revision=config.model_revision or None, variant=config.model_variant or None,
+                         model_config=config.model_config or None)
     table_rows = pipe.text_encoder.embeddings.token_embedding.embedding.shape[0]
     if len(pipe.tokenizer) != table_rows:
         raise UserError(f"{config.model}: tokenizer has {len(pipe.tokenizer)} tokens, the text encoder "
