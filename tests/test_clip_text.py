@@ -11,10 +11,12 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 from transformers import CLIPTextConfig as TorchCLIPTextConfig
 from transformers import CLIPTextModel as TorchCLIPTextModel
+from transformers import CLIPTextModelWithProjection as TorchCLIPTextModelWithProjection
 
 from conftest import _randomize
 from nsync_jax.errors import UserError
-from nsync_jax.models.clip_text import CLIPTextConfig, load_text_encoder, pooled_output
+from nsync_jax.models.clip_text import (CLIPTextConfig, CLIPTextWithProjectionConfig, load_text_encoder,
+                                        pooled_output)
 from nsync_jax.tokens import load_tokenizer, tokenize
 
 # Short, long (truncated to 16 tokens), empty, and byte-level text (not in the tiny BPE merges).
@@ -32,9 +34,9 @@ def ids(tokenizer):
     return tokenize(tokenizer, PROMPTS)
 
 
-def torch_encoder(tokenizer, *, hidden_act="quick_gelu", extra_vocab=0, **config):
+def torch_encoder(tokenizer, *, hidden_act="quick_gelu", extra_vocab=0, model_class=TorchCLIPTextModel, **config):
     torch.manual_seed(0)
-    model = TorchCLIPTextModel(TorchCLIPTextConfig(**{
+    model = model_class(TorchCLIPTextConfig(**{
         **dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
                vocab_size=len(tokenizer) + extra_vocab, max_position_embeddings=tokenizer.model_max_length,
                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -46,7 +48,7 @@ def torch_encoder(tokenizer, *, hidden_act="quick_gelu", extra_vocab=0, **config
 def run(model, fn):
     """`fn(model)` compiled, with the parameters as jit arguments (eager NNX dispatch is slow)."""
     graphdef, state = nnx.split(model)
-    return np.asarray(jax.jit(lambda state: fn(nnx.merge(graphdef, state)))(state))
+    return jax.tree.map(np.asarray, jax.jit(lambda state: fn(nnx.merge(graphdef, state)))(state))
 
 
 def rel_error(ours, reference) -> float:
@@ -87,6 +89,52 @@ def test_clip_skip_matches_diffusers(clip_skip, sd1, ids):
         reference = torch_model.final_layer_norm(hidden[-(clip_skip + 1)]).numpy()
     ours = run(model, lambda m: m(jnp.asarray(ids), clip_skip=clip_skip))
     assert rel_error(ours, reference) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def with_projection(tmp_path_factory, tokenizer):
+    """A `CLIPTextModelWithProjection` (SDXL's second encoder; projection_dim != hidden_size), and our load."""
+    torch_model = torch_encoder(tokenizer, hidden_act="gelu", projection_dim=24,
+                                model_class=TorchCLIPTextModelWithProjection)
+    folder = tmp_path_factory.mktemp("text_encoder_2")
+    torch_model.save_pretrained(folder)
+    return torch_model, folder, load_text_encoder(folder, with_projection=True)
+
+
+@pytest.mark.parametrize("family", ["sd1", "with_projection"])
+def test_hidden_states_match_transformers(family, request, ids):
+    """Every layer's output without the final layer norm; SDXL conditions on `hidden_states[-2]` of both."""
+    torch_model, _, model = request.getfixturevalue(family)
+    with torch.no_grad():
+        reference = torch_model(torch.from_numpy(ids).long(), output_hidden_states=True).hidden_states
+    ours = run(model, lambda m: m.hidden_states(jnp.asarray(ids)))
+    assert len(ours) == len(reference) == 4
+    for state, expected in zip(ours, reference):
+        assert rel_error(state, expected.numpy()) <= 1e-4
+
+
+def test_projected_pooled_output_matches_transformers(with_projection, ids):
+    torch_model, _, model = with_projection
+    assert model.config == CLIPTextWithProjectionConfig(
+        vocab_size=549, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=16, hidden_act="gelu", eos_token_id=model.config.eos_token_id, projection_dim=24)
+    with torch.no_grad():
+        reference = torch_model(torch.from_numpy(ids).long())
+    def last_and_projected(m):
+        last = m(jnp.asarray(ids))
+        return last, m.text_embeds(last, jnp.asarray(ids))
+
+    last, text_embeds = run(model, last_and_projected)
+    assert text_embeds.shape == (len(PROMPTS), 24)
+    assert rel_error(last, reference.last_hidden_state.numpy()) <= 1e-4
+    assert rel_error(text_embeds, reference.text_embeds.numpy()) <= 1e-4
+
+
+def test_with_projection_and_without_are_told_apart(sd1, with_projection):
+    with pytest.raises(UserError, match="config.json: config architectures=.*CLIPTextModelWithProjection"):
+        load_text_encoder(with_projection[1])
+    with pytest.raises(UserError, match=r"config.json: config architectures=\['CLIPTextModel'\]"):
+        load_text_encoder(sd1[1], with_projection=True)
 
 
 def test_clip_skip_out_of_range(sd1, ids):

@@ -1,10 +1,11 @@
-"""transformers' `CLIPTextModel` (the Stable Diffusion text encoder) in Flax NNX, and the transformer encoder
-that CLIP's text and image towers share.
+"""transformers' `CLIPTextModel` (the Stable Diffusion text encoder) and `CLIPTextModelWithProjection` (SDXL's
+second one) in Flax NNX, and the transformer encoder that CLIP's text and image towers share.
 
 The attribute tree is transformers', so `encoder.layers.3.mlp.fc1` loads into `encoder.layers[3].mlp.fc1`.
 Checkpoints saved before transformers 5 (every released SD folder) prefix their keys with `text_model.`;
 both spellings load. SD 1.x uses OpenAI's ViT-L/14 text tower (quick GELU); SD 2.x uses OpenCLIP-H's
 (exact GELU) and conditions on the penultimate layer, which is `clip_skip=1` here, as in diffusers' pipeline.
+SDXL conditions on both encoders' penultimate layers without the final layer norm (`hidden_states`).
 
 `CLIPEncoder` (pre-LN layers of attention and MLP) is the one encoder of both towers: causal here, not causal
 in `nsync_jax.models.clip_vision`. It reads only the fields the two configs share (`EncoderConfig`).
@@ -14,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -103,13 +104,13 @@ ENCODER_CONFIG_KEYS = {
 }
 
 # Every key transformers writes for a CLIPTextConfig. `projection_dim` is used by CLIPTextModelWithProjection
-# only (rejected through `architectures`) and by CLIPModel, which reads its own top-level value.
+# only (`CLIPTextWithProjectionConfig`) and by CLIPModel, which reads its own top-level value; `architectures`
+# says which of the two text models a folder holds.
 _SUPPORTED = {
     **ENCODER_CONFIG_KEYS,
     "vocab_size": positive_int,
     "max_position_embeddings": positive_int,
     "eos_token_id": _int,
-    "architectures": lambda v: v is None or v == ["CLIPTextModel"],
     "model_type": lambda v: v == "clip_text_model",
 }
 
@@ -139,14 +140,24 @@ class CLIPTextConfig:
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407
 
+    ARCHITECTURE: ClassVar[str] = "CLIPTextModel"
+
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: Path | str = "config.json") -> "CLIPTextConfig":
         """Validates a transformers `config.json` dict; `UserError` naming `source` and the key otherwise."""
-        weights.check_config(config, _SUPPORTED, source)
+        weights.check_config(config, {**_SUPPORTED, "architectures": lambda v: v is None or v == [cls.ARCHITECTURE]},
+                             source)
         fields = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in config.items() if k in fields})
         check_heads(cfg, source)
         return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextWithProjectionConfig(CLIPTextConfig):
+    projection_dim: int = 512
+
+    ARCHITECTURE: ClassVar[str] = "CLIPTextModelWithProjection"
 
 
 def check_heads(cfg: EncoderConfig, source: Path | str) -> None:
@@ -242,20 +253,50 @@ class CLIPTextModel(nnx.Module):
             then the final layer norm, as diffusers' pipeline does. 0 is the last layer; SD 2.x's
             "penultimate layer" is 1.
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
         num_layers = len(self.encoder.layers)
         if not 0 <= clip_skip < num_layers:
             raise UserError(f"clip_skip={clip_skip} is out of range: the text encoder has {num_layers} layers "
                             f"(use 0 to {num_layers - 1})")
+        x = self.encoder(self._embed(input_ids, inputs_embeds), num_layers=num_layers - clip_skip)
+        return self.final_layer_norm(x)
+
+    def hidden_states(self, input_ids: jax.Array | None = None, *,
+                      inputs_embeds: jax.Array | None = None) -> list[jax.Array]:
+        """transformers' `hidden_states`: the embeddings, then each layer's output, `(batch, tokens, hidden)`
+        each, without the final layer norm (SDXL conditions on `hidden_states[-2]` as it is)."""
+        states = [self._embed(input_ids, inputs_embeds)]
+        for layer in self.encoder.layers:
+            states.append(layer(states[-1]))
+        return states
+
+    def _embed(self, input_ids: jax.Array | None, inputs_embeds: jax.Array | None) -> jax.Array:
+        """Token plus position embeddings, from ids or from token embeddings."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embeddings.token_embedding(input_ids)
         positions = self.embeddings.position_embedding.embedding[...]
         length = inputs_embeds.shape[1]
         if length > positions.shape[0]:
             raise ValueError(f"{length} tokens, but the text encoder has {positions.shape[0]} positions")
-        x = self.encoder(inputs_embeds + positions[:length], num_layers=num_layers - clip_skip)
-        return self.final_layer_norm(x)
+        return inputs_embeds + positions[:length]
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """transformers' `CLIPTextModelWithProjection`: `CLIPTextModel` and a bias-free `text_projection` of the
+    pooled output (SDXL's OpenCLIP bigG encoder, whose projected pooled output conditions the UNet)."""
+
+    def __init__(self, config: CLIPTextWithProjectionConfig, *, dtype=None, param_dtype=jnp.float32,
+                 attention_backend: str = "auto", rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, attention_backend=attention_backend,
+                         rngs=rngs)
+        self.text_projection = nnx.Linear(config.hidden_size, config.projection_dim, use_bias=False, dtype=dtype,
+                                          param_dtype=param_dtype, rngs=rngs)
+
+    def text_embeds(self, last_hidden_state: jax.Array, input_ids: jax.Array) -> jax.Array:
+        """transformers' `text_embeds` `(batch, projection_dim)` from the output of `__call__` (after the final
+        layer norm) and the ids that gave it."""
+        return self.text_projection(pooled_output(last_hidden_state, input_ids, self.config.eos_token_id))
 
 
 def pooled_output(hidden: jax.Array, input_ids: jax.Array, eos_token_id: int) -> jax.Array:
@@ -276,16 +317,19 @@ def _strip_text_model_prefix(state: dict) -> dict:
 
 
 def load_text_encoder(folder: Path, *, dtype=jnp.float32, param_dtype=None, attention_backend: str = "auto",
-                      variant: str | None = None) -> CLIPTextModel:
+                      variant: str | None = None, with_projection: bool = False) -> CLIPTextModel:
     """Loads a transformers `text_encoder/` folder (config.json + model.safetensors or pytorch_model.bin).
 
+    `with_projection` loads a `CLIPTextModelWithProjection` folder (SDXL's `text_encoder_2/`) instead.
     `dtype` is the compute dtype; parameters are kept in `param_dtype` (default: `dtype`).
     """
     param_dtype = param_dtype or dtype
+    config_class, model_class = ((CLIPTextWithProjectionConfig, CLIPTextModelWithProjection) if with_projection
+                                 else (CLIPTextConfig, CLIPTextModel))
     return weights.load_model_folder(
-        folder, parse_config=CLIPTextConfig.from_dict, weight_stems=weights.TRANSFORMERS_WEIGHTS,
+        folder, parse_config=config_class.from_dict, weight_stems=weights.TRANSFORMERS_WEIGHTS,
         dtype=param_dtype, rename_keys=_strip_text_model_prefix, variant=variant,
         # A buffer (arange) that checkpoints from before transformers 4.31 carry; it holds no parameter.
         ignored_keys=lambda key: key == "embeddings.position_ids",
-        build=lambda cfg, rngs: CLIPTextModel(cfg, dtype=dtype, param_dtype=param_dtype,
-                                              attention_backend=attention_backend, rngs=rngs))
+        build=lambda cfg, rngs: model_class(cfg, dtype=dtype, param_dtype=param_dtype,
+                                            attention_backend=attention_backend, rngs=rngs))
