@@ -1,9 +1,11 @@
 """Multi-StyleForge on SD 1.5: two concepts fine-tuned into one model, as the released Multi-StyleBoost script
 does: the style ("zwx style" on StyleRef images, "style" on Aux images) and its people ("a ukj person" on the
-style's images of people, "a photo of person" on photos of people). "joint" alternates the concepts step by step
-(the released script iterates one loader, then the other); --config.styleforge.schedule=sequential trains them
-one after the other in the order of their names (1_background, then 2_people: the released script trained people
-on top of a background checkpoint), with a fresh optimizer at each concept. The other settings are
+style's images of people, "a photo of person" on photos of people). The schedule is the released one ("mixed"):
+each concept's (StyleRef, Aux) pairs are cached once, and each epoch is one shuffled pass over both concepts'
+pairs (multi_boost.py iterates loader 1, then loader 2, only while caching). --config.styleforge.schedule=joint
+alternates the concepts step by step; =staged trains them one after the other in the order of their names
+(1_background, then 2_people, as a Single-StyleBoost script trained people on top of a background checkpoint),
+with a fresh optimizer at each concept. The other settings, and the VAE (stabilityai/sd-vae-ft-mse), are
 configs/styleforge_sd15.py's.
 
   nsync-jax train --config configs/multi_styleforge_sd15.py --workdir runs/anime-msf \
@@ -32,7 +34,7 @@ def concept(instance_prompt: str, class_prompt: str) -> ml_collections.ConfigDic
 
 def get_config():
     config = load_config(Path(__file__).with_name("styleforge_sd15.py"))
-    config.styleforge.schedule = "joint"
+    config.styleforge.schedule = "mixed"  # as released
     config.styleforge.concepts = ml_collections.ConfigDict({
         "1_background": concept("zwx style", "style"),
         "2_people": concept("a ukj person", "a photo of person")})

@@ -4,6 +4,9 @@ images (mostly people) to "style" in the same step, loss MSE(ref) + 1.0 x MSE(au
 (0.9, 0.999) with weight decay 1e-2 (released: bitsandbytes' 8-bit AdamW; here float32), 1 + 1 images per step,
 1000 steps, the short side resized to 512 then a random crop (fixed once, as the released posterior cache), no
 flip, seed 1337. Prompts are padded to 77 tokens (the released fork pads to the longest prompt in the batch).
+The VAE is stabilityai/sd-vae-ft-mse, as in the released scripts (its encoder is SD 1.5's; its decoder draws the
+samples and goes into the exported pipeline); --config.vae= keeps the model's own. Each StyleRef image is paired
+with an Aux image once, by index, as the released loader pairs them.
 
   nsync-jax train --config configs/styleforge_sd15.py --workdir runs/anime-sf \
       --config.model=stable-diffusion-v1-5 --config.data.images=anime/styleref \
@@ -11,6 +14,9 @@ flip, seed 1337. Prompts are padded to 77 tokens (the released fork pads to the 
   nsync-jax export --workdir runs/anime-sf --format diffusers-pipeline --output anime-sf-model
   nsync-jax sample --model anime-sf-model --scheduler ddim --steps 30 --guidance 7 \
       --prompt "a photo of zwx style, a girl, closed shot" --output samples/
+
+The paper's evaluation (nsync_jax/evaluate.py, --protocol styleforge) scores 2 images per prompt of the released
+prompt list, drawn with DDIM 30 steps, guidance 7 and the released negative prompt.
 
 Without Aux images, --config.styleforge.generate_aux=20 draws 20 with the class prompt from the base model first
 (DreamBooth's class images). On 8 devices, split the batch and the weights: --config.train.batch_size=8
@@ -23,6 +29,7 @@ from nsync_jax.train.config import default_config
 def get_config():
     config = default_config()
     config.method = "styleforge"
+    config.vae = "stabilityai/sd-vae-ft-mse"
     config.trainable = "full"
     config.full.train_text_encoder = True
     config.styleforge.instance_prompt = "zwx style"

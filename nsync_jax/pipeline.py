@@ -1,7 +1,8 @@
 """A loaded Stable Diffusion folder: the three Flax modules, the tokenizer and the scheduler config.
 
 `load_pipeline` reads a diffusers-format folder (`model_index.json`, `text_encoder/`, `tokenizer/`, `unet/`,
-`vae/`, `scheduler/`), local or fetched from the Hugging Face Hub (`sources.resolve_model`). Learned token
+`vae/`, `scheduler/`), local or fetched from the Hugging Face Hub (`sources.resolve_model`), optionally with
+another model's VAE in place of its own (`vae=`, `sources.resolve_vae`). Learned token
 embeddings (Textual Inversion, NSYNC) are kept apart from the frozen embedding table as `extra_token_rows`, so the
 frozen weights never change and only those rows are trained.
 """
@@ -20,7 +21,7 @@ from nsync_jax import sources, tokens, weights
 from nsync_jax.errors import UserError
 from nsync_jax.models.clip_text import CLIPTextModel, load_text_encoder
 from nsync_jax.models.unet import UNet2DConditionModel, load_unet
-from nsync_jax.models.vae import AutoencoderKL, load_vae
+from nsync_jax.models.vae import AutoencoderKL, VAEConfig, load_vae
 
 PARTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 
@@ -59,7 +60,8 @@ class StableDiffusion:
 
 def load_pipeline(folder: str | Path, *, dtype=jnp.float32, attention_backend: str = "auto", param_dtype=None,
                   revision: str | None = None, variant: str | None = None,
-                  model_config: str | Path | None = None) -> StableDiffusion:
+                  model_config: str | Path | None = None,
+                  vae: str | Path | None = None) -> StableDiffusion:
     """Loads every part of a diffusers Stable Diffusion model, failing on the first missing or bad part.
 
     `folder` is a diffusers folder or a Hugging Face Hub id (`org/name`) at `revision`, fetched into the Hugging
@@ -67,7 +69,9 @@ def load_pipeline(folder: str | Path, *, dtype=jnp.float32, attention_backend: s
     also be a single-file checkpoint (`.safetensors`, `.ckpt`), converted once; `model_config` then names its
     architecture's configs when they are not the detected ones.
     `dtype` is the compute dtype; the text encoder and UNet keep their parameters in `param_dtype` (default:
-    `dtype`; float32 master weights for bfloat16 training), the VAE in `dtype`.
+    `dtype`; float32 master weights for bfloat16 training), the VAE in `dtype`. `vae` names a replacement VAE
+    (a VAE folder, a model folder with vae/, or a Hub id such as stabilityai/sd-vae-ft-mse); it must be a drop-in
+    for the model's own: the same architecture, latent channels and scaling factor.
     """
     folder = sources.resolve_model(folder, revision=revision, variant=variant, model_config=model_config)
     weights.read_json(folder / "model_index.json")
@@ -84,10 +88,23 @@ def load_pipeline(folder: str | Path, *, dtype=jnp.float32, attention_backend: s
         text_encoder=text_encoder,
         unet=load_unet(folder / "unet", dtype=dtype, param_dtype=param_dtype, attention_backend=attention_backend,
                        variant=variant),
-        vae=load_vae(folder / "vae", dtype=dtype, attention_backend=attention_backend, variant=variant),
+        vae=load_replacement_vae(vae, folder, dtype, attention_backend) if vae else
+        load_vae(folder / "vae", dtype=dtype, attention_backend=attention_backend, variant=variant),
         scheduler_config=scheduler_config,
         extra_token_rows=np.zeros((0, text_encoder.config.hidden_size), np.float32),
     )
+
+
+def load_replacement_vae(reference: str | Path, model_folder: Path, dtype, attention_backend: str) -> AutoencoderKL:
+    """Another model's VAE, refused unless its latents are the model's: same architecture and scaling."""
+    folder = sources.resolve_vae(reference)
+    config = VAEConfig.from_dict(weights.read_json(folder / "config.json"), folder / "config.json")
+    own_path = model_folder / "vae" / "config.json"
+    for key, value in dataclasses.asdict(VAEConfig.from_dict(weights.read_json(own_path), own_path)).items():
+        if getattr(config, key) != value:
+            raise UserError(f"{folder / 'config.json'}: {key}={getattr(config, key)!r} differs from the model's "
+                            f"{key}={value!r} ({own_path}); a replacement VAE must be a drop-in for the model's own")
+    return load_vae(folder, dtype=dtype, attention_backend=attention_backend)
 
 
 def encode_text(text_encoder: CLIPTextModel, extra_token_rows: jax.Array, ids: jax.Array, *,

@@ -78,6 +78,28 @@ def _model_config(reference: str | Path) -> str | Path:
                     f"{', '.join(single_file.ARCHITECTURE_IDS.values())})")
 
 
+def resolve_vae(reference: str | Path) -> Path:
+    """The local diffusers VAE folder (`config.json` and weights) that `reference` names: a VAE folder, a model
+    folder with `vae/`, or the Hub id of a VAE repository such as stabilityai/sd-vae-ft-mse."""
+    path = Path(reference)
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{path}: not a diffusers VAE folder (no config.json, no vae/config.json)")
+        return folder
+    if not HUB_ID.fullmatch(str(reference)):
+        raise UserError(f"{reference}: VAE folder not found")
+    import huggingface_hub
+
+    try:
+        return Path(huggingface_hub.snapshot_download(
+            str(reference), allow_patterns=["config.json", "diffusion_pytorch_model.safetensors"],
+            local_files_only=huggingface_hub.is_offline_mode()))
+    except (OSError, ValueError) as e:  # not found, offline and not cached, gated, no network
+        raise UserError(f"{reference}: cannot fetch this VAE from the Hugging Face Hub or its cache "
+                        f"({str(e).splitlines()[0]})") from None
+
+
 def files_under(folder: Path) -> list[str]:
     """The files of a folder, as paths relative to it with `/`."""
     return [p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file()]
@@ -148,7 +170,7 @@ def _from_hub(repo_id: str, revision: str | None, variant: str | None, *, config
         raise UserError(f"{repo_id}: model folder not found, and no such model on the Hugging Face Hub (a private "
                         "one needs `hf auth login` or HF_TOKEN)") from None
     except errors.RevisionNotFoundError:
-        raise UserError(f"{repo_id}: revision {revision!r} not found on the Hugging Face Hub") from None
+        raise UserError(f"{repo_id}: revision {revision or 'main'!r} not found on the Hugging Face Hub") from None
     except errors.HFValidationError as e:
         raise UserError(f"{repo_id}: model folder not found, and not a valid Hugging Face Hub id ({e})") from None
     except OSError as e:  # other answers of the Hub (HfHubHTTPError), a cache that cannot be written

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 from safetensors import safe_open
 
@@ -71,13 +72,51 @@ def test_loss_is_instance_mse_plus_weighted_prior_mse(sd1_dir, style_dir, aux_di
     np.testing.assert_array_equal(batch["ids"][:, 0], tokens.tokenize(pipe.tokenizer, ["zwx style", "style"]))
 
 
-def test_concept_schedules_and_optimizer_restarts():
-    joint = [styleforge.concept_of_step(s, 9, 2, "joint") for s in range(9)]
-    assert joint == [0, 1, 0, 1, 0, 1, 0, 1, 0]
-    sequential = [styleforge.concept_of_step(s, 9, 3, "sequential") for s in range(9)]
-    assert sequential == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert styleforge.optimizer_restarts(9, 3, "sequential") == {3, 6}
-    assert styleforge.optimizer_restarts(9, 3, "joint") == set()
+def test_pairs_are_fixed_once_by_index_as_the_released_loader_pairs_them():
+    pairs = styleforge.released_pairs(3, 5, seed=0, concept=0)
+    assert pairs.shape == (5, 2)
+    assert pairs[:, 1].tolist() == [0, 1, 2, 3, 4]  # Aux image i mod 5 ...
+    assert pairs[:, 0].tolist() == [pairs[i % 3, 0] for i in range(5)]  # ... with shuffled StyleRef i mod 3
+    assert sorted(pairs[:3, 0]) == [0, 1, 2]
+    batches = styleforge.cached_batches(pairs, 2, seed=0, concept=0)
+    assert [len(b) for b in batches] == [2, 2, 2]  # the short last batch is filled from the first pairs
+    flat = np.concatenate(batches)
+    assert sorted(map(tuple, flat[:5])) == sorted(map(tuple, pairs)) and (flat[5] == flat[0]).all()
+
+
+def test_schedules_and_optimizer_restarts():
+    sizes, seed = [2, 3], 7
+    mixed = [styleforge.step_source(s, 10, sizes, "mixed", seed) for s in range(10)]
+    epoch = {(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)}
+    assert set(mixed[:5]) == epoch and set(mixed[5:]) == epoch  # each epoch one pass over every batch ...
+    assert mixed[:5] != mixed[5:]  # ... shuffled afresh
+    assert [c for c, _ in mixed] != sorted(c for c, _ in mixed)  # concepts mixed within an epoch
+    joint = [styleforge.step_source(s, 10, sizes, "joint", seed) for s in range(10)]
+    assert [c for c, _ in joint] == [0, 1] * 5
+    assert {b for c, b in joint[:4] if c == 0} == {0, 1} and {b for c, b in joint[:6] if c == 1} == {0, 1, 2}
+    staged = [styleforge.step_source(s, 9, [2, 3, 2], "staged", seed) for s in range(9)]
+    assert [c for c, _ in staged] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert {b for c, b in staged[3:6]} == {0, 1, 2}
+    assert styleforge.optimizer_restarts(9, 3, "staged") == {3, 6}
+    assert styleforge.optimizer_restarts(9, 3, "mixed") == styleforge.optimizer_restarts(9, 3, "joint") == set()
+
+
+def test_step_batch_takes_one_cached_batch_of_pairs():
+    def concept(n_refs, n_aux, offset):
+        refs = np.arange(n_refs, dtype=np.float32)[:, None, None].repeat(2, 1) + offset
+        aux = 100 + np.arange(n_aux, dtype=np.float32)[:, None, None].repeat(2, 1) + offset
+        return styleforge.ConceptData([], np.arange(n_refs)[:, None] + offset, refs[..., None].repeat(2, -1),
+                                      100 + np.arange(n_aux)[:, None] + offset, aux[..., None].repeat(2, -1))
+
+    concepts = [concept(3, 2, 0), concept(2, 2, 1000)]
+    seen = set()
+    for step in range(5):  # one epoch of the mixed schedule: 3 + 2 pairs, batch 1
+        batch = styleforge.step_batch(concepts, "mixed", 5, 1, seed=3, step=step, flip=False)
+        ref, aux = batch["ids"][:, 0, 0]
+        np.testing.assert_array_equal(batch["mean"][:, 0, 0, 0], [ref, aux])
+        seen.add((int(ref), int(aux)))
+    pairs = [styleforge.released_pairs(3, 2, 3, 0), styleforge.released_pairs(2, 2, 3, 1)]
+    assert seen == {(r + o, 100 + a + o) for p, o in zip(pairs, (0, 1000)) for r, a in p}
 
 
 def test_random_crop_is_the_short_side_resize_cropped_per_seed():
@@ -101,6 +140,7 @@ def test_random_crop_is_the_short_side_resize_cropped_per_seed():
     ({"data__negatives": "negs"}, "data.negatives"),
     ({"data__aux_images": ""}, "data.aux_images is empty"),
     ({"styleforge__schedule": "interleaved"}, "styleforge.schedule"),
+    ({"styleforge__schedule": "sequential"}, "now called 'staged'"),
     ({"styleforge__prior_loss_weight": -1.0}, "prior_loss_weight"),
 ])
 def test_config_errors_name_the_key(sd1_dir, style_dir, aux_dir, change, message):
@@ -155,3 +195,45 @@ def test_multi_concept_run_with_generated_aux_images(sd1_dir, style_dir, aux_dir
     adapter = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
     key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_up"
     np.testing.assert_array_equal(np.asarray(adapter.lora_up[...]), trained["unet"][key])
+
+
+@pytest.fixture
+def other_vae(sd1_dir, tmp_path):
+    """The model's VAE with other weights: a replacement that is a drop-in (as sd-vae-ft-mse is for SD 1.5)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "other-vae"
+    shutil.copytree(sd1_dir / "vae", folder)
+    weights_file = folder / "diffusion_pytorch_model.safetensors"
+    save_file({k: v * 1.5 for k, v in load_file(weights_file).items()}, weights_file)
+    return folder
+
+
+def test_replacement_vae_is_used_checked_and_exported(sd1_dir, style_dir, aux_dir, other_vae, tmp_path):
+    """config.vae replaces the model's VAE when training (and so in the sample grids) and in the exported
+    pipeline; a VAE whose latents differ is refused, naming its config file and the key."""
+    weights_of = lambda vae: [np.asarray(x) for x in jax.tree.leaves(nnx.state(vae))]
+    own = weights_of(load_pipeline(sd1_dir).vae)
+    for folder in (other_vae, tmp_path):  # a VAE folder, or a model folder with vae/
+        if folder == tmp_path:
+            (tmp_path / "vae").symlink_to(other_vae)
+        replaced = weights_of(load_pipeline(sd1_dir, vae=folder).vae)
+        for ours, theirs in zip(replaced, own):
+            np.testing.assert_allclose(ours, 1.5 * theirs, rtol=1e-6)
+
+    config = styleforge_config(sd1_dir, style_dir, aux_dir, trainable="full", vae=str(other_vae))
+    out = tmp_path / "exported"
+    trainables.get("full").export(out, "diffusers-pipeline", config, methods.get("styleforge"), {}, {"step": 0},
+                                  None)
+    for ours, theirs in zip(weights_of(load_pipeline(out).vae), own):
+        np.testing.assert_allclose(ours, 1.5 * theirs, rtol=1e-6)
+
+    settings = json.loads((other_vae / "config.json").read_text())
+    (other_vae / "config.json").write_text(json.dumps({**settings, "scaling_factor": 0.13025}))
+    with pytest.raises(UserError, match=r"other-vae/config.json: scaling_factor=0.13025 differs from the "
+                                        r"model's scaling_factor=0.18215"):
+        load_pipeline(sd1_dir, vae=other_vae)
+    with pytest.raises(UserError, match="no-such-vae: VAE folder not found"):
+        load_pipeline(sd1_dir, vae=tmp_path / "no-such-vae")

@@ -22,6 +22,9 @@ def default_config() -> ml_collections.ConfigDict:
     # A single-file checkpoint's configs, when not those of its detected standard architecture: a diffusers folder,
     # a Hub id, or sd1, sd2-base, sd2-v
     config.model_config = ""
+    # Another model's VAE in place of the model's own ("": the model's): a diffusers VAE folder, a model folder
+    # with vae/, or a Hub id such as stabilityai/sd-vae-ft-mse (StyleForge's released scripts use that one).
+    config.vae = ""
     config.method = "nsync"  # or "textual_inversion", "dreamartist", "styleforge"
     config.placeholder_token = "<style>"
     config.initializer_token = "painting"
@@ -132,10 +135,11 @@ def default_config() -> ml_collections.ConfigDict:
     # with the sampler of config.sample) into WORKDIR/aux/<concept>, before training.
     config.styleforge.generate_aux = 0
     # Multi-StyleForge: {name: {instance_prompt, class_prompt, images, captions, aux_images, aux_captions}},
-    # in place of data.images and the prompts above; "joint" alternates concepts step by step, "sequential"
-    # trains them one after the other in the order of their names.
+    # in place of data.images and the prompts above; "mixed": each epoch one shuffled pass over every concept's
+    # (StyleRef, Aux) batches, as released; "joint": concepts take turns step by step; "staged": one after the
+    # other in the order of their names (nsync_jax/train/methods/styleforge.py).
     config.styleforge.concepts = ml_collections.ConfigDict()
-    config.styleforge.schedule = "joint"
+    config.styleforge.schedule = "mixed"
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 1000

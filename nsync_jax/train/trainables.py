@@ -237,9 +237,11 @@ class ModuleWeights(Trainable):
 
         pipe = load_pipeline(config.model, revision=config.model_revision or None,
                              variant=config.model_variant or None,
-                             model_config=config.model_config or None)
+                             model_config=config.model_config or None, vae=config.vae or None)
         modules = {name: pipe.modules()[name] for name in trained}
         self.merge(modules, trained, config, source)
+        if config.vae:  # the folder carries the VAE the run used (a drop-in: the base's vae/config.json fits)
+            modules["vae"] = pipe.vae
         export.write_diffusers_pipeline(output, pipe.folder, modules, variant=config.model_variant or None)
         return f"wrote {output} (base {config.model}, trained {', '.join(trained)}), step {metadata['step']}"
 

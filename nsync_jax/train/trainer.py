@@ -61,6 +61,8 @@ def run_metadata(config, method: methods.Method, trainable: trainables.Trainable
     metadata = {"base_model": str(config.model), "token": config.placeholder_token,
                 "num_vectors": config.num_vectors, "initializer_token": config.initializer_token, "step": step,
                 "method": config.method}
+    if config.vae:  # the VAE the run encoded and sampled with, in place of the base model's
+        metadata.update(vae=str(config.vae))
     if config.train.max_timestep:  # sample with the base model at and above it (--handoff-timestep)
         metadata.update(handoff_timestep=config.train.max_timestep)
     return {**metadata, **trainable.metadata(config), **method.metadata(config)}
@@ -81,7 +83,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
     dtype = jnp.dtype(config.train.dtype)
     pipe = load_pipeline(config.model, dtype=dtype, param_dtype=trainable.load_dtype,
                          revision=config.model_revision or None, variant=config.model_variant or None,
-                         model_config=config.model_config or None)
+                         model_config=config.model_config or None,
+                         vae=config.vae or None)
     table_rows = pipe.text_encoder.embeddings.token_embedding.embedding.shape[0]
     if len(pipe.tokenizer) != table_rows:
         raise UserError(f"{config.model}: tokenizer has {len(pipe.tokenizer)} tokens, the text encoder "

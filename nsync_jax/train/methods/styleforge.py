@@ -6,12 +6,23 @@ images and prompts, and the examples of each step.
 A concept binds its StyleRef images to an identifier prompt ("zwx style") and its Aux images to the class
 prompt ("style"), DreamBooth's instance and prior sets. Single-StyleForge (StyleBoost) has one concept, from
 `data.images` / `data.aux_images` and `styleforge.instance_prompt` / `class_prompt`; Multi-StyleForge has several
-in `styleforge.concepts` (a config dict per concept name, e.g. a style and a people concept), trained jointly
-(concept `step % K` at each step, as the released script alternates its two loaders) or sequentially (one after
-the other, the optimizer started afresh at each concept, as a new run from the previous checkpoint would).
+in `styleforge.concepts` (a config dict per concept name, e.g. a style and a people concept).
 
-Each step takes `train.batch_size` StyleRef examples and as many Aux examples of the step's concept; which ones,
-and their mirroring, are a function of (seed, step), like the other methods' batches.
+The data are fed as the released scripts (ShivamShrirao's DreamBooth fork, Multi-StyleBoost's multi_boost.py)
+feed them: a concept's StyleRef images are shuffled once and paired with its Aux images by index (pair i =
+StyleRef i mod n, Aux i mod m, max(n, m) pairs), the pairs are grouped into batches of `train.batch_size` once
+(the released latent cache; the random crop is fixed then too), and a step trains on one such batch. Which batch
+each step takes is `styleforge.schedule`:
+
+- "mixed" (the default, as released): every concept's batches in one cache, each epoch a fresh shuffled pass over
+  all of them. multi_boost.py iterates loader 1, then loader 2, only while it fills its latent cache; it then
+  trains from that cache through a shuffling loader, so its concepts are mixed at random within each epoch.
+- "joint": the concepts take turns, concept `step % K` at each step, each over shuffled passes of its batches.
+- "staged": the concepts one after the other in the order of their names, each for an equal share of the steps,
+  with a fresh optimizer at each concept (as Single-StyleBoost trained people on top of a background
+  checkpoint). Older configs called this "sequential"; that name is refused with the new one.
+
+Mirroring (`data.flip`) is drawn per example from (seed, step), like the other methods' batches.
 """
 from __future__ import annotations
 
@@ -31,7 +42,9 @@ from nsync_jax.train import data as train_data, trainables
 from nsync_jax.train.methods.base import Method
 from nsync_jax.train.step import StepSpec, denoising_losses, group_keys
 
-SCHEDULES = ("joint", "sequential")
+SCHEDULES = ("mixed", "joint", "staged")
+# Schedule names of earlier versions -> their names now.
+RENAMED_SCHEDULES = {"sequential": "staged"}
 CONCEPT_KEYS = ("instance_prompt", "class_prompt", "images", "captions", "aux_images", "aux_captions")
 # The only concept of a single-concept run: Aux images it generates go to WORKDIR/aux/style.
 SINGLE = "style"
@@ -49,7 +62,7 @@ class Concept:
 
 
 def concepts_from_config(config: ml_collections.ConfigDict) -> list[Concept]:
-    """The run's concepts, in the order of their names (the order of a sequential run)."""
+    """The run's concepts, in the order of their names (the order of a staged run)."""
     sf, data = config.styleforge, config.data
     if not sf.concepts:
         return [Concept(SINGLE, sf.instance_prompt, sf.class_prompt, data.images, data.captions,
@@ -79,6 +92,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                         "Multi-StyleForge run gives each concept its own images; leave data.images empty")
     if not sf.concepts and not data.images:
         raise UserError("config data.images (the StyleRef images) is required for method styleforge")
+    if sf.schedule in RENAMED_SCHEDULES:
+        raise UserError(f"config styleforge.schedule={sf.schedule!r} is now called "
+                        f"{RENAMED_SCHEDULES[sf.schedule]!r} (the released scripts' schedule is 'mixed')")
     if sf.schedule not in SCHEDULES:
         raise UserError(f"config styleforge.schedule={sf.schedule!r} must be one of {', '.join(SCHEDULES)}")
     if not sf.prior_loss_weight >= 0:
@@ -97,9 +113,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             aux_key = "data.aux_images" if where == "styleforge" else f"{where}.aux_images"
             raise UserError(f"config {aux_key} is empty: give the Aux images, or set styleforge.generate_aux to "
                             "draw that many with the class prompt from the base model")
-    if sf.schedule == "sequential" and config.train.steps < len(concepts):
+    if sf.schedule == "staged" and config.train.steps < len(concepts):
         raise UserError(f"config train.steps={config.train.steps} is fewer than the {len(concepts)} concepts of "
-                        "a sequential run")
+                        "a staged run")
 
 
 def prompt(base: str, caption: str, append_caption: bool) -> str:
@@ -146,29 +162,64 @@ class ConceptData:
     aux: np.ndarray
 
 
-def concept_of_step(step: int, steps: int, count: int, schedule: str) -> int:
+def released_pairs(refs: int, aux: int, seed: int, concept: int) -> np.ndarray:
+    """The (StyleRef, Aux) index pairs `(max(refs, aux), 2)` of a concept, fixed once as the released
+    DreamBooth dataset fixes them: its StyleRef images shuffled once, pair i = (ref i mod refs, aux i mod aux)."""
+    order = np.random.default_rng([seed, concept]).permutation(refs)
+    i = np.arange(max(refs, aux))
+    return np.stack([order[i % refs], i % aux], axis=1)
+
+
+def cached_batches(pairs: np.ndarray, batch_size: int, seed: int, concept: int) -> list[np.ndarray]:
+    """A concept's pairs grouped into batches `(batch, 2)` once, as the released latent cache groups them (its
+    loader shuffles the pairs while caching). A last, short batch is filled from the first pairs of the same
+    order, so that every step has one shape (exact at the released batch size of 1)."""
+    order = np.random.default_rng([seed, concept, 1]).permutation(len(pairs))
+    count = -(-len(order) // batch_size)
+    order = np.resize(order, count * batch_size)
+    return [pairs[order[b * batch_size:(b + 1) * batch_size]] for b in range(count)]
+
+
+def nth_in_passes(count: int, n: int, key: list[int]) -> int:
+    """The n-th item of successive passes over `count` items, each pass a fresh permutation (a shuffling
+    loader's epochs)."""
+    return int(np.random.default_rng([*key, n // count]).permutation(count)[n % count])
+
+
+def step_source(step: int, steps: int, sizes: list[int], schedule: str, seed: int) -> tuple[int, int]:
+    """(concept, batch) of a step, given each concept's number of cached batches `sizes`."""
+    count = len(sizes)
+    if schedule == "mixed":  # one shuffled cache of every concept's batches
+        flat = nth_in_passes(sum(sizes), step, [seed])
+        concept = int(np.searchsorted(np.cumsum(sizes), flat, side="right"))
+        return concept, flat - sum(sizes[:concept])
     if schedule == "joint":
-        return step % count
-    return step * count // steps
+        concept, n = step % count, step // count
+    else:  # staged
+        concept = step * count // steps
+        n = step - -(-concept * steps // count)  # steps since the concept's first, ceil(concept * steps / K)
+    return concept, nth_in_passes(sizes[concept], n, [seed, concept])
 
 
 def optimizer_restarts(steps: int, count: int, schedule: str) -> set[int]:
-    """Steps at which a sequential run starts its next concept (with a fresh optimizer state)."""
-    if schedule != "sequential":
+    """Steps at which a staged run starts its next concept (with a fresh optimizer state)."""
+    if schedule != "staged":
         return set()
-    return {s for s in range(1, steps) if concept_of_step(s, steps, count, schedule)
-            != concept_of_step(s - 1, steps, count, schedule)}
+    return {s for s in range(1, steps) if s * count // steps != (s - 1) * count // steps}
 
 
 def step_batch(concepts: list[ConceptData], schedule: str, steps: int, batch_size: int, seed: int, step: int,
                flip: bool) -> dict[str, np.ndarray]:
-    """The examples of one step: `batch_size` StyleRef examples, then as many Aux examples, of the step's
-    concept, as two groups `(2, batch, ...)`."""
-    concept = concepts[concept_of_step(step, steps, len(concepts), schedule)]
+    """The examples of one step: one cached batch of `batch_size` (StyleRef, Aux) pairs of the step's concept,
+    as two groups `(2, batch, ...)` (the StyleRef examples, then their Aux partners); mirrored at random per
+    example when `flip`."""
+    batches = [cached_batches(released_pairs(len(c.style_refs), len(c.aux), seed, k), batch_size, seed, k)
+               for k, c in enumerate(concepts)]
+    k, b = step_source(step, steps, [len(x) for x in batches], schedule, seed)
+    concept, picks = concepts[k], batches[k][b].T
     rng = np.random.default_rng([seed, step])
-    groups = [(concept.style_ids, concept.style_refs), (concept.aux_ids, concept.aux)]
-    picks = [rng.integers(0, len(moments), batch_size) for _, moments in groups]
     flips = rng.integers(0, 2, (2, batch_size)) if flip else np.zeros((2, batch_size), int)
+    groups = [(concept.style_ids, concept.style_refs), (concept.aux_ids, concept.aux)]
     moments = np.stack([m[i, f] for (_, m), i, f in zip(groups, picks, flips)])
     mean, logvar = np.split(moments, 2, axis=-1)
     return {"ids": np.stack([ids[i] for (ids, _), i in zip(groups, picks)]), "mean": mean, "logvar": logvar}
@@ -232,7 +283,7 @@ class StyleForge(Method):
         def batch(step):
             return step_batch(concepts, sf.schedule, train.steps, train.batch_size, train.seed, step, config.data.flip)
 
-        # A sequential Multi-StyleForge run starts each concept with a fresh optimizer state.
+        # A staged Multi-StyleForge run starts each concept with a fresh optimizer state.
         return train_data.TrainingData(batch, concepts[0].style_prompts,
                                        frozenset(optimizer_restarts(train.steps, len(concepts), sf.schedule)))
 
