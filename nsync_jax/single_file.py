@@ -87,8 +87,8 @@ def detect_architecture(shapes: dict[str, tuple[int, ...]], global_step: int | N
     if model_type.startswith(("xl_", "playground")):
         raise UserError(f"{source}: an SDXL checkpoint; SDXL is not supported yet (Stable Diffusion 1.x and 2.x "
                         "are)")
-    raise UserError(f"{source}: a {model_type} checkpoint (as diffusers names it); nsync-jax reads text-to-image "
-                    "Stable Diffusion 1.x and 2.x checkpoints")
+    raise UserError(f"{source}: a checkpoint of type {model_type} (as diffusers names it); nsync-jax reads "
+                    "text-to-image Stable Diffusion 1.x and 2.x checkpoints")
 
 
 def file_digest(path: Path) -> str:

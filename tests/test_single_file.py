@@ -140,3 +140,79 @@ def test_ldm_file_converts_back_to_the_folder(family, sd1_dir, sd2_dir, tmp_path
             np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{part} {key}")
     assert pipe.scheduler_config["prediction_type"] == original.scheduler_config["prediction_type"]
     assert pipe.tokenizer("a red star").input_ids == original.tokenizer("a red star").input_ids
+
+
+def test_sample_with_a_single_file_draws_the_folder_images_and_the_second_load_reads_the_cache(
+        sd1_dir, tmp_path, cache, capsys, monkeypatch):
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_file(ldm_checkpoint(sd1_dir), str(checkpoint))
+    args = ["--prompt", "a red star", "--steps", "2", "--height", "32", "--width", "32", "--seed", "3"]
+    for name, model in (("folder", [str(sd1_dir)]), ("file", [str(checkpoint), "--model-config", str(sd1_dir)])):
+        assert main(["sample", "--model", *model, *args, "--output", str(tmp_path / name)]) == 0, \
+            capsys.readouterr().err
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "folder" / "000000.png")),
+                                  np.asarray(Image.open(tmp_path / "file" / "000000.png")))
+    converted = sources.resolve_model(checkpoint, model_config=sd1_dir)
+    monkeypatch.setattr(single_file, "_convert", lambda *a: pytest.fail("converted again"))
+    assert sources.resolve_model(checkpoint, model_config=sd1_dir) == converted
+    assert [p.name for p in converted.parent.parent.iterdir()] == [converted.parent.name]  # nothing else cached
+
+
+def standard_unet_shapes(architecture: str) -> dict[str, tuple[int, ...]]:
+    """The LDM-layout UNet shapes of a shipped architecture, from a UNet built on the meta device (no memory)."""
+    import json
+
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    config = json.loads((single_file.ARCHITECTURES / architecture / "unet" / "config.json").read_text())
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(config)
+    return {f"model.diffusion_model.{unet_to_ldm(k, config)}": tuple(v.shape) for k, v in unet.state_dict().items()}
+
+
+def test_standard_architectures_are_detected_from_their_shapes(tmp_path):
+    sd1, sd2 = standard_unet_shapes("sd1"), standard_unet_shapes("sd2-v")
+    assert single_file.detect_architecture(sd1, None, source=tmp_path) == "sd1"
+    assert single_file.detect_architecture(sd2, None, source=tmp_path) == "sd2-v"
+    assert single_file.detect_architecture(sd2, 875000, source=tmp_path) == "sd2-base"
+    sdxl = {**sd1, "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (1280,)}
+    with pytest.raises(UserError, match=r"an SDXL checkpoint; SDXL is not supported yet"):
+        single_file.detect_architecture(sdxl, None, source=tmp_path)
+    inpainting = {**sd1, single_file.UNET_KEY: (320, 9, 3, 3)}
+    with pytest.raises(UserError, match=r"a checkpoint of type inpainting \(as diffusers names it\)"):
+        single_file.detect_architecture(inpainting, None, source=tmp_path)
+
+
+def test_files_that_are_not_checkpoints_are_refused_in_one_line(sd1_dir, tmp_path, cache):
+    import torch
+
+    good = tmp_path / "good.safetensors"
+    save_file(ldm_checkpoint(sd1_dir), str(good))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-100])
+    other = tmp_path / "classifier.safetensors"
+    save_file({"fc.weight": np.zeros((2, 3), np.float32)}, str(other))
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 3)}, "global_step": 3}, ckpt)
+    broken_ckpt = tmp_path / "broken.ckpt"
+    broken_ckpt.write_bytes(ckpt.read_bytes()[:-50])
+    cases = {truncated: "not a readable safetensors file, truncated or corrupt",
+             other: "not a Stable Diffusion checkpoint in the original (LDM / A1111) layout",
+             ckpt: "not a Stable Diffusion checkpoint in the original (LDM / A1111) layout",
+             broken_ckpt: "not a readable checkpoint, truncated or corrupt"}
+    for path, message in cases.items():
+        with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: {re.escape(message)}[^\n]*$"):
+            sources.resolve_model(path)
+    with pytest.raises(UserError, match=r"a variant \(fp16\) picks files of a Hugging Face Hub model or folder; a "
+                                        r"single-file checkpoint has none$"):
+        sources.resolve_model(good, variant="fp16")
+    with pytest.raises(UserError, match=r"a model config \(sd1\) describes a single-file checkpoint"):
+        sources.resolve_model(sd1_dir, model_config="sd1")
+    with pytest.raises(UserError, match=r"^nowhere: model config not found \(a diffusers folder, a Hugging Face Hub "
+                                        r"id, or one of sd1, sd2-base, sd2-v\)$"):
+        sources.resolve_model(good, model_config="nowhere")
+    # Configs that do not fit the weights (the tiny file read as real SD 1.5): one line, and nothing cached.
+    with pytest.raises(UserError, match=rf"^{re.escape(str(good))}: cannot convert with the configs of [^\n]*$"):
+        sources.resolve_model(good, model_config="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert not any(p.is_file() for p in cache.rglob("*"))

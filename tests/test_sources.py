@@ -3,6 +3,7 @@ cache. The cache is built here in `huggingface_hub`'s own layout (`models--org--
 linked into `blobs/`) from the tiny test model, with `HF_HUB_OFFLINE=1`: nothing is downloaded."""
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -184,3 +185,41 @@ def test_exported_pipeline_from_a_hub_snapshot_holds_files_not_links(hub, tmp_pa
     assert files and not any(p.is_symlink() for p in (tmp_path / "out").rglob("*"))
     assert not any(".fp16." in p.name for p in files)
     assert_same_states(states(load_pipeline(tmp_path / "out")), states(pipe))
+
+
+def hub_answer(status: int, error_code: str | None = None) -> Exception:
+    """The exception `huggingface_hub` raises for a Hub answer with this status and X-Error-Code."""
+    import httpx2
+    from huggingface_hub.utils import hf_raise_for_status
+
+    request = httpx2.Request("GET", "https://huggingface.co/api/models/org/name/revision/main")
+    try:
+        hf_raise_for_status(httpx2.Response(status, headers={"X-Error-Code": error_code} if error_code else {},
+                                            request=request))
+    except Exception as e:  # noqa: BLE001 - the exception is the answer
+        return e
+    raise AssertionError(f"status {status} raised nothing")
+
+
+@pytest.mark.parametrize("answer, flags, message", [
+    ((401, "GatedRepo"), [], "org/name: a gated model; accept its terms at https://huggingface.co/org/name and log "
+                             "in (`hf auth login` or HF_TOKEN)"),
+    ((404, "RepoNotFound"), [], "org/name: model folder not found, and no such model on the Hugging Face Hub"),
+    ((404, "RevisionNotFound"), ["--revision", "v9"], "org/name: revision 'v9' not found on the Hugging Face Hub"),
+    ((500, None), [], "org/name: cannot fetch from the Hugging Face Hub (Server error '500 Internal Server Error'"),
+])
+def test_hub_answers_are_one_line_naming_what_was_asked(answer, flags, message, tmp_path, monkeypatch, capsys):
+    def refused(*args, **kwargs):
+        raise hub_answer(*answer)
+
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refused)
+    assert main(["sample", "--model", "org/name", *flags, "--prompt", "a cat", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.strip().count("\n") == 0, err
+    # A single file's --model-config that is a Hub id is fetched (its configs only) and refused the same way.
+    checkpoint = tmp_path / "model.safetensors"
+    save_file({sources.single_file.UNET_KEY: np.zeros((1, 4, 1, 1), np.float32)}, str(checkpoint))
+    if not flags:
+        with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+            sources.resolve_model(checkpoint, model_config="org/name")
