@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nsync_jax import sources, tokens, weights
+from nsync_jax import sdxl, sources, tokens, weights
 from nsync_jax.errors import UserError
 from nsync_jax.models.clip_text import CLIPTextModel, load_text_encoder
 from nsync_jax.models.unet import UNet2DConditionModel, load_unet
@@ -74,7 +74,9 @@ def load_pipeline(folder: str | Path, *, dtype=jnp.float32, attention_backend: s
     for the model's own: the same architecture, latent channels and scaling factor.
     """
     folder = sources.resolve_model(folder, revision=revision, variant=variant, model_config=model_config)
-    weights.read_json(folder / "model_index.json")
+    if sdxl.is_sdxl_folder(folder):
+        raise UserError(f"{folder}: a Stable Diffusion XL folder (text_encoder_2/, tokenizer_2/); sampling and "
+                        "training on SDXL are not supported yet")
     for part in PARTS:
         if not (folder / part).is_dir():
             raise UserError(f"{folder}: subfolder {part}/ missing (a diffusers Stable Diffusion folder needs "
