@@ -64,7 +64,12 @@ def _torch_load(path: Path) -> dict:
         raise UserError(f"{path}: a .ckpt file needs torch (pip install 'nsync_jax[single-file]'), or use its "
                         ".safetensors version") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:  # mapped, not read: only the shapes are wanted here
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
     except Exception as e:  # zip, pickle and torch errors alike
         raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({str(e).splitlines()[0]})"
                         ) from None
@@ -122,8 +127,13 @@ def diffusers_folder(path: Path, cache: Path, config: str | Path | None = None) 
     with tempfile.TemporaryDirectory() as scratch:
         if isinstance(config, str):
             config = shipped_config(config, Path(scratch) / config)
-        with atomic_folder(target, replace=True) as folder:
-            _convert(path, config, folder)
+        try:
+            with atomic_folder(target) as folder:
+                _convert(path, config, folder)
+        except (OSError, UserError):  # the rename, or the folder found on entry
+            if not (target / "model_index.json").is_file():
+                raise
+            # another process (a host of the same run) converted it meanwhile: its folder is as good
     return target
 
 

@@ -111,6 +111,16 @@ def ldm_checkpoint(folder: Path) -> dict[str, np.ndarray]:
     return state
 
 
+def write_checkpoint(path: Path, state: dict[str, np.ndarray]) -> None:
+    """A `.safetensors` file, or a `.ckpt` as Lightning saves one (the state dict nested, with a global step)."""
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        import torch
+
+        torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in state.items()}, "global_step": 10}, path)
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
     """An empty Hugging Face home, offline: conversions land in it."""
@@ -124,11 +134,11 @@ def states(pipe) -> dict[str, dict[str, np.ndarray]]:
     return {name: module_state_dict(module) for name, module in pipe.modules().items()}
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2"])
-def test_ldm_file_converts_back_to_the_folder(family, sd1_dir, sd2_dir, tmp_path, cache):
+@pytest.mark.parametrize("family, suffix", [("sd1", ".safetensors"), ("sd2", ".ckpt")])
+def test_ldm_file_converts_back_to_the_folder(family, suffix, sd1_dir, sd2_dir, tmp_path, cache):
     folder = sd1_dir if family == "sd1" else sd2_dir
-    checkpoint = tmp_path / f"tiny-{family}.safetensors"
-    save_file(ldm_checkpoint(folder), str(checkpoint))
+    checkpoint = tmp_path / f"tiny-{family}{suffix}"
+    write_checkpoint(checkpoint, ldm_checkpoint(folder))
     pipe = load_pipeline(checkpoint, model_config=folder)
     assert pipe.folder.is_relative_to(cache / "nsync-jax" / "single-file")
     assert pipe.folder.parent.name == single_file.file_digest(checkpoint)
