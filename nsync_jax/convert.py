@@ -14,6 +14,10 @@ checking that the result loads into the module it is for before anything is writ
   transposed (transformers' `Linear` layout, as `visual_projection.weight`); `projection_dim` in its
   config.json is the style embedding's size. The content head is dropped (no metric uses it).
 * `openai_to_transformers(state_dict)`: the renaming and layout change behind the last two.
+* `convert_lpips(backbone, heads, dst, net)`: torchvision's AlexNet or VGG-16 `.pth` and lpips'
+  `weights/v0.1/{alex,vgg}.pth` -> one `.safetensors` file for `lpips.load_lpips` (`evaluate-edits`).
+* `convert_dino(src, dst_folder)`: DINO's ViT release file (`dino_vitbase8_pretrain.pth`, timm's layout) ->
+  a transformers `ViTModel` folder, as `facebook/dino-vitb8` on the Hub, for `vit.load_vit`.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import numpy as np
 from nsync_jax import weights
 from nsync_jax.errors import UserError
 from nsync_jax.files import atomic_folder, atomic_write
-from nsync_jax.models import clip_vision, inception
+from nsync_jax.models import clip_vision, inception, lpips, vit
 
 
 # ------------------------------------------------------------------------------------------------ Inception-v3
@@ -224,4 +228,97 @@ def convert_csd(src_checkpoint: Path, dst_folder: Path) -> Path:
     config["projection_dim"] = int(style.shape[1])
     converted[clip_vision.STYLE_KEY] = style.T
     _check_converted(config, converted, lambda cfg, rngs: clip_vision.CSDStyleModel(cfg, rngs=rngs), src)
+    return _write_folder(dst_folder, config, converted)
+
+
+# ------------------------------------------------------------------------------------------------ LPIPS
+
+_LPIPS_HEAD = re.compile(r"lin(\d)\.model\.1\.weight$")
+
+
+def convert_lpips(backbone: Path, heads: Path, dst: Path, net: str) -> Path:
+    """Converts LPIPS (`net` "alex" or "vgg") to `dst` (.safetensors) for `lpips.load_lpips`.
+
+    `backbone` is torchvision's ImageNet file (`alexnet-owt-7be5be79.pth`, `vgg16-397923af.pth`; its
+    `classifier.*` is dropped), `heads` lpips' `weights/v0.1/alex.pth` or `vgg.pth` (`lin{k}.model.1.weight`,
+    stored as `heads.{k}.weight`). Every key and shape is checked against the network before `dst` is written
+    (under a temporary name, then renamed).
+    """
+    from safetensors.numpy import save_file
+
+    backbone, heads, dst = Path(backbone), Path(heads), Path(dst)
+    lpips.check_net(net)
+    if dst.suffix != ".safetensors":
+        raise UserError(f"{dst}: the converted weights must be a .safetensors file")
+    state = {k: v for k, v in weights.read_state_dict(backbone).items() if not k.startswith("classifier.")}
+    for key, value in weights.read_state_dict(heads).items():
+        if not (m := _LPIPS_HEAD.match(key)):
+            raise UserError(f"{heads}: unexpected weight {key!r} in lpips' heads (expected lin0.model.1.weight, ...)")
+        state[f"heads.{m.group(1)}.weight"] = value
+    lpips.lpips_from_state(state, net, f"{backbone} + {heads}")
+    atomic_write(dst, lambda tmp: save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()},
+                                            str(tmp), metadata={"format": "pt", "lpips_net": net}))
+    return dst
+
+
+# ------------------------------------------------------------------------------------------------ DINO ViT
+
+_DINO_BLOCK = re.compile(r"blocks\.(\d+)\.")
+# DINO's (timm's) block names -> transformers' ViT names.
+_DINO_RENAMES = (("norm1", "layernorm_before"), ("attn.proj", "attention.output.dense"),
+                 ("norm2", "layernorm_after"), ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense"))
+
+
+def dino_to_transformers(state: dict[str, np.ndarray], source: Path | str) -> tuple[dict, dict[str, np.ndarray]]:
+    """DINO's `VisionTransformer` state dict in transformers' `ViTModel` layout, and its config dict.
+
+    Sizes are read off the shapes; DINO's heads are width // 64 (ViT-S 6, ViT-B 12), its layer norms have
+    epsilon 1e-6 and its MLP exact GELU. The fused `attn.qkv` is split into query, key and value.
+    """
+    state = dict(state)
+
+    def take(name: str) -> np.ndarray:
+        if name not in state:
+            raise UserError(f"{source}: missing weight {name!r} (is this a DINO ViT file?)")
+        return state.pop(name)
+
+    conv = take("patch_embed.proj.weight")
+    width, channels, patch = conv.shape[0], conv.shape[1], conv.shape[-1]
+    positions = take("pos_embed")
+    grid = round((positions.shape[1] - 1) ** 0.5)
+    if width % 64 or grid * grid + 1 != positions.shape[1]:
+        raise UserError(f"{source}: width {width} and {positions.shape[1]} positions are not a DINO ViT's "
+                        "(a multiple of 64; 1 + a square number of patches)")
+    out = {"embeddings.patch_embeddings.projection.weight": conv,
+           "embeddings.patch_embeddings.projection.bias": take("patch_embed.proj.bias"),
+           "embeddings.cls_token": take("cls_token"), "embeddings.position_embeddings": positions,
+           "layernorm.weight": take("norm.weight"), "layernorm.bias": take("norm.bias")}
+    layers = sorted({int(m.group(1)) for k in state if (m := _DINO_BLOCK.match(k))})
+    if layers != list(range(len(layers))) or not layers:
+        raise UserError(f"{source}: blocks {layers} are not numbered 0 to n-1")
+    for i in layers:
+        src, dst = f"blocks.{i}.", f"encoder.layer.{i}."
+        for leaf in ("weight", "bias"):
+            for name, part in zip(("query", "key", "value"), np.split(take(f"{src}attn.qkv.{leaf}"), 3)):
+                out[f"{dst}attention.attention.{name}.{leaf}"] = part
+            for theirs, ours in _DINO_RENAMES:
+                out[f"{dst}{ours}.{leaf}"] = take(f"{src}{theirs}.{leaf}")
+    if state:
+        raise UserError(f"{source}: unexpected weight {min(state)!r} in a DINO ViT")
+    config = {"architectures": ["ViTModel"], "model_type": "vit", "hidden_size": width,
+              "intermediate_size": int(out["encoder.layer.0.intermediate.dense.weight"].shape[0]),
+              "num_hidden_layers": len(layers), "num_attention_heads": width // 64, "num_channels": channels,
+              "image_size": patch * grid, "patch_size": patch, "hidden_act": "gelu", "layer_norm_eps": 1e-6,
+              "qkv_bias": True}
+    return config, out
+
+
+def convert_dino(src: Path, dst_folder: Path) -> Path:
+    """Converts DINO's ViT release file (facebookresearch/dino `dino_vitbase8_pretrain.pth`, what Splice's
+    `torch.hub.load('facebookresearch/dino:main', 'dino_vitb8')` loads) to a transformers `ViTModel` folder."""
+    src = Path(src)
+    config, converted = dino_to_transformers(weights.read_state_dict(src), src)
+    cfg = vit.ViTConfig.from_dict(config, src)
+    weights.load_module(weights.abstract_module(lambda rngs: vit.ViTModel(cfg, rngs=rngs)),
+                        vit.to_encoder_names(converted), source=src)
     return _write_folder(dst_folder, config, converted)

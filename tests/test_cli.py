@@ -29,9 +29,9 @@ def test_help_opens_with_what_the_tool_does():
     usage, description, commands = result.stdout.split("\n\n")[:3]
     assert usage.startswith("usage: nsync-jax") and description == DESCRIPTION
     for name in ("sample", "negatives", "caption", "data", "train", "export", "evaluate", "convert-weights", "demo",
-                 "toyworld", "edit"):
+                 "toyworld", "edit", "evaluate-edits"):
         assert f"\n    {name} " in commands
-    assert len(COMMANDS) == 11
+    assert len(COMMANDS) == 12
 
 
 def test_sample_writes_pngs_matching_diffusers(sd1_dir, tmp_path, capsys):

@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nsync_jax.cli import (caption, convert_weights, data, demo, edit, evaluate, export, negatives, sample,
-                           toyworld, train)
+from nsync_jax.cli import (caption, convert_weights, data, demo, edit, evaluate, evaluate_edits, export, negatives,
+                           sample, toyworld, train)
 from nsync_jax.errors import UserError
 
 # In the order `nsync-jax --help` lists them.
-COMMANDS = (sample, negatives, caption, data, train, export, evaluate, convert_weights, demo, toyworld, edit)
+COMMANDS = (sample, negatives, caption, data, train, export, evaluate, convert_weights, demo, toyworld, edit,
+            evaluate_edits)
 DESCRIPTION = """\
 Teach Stable Diffusion (1.x, 2.x) a visual style from a few dozen images: train a style token with NSYNC,
 Textual Inversion or DreamArtist, or LoRA adapters or the full weights (StyleForge), then sample with it and
