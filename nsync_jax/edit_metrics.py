@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from nsync_jax import evaluate, imageio, metrics
+from nsync_jax import evaluate, imageio
 from nsync_jax.errors import UserError
 
 EDIT_METRICS = ("clip_accuracy", "clip_score", "background_lpips", "structure_distance")
@@ -143,9 +143,45 @@ def _masks(masks_dir: Path | None, stems: list[str], edits: list[np.ndarray]) ->
     return masks
 
 
-def _summary(values: np.ndarray, definition: str) -> dict:
-    return {"value": float(np.mean(values)), "std": float(np.std(values)), "pairs": len(values),
-            "definition": definition}
+def pair_metrics(ev: EditEvaluation, originals: list[np.ndarray], edits: list[np.ndarray], *,
+                 sources: list[str] | None = None, targets: list[str] | None = None,
+                 masks: list[np.ndarray | None] | None = None) -> dict[str, np.ndarray]:
+    """Each metric of `ev.metrics`, per (original, edit) pair of uint8 RGB images: `{metric: (pairs,)}`.
+
+    `sources`/`targets`: one text per edit (CLIP accuracy needs both, CLIP score the targets); `masks`: bool
+    foregrounds of the edits' size, or None per pair (background LPIPS then covers the whole image).
+    """
+    unknown = [m for m in ev.metrics if m not in EDIT_METRICS]
+    if unknown or not ev.metrics:
+        raise UserError(f"--metrics: unknown metric {unknown[0] if unknown else '(none)'!r}; "
+                        f"choose from {','.join(EDIT_METRICS)}")
+    if ev.lpips_net not in LPIPS_NETS:
+        raise UserError(f"--lpips-net {ev.lpips_net!r}: expected one of {', '.join(LPIPS_NETS)}")
+    values = {}
+    if {"clip_accuracy", "clip_score"} & set(ev.metrics):
+        wants_source = "clip_accuracy" in ev.metrics
+        if targets is None or (wants_source and sources is None):
+            raise UserError(f"--{'target' if targets is None else 'source'}: the CLIP metrics need each edit's "
+                            "target text (and, for clip_accuracy, its source text)")
+        image, target_text, source_text = clip_embeddings(ev.weights, edits, targets,
+                                                          sources if wants_source else None, ev.batch_size)
+        to_target = cosine(image, target_text)
+        if wants_source:
+            values["clip_accuracy"] = to_target > cosine(image, source_text)
+        values["clip_score"] = 100 * to_target
+    if "background_lpips" in ev.metrics:
+        values["background_lpips"] = lpips_values(ev.weights, ev.lpips_net, originals, edits,
+                                                  masks or [None] * len(edits), ev.batch_size)
+    if "structure_distance" in ev.metrics:
+        values["structure_distance"] = structure_values(ev.weights, originals, edits, ev.batch_size)
+    return {m: values[m] for m in ev.metrics}
+
+
+def summarise(name: str, values: np.ndarray) -> dict:
+    """Mean, std and count over pairs; CLIP score's mean is clamped at 0, as torchmetrics' (`metrics.clip_score`)."""
+    mean = float(np.mean(values))
+    return {"value": max(mean, 0.0) if name == "clip_score" else mean, "std": float(np.std(values)),
+            "pairs": len(values)}
 
 
 def evaluate_edits(ev: EditEvaluation, originals_dir: Path, edits_dir: Path, *, source: str | Path | None = None,
@@ -154,13 +190,14 @@ def evaluate_edits(ev: EditEvaluation, originals_dir: Path, edits_dir: Path, *, 
 
     `source`/`target`: one text for all edits, or a folder of `<stem>.txt` (a `Path`); CLIP accuracy needs
     both, CLIP score the target. `masks_dir`: foreground masks `<stem>.<image suffix>` for background LPIPS.
+    An input no requested metric reads is an error.
     """
-    unknown = [m for m in ev.metrics if m not in EDIT_METRICS]
-    if unknown or not ev.metrics:
-        raise UserError(f"--metrics: unknown metric {unknown[0] if unknown else '(none)'!r}; "
-                        f"choose from {','.join(EDIT_METRICS)}")
-    if ev.lpips_net not in LPIPS_NETS:
-        raise UserError(f"--lpips-net {ev.lpips_net!r}: expected one of {', '.join(LPIPS_NETS)}")
+    for given, flag, readers in ((source, "--source", {"clip_accuracy"}),
+                                 (target, "--target", {"clip_accuracy", "clip_score"}),
+                                 (masks_dir, "--masks", {"background_lpips"})):
+        if given is not None and not readers & set(ev.metrics):
+            raise UserError(f"{flag}: not used by --metrics {','.join(ev.metrics)} "
+                            f"(only by {','.join(sorted(readers))})")
     originals, edits = evaluate.read_image_folder(originals_dir), evaluate.read_image_folder(edits_dir)
     by_stem = dict(zip(originals.stems, originals.images))
     missing = [s for s in edits.stems if s not in by_stem]
@@ -169,45 +206,25 @@ def evaluate_edits(ev: EditEvaluation, originals_dir: Path, edits_dir: Path, *, 
                         "matched by file stem)")
     stems = edits.stems
     original_images = [by_stem[s] for s in stems]
-    per_image: dict[str, dict[str, float | bool]] = {s: {} for s in stems}
-    results: dict[str, dict] = {}
-
-    def record(name: str, values: np.ndarray, definition: str) -> None:
-        results[name] = _summary(values, definition)
-        for stem, value in zip(stems, values.tolist()):
-            per_image[stem][name] = value
-
-    if {"clip_accuracy", "clip_score"} & set(ev.metrics):
-        targets = _texts(target, stems, "--target")
-        sources = _texts(source, stems, "--source") if "clip_accuracy" in ev.metrics else None
-        if targets is None or ("clip_accuracy" in ev.metrics and sources is None):
-            raise UserError(f"--{'target' if targets is None else 'source'}: the CLIP metrics need the edit's "
-                            "target text (and, for clip_accuracy, its source text), or a folder of <stem>.txt")
-        image, target_text, source_text = clip_embeddings(ev.weights, edits.images, targets, sources, ev.batch_size)
-        to_target = cosine(image, target_text)
-        if "clip_accuracy" in ev.metrics:
-            record("clip_accuracy", to_target > cosine(image, source_text),
-                   "share of edits closer in CLIP to the target text than to the source text (ties miss)")
-        if "clip_score" in ev.metrics:
-            record("clip_score", 100 * to_target, "100 * cos(edit, target text), mean clamped at 0 (torchmetrics)")
-            results["clip_score"]["value"] = metrics.clip_score(image, target_text).value
     if "background_lpips" in ev.metrics:
         for original, edit, stem in zip(original_images, edits.images, stems):
             if original.shape != edit.shape:
                 raise UserError(f"{edits_dir}: edit {stem!r} is {edit.shape[1]}x{edit.shape[0]}, its original "
                                 f"{original.shape[1]}x{original.shape[0]}; LPIPS compares images of one size")
-        masks = _masks(masks_dir, stems, edits.images)
-        region = "outside the masks' foreground" if masks_dir is not None else "the whole image (no masks)"
-        record("background_lpips", lpips_values(ev.weights, ev.lpips_net, original_images, edits.images, masks,
-                                                ev.batch_size), f"LPIPS v0.1 ({ev.lpips_net}), {region}")
-    if "structure_distance" in ev.metrics:
-        record("structure_distance", structure_values(ev.weights, original_images, edits.images, ev.batch_size),
-               "MSE of DINO ViT-B/8 last-layer key self-similarity (Splice)")
+    values = pair_metrics(ev, original_images, edits.images, sources=_texts(source, stems, "--source"),
+                          targets=_texts(target, stems, "--target"), masks=_masks(masks_dir, stems, edits.images))
+    region = "outside the masks' foreground" if masks_dir is not None else "the whole image (no masks)"
+    definitions = {
+        "clip_accuracy": "share of edits closer in CLIP to the target text than to the source text (ties miss)",
+        "clip_score": "100 * cos(edit, target text), mean clamped at 0 (torchmetrics CLIPScore)",
+        "background_lpips": f"LPIPS v0.1 ({ev.lpips_net}), {region}",
+        "structure_distance": "MSE of the self-similarity of DINO-ViT's last-layer keys (Splice)"}
     return {"originals": originals.report(), "edits": edits.report(), "pairs": len(stems),
             "originals_without_edit": len(originals.stems) - len(stems),
             "settings": {"weights": str(ev.weights), "lpips_net": ev.lpips_net,
                          "masks": None if masks_dir is None else str(masks_dir)},
-            "metrics": {m: results[m] for m in ev.metrics}, "per_image": per_image}
+            "metrics": {m: {**summarise(m, v), "definition": definitions[m]} for m, v in values.items()},
+            "per_image": {stem: {m: v[i].item() for m, v in values.items()} for i, stem in enumerate(stems)}}
 
 
 def table(result: dict) -> str:

@@ -336,6 +336,10 @@ def test_evaluate_edits_errors(edit_weights, edit_folders, tmp_path, capsys):
     assert "--source" in capsys.readouterr().err
     assert cli.main(base + edits + ["--weights", str(weights_dir), "--metrics", "psnr"]) == 2
     assert "unknown metric 'psnr'" in capsys.readouterr().err
+    # An input no requested metric reads.
+    assert cli.main(base + edits + ["--weights", str(weights_dir), "--masks", str(root / "masks"),
+                                    "--metrics", "structure_distance"]) == 2
+    assert "--masks: not used by --metrics structure_distance" in capsys.readouterr().err
     # An edit of another size than its original.
     (tmp_path / "small").mkdir()
     for stem in ("a", "b"):
