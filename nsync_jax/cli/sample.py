@@ -1,4 +1,8 @@
-"""`nsync-jax sample`: draw images from prompts, with learned embeddings and LoRA files."""
+"""`nsync-jax sample`: draw images from prompts, with learned embeddings and LoRA files.
+
+With `--captions DIR` or `--prompts-file FILE` it draws a caption-matched set instead (`negatives.generate_set`):
+one `<stem>.png` per caption, resumable, the same bytes on any device count; the released `gen_imgs.py`
+(img2txt2img: test captions + " in the style of <token>", saved at 256) and `gen_imgs_random_prompts.py`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +16,25 @@ def add_parser(subparsers) -> None:
                               help="draw images from prompts with a Stable Diffusion model, with learned embeddings "
                                    "and LoRA files")
     add_model_flags(p)
-    p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt (repeat for several)")
+    p.add_argument("--captions", type=Path, default=None,
+                   help="instead of --prompt: a folder of <stem>.txt captions, one image <stem>.png per caption "
+                        "(img2txt2img: the test images' captions), resumable")
+    p.add_argument("--prompts-file", type=Path, default=None,
+                   help="instead of --prompt: a text file of prompts, one per line, one image img_<line>.png per "
+                        "prompt (line numbers from 0, as the released gen_imgs_random_prompts.py), resumable")
+    p.add_argument("--num-prompts", type=positive_int, default=None,
+                   help="with --prompts-file: draw this many of its prompts at random by --seed (default: all)")
+    p.add_argument("--template", default=None,
+                   help="with --captions/--prompts-file: the prompt made of each {caption} (or line), e.g. "
+                        "'{caption} in the style of <token>' (the released gen_imgs.py) or 'In the style of "
+                        "<token>, {caption}' (its random-prompt script; default: '{caption}')")
+    p.add_argument("--save-size", type=positive_int, default=None,
+                   help="with --captions/--prompts-file: resize before saving (bicubic; the released code saves "
+                        "256)")
+    p.add_argument("--strict", action="store_true",
+                   help="with --captions/--prompts-file: a prompt longer than the text encoder's context is an "
+                        "error (default: truncated with a warning)")
     p.add_argument("--negative-prompt", default="", help="the unconditional prompt of guidance")
     p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="default: the model's own")
     p.add_argument("--steps", type=positive_int, default=50)
@@ -20,7 +42,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=positive_int, default=None, help="default: the model's resolution")
     p.add_argument("--width", type=positive_int, default=None)
-    p.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
+    p.add_argument("--num-images", type=positive_int, default=1,
+                   help="images per prompt (per caption: <stem>_<k>.png)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per device per compiled call (the same --batch-size gives the same bytes on any "
                         "number of devices or hosts)")
     p.add_argument("--latents", type=Path, default=None,
@@ -39,8 +62,27 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--attention", choices=("auto", "cudnn", "xla", "einsum"), default="auto",
                    help="attention backend (auto: cuDNN on GPU in bfloat16, einsum otherwise)")
-    p.add_argument("--output", type=Path, required=True, help="folder for 000000.png, 000001.png, ...")
+    p.add_argument("--output", type=Path, required=True,
+                   help="folder for 000000.png, 000001.png, ... (with --captions/--prompts-file: <stem>.png and "
+                        "manifest.json)")
     p.set_defaults(run=run)
+
+
+def check_sources(args) -> None:
+    """One source of prompts, and only the flags that apply to it."""
+    given = [flag for flag, value in (("--prompt", args.prompt), ("--captions", args.captions),
+                                      ("--prompts-file", args.prompts_file)) if value]
+    if len(given) != 1:
+        raise UserError(f"give one of --prompt, --captions and --prompts-file, got {' and '.join(given) or 'none'}")
+    set_flags = (("--template", args.template), ("--save-size", args.save_size), ("--strict", args.strict))
+    misplaced = ([flag for flag, value in set_flags if value] if args.prompt else
+                 [flag for flag, value in (("--latents", args.latents),) if value is not None])
+    if args.num_prompts is not None and not args.prompts_file:
+        misplaced.append("--num-prompts")
+    if misplaced:
+        raise UserError(f"{given[0]} does not take {' or '.join(misplaced)}")
+    if not args.prompt and args.width not in (None, args.height):
+        raise UserError(f"{given[0]} draws square images: give --height only")
 
 
 def run(args) -> None:
@@ -49,6 +91,7 @@ def run(args) -> None:
     from nsync_jax.distributed import is_main_process
     from nsync_jax.sampling import SampleSettings, generate_to_folder, load_for_sampling, read_latents
 
+    check_sources(args)
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and value % 8:
             raise UserError(f"{flag} must be divisible by 8, got {value}")
@@ -60,6 +103,9 @@ def run(args) -> None:
     settings = SampleSettings(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
                               height=args.height, width=args.width, clip_skip=args.clip_skip,
                               batch_size=args.batch_size, handoff_timestep=handoff)
+    if not args.prompt:
+        draw_set(args, pipe, base, settings)
+        return
     num_images = len(args.prompt) * args.num_images
     latents = None if args.latents is None else read_latents(args.latents, pipe, num_images, settings)
     files = generate_to_folder(pipe, args.prompt, args.output, negative_prompt=args.negative_prompt,
@@ -67,3 +113,21 @@ def run(args) -> None:
                                latents=latents, base=base)
     if is_main_process():
         print(f"wrote {len(files)} images to {args.output}")
+
+
+def draw_set(args, pipe, base, settings) -> None:
+    import hashlib
+
+    from nsync_jax.distributed import is_main_process
+    from nsync_jax.negatives import generate_set, prepare_prompts
+
+    prompts = prepare_prompts(pipe, args.template or "{caption}", captions=args.captions,
+                              prompt_list=args.prompts_file, count=args.num_prompts, seed=args.seed,
+                              strict=args.strict)
+    lora = [{"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()} for path in args.lora]
+    counts = generate_set(pipe, prompts, args.output, settings=settings, seed=args.seed,
+                          images_per_caption=args.num_images, save_size=args.save_size,
+                          negative_prompt=args.negative_prompt, model_name=str(args.model), base=base,
+                          weights={"lora": lora, "lora_scale": args.lora_scale} if lora else None)
+    if is_main_process():
+        print(f"{args.output}: drew {counts['drawn']} images, kept {counts['kept']}")
