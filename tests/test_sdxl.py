@@ -153,3 +153,74 @@ def test_not_sdxl_and_missing_parts(sd1_dir, sdxl_dir, tmp_path):
 def test_load_pipeline_refuses_sdxl(sdxl_dir):
     with pytest.raises(UserError, match=f"{sdxl_dir}: a Stable Diffusion XL folder .* not supported yet"):
         load_pipeline(sdxl_dir)
+
+
+# unet/config.json and text_encoder_2/config.json of stabilityai/stable-diffusion-xl-base-1.0.
+SDXL_BASE_UNET = {
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0", "act_fn": "silu",
+    "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280], "center_input_sample": False,
+    "class_embed_type": None, "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "cross_attention_dim": 2048, "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1,
+    "dual_cross_attention": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None, "flip_sin_to_cos": True,
+    "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05,
+    "norm_num_groups": 32, "num_attention_heads": None, "num_class_embeds": None, "only_cross_attention": False,
+    "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False, "resnet_time_scale_shift": "default", "sample_size": 128,
+    "time_cond_proj_dim": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
+    "time_embedding_type": "positional", "timestep_post_act": None, "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None,
+    "use_linear_projection": True,
+}
+SDXL_BASE_TEXT_ENCODER_2 = {
+    "architectures": ["CLIPTextModelWithProjection"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
+    "eos_token_id": 2, "hidden_act": "gelu", "hidden_size": 1280, "initializer_factor": 1.0,
+    "initializer_range": 0.02, "intermediate_size": 5120, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
+    "model_type": "clip_text_model", "num_attention_heads": 20, "num_hidden_layers": 32, "pad_token_id": 1,
+    "projection_dim": 1280, "torch_dtype": "float16", "transformers_version": "4.32.0.dev0", "vocab_size": 49408,
+}
+
+
+def flax_shapes(build) -> dict[str, tuple]:
+    """PyTorch key -> PyTorch-layout shape of every parameter of `build(rngs)`, nothing allocated."""
+    from nsync_jax import weights
+
+    state = nnx.state(weights.abstract_module(build), nnx.Param)
+    return {weights.torch_key(path): weights.to_torch_layout(np.empty(v.shape, np.uint8), path).shape
+            for path, v in nnx.to_flat_state(state)}
+
+
+@pytest.mark.slow
+def test_released_sdxl_unet_config_builds_diffusers_shapes():
+    """SDXL base's UNet: every parameter's name and shape as diffusers builds it (on torch's meta device: shapes
+    only); slow because building the shapes of 2.6 B parameters in NNX takes 10 s or more."""
+    from diffusers import UNet2DConditionModel as TorchUNet
+
+    from nsync_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+    config = UNetConfig.from_dict(SDXL_BASE_UNET)
+    assert config.num_attention_heads == (5, 10, 20)
+    assert config.transformer_layers_per_block == (1, 2, 10)
+    ours = flax_shapes(lambda rngs: UNet2DConditionModel(config, rngs=rngs))
+    with torch.device("meta"):
+        reference = TorchUNet.from_config({k: v for k, v in SDXL_BASE_UNET.items() if not k.startswith("_")})
+    assert ours == {key: tuple(value.shape) for key, value in reference.state_dict().items()}
+    assert sum(np.prod(shape) for shape in ours.values()) == 2_567_463_684
+
+
+def test_released_text_encoder_2_config_builds_transformers_shapes():
+    """SDXL base's OpenCLIP bigG text encoder with its projection, as transformers builds it (shapes only)."""
+    from transformers import CLIPTextConfig as TorchCLIPTextConfig
+    from transformers import CLIPTextModelWithProjection as TorchCLIPTextModelWithProjection
+
+    from nsync_jax.models.clip_text import CLIPTextModelWithProjection, CLIPTextWithProjectionConfig
+
+    config = CLIPTextWithProjectionConfig.from_dict(SDXL_BASE_TEXT_ENCODER_2)
+    ours = flax_shapes(lambda rngs: CLIPTextModelWithProjection(config, rngs=rngs))
+    with torch.device("meta"):
+        reference = TorchCLIPTextModelWithProjection(TorchCLIPTextConfig(**SDXL_BASE_TEXT_ENCODER_2))
+    assert ours == {key.removeprefix("text_model."): tuple(value.shape)
+                    for key, value in reference.state_dict().items()}
+    assert sum(np.prod(shape) for shape in ours.values()) == 694_659_840
