@@ -17,6 +17,11 @@ model: the input itself (what "no edit" scores) and a render of the edited scene
     python benchmarks/bench_edit_toyworld.py --colour-edits 40 --shape-edits 20 --style flat \
         --methods zerocon pix2pix-zero sdedit --steps 50 --batch-size 20 --seed 0
 
+With `--edit-metrics-weights DIR` (the networks of `nsync-jax evaluate-edits`), a second table gives the same
+rows pix2pix-zero's metrics: CLIP accuracy and CLIP score (source and target texts: the scene's caption before
+and after the edit), background LPIPS outside the edited region (the mask above) and DINO structure distance,
+so they can be read next to the judge's ground truth.
+
 Prints a Markdown table and appends it to benchmarks/history/ unless `--no-write`; per-edit records
 (`edits.json`) and a contact sheet of the first edits (`grid.png`) go to `--output`.
 """
@@ -37,7 +42,7 @@ import numpy as np
 from results_file import publish  # benchmarks/ is on sys.path when run as a script
 from scipy import ndimage
 
-from nsync_jax import imageio
+from nsync_jax import edit_metrics, imageio
 from nsync_jax.editing import directions
 from nsync_jax.editing.editor import METHODS, EditSettings, edit_images
 from nsync_jax.pipeline import load_pipeline
@@ -148,6 +153,33 @@ def table(results: dict[str, list[dict]], edits: list[Edit], reconstruction_l1: 
     return lines
 
 
+def pix2pix_zero_metrics(weights: Path, edits: list[Edit], inputs: np.ndarray, outputs: dict[str, np.ndarray],
+                         batch_size: int) -> dict[str, dict[str, np.ndarray]]:
+    """Per row, `edit_metrics.pair_metrics` of each edit against its input: the captions before and after the
+    edit as source and target texts, the edit region as the foreground background LPIPS leaves out."""
+    settings = edit_metrics.EditEvaluation(weights=weights, batch_size=batch_size)
+    sources = [world.caption(e.scene) for e in edits]
+    targets = [world.caption(e.edited_scene) for e in edits]
+    masks = [edit_region(e, inputs.shape[1]) for e in edits]
+    return {row: edit_metrics.pair_metrics(settings, list(inputs), list(images), sources=sources, targets=targets,
+                                           masks=masks) for row, images in outputs.items()}
+
+
+def metrics_table(values: dict[str, dict[str, np.ndarray]], edits: list[Edit]) -> list[str]:
+    """Rows per edited attribute and method: each metric's mean +- std over edits."""
+    lines = ["| method | edits | CLIP accuracy | CLIP score | background LPIPS | structure distance |",
+             "|---|---|---|---|---|---|"]
+    for attribute in ATTRIBUTES:
+        chosen = [i for i, e in enumerate(edits) if e.attribute == attribute]
+        if not chosen:
+            continue
+        for row, metrics in values.items():
+            cells = [f"{metrics[m][chosen].mean():.3g} +- {metrics[m][chosen].std():.2g}"
+                     for m in edit_metrics.EDIT_METRICS]
+            lines.append(f"| {row} | {len(chosen)} {attribute} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--colour-edits", type=int, default=40)
@@ -159,6 +191,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=Path("/tmp/bench_edit_toyworld"))
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--edit-metrics-weights", type=Path, default=None,
+                        help="the networks of `nsync-jax evaluate-edits`: add pix2pix-zero's metrics")
     args = parser.parse_args()
     started = time.perf_counter()
 
@@ -195,6 +229,12 @@ def main() -> None:
         reconstruction_l1[method] = np.abs(reconstruction - inputs).mean((1, 2, 3))
         print(f"{method}: {seconds[method]:.0f} s", file=sys.stderr, flush=True)
     results = {row: score(judge, edits, inputs, images) for row, images in outputs.items()}
+    metric_values = {}
+    if args.edit_metrics_weights is not None:
+        metric_values = pix2pix_zero_metrics(args.edit_metrics_weights, edits, inputs, outputs, args.batch_size)
+        for row, metrics in metric_values.items():
+            for i, record in enumerate(results[row]):
+                record.update({m: v[i].item() for m, v in metrics.items()})
 
     # --- records, grid, report ---
     args.output.mkdir(parents=True, exist_ok=True)
@@ -211,6 +251,8 @@ def main() -> None:
     command = (f"python benchmarks/bench_edit_toyworld.py --colour-edits {args.colour_edits} --shape-edits "
                f"{args.shape_edits} --style {args.style} --methods {' '.join(args.methods)} --steps {args.steps} "
                f"--batch-size {args.batch_size} --seed {args.seed}")
+    if args.edit_metrics_weights is not None:
+        command += f" --edit-metrics-weights {args.edit_metrics_weights}"
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__} "
                f"{jax.default_backend()}")
     report = "\n".join([
@@ -226,6 +268,11 @@ def main() -> None:
         f"Editing time per method: "
         + ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items()) + f"; {total:.0f} s in all.\n",
         *table(results, edits, reconstruction_l1), ""])
+    if metric_values:
+        report += "\n".join([
+            "\npix2pix-zero's metrics (`nsync-jax evaluate-edits`' networks and definitions; texts: the caption before "
+            "and after the edit; background LPIPS (AlexNet) with the edited region blacked out), mean +- std over "
+            "edits:\n", *metrics_table(metric_values, edits), ""])
     publish(report, write=not args.no_write)
 
 

@@ -348,3 +348,25 @@ def test_evaluate_edits_errors(edit_weights, edit_folders, tmp_path, capsys):
                             "--metrics", "background_lpips"]) == 2
     assert "edit 'a' is 32x32, its original 64x64" in capsys.readouterr().err
     assert not (tmp_path / "out.json").exists()
+
+
+def test_toyworld_benchmark_metrics_read_rendered_edits_as_untouched_backgrounds(edit_weights):
+    """On the toy-world editing benchmark's ground truth: the input scores no change at all, and a render of the
+    edited scene no background change outside the edit region, but a structure change."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_edit_toyworld as bench
+    from nsync_jax.toyworld import world
+
+    edits = bench.sample_edits(0, 2, 1, "flat")
+    inputs = world.render_batch([e.scene for e in edits])
+    outputs = {"input": inputs, "rendered": world.render_batch([e.edited_scene for e in edits])}
+    values = bench.pix2pix_zero_metrics(edit_weights[0], edits, inputs, outputs, batch_size=2)
+    assert list(values["input"]) == list(bench.edit_metrics.EDIT_METRICS)
+    assert np.allclose(values["input"]["background_lpips"], 0, atol=1e-6)
+    assert np.allclose(values["input"]["structure_distance"], 0, atol=1e-9)
+    assert np.allclose(values["rendered"]["background_lpips"], 0, atol=1e-6)
+    assert (values["rendered"]["structure_distance"] > 1e-6).all()
+    lines = bench.metrics_table(values, edits)
+    assert len(lines) == 2 + 2 * 2 and lines[2].startswith("| input | 2 colour |")
