@@ -130,8 +130,9 @@ class UNetConfig:
         if not (len(down) == len(up) == len(channels)):
             raise UserError(f"{source}: down_block_types, up_block_types and block_out_channels differ in length")
         n = len(channels)
-        if config.get("addition_embed_type") == "text" and get("cross_attention_dim") % get("addition_embed_type_num_heads"):
-            raise UserError(f"{source}: config addition_embed_type_num_heads={get('addition_embed_type_num_heads')} "
+        text_heads = get("addition_embed_type_num_heads")
+        if config.get("addition_embed_type") == "text" and get("cross_attention_dim") % text_heads:
+            raise UserError(f"{source}: config addition_embed_type_num_heads={text_heads} "
                             f"does not divide cross_attention_dim={get('cross_attention_dim')}")
         text_time_keys = ("addition_time_embed_dim", "projection_class_embeddings_input_dim")
         text_time = config.get("addition_embed_type") == "text_time"
@@ -368,7 +369,6 @@ class UNet2DConditionModel(nnx.Module):
             size = skips[-1].shape[1:3] if skips else None
             h, _ = block(h, temb, context, skips_in, upsample_size=size)
         return self.conv_out(nnx.silu(self.conv_norm_out(h)))
-
 
     def _text_time_features(self, text_embeds: jax.Array, time_ids: jax.Array) -> jax.Array:
         """concat(text_embeds, sinusoidal features of each time id): `add_embedding`'s input (diffusers'
