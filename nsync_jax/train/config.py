@@ -119,14 +119,14 @@ def default_config() -> ml_collections.ConfigDict:
     # `<stem>_att.<ext>` next to an image in data.images is its attention mask (not a training image): grey
     # levels weight the denoising loss per latent pixel, 0 -> 0, 127 -> 1, 255 -> 5 (the released mapping).
     config.dreamartist.attention_masks = False
-
-    # StyleForge (configs/styleforge_sd15.py, multi_styleforge_sd15.py hold the released settings).
-    config.styleforge = ml_collections.ConfigDict()
     # DreamArtist++ (trainable="lora"): each branch of the fusion has its own adapters, with these learning rates
     # (the words keep train.learning_rate).
     config.dreamartist.lora_learning_rate = 1e-4  # the positive branch's UNet adapters
     config.dreamartist.neg_lora_learning_rate = 4e-5  # the negative branch's ("prevents image collapse", as released)
     config.dreamartist.text_encoder_lora_learning_rate = 2e-5  # both branches' text encoder adapters
+
+    # StyleForge (configs/styleforge_sd15.py, multi_styleforge_sd15.py hold the released settings).
+    config.styleforge = ml_collections.ConfigDict()
     config.styleforge.instance_prompt = "zwx style"  # bound to the StyleRef images (data.images)
     config.styleforge.class_prompt = "style"  # bound to the Aux images (data.aux_images)
     config.styleforge.append_captions = False  # prompts "<instance or class prompt>, <caption>"
