@@ -125,6 +125,27 @@ def test_time_ids_match_diffusers(torch_pipe):
     np.testing.assert_array_equal(ours[None], reference.numpy())
 
 
+def test_noise_prediction_from_prompts_matches_diffusers(sdxl, torch_pipe, encode):
+    """The pieces together, as a sampling step uses them: prompts -> both encoders -> UNet with the pooled
+    embedding and the micro-conditioning of a 64x48 image, against diffusers' own chain."""
+    from conftest import jitted
+
+    size = (64, 48)
+    with torch.no_grad():
+        embeds, _, pooled, _ = torch_pipe.encode_prompt(PROMPTS[:2], device="cpu", do_classifier_free_guidance=False)
+        torch_time_ids = torch_pipe._get_add_time_ids(size, (0, 0), size, dtype=torch.float32,
+                                                      text_encoder_projection_dim=TEXT_ENCODER_2["projection_dim"])
+        latents = torch.randn(2, 4, 8, 6, generator=torch.Generator().manual_seed(0))
+        reference = torch_pipe.unet(latents, 500, embeds, added_cond_kwargs=dict(
+            text_embeds=pooled, time_ids=torch_time_ids.repeat(2, 1))).sample.numpy()
+    ours_embeds, ours_pooled = encode(*sdxl.tokenize(PROMPTS[:2]))
+    added_cond = {"text_embeds": jnp.asarray(ours_pooled),
+                  "time_ids": jnp.broadcast_to(time_ids(size, (0, 0), size), (2, 6))}
+    ours = jitted(sdxl.unet)(jnp.asarray(latents.numpy().transpose(0, 2, 3, 1)), jnp.array([500, 500]),
+                             jnp.asarray(ours_embeds), added_cond)
+    assert rel_error(np.asarray(ours).transpose(0, 3, 1, 2), reference) <= 1e-4
+
+
 def edited_copy(sdxl_dir, tmp_path, part, **changes):
     folder = tmp_path / "sdxl"
     shutil.copytree(sdxl_dir, folder)
