@@ -183,22 +183,25 @@ def lpips_files(net: str, folder: Path, seed: int = 0):
     return features, heads
 
 
-def images_pm1(seed: int, count: int = 2) -> np.ndarray:
-    return np.random.default_rng(seed).uniform(-1, 1, (count, 3, SIZE, SIZE)).astype(np.float32)
+def images_pm1(seed: int, size: int) -> np.ndarray:
+    """Two random images in [-1, 1], NCHW."""
+    return np.random.default_rng(seed).uniform(-1, 1, (2, 3, size, size)).astype(np.float32)
 
 
-@pytest.mark.parametrize("net", ["alex", "vgg"])
+@pytest.mark.parametrize("net", ["alex", pytest.param("vgg", marks=pytest.mark.slow)])  # VGG: 9 s
 def test_lpips_matches_the_lpips_computation(net, tmp_path):
     features, heads = lpips_files(net, tmp_path)
     converted = convert_lpips(tmp_path / f"{net}-backbone.pth", tmp_path / f"{net}.pth",
                               tmp_path / f"lpips-{net}.safetensors", net)
     assert "classifier.1.weight" not in load_file(converted)
     ours = load_lpips(converted, net)
-    a, b = images_pm1(1), images_pm1(2)
+    size = SIZE if net == "alex" else 32  # VGG's four pools leave 2 x 2 at its last tap
+    a, b = images_pm1(1, size), images_pm1(2, size)
     reference = torch_lpips(features, heads, net, a, b)
-    distance = np.asarray(jitted(ours)(a.transpose(0, 2, 3, 1), b.transpose(0, 2, 3, 1)))
+    forward = jitted(ours)
+    distance = np.asarray(forward(a.transpose(0, 2, 3, 1), b.transpose(0, 2, 3, 1)))
     assert distance.shape == (2,) and rel_error(distance, reference) <= 1e-4
-    assert np.asarray(jitted(ours)(a.transpose(0, 2, 3, 1), a.transpose(0, 2, 3, 1))) == pytest.approx(0, abs=1e-6)
+    assert np.asarray(forward(a.transpose(0, 2, 3, 1), a.transpose(0, 2, 3, 1))) == pytest.approx(0, abs=1e-6)
 
 
 def test_convert_lpips_errors(tmp_path):

@@ -12,7 +12,7 @@
 
 Weights: one `.safetensors` file written by `nsync_jax.convert.convert_lpips` from torchvision's backbone
 (`features.{i}.weight`/`bias`, PyTorch layouts and names) and lpips' heads (`lin{k}.model.1.weight`, stored as
-`heads.{k}.weight`). Callers run it under `jax.default_matmul_precision("highest")`.
+`heads.{k}.weight`). Convolutions run at `Precision.HIGHEST` (no TF32/bf16 passes on GPUs and TPUs).
 """
 from __future__ import annotations
 
@@ -104,9 +104,10 @@ class LPIPS(nnx.Module):
     def __call__(self, a: jax.Array, b: jax.Array) -> jax.Array:
         """LPIPS distances `(batch,)` between images `a` and `b`, `(batch, height, width, 3)` in [-1, 1]."""
         total = jnp.zeros(a.shape[0], jnp.float32)
-        for head, both in zip(self.heads, self.taps(jnp.concatenate([a, b]))):
-            x, y = jnp.split(both, 2)
-            total = total + head((_unit(x) - _unit(y)) ** 2).mean(axis=(1, 2, 3))
+        with jax.default_matmul_precision("highest"):
+            for head, both in zip(self.heads, self.taps(jnp.concatenate([a, b]))):
+                x, y = jnp.split(both, 2)
+                total = total + head((_unit(x) - _unit(y)) ** 2).mean(axis=(1, 2, 3))
         return total
 
 

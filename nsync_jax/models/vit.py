@@ -11,7 +11,8 @@ to CLIP's (`encoder.layers.3.self_attn.k_proj`) on the way in.
 image's structure: the key projections of the last layer's input, every token (class token first), heads
 concatenated, `(batch, 1 + patches, hidden)`. Pixels are `(batch, image_size, image_size, channels)`, resized on
 the host and normalised with `IMAGENET_MEAN`/`IMAGENET_STD`; no position interpolation, so the size must be
-the config's. Callers run it under `jax.default_matmul_precision("highest")` (`evaluate.batched_features` does).
+the config's. Products run at `Precision.HIGHEST` (no TF32/bf16 passes on GPUs and TPUs), as the other metric
+networks'.
 """
 from __future__ import annotations
 
@@ -116,14 +117,16 @@ class ViTModel(nnx.Module):
     def __call__(self, pixels: jax.Array) -> jax.Array:
         """`last_hidden_state` `(batch, 1 + patches, hidden)`, after the final layer norm."""
         self._check(pixels)
-        return self.layernorm(self.encoder(self.embeddings(pixels)))
+        with jax.default_matmul_precision("highest"):
+            return self.layernorm(self.encoder(self.embeddings(pixels)))
 
     def last_layer_keys(self, pixels: jax.Array) -> jax.Array:
         """The last layer's attention keys `(batch, 1 + patches, hidden)`, heads concatenated (Splice's)."""
         self._check(pixels)
-        x = self.encoder(self.embeddings(pixels), num_layers=self.config.num_hidden_layers - 1)
-        last = self.encoder.layers[-1]
-        return last.self_attn.k_proj(last.layer_norm1(x))
+        with jax.default_matmul_precision("highest"):
+            x = self.encoder(self.embeddings(pixels), num_layers=self.config.num_hidden_layers - 1)
+            last = self.encoder.layers[-1]
+            return last.self_attn.k_proj(last.layer_norm1(x))
 
 
 # transformers' ViT names -> CLIPEncoder's, per layer.
