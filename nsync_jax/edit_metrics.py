@@ -13,6 +13,9 @@ work it cites or the common tool (../docs/methods.md §4.4):
 Deviations, named: Splice resizes the shorter side to 224 keeping the aspect (DINO then interpolates its
 positions); here every image is resized to the square the ViT was trained at (the same for the square images
 `edit` writes). Resizing uses Pillow's antialiased bilinear, as torchvision's `Resize` on PIL images does.
+The Hub's `facebook/dino-vitb8` config says layer norm epsilon 1e-12 where DINO's code (Splice's
+`torch.hub` network) uses 1e-6; `convert-weights dino-vit` of DINO's own file keeps 1e-6, a copied Hub folder
+runs as its config says (a relative difference far below the metric's noise).
 
 Pairs are matched by file stem: every edit needs an original (and a mask and prompts, where those are
 given); originals without an edit are counted and left out. Each metric reports its mean over pairs, its std
