@@ -15,7 +15,8 @@ positions); here every image is resized to the square the ViT was trained at (th
 `edit` writes). Resizing uses Pillow's antialiased bilinear, as torchvision's `Resize` on PIL images does.
 The Hub's `facebook/dino-vitb8` config says layer norm epsilon 1e-12 where DINO's code (Splice's
 `torch.hub` network) uses 1e-6; `convert-weights dino-vit` of DINO's own file keeps 1e-6, a copied Hub folder
-runs as its config says (a relative difference far below the metric's noise).
+runs as its config says (the two differ by about 1e-6 of the normalised activations where their variance is
+near 1).
 
 Pairs are matched by file stem: every edit needs an original (and a mask and prompts, where those are
 given); originals without an edit are counted and left out. Each metric reports its mean over pairs, its std
@@ -164,8 +165,9 @@ def pair_metrics(ev: EditEvaluation, originals: list[np.ndarray], edits: list[np
     if {"clip_accuracy", "clip_score"} & set(ev.metrics):
         wants_source = "clip_accuracy" in ev.metrics
         if targets is None or (wants_source and sources is None):
-            raise UserError(f"--{'target' if targets is None else 'source'}: the CLIP metrics need each edit's "
-                            "target text (and, for clip_accuracy, its source text)")
+            flag = "target" if targets is None else "source"
+            raise UserError(f"--{flag}: the CLIP metrics need each edit's target text (and, for clip_accuracy, its "
+                            f"source text): give --{flag} TEXT or --{flag}-prompts DIR, or leave them out of --metrics")
         image, target_text, source_text = clip_embeddings(ev.weights, edits, targets,
                                                           sources if wants_source else None, ev.batch_size)
         to_target = cosine(image, target_text)
