@@ -112,7 +112,8 @@ def test_convert_dino_gives_the_transformers_model(vit, tmp_path):
     _randomize(wide)
     wide.save_pretrained(tmp_path / "wide")
     torch.save(dino_release_state(wide, tmp_path / "wide"), tmp_path / "wide.pth")
-    converted = convert_dino(tmp_path / "wide.pth", tmp_path / "dino")
+    assert cli.main(["convert-weights", "dino-vit", str(tmp_path / "wide.pth"), str(tmp_path / "dino")]) == 0
+    converted = tmp_path / "dino"
     saved = json.loads((converted / "config.json").read_text())
     assert (saved["num_attention_heads"], saved["image_size"], saved["layer_norm_eps"]) == (1, 16, 1e-6)
     pixels = np.random.default_rng(1).standard_normal((1, 16, 16, 3)).astype(np.float32)
@@ -236,7 +237,8 @@ def edit_weights(tmp_path_factory, tiny_tokenizer_dir, vit):
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(tiny_tokenizer_dir / name, folder / "clip-vit-large-patch14" / name)
     features, heads = lpips_files("alex", folder)
-    convert_lpips(folder / "alex-backbone.pth", folder / "alex.pth", folder / "lpips-alex.safetensors", "alex")
+    assert cli.main(["convert-weights", "lpips-alex", str(folder / "alex-backbone.pth"),
+                     str(folder / "lpips-alex.safetensors"), "--lpips-heads", str(folder / "alex.pth")]) == 0
     shutil.copytree(vit[1], folder / "dino-vitb8")
     return folder, clip, tokenizer, features, heads, vit[0]
 
