@@ -45,6 +45,13 @@ _LINEAR_ATTRIBUTES = ("in_features", "out_features", "use_bias", "dtype", "param
                       "dot_general", "promote_dtype", "preferred_element_type")
 
 
+def initial_adapter(key: jax.Array, in_features: int, rank: int, out_features: int) -> tuple[jax.Array, jax.Array]:
+    """A new adapter's `(lora_down (in, rank), lora_up (rank, out))`: see the module docstring."""
+    bound = 1.0 / np.sqrt(in_features)
+    return (jax.random.uniform(key, (in_features, rank), jnp.float32, -bound, bound),
+            jnp.zeros((rank, out_features), jnp.float32))
+
+
 class LoRALinear(nnx.Module):
     """An `nnx.Linear` plus a low-rank update; the base layer's variables and arithmetic are kept as they are."""
 
@@ -53,9 +60,8 @@ class LoRALinear(nnx.Module):
             setattr(self, name, getattr(base, name))
         self.kernel, self.bias = base.kernel, base.bias
         self.scale = alpha / rank
-        bound = 1.0 / np.sqrt(base.in_features)
-        self.lora_down = nnx.LoRAParam(jax.random.uniform(key, (base.in_features, rank), jnp.float32, -bound, bound))
-        self.lora_up = nnx.LoRAParam(jnp.zeros((rank, base.out_features), jnp.float32))
+        down, up = initial_adapter(key, base.in_features, rank, base.out_features)
+        self.lora_down, self.lora_up = nnx.LoRAParam(down), nnx.LoRAParam(up)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = nnx.Linear.__call__(self, x)  # the base layer exactly (its dtype promotion and precision)
@@ -95,6 +101,21 @@ def add_lora(module: nnx.Module, targets, *, rank: int, alpha: float, key: jax.A
 def flat_params(state) -> dict[str, jax.Array]:
     """An NNX state as `{"down_blocks.0....to_q.lora_down": array}`."""
     return {".".join(map(str, path)): variable[...] for path, variable in nnx.to_flat_state(state)}
+
+
+def fresh_adapters(like: dict[str, dict[str, jax.Array]], key: jax.Array) -> dict[str, dict[str, jax.Array]]:
+    """New adapters of the shapes of `like` (`{component: {"<module>.lora_down": (in, r), ...}}`), drawn from
+    `key` as `add_lora` draws them: another set for the same layers."""
+    fresh = {}
+    for index, component in enumerate(sorted(like)):
+        flat, fresh[component] = like[component], {}
+        downs = sorted(path for path in flat if path.endswith(".lora_down"))
+        for layer, down_path in enumerate(downs):
+            up_path = down_path.removesuffix("_down") + "_up"
+            (in_features, rank), out_features = flat[down_path].shape, flat[up_path].shape[1]
+            fresh[component][down_path], fresh[component][up_path] = initial_adapter(
+                jax.random.fold_in(jax.random.fold_in(key, index), layer), in_features, rank, out_features)
+    return fresh
 
 
 def nested_params(flat: dict) -> dict:

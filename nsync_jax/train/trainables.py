@@ -8,7 +8,9 @@ trains only the UNet's normalisation layers).
 
 - `embeddings`: the new token rows `(num_vectors, width)` of the method's words (`Method.words`), embedded in
   place of the placeholder ids; the text encoder and UNet stay frozen.
-- `lora`: `nnx.LoRAParam` adapters that `lora.add_lora` puts on the targeted linear layers.
+- `lora`: `nnx.LoRAParam` adapters that `lora.add_lora` puts on the targeted linear layers. With a method that
+  fuses branches (`Method.lora_branches`: DreamArtist++) it is `BranchedLoRA`: the method's words and one set
+  of adapters per branch.
 - `full`: every `nnx.Param` of the UNet (and of the text encoder with `full.train_text_encoder`), with float32
   master copies split over `fsdp` like frozen weights.
 Weights of modules come as flat dicts `{component: {path: array}}` (`lora.flat_params`); the VAE is always frozen.
@@ -57,6 +59,11 @@ class Trainable:
     def embed(self, trained, table: jax.Array, ids: jax.Array) -> jax.Array:
         """The input embeddings of token ids `ids` with the text encoder's `table` (`trained`: one copy)."""
         return tokens.embed_tokens(table, jnp.zeros((0, table.shape[-1]), table.dtype), ids)
+
+    def branch_params(self, trained, count: int):
+        """One copy of what is trained per branch of a fused prediction (DreamArtist's negative and positive
+        prompts), stacked on a leading axis: the same copy for each, unless a trainable keeps weights per branch."""
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (count, *x.shape)), trained)
 
     def shardings(self, mesh, tree):
         """Shardings of what is trained, or of its optimizer state (`tree`: either, or their shapes)."""
@@ -190,9 +197,13 @@ class ModuleWeights(Trainable):
         if config.train.weight_decay_scope != "rows":
             raise UserError(f"config train.weight_decay_scope={config.train.weight_decay_scope!r} applies to token "
                             f"rows (trainable='embeddings'), not trainable={self.name!r}: use 'rows'")
-        if method.token_rows_only:
+        if method.token_rows_only and not self.learns_words_of(method):
             raise UserError(f"config trainable={self.name!r} is not supported with method {method.name} (it learns "
                             "token rows): use trainable='embeddings'")
+
+    def learns_words_of(self, method) -> bool:
+        """Whether this trainable learns `method`'s words along with the module weights."""
+        return False
 
     def prepare(self, module: nnx.Module, name: str, config, key: jax.Array) -> None:
         """Changes a module before it is split (LoRA: puts the adapters on it)."""
@@ -262,6 +273,15 @@ class LoRA(ModuleWeights):
     load_dtype: Any = None
     export_formats = (*export.LORA_FORMATS, "diffusers-pipeline")
 
+    def configured(self, config):
+        from nsync_jax.train import methods  # here: the methods import the step, which imports this module
+
+        branches = methods.get(config.method).lora_branches
+        return BranchedLoRA(branches=branches) if branches else self
+
+    def learns_words_of(self, method):
+        return bool(method.lora_branches)
+
     def check_config(self, config, method):
         super().check_config(config, method)
         settings = config.lora
@@ -299,6 +319,79 @@ class LoRA(ModuleWeights):
 
 def lora_scale(config) -> float:
     return float(config.lora.alpha) / config.lora.rank
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BranchedLoRA(LoRA):
+    """Trainable lora with a method that fuses branches (`Method.lora_branches`, DreamArtist++ as HCP-Diffusion
+    trains it): the method's words (token rows) and, per branch, adapters of its own on the same layers. What
+    is trained is `{"rows": (rows, width), <branch>: {component: {path: array}}}`; group i of a step reads the
+    rows and branch i's adapters (`branch_params`). Files: the words as `embeddings` writes them, and each
+    branch's adapters as a LoRA file `<stem><suffix>.safetensors`."""
+
+    branches: tuple[tuple[str, str], ...] = ()  # (name, file suffix) in the order of a step's groups
+    export_formats = (*export.FORMATS, *export.LORA_FORMATS)
+
+    def configured(self, config):
+        return self
+
+    @property
+    def main_branch(self) -> str:
+        """The branch whose files have no suffix (the positive one): previews draw with its adapters."""
+        return next(name for name, suffix in self.branches if not suffix)
+
+    def split(self, pipe, config, method, names):
+        _, _, rows = EMBEDDINGS.split(pipe, config, method, ())  # the initial rows; adds the words to the tokenizer
+        graphdefs, frozen, adapters = super().split(pipe, config, method, names)
+        # The first branch has the adapters `add_lora` drew; each other branch a set drawn alike, its own stream.
+        key = jax.random.fold_in(jax.random.key(config.train.seed), 0x4272616E)
+        trained = {"rows": rows}
+        for index, (name, _) in enumerate(self.branches):
+            trained[name] = adapters if index == 0 else lora.fresh_adapters(adapters, jax.random.fold_in(key, index))
+        return graphdefs, frozen, trained
+
+    def branch_params(self, trained, count):
+        rows = trained["rows"]
+        return {"rows": jnp.broadcast_to(rows, (count, *rows.shape)),
+                "adapters": jax.tree.map(lambda *x: jnp.stack(x), *(trained[name] for name, _ in self.branches))}
+
+    def module_states(self, name, trained, frozen):  # `trained`: one branch's copy, from `branch_params`
+        if trained is not None and name in trained["adapters"]:
+            return lora.nested_params(trained["adapters"][name]), frozen[name]
+        return (frozen[name],)
+
+    def embed(self, trained, table, ids):
+        return tokens.embed_tokens(table, trained["rows"], ids)
+
+    def show(self, pipe, trained):
+        EMBEDDINGS.show(pipe, trained["rows"])
+        super().show(pipe, trained[self.main_branch])
+
+    def metadata(self, config):
+        return {**super().metadata(config), "num_vectors": config.num_vectors}
+
+    def write_adapters(self, path: Path, config, trained, metadata: dict, layout: str) -> list[Path]:
+        """Each branch's adapters as a LoRA file in `layout`: `path` for the main branch, `<stem><suffix>` next to
+        it for the others. Returns the files written."""
+        written = []
+        for name, suffix in self.branches:
+            target = export.sibling_path(Path(path), suffix)
+            lora.write_lora_file(target, trained[name], lora_scale(config), metadata=dict(metadata, lora_branch=name),
+                                 layout=layout)
+            written.append(target)
+        return written
+
+    def write_outputs(self, workdir, config, method, trained, metadata):
+        words = EMBEDDINGS.write_outputs(workdir, config, method, trained["rows"], metadata)
+        return words + self.write_adapters(workdir / "lora.safetensors", config, trained, metadata, "diffusers")
+
+    def export(self, output, fmt, config, method, trained, metadata, source):
+        if fmt in export.FORMATS:
+            return EMBEDDINGS.export(output, fmt, config, method, trained["rows"], metadata, source)
+        paths = self.write_adapters(output, config, trained, metadata, export.LORA_FORMATS[fmt])
+        written = ", ".join(f"{path} ({name} branch)" for path, (name, _) in zip(paths, self.branches))
+        components = ", ".join(trained[self.main_branch])
+        return f"wrote {written} (LoRA rank {config.lora.rank}, {components}), step {metadata['step']}"
 
 
 EMBEDDINGS = register(Embeddings())

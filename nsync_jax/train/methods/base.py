@@ -34,7 +34,12 @@ class Word:
 
 class Method:
     name: str
-    token_rows_only = False  # True: the method cannot train module weights (trainable lora or full)
+    # True: the method's words are token rows it always learns, so module weights (trainable lora or full) can
+    # only be trained along with them: with trainable lora where `lora_branches` is set.
+    token_rows_only = False
+    # The branches of a fused prediction, in the order of a step's groups, as (name, file suffix): with trainable
+    # lora each has adapters of its own, written to `lora<suffix>.safetensors` (DreamArtist++).
+    lora_branches: tuple[tuple[str, str], ...] = ()
     contrastive = False  # True: a step also draws each positive's negative and an anchor (NSYNC's groups)
 
     def check_config(self, config: ml_collections.ConfigDict) -> None:

@@ -4,6 +4,22 @@ frozen VAE decoder) taken on the fused prediction, so one gradient reaches both 
 gamma, the negative's through (1 - gamma). Both words are rows of one trained matrix (the positive's first);
 the optimizer treats each as the separate torch parameter it is in the released code (`configs/dreamartist_*.py`
 hold the released settings).
+
+DreamArtist++ (`trainable="lora"`, HCP-Diffusion's `cfgs/train/examples/DreamArtist++.yaml` and
+`doc/guide_DA.md`; `configs/dreamartist_plus_sd15.py`): the two words, plus LoRA adapters of each branch on
+the same layers, the negative prompts' UNet and text encoder running with the negative adapters and the
+positive prompts' with the positive ones (HCP applies each set to its half of the batch), fused and trained
+as above; each branch's UNet and text encoder adapters have their own learning rate
+(`dreamartist.lora_learning_rate`, `neg_lora_learning_rate`, `text_encoder_lora_learning_rate`). Files: the
+words as embeddings, the positive adapters as `lora.safetensors` and the negative ones as
+`lora-neg.safetensors`. HCP's guide samples with the positive word and LoRA on the positive branch and the
+negative LoRA alone on the negative one. Where this differs from HCP's config: one rank for every layer
+(`lora.rank`; HCP gives each layer 0.01875 of its output width, 2 on the text encoder) and alpha = 1 as HCP's
+scale 1/rank; the text encoder's attention projections only (HCP also adapts its MLPs); no LoRA dropout (HCP:
+0.1); one weight decay (`train.weight_decay`; HCP: 1e-3 adapters, 5e-4 words); each branch's adapters clipped
+per component to `dreamartist.grad_clip_norm` (HCP: max_grad_norm 1.0 over the model's); a constant learning
+rate (HCP: one-cycle with 200 warm-up steps); the plain denoising loss (HCP's later config: min-SNR, gamma 2);
+no regularisation set of the model's own images.
 """
 from __future__ import annotations
 
@@ -28,6 +44,9 @@ from nsync_jax.train.step import StepSpec, denoise, group_keys
 GUIDANCE_SCHEDULES = ("constant", "ln", "cos", "cos2")
 # The negative word is `<token>-neg` in prompts and `<name>-neg.pt` on disk, as released.
 NEGATIVE_SUFFIX = "-neg"
+# DreamArtist++'s adapters per branch, in the order of a step's groups (the negative prompts first); the
+# negative's files take the negative word's suffix.
+LORA_BRANCHES = (("negative", NEGATIVE_SUFFIX), ("positive", ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,20 +78,22 @@ def fusion_guidance(da: DreamArtistSpec, t: jax.Array, num_train_timesteps: int)
     return da.guidance_min + (da.guidance - da.guidance_min) * ramp
 
 
-def dreamartist_losses(spec: StepSpec, da: DreamArtistSpec, rows, frozen, batch, key):
+def dreamartist_losses(spec: StepSpec, da: DreamArtistSpec, trained, frozen, batch, key):
     """DreamArtist's loss and its parts `{"loss_denoise", "loss_reconstruction"}` for one step.
 
     Args:
-      rows: `(num_positive_vectors + num_negative_vectors, width)`, the positive word's rows, then the negative's.
+      trained: the rows `(num_positive_vectors + num_negative_vectors, width)`, the positive word's then the
+        negative's; with trainable lora, `{"rows": rows, "negative": adapters, "positive": adapters}`.
       batch: ids `(2, batch, tokens)`, the negative word's prompts then the positive word's (as released);
         mean, logvar `(1, batch, h, w, c)`; with reconstruction, pixels `(1, batch, H, W, 3)` in [-1, 1]; with
         attention masks, weights `(1, batch, h, w)` of the squared error.
     """
     # Both groups read the same posteriors with the same key: the two words see the same noisy latents and
-    # timesteps, and the UNet runs once on the batch of both.
+    # timesteps; the UNet runs once on the batch of both (with LoRA, each group with its branch's adapters).
     both = lambda x: jnp.broadcast_to(x, (2, *x.shape[1:]))
-    prediction, target, noisy, t = denoise(spec, both(rows[None]), frozen, batch["ids"], both(batch["mean"]),
-                                           both(batch["logvar"]), group_keys(key, 2, share_noise=True))
+    prediction, target, noisy, t = denoise(spec, spec.trainable.branch_params(trained, 2), frozen, batch["ids"],
+                                           both(batch["mean"]), both(batch["logvar"]),
+                                           group_keys(key, 2, share_noise=True))
     negative, positive = prediction[0], prediction[1]
     gamma = fusion_guidance(da, t[1], spec.schedule.num_train_timesteps)[:, None, None, None]
     fused = negative + gamma * (positive - negative)
@@ -92,19 +113,24 @@ def dreamartist_losses(spec: StepSpec, da: DreamArtistSpec, rows, frozen, batch,
     return loss, parts
 
 
-def dreamartist_gradients(spec: StepSpec, da: DreamArtistSpec, rows, frozen, batch, key):
-    """The gradient of DreamArtist's loss on both words' rows, no extra optimizer arguments, and metrics."""
+def dreamartist_gradients(spec: StepSpec, da: DreamArtistSpec, trained, frozen, batch, key):
+    """The gradient of DreamArtist's loss on what is trained, no extra optimizer arguments, and metrics."""
     (loss, parts), grads = jax.value_and_grad(dreamartist_losses, argnums=2, has_aux=True)(
-        spec, da, rows, frozen, batch, key)
-    positive, negative = grads[:da.num_positive_vectors], grads[da.num_positive_vectors:]
+        spec, da, trained, frozen, batch, key)
+    with_adapters = isinstance(grads, dict)  # trainable lora: {"rows", "negative", "positive"}
+    rows = grads["rows"] if with_adapters else grads
+    positive, negative = rows[:da.num_positive_vectors], rows[da.num_positive_vectors:]
     metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(positive),
                "negative_grad_norm": optax.tree.norm(negative)}
+    if with_adapters:
+        metrics.update({f"{branch}_lora_grad_norm": optax.tree.norm(grads[branch]) for branch, _ in LORA_BRANCHES})
     return grads, {}, metrics
 
 
 class DreamArtist(Method):
     name = "dreamartist"
     token_rows_only = True  # its negative word is learned token rows
+    lora_branches = LORA_BRANCHES  # trainable lora: DreamArtist++
 
     def check_config(self, config):
         da = config.dreamartist
@@ -139,6 +165,9 @@ class DreamArtist(Method):
         if config.initializer_embedding:
             raise UserError("config initializer_embedding is not supported with method dreamartist (it starts both "
                             "words from initializer_token)")
+        for key in ("lora_learning_rate", "neg_lora_learning_rate", "text_encoder_lora_learning_rate"):
+            if not da[key] > 0:
+                raise UserError(f"config dreamartist.{key}={da[key]!r} must be positive")
 
     def words(self, config):
         return [*super().words(config), Word(NEGATIVE_SUFFIX, config.placeholder_token + NEGATIVE_SUFFIX,
@@ -191,7 +220,21 @@ class DreamArtist(Method):
         if da.ema_weight < 1 or da.neg_ema_weight < 1:  # each word's EMA on its own, as released
             chain.append(ema_reset((da.ema_weight, da.neg_ema_weight), (da.ema_rep_step, da.neg_ema_rep_step),
                                    block_sizes=sizes))
-        return optax.chain(*chain)
+        if config.trainable != "lora":
+            return optax.chain(*chain)
+        # DreamArtist++: each branch's adapters of each component with their own learning rate, as AdamW's
+        # update scaled by rate / train.learning_rate (weight decay included, as a torch parameter group's lr).
+        rates = {("positive", "unet"): da.lora_learning_rate, ("negative", "unet"): da.neg_lora_learning_rate}
+        components = ("unet", "text_encoder") if config.lora.text_encoder else ("unet",)
+        transforms = {"words": optax.chain(*chain)}
+        for branch, _ in LORA_BRANCHES:
+            for component in components:
+                rate = rates.get((branch, component), da.text_encoder_lora_learning_rate)
+                transforms[f"{branch}/{component}"] = optax.chain(
+                    optax.clip_by_global_norm(da.grad_clip_norm), adamw, optax.scale(rate / config.train.learning_rate))
+        labels = lambda trained: {part: "words" if part == "rows" else {c: f"{part}/{c}" for c in trained[part]}
+                                  for part in trained}
+        return optax.multi_transform(transforms, labels)
 
     def metadata(self, config):  # the training gamma is the CFG scale to start sampling from
         return {"negative_token": self.negative_word(config), "guidance": config.dreamartist.guidance}
