@@ -11,6 +11,8 @@ Reading (the dataset, `caption`, `negatives`, `evaluate` and `edit` all go throu
   or a file that does not read or decode, is a `UserError` naming the file, the same message everywhere.
   `caption_text(text, source)` applies the same rule to a caption given another way (a flag).
 * `read_captions(folder, stems=None)`: `{stem: caption}` of every `*.txt` of a folder, or of the given stems.
+* `read_prompt_list(path)`: a text file of prompts, one per line, as `{"img_<i>": prompt}` with i the line's
+  0-based number (the released `gen_imgs_random_prompts.py` names its images so); blank lines are skipped.
 
 Writing: PNGs written atomically (temporary name, then rename), so a kill never leaves half a file.
 """
@@ -86,6 +88,19 @@ def read_captions(folder: Path, stems: Iterable[str] | None = None) -> dict[str,
         raise UserError(f"{caption_path(folder, missing[0])}: no caption for image {missing[0]!r} "
                         f"({len(missing)} missing)")
     return {stem: read_caption(caption_path(folder, stem)) for stem in stems}
+
+
+def read_prompt_list(path: Path) -> dict[str, str]:
+    """`{"img_<i>": prompt}` of the non-blank lines of `path` (i: the line's number from 0), each on one line by
+    `caption_text`'s rule; a file that does not read or holds no prompt is a `UserError` naming it."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the prompt list ({type(e).__name__}: {e})") from None
+    prompts = {f"img_{i}": " ".join(line.split()) for i, line in enumerate(lines) if line.strip()}
+    if not prompts:
+        raise UserError(f"{path}: no prompts (one per line)")
+    return prompts
 
 
 # ------------------------------------------------------------------------------------------------------------

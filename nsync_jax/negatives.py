@@ -1,11 +1,12 @@
 """Caption-matched image sets: NSYNC's negatives, its test-image generation and their relatives.
 
-For each caption `<stem>` (a caption file `<stem>.txt`, read by `imageio.read_captions`, or a line of a prompt
-list, `read_prompt_list`), the model draws `template.format(caption=..., **fields)`: e.g. "a harbour at dawn in
-the style of painting" with the frozen base model (the negatives: `nsync-jax negatives`, whose template also
-takes {style_phrase}; "... a natural image, no styles." is the released code's content set), or "a harbour at
-dawn in the style of <token>" with learned embeddings or LoRA files (`nsync-jax sample --captions`, the released
-`gen_imgs.py`). Outputs are `<stem>.png`, or `<stem>_<k>.png` for several images per caption.
+For each caption `<stem>` (a caption file `<stem>.txt`, read by `imageio.read_captions`, or a line of a
+prompt list, `imageio.read_prompt_list`), the model draws `template.format(caption=..., **fields)`: e.g. "a
+harbour at dawn in the style of painting" with the frozen base model (the negatives: `nsync-jax negatives`,
+whose template also takes {style_phrase}; "... a natural image, no styles." is the released code's content set),
+or "a harbour at dawn in the style of <token>" with learned embeddings or LoRA files (`nsync-jax sample
+--captions`, the released `gen_imgs.py`). Outputs are `<stem>.png`, or `<stem>_<k>.png` for several images per
+caption.
 
 A set is resumable and reproducible: image k of a stem starts from the noise of `(seed, stem, k)` and is a
 function of that and the settings the manifest records alone, byte for byte: the same file on any number of
@@ -70,24 +71,14 @@ def build_prompts(captions: dict[str, str], template: str, **fields: str) -> dic
     return {stem: template.format(caption=caption, **fields).strip() for stem, caption in captions.items()}
 
 
-def read_prompt_list(path: Path, count: int | None = None, seed: int = 0) -> dict[str, str]:
-    """The prompts of a text file, one per line, as `{"img_<i>": prompt}` with i the line's 0-based number (the
-    released `gen_imgs_random_prompts.py` names its images so); blank lines are skipped. With `count`, `count`
-    of them drawn at random without replacement by `seed` (the released script draws every line): a subset that
-    names its images by line keeps a rerun resumable."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read the prompt list ({type(e).__name__}: {e})") from None
-    prompts = {f"img_{i}": " ".join(line.split()) for i, line in enumerate(lines) if line.strip()}
-    if not prompts:
-        raise UserError(f"{path}: no prompts (one per line)")
-    if count is None:
-        return prompts
+def choose_prompts(prompts: dict[str, str], count: int, seed: int, source: Path) -> dict[str, str]:
+    """`count` of a prompt list's prompts (`imageio.read_prompt_list`), drawn at random without replacement by
+    `seed`, in line order. The released `gen_imgs_random_prompts.py` draws every line; a subset keeps the lines'
+    names, so a rerun stays resumable."""
     if count > len(prompts):
-        raise UserError(f"--num-prompts {count}: {path} has only {len(prompts)} prompts")
-    chosen = np.random.default_rng(seed).choice(list(prompts), count, replace=False)
-    return {stem: prompts[stem] for stem in sorted(chosen, key=lambda stem: int(stem[4:]))}
+        raise UserError(f"--num-prompts {count}: {source} has only {len(prompts)} prompts")
+    chosen = set(np.random.default_rng(seed).choice(list(prompts), count, replace=False))
+    return {stem: prompt for stem, prompt in prompts.items() if stem in chosen}
 
 
 def check_prompt_lengths(prompts: dict[str, str], tokenizer, source: Callable[[str], str], strict: bool) -> None:
@@ -171,7 +162,7 @@ def generate_set(pipe: StableDiffusion, prompts: dict[str, str], output: Path, *
                 "clip_skip": settings.clip_skip, "handoff_timestep": settings.handoff_timestep,
                 "learned_rows": hashlib.sha256(np.ascontiguousarray(pipe.extra_token_rows).tobytes()).hexdigest(),
                 "weights": weights or {}}
-    with checkpoints.workdir_lock(output, "image set run"):  # one writer per folder (its manifest, its files)
+    with checkpoints.workdir_lock(output, "negatives run"):  # one writer per folder (its manifest, its files)
         # A rerun may only complete the same set: other settings would mix two sets in one folder.
         previous = _read_manifest(output / MANIFEST)
         changed = sorted(key for key in manifest if key in previous and previous[key] != manifest[key])
@@ -221,15 +212,17 @@ def generate_set(pipe: StableDiffusion, prompts: dict[str, str], output: Path, *
 def prepare_prompts(pipe: StableDiffusion, template: str, *, captions: Path | None = None,
                     prompt_list: Path | None = None, count: int | None = None, seed: int = 0, strict: bool = False,
                     **fields: str) -> dict[str, str]:
-    """The set's prompts by stem, from a folder of caption files or a prompt list (`read_prompt_list(prompt_list,
-    count, seed)`), through `build_prompts(..., template, **fields)`, their lengths checked."""
+    """The set's prompts by stem, from a folder of caption files or a prompt list (`imageio.read_prompt_list`; with
+    `count`, `choose_prompts`), through `build_prompts(..., template, **fields)`, their lengths checked."""
     if (captions is None) == (prompt_list is None):
         raise ValueError("give exactly one of captions and prompt_list")
     if captions is not None:
         prompts = build_prompts(imageio.read_captions(captions), template, **fields)
         source = lambda stem: str(imageio.caption_path(captions, stem))
     else:
-        prompts = build_prompts(read_prompt_list(prompt_list, count, seed), template, **fields)
-        source = lambda stem: f"{prompt_list} line {int(stem[4:]) + 1}"
+        lines = imageio.read_prompt_list(prompt_list)
+        prompts = build_prompts(lines if count is None else choose_prompts(lines, count, seed, prompt_list), template,
+                                **fields)
+        source = lambda stem: f"{prompt_list} line {int(stem.removeprefix('img_')) + 1}"
     check_prompt_lengths(prompts, pipe.tokenizer, source, strict)
     return prompts

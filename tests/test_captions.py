@@ -46,9 +46,10 @@ def build_tiny_llava(folder):
                          max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1)
     LlavaForConditionalGeneration(config).eval().save_pretrained(folder)
-    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
-                   tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1, chat_template=template).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                   chat_template=template).save_pretrained(folder)
     return folder
 
 
@@ -64,7 +65,8 @@ def build_tiny_internvl(folder):
     tokenizer = word_tokenizer(["<|im_start|>", "<|im_end|>", *image_tokens.values()], eos_token="<|im_end|>",
                                extra_special_tokens=image_tokens)
     tokenizer.save_pretrained(folder)
-    GotOcr2ImageProcessorPil(size={"height": 28, "width": 28}, crop_to_patches=True, max_patches=2).save_pretrained(folder)
+    tiles = GotOcr2ImageProcessorPil(size={"height": 28, "width": 28}, crop_to_patches=True, max_patches=2)
+    tiles.save_pretrained(folder)
     (folder / "processor_config.json").write_text(json.dumps({"processor_class": "InternVLProcessor",
                                                               "image_seq_length": 1}))
     (folder / "chat_template.jinja").write_text(

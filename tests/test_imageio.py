@@ -82,8 +82,8 @@ def test_a_bad_caption_is_the_same_one_line_error_everywhere(tmp_path, content):
 
     errors = {}
     with pytest.raises(UserError) as error:
-        negatives.prepare_prompts(types.SimpleNamespace(tokenizer=None), root / "captions",
-                                  negatives.DEFAULT_TEMPLATE, negatives.DEFAULT_STYLE_PHRASE, strict=False)
+        negatives.prepare_prompts(types.SimpleNamespace(tokenizer=None), negatives.DEFAULT_TEMPLATE,
+                                  captions=root / "captions", style_phrase=negatives.DEFAULT_STYLE_PHRASE)
     errors["negatives"] = str(error.value)
 
     # `caption` keeps existing captions: one it would keep must read (checked before the captioner loads).

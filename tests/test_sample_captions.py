@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from nsync_jax.cli import main
-from nsync_jax.negatives import read_prompt_list
+from nsync_jax.imageio import read_prompt_list
+from nsync_jax.negatives import choose_prompts
 
 CAPTIONS = {"harbour": "a harbour", "cat": "a cat", "star": "a red star"}
 SMALL = ["--steps", "2", "--height", "32", "--batch-size", "2"]
@@ -101,9 +102,9 @@ def test_prompt_list_draws_lines_by_number(sd1_dir, embeddings, tmp_path, capsys
     prompts.write_text("a harbor\n\na lake\na  rainy street\na still life\n")
     every = read_prompt_list(prompts)
     assert every == {"img_0": "a harbor", "img_2": "a lake", "img_3": "a rainy street", "img_4": "a still life"}
-    chosen = read_prompt_list(prompts, 2, seed=3)
-    assert len(chosen) == 2 and chosen.items() <= every.items() and chosen == read_prompt_list(prompts, 2, seed=3)
-    assert {frozenset(read_prompt_list(prompts, 2, seed)) for seed in range(8)} != {frozenset(chosen)}
+    chosen = choose_prompts(every, 2, 3, prompts)
+    assert len(chosen) == 2 and chosen.items() <= every.items() and chosen == choose_prompts(every, 2, 3, prompts)
+    assert {frozenset(choose_prompts(every, 2, seed, prompts)) for seed in range(8)} != {frozenset(chosen)}
 
     out = tmp_path / "out"
     code, text = sample(capsys, "--model", sd1_dir, "--prompts-file", prompts, "--num-prompts", 2, "--seed", 3,
