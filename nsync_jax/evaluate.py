@@ -1,14 +1,23 @@
 """`nsync-jax evaluate`: FID, KID, CMMD, CSD and CLIP score between a folder of generated and of real images.
 
-Two protocols, because the NSYNC paper's scripts differ from the standard tools (../docs/metrics.md):
+Three protocols, because the papers' scripts differ from the standard tools (../docs/metrics.md):
 
-| metric | `standard` | `nsync` (the NSYNC paper's scripts) |
-| --- | --- | --- |
-| FID, KID | FID Inception (pytorch-fid's TF port); clean-fid's input: PIL bicubic on float channels to 299, (x - 128) / 128; plain FID | torchvision's ImageNet Inception; gan-metrics' input: x / 255, bilinear to 299 (torch's, no antialias), 2x - 1; FID is the mean (std) of 10 bootstrap draws; the remainder after batches of 50 is dropped |
-| KID | 100 subsets of min(1000, N) | the same (gan-metrics crashes below 1000 images) |
-| CMMD | CLIP ViT-L/14@336 image embeddings, L2-normalised; square centre crop, PIL bicubic to 336; biased MMD^2 x 1000, sigma 10 | the same |
-| CSD | CSD style embeddings; torchvision's Resize(224, bicubic) + CenterCrop(224); mean cos to the mean real embedding | the same |
-| CLIP | CLIP ViT-L/14 image and caption embeddings, transformers' CLIPImageProcessor; 100 cos, mean clamped at 0 (torchmetrics) | the same |
+| metric | `standard` | `nsync` (the NSYNC paper's scripts) | `styleforge` (StyleForge's released scripts) |
+| --- | --- | --- | --- |
+| FID, KID | FID Inception (pytorch-fid's TF port); clean-fid's input: PIL bicubic on float channels to 299, (x - 128) / 128; plain FID | torchvision's ImageNet Inception; gan-metrics' input: x / 255, bilinear to 299 (torch's, no antialias), 2x - 1; FID is the mean (std) of 10 bootstrap draws; the remainder after batches of 50 is dropped | FID Inception; pytorch-fid's input (gan-metrics' above); plain FID over every image |
+| KID | 100 subsets of min(1000, N) | the same (gan-metrics crashes below 1000 images) | the same, the real images first resized to 512 x 512 (Pillow's default, bicubic), as its KID script does |
+| CMMD | CLIP ViT-L/14@336 image embeddings, L2-normalised; square centre crop, PIL bicubic to 336; biased MMD^2 x 1000, sigma 10 | the same | the same |
+| CSD | CSD style embeddings; torchvision's Resize(224, bicubic) + CenterCrop(224); mean cos to the mean real embedding | the same | the same |
+| CLIP | CLIP ViT-L/14 image and caption embeddings, transformers' CLIPImageProcessor; 100 cos, mean clamped at 0 (torchmetrics) | the same | CLIP ViT-B/16; that score per prompt over the prompt's images, prompts over 77 characters skipped, then the mean over prompts |
+
+StyleForge's protocol (ION-dgu/StyleBoost, 68cae57: main.py, cmd_txt2img.py, FID_/KID_score_measurement.py,
+CLIP_score.py) draws 2 images for each line P of its prompt.txt with "a photo of zwx style, " + P, DDIM 30 steps,
+guidance 7, 512 x 512 and a fixed negative prompt; the CLIP score compares each image with the raw prompt P.
+A caption `<stem>.txt` (or line `img_<i>` of a prompt list given to --captions) is the prompt of the images
+`<stem>.png` and `<stem>_<k>.png`, as `nsync-jax sample --captions/--prompts-file --num-images` names them; each
+caption is one prompt, even where two lines repeat a text (prompt.txt repeats "a girl" and "a man"). Its KID
+script runs a modified gan-metrics (torchvision Inception, --dims 768) that is not public: KID here uses the FID
+Inception's pool3 features, as its FID does.
 
 Images are decoded on the host with Pillow and converted to RGB (grayscale, palette, RGBA and CMYK files are
 converted and counted); resizing that must be bit-compatible with the reference tools stays in Pillow. A file
@@ -22,6 +31,7 @@ writes them from the files users have.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -35,7 +45,11 @@ from nsync_jax import imageio, metrics
 from nsync_jax.errors import UserError
 from nsync_jax.models.clip_vision import CLIP_MEAN, CLIP_STD
 
-PROTOCOLS = ("standard", "nsync")
+PROTOCOLS = ("standard", "nsync", "styleforge")
+# StyleForge's KID script resizes the real images to this square first; its CLIP script skips prompts longer
+# than this many characters.
+STYLEFORGE_KID_SIZE = 512
+STYLEFORGE_MAX_PROMPT_CHARS = 77
 METRICS = ("fid", "kid", "cmmd", "csd", "clip")
 INCEPTION_SIZE = 299
 # gan-metrics-pytorch loads images in batches of 50 and drops the last, incomplete batch.
@@ -54,6 +68,8 @@ WEIGHT_FILES = {
                  "ViT-L-14-336px.pt with `nsync-jax convert-weights openai-clip FILE.pt DIR/clip-vit-large-patch14-336`"),
     "clip": ("clip-vit-large-patch14",
              "copy the transformers folder openai/clip-vit-large-patch14 (with its tokenizer files) there"),
+    "clip-b16": ("clip-vit-base-patch16",
+                 "copy the transformers folder openai/clip-vit-base-patch16 (with its tokenizer files) there"),
     "csd": ("csd", "convert the CSD checkpoint (tomg-group-umd/CSD-ViT-L pytorch_model.bin) with "
                    "`nsync-jax convert-weights csd FILE DIR/csd`"),
     # `evaluate-edits` (nsync_jax.edit_metrics)
@@ -200,17 +216,16 @@ class Evaluation:
 def _inception_features(ev: Evaluation, folders: list[ImageFolder]) -> list[np.ndarray]:
     from nsync_jax.models.inception import load_inception
 
-    variant = "fid" if ev.protocol == "standard" else "torchvision"
+    variant = "torchvision" if ev.protocol == "nsync" else "fid"
     model = load_inception(weight_path(ev.weights, f"inception-{variant}"), variant)
     prepare = clean_fid_input if ev.protocol == "standard" else gan_metrics_input
-    result = []
-    for folder in folders:
-        images = folder.images
-        if ev.protocol == "nsync":
-            images = images[:len(images) // NSYNC_BATCH * NSYNC_BATCH] or images
-        result.append(batched_features(model, lambda m, x: m(x), (prepare(i) for i in images), len(images),
-                                       ev.batch_size))
-    return result
+    sets = [folder.images for folder in folders]
+    if ev.protocol == "nsync":
+        sets = [images[:len(images) // NSYNC_BATCH * NSYNC_BATCH] or images for images in sets]
+    counts = [len(images) for images in sets]  # all sets in one pass: one compiled forward
+    features = batched_features(model, lambda m, x: m(x), (prepare(i) for images in sets for i in images),
+                                sum(counts), ev.batch_size)
+    return np.split(features, np.cumsum(counts)[:-1])
 
 
 def _clip_image_features(ev: Evaluation, folders: list[ImageFolder], name: str, prepare) -> list[np.ndarray]:
@@ -232,14 +247,14 @@ def _csd_features(ev: Evaluation, folders: list[ImageFolder]) -> list[np.ndarray
                              len(f.images), ev.batch_size) for f in folders]
 
 
-def clip_embeddings(weights_dir: Path, images: list[np.ndarray], texts: list[str],
-                    batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """CLIP ViT-L/14's (`WEIGHT_FILES["clip"]`) unnormalised image `(len(images), d)` and text `(len(texts), d)`
-    embeddings; images preprocessed as CLIPImageProcessor does."""
+def clip_embeddings(weights_dir: Path, images: list[np.ndarray], texts: list[str], batch_size: int,
+                    name: str = "clip") -> tuple[np.ndarray, np.ndarray]:
+    """CLIP's (`WEIGHT_FILES[name]`, ViT-L/14 by default) unnormalised image `(len(images), d)` and text
+    `(len(texts), d)` embeddings; images preprocessed as CLIPImageProcessor does."""
     from nsync_jax.models.clip_vision import load_clip_model
     from nsync_jax.tokens import load_tokenizer
 
-    folder = weight_path(weights_dir, "clip")
+    folder = weight_path(weights_dir, name)
     model = load_clip_model(folder)
     tokenizer = load_tokenizer(folder)
     size = model.config.vision.image_size
@@ -251,15 +266,61 @@ def clip_embeddings(weights_dir: Path, images: list[np.ndarray], texts: list[str
     return image, batched_features(model, lambda m, x: m.text_features(x), iter(ids), len(ids), batch_size)
 
 
+def image_prompts(captions: Path, stems: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The prompt of each generated image: `({image stem: prompt stem}, {prompt stem: prompt})`. Image `<stem>`
+    or `<stem>_<k>` (`sample --num-images`) has the caption `<stem>.txt` of the folder `captions`, or line
+    `<stem>` (`img_<i>`) of the prompt list file `captions` (`sample --prompts-file`)."""
+    prompts = imageio.read_prompt_list(captions) if Path(captions).is_file() else imageio.read_captions(captions)
+    owners = {stem: stem if stem in prompts else re.sub(r"_\d+$", "", stem) for stem in stems}
+    missing = [stem for stem, owner in owners.items() if owner not in prompts]
+    if missing:
+        raise UserError(f"{captions}: no caption for image {missing[0]!r} ({len(missing)} missing)")
+    return owners, prompts
+
+
 def _clip_score(ev: Evaluation, generated: ImageFolder, captions_dir: Path | None) -> dict:
     if captions_dir is None:
         raise UserError("--captions: the clip metric needs a caption (<stem>.txt) for each generated image")
+    if ev.protocol == "styleforge":
+        return _clip_score_per_prompt(ev, generated, captions_dir)
     captions = imageio.read_captions(captions_dir, generated.stems)
     image, text = clip_embeddings(ev.weights, generated.images, [captions[s] for s in generated.stems],
                                   ev.batch_size)
     score = metrics.clip_score(image, text)
     return {"value": score.value, "std": score.std, "images": len(image),
             "definition": "100 * cos(image, caption), mean clamped at 0 (torchmetrics CLIPScore)"}
+
+
+def _clip_score_per_prompt(ev: Evaluation, generated: ImageFolder, captions: Path) -> dict:
+    """StyleForge's CLIP score: torchmetrics' score with ViT-B/16 over each prompt's images, then the mean over
+    the prompts of at most `STYLEFORGE_MAX_PROMPT_CHARS` characters."""
+    owners, prompts = image_prompts(captions, generated.stems)
+    groups: dict[str, list[int]] = {}
+    for i, stem in enumerate(generated.stems):
+        groups.setdefault(owners[stem], []).append(i)
+    kept = {owner: images for owner, images in groups.items() if len(prompts[owner]) <= STYLEFORGE_MAX_PROMPT_CHARS}
+    if not kept:
+        raise UserError(f"{captions}: every prompt of the generated images is longer than "
+                        f"{STYLEFORGE_MAX_PROMPT_CHARS} characters; the styleforge CLIP score skips those")
+    order = [i for images in kept.values() for i in images]
+    image, text = clip_embeddings(ev.weights, [generated.images[i] for i in order],
+                                  [prompts[owner] for owner, images in kept.items() for _ in images],
+                                  ev.batch_size, name="clip-b16")
+    ends = np.cumsum([len(images) for images in kept.values()])
+    per_prompt = [metrics.clip_score(image[end - len(images):end], text[end - len(images):end]).value
+                  for end, images in zip(ends, kept.values())]
+    return {"value": float(np.mean(per_prompt)), "std": float(np.std(per_prompt)), "images": len(order),
+            "prompts": len(kept), "prompts_skipped": len(groups) - len(kept),
+            "definition": "per prompt: 100 * cos(image, raw prompt) with CLIP ViT-B/16, mean over its images "
+                          f"clamped at 0 (torchmetrics clip_score); mean over prompts of at most "
+                          f"{STYLEFORGE_MAX_PROMPT_CHARS} characters (StyleForge's CLIP_score.py)"}
+
+
+def resized_square(folder: ImageFolder, size: int) -> ImageFolder:
+    """The folder's images resized to `size` x `size` with Pillow's default filter for RGB (bicubic)."""
+    return dataclasses.replace(folder, images=[np.asarray(Image.fromarray(i).resize((size, size),
+                                                                                     Image.Resampling.BICUBIC))
+                                               for i in folder.images])
 
 
 def evaluate(ev: Evaluation, real_dir: Path, generated_dir: Path, captions_dir: Path | None = None) -> dict:
@@ -273,7 +334,9 @@ def evaluate(ev: Evaluation, real_dir: Path, generated_dir: Path, captions_dir: 
     real, generated = read_image_folder(real_dir), read_image_folder(generated_dir)
     results: dict[str, dict] = {}
     if {"fid", "kid"} & set(ev.metrics):
-        real_f, gen_f = _inception_features(ev, [real, generated])
+        kid_real = ([resized_square(real, STYLEFORGE_KID_SIZE)]  # StyleForge's KID script resizes them first
+                    if ev.protocol == "styleforge" and "kid" in ev.metrics else [])
+        real_f, gen_f, *kid_real_f = _inception_features(ev, [real, generated, *kid_real])
         counts = {"images_real": len(real_f), "images_generated": len(gen_f)}
         if "fid" in ev.metrics:
             if ev.protocol == "nsync":
@@ -282,7 +345,8 @@ def evaluate(ev: Evaluation, real_dir: Path, generated_dir: Path, captions_dir: 
             else:
                 results["fid"] = {"value": metrics.frechet_distance(real_f, gen_f), **counts}
         if "kid" in ev.metrics:
-            kid = metrics.kernel_inception_distance(real_f, gen_f, ev.kid_subset_size, ev.kid_subsets, ev.seed)
+            kid = metrics.kernel_inception_distance(kid_real_f[0] if kid_real_f else real_f, gen_f,
+                                                    ev.kid_subset_size, ev.kid_subsets, ev.seed)
             results["kid"] = {"value": kid.value, "std": kid.std, "value_x1000": 1000 * kid.value,
                               "subset_size": kid.subset_size, "subsets": ev.kid_subsets, **counts}
     if "cmmd" in ev.metrics:

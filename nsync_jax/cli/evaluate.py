@@ -13,11 +13,12 @@ def add_parser(subparsers) -> None:
                               epilog="Convert the networks into --weights with `nsync-jax convert-weights`.")
     p.add_argument("--real", type=Path, required=True, help="folder of real (reference style) images")
     p.add_argument("--generated", type=Path, required=True, help="folder of generated images")
-    p.add_argument("--captions", type=Path, default=None, help="<stem>.txt per generated image (clip metric)")
+    p.add_argument("--captions", type=Path, default=None, help="<stem>.txt per generated image (clip metric); with --protocol styleforge "
+                        "also a prompt list (line i: the images img_<i>_<k>), and <stem>.txt covers <stem>_<k>")
     p.add_argument("--metrics", default="fid,kid,cmmd,csd", help=f"comma-separated, from {','.join(METRICS)}")
     p.add_argument("--weights", type=Path, required=True, help="folder of converted metric networks")
     p.add_argument("--protocol", choices=PROTOCOLS, default="standard",
-                   help="standard tools' choices, or the NSYNC paper's scripts'")
+                   help="standard tools' choices, or the NSYNC paper's or StyleForge's scripts'")
     p.add_argument("--output", type=Path, required=True, help="JSON file to write")
     p.add_argument("--batch-size", type=positive_int, default=50)
     p.add_argument("--seed", type=int, default=0, help="KID subsets and the FID bootstrap")
