@@ -237,3 +237,21 @@ def test_replacement_vae_is_used_checked_and_exported(sd1_dir, style_dir, aux_di
         load_pipeline(sd1_dir, vae=other_vae)
     with pytest.raises(UserError, match="no-such-vae: VAE folder not found"):
         load_pipeline(sd1_dir, vae=tmp_path / "no-such-vae")
+
+
+def test_replacement_vae_from_the_hugging_face_cache(sd1_dir, other_vae, tmp_path, monkeypatch):
+    """A Hub id fetches the VAE repository's config and weights (here from an offline cache)."""
+    import huggingface_hub
+    from test_sources import add_to_cache
+
+    cache = tmp_path / "hf-cache"
+    add_to_cache(cache, "stabilityai/sd-vae-ft-mse", other_vae)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    weights_of = lambda vae: [np.asarray(x) for x in jax.tree.leaves(nnx.state(vae))]
+    for ours, theirs in zip(weights_of(load_pipeline(sd1_dir, vae="stabilityai/sd-vae-ft-mse").vae),
+                            weights_of(load_pipeline(sd1_dir).vae)):
+        np.testing.assert_allclose(ours, 1.5 * theirs, rtol=1e-6)
+    with pytest.raises(UserError, match=r"^org/missing-vae: .*Hugging Face"):  # one line naming the id
+        load_pipeline(sd1_dir, vae="org/missing-vae")
