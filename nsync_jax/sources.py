@@ -16,9 +16,10 @@ Every failure is one `UserError` naming what was asked and what to do.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from nsync_jax import single_file, weights
 from nsync_jax.errors import UserError
@@ -91,13 +92,10 @@ def resolve_vae(reference: str | Path) -> Path:
         raise UserError(f"{reference}: VAE folder not found")
     import huggingface_hub
 
-    try:
+    with hub_errors(str(reference), None, what="VAE"):
         return Path(huggingface_hub.snapshot_download(
             str(reference), allow_patterns=["config.json", "diffusion_pytorch_model.safetensors"],
             local_files_only=huggingface_hub.is_offline_mode()))
-    except (OSError, ValueError) as e:  # not found, offline and not cached, gated, no network
-        raise UserError(f"{reference}: cannot fetch this VAE from the Hugging Face Hub or its cache "
-                        f"({str(e).splitlines()[0]})") from None
 
 
 def files_under(folder: Path) -> list[str]:
@@ -137,14 +135,11 @@ def _from_hub(repo_id: str, revision: str | None, variant: str | None, *, config
     import huggingface_hub
     from huggingface_hub import errors
 
-    offline = huggingface_hub.is_offline_mode()
-    name = repo_id + (f" (revision {revision})" if revision else "")
-
     def download(revision: str | None, patterns) -> Path:
         return Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=list(patterns),
-                                                      local_files_only=offline))
+                                                      local_files_only=huggingface_hub.is_offline_mode()))
 
-    try:
+    with hub_errors(repo_id, revision):
         folder = download(revision, CONFIG_FILES)  # a snapshot folder is named by its commit
         if configs_only:
             return folder
@@ -152,26 +147,39 @@ def _from_hub(repo_id: str, revision: str | None, variant: str | None, *, config
             files = [f.path for f in huggingface_hub.get_cached_repo_tree(repo_id, revision=folder.name)]
         except errors.CachedRepoTreeNotFoundError:  # a cache filled without the repository's listing
             files = files_under(folder)
+        name = repo_id + (f" (revision {revision})" if revision else "")
         return download(folder.name, [*CONFIG_FILES, *weight_patterns(files, variant, source=name)])
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str, revision: str | None, *, what: str = "model") -> Iterator[None]:
+    """Turns `huggingface_hub`'s failures to fetch `repo_id` (a `what`: "model", "VAE") into one-line `UserError`s
+    that name it and say what to do."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    name = repo_id + (f" (revision {revision})" if revision else "")
+    try:
+        yield
     except errors.IncompleteSnapshotError:
-        raise UserError(f"{name}: the cached snapshot lacks files this model needs; run once with network "
+        raise UserError(f"{name}: the cached snapshot lacks files this {what} needs; run once with network "
                         "(HF_HUB_OFFLINE=0) to complete it") from None
     except errors.LocalEntryNotFoundError:
         where = f"not in the Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE})"
-        if offline:
+        if huggingface_hub.is_offline_mode():
             raise UserError(f"{name}: {where} and HF_HUB_OFFLINE=1; run once with network (HF_HUB_OFFLINE=0), or "
                             f"fetch it with `hf download {repo_id}{f' --revision {revision}' if revision else ''}`"
                             ) from None
         raise UserError(f"{name}: {where}, and the Hugging Face Hub cannot be reached; check the network") from None
     except errors.GatedRepoError:
-        raise UserError(f"{name}: a gated model; accept its terms at https://huggingface.co/{repo_id} and log in "
+        raise UserError(f"{name}: a gated {what}; accept its terms at https://huggingface.co/{repo_id} and log in "
                         "(`hf auth login` or HF_TOKEN)") from None
     except errors.RepositoryNotFoundError:
-        raise UserError(f"{repo_id}: model folder not found, and no such model on the Hugging Face Hub (a private "
+        raise UserError(f"{repo_id}: {what} folder not found, and no such {what} on the Hugging Face Hub (a private "
                         "one needs `hf auth login` or HF_TOKEN)") from None
     except errors.RevisionNotFoundError:
         raise UserError(f"{repo_id}: revision {revision or 'main'!r} not found on the Hugging Face Hub") from None
     except errors.HFValidationError as e:
-        raise UserError(f"{repo_id}: model folder not found, and not a valid Hugging Face Hub id ({e})") from None
+        raise UserError(f"{repo_id}: {what} folder not found, and not a valid Hugging Face Hub id ({e})") from None
     except OSError as e:  # other answers of the Hub (HfHubHTTPError), a cache that cannot be written
         raise UserError(f"{name}: cannot fetch from the Hugging Face Hub ({str(e).splitlines()[0]})") from None

@@ -4,16 +4,16 @@ through `load_pipeline` and `sample`, cached, detected, and refused in one line 
 import re
 from pathlib import Path
 
-import huggingface_hub
 import numpy as np
 import pytest
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
-from nsync_jax import single_file, sources
+from conftest import CONFIG
+from nsync_jax import single_file, sources, tokens
 from nsync_jax.cli import main
 from nsync_jax.errors import UserError
-from nsync_jax.pipeline import load_pipeline
+from nsync_jax.pipeline import encode_text, load_pipeline
 from nsync_jax.weights import module_state_dict
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
@@ -124,9 +124,11 @@ def write_checkpoint(path: Path, state: dict[str, np.ndarray]) -> None:
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
     """An empty Hugging Face home, offline: conversions land in it."""
+    from huggingface_hub import constants
+
     home = tmp_path / "hf-home"
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(home))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return home
 
 
@@ -226,3 +228,86 @@ def test_files_that_are_not_checkpoints_are_refused_in_one_line(sd1_dir, tmp_pat
     with pytest.raises(UserError, match=rf"^{re.escape(str(good))}: cannot convert with the configs of [^\n]*$"):
         sources.resolve_model(good, model_config="stable-diffusion-v1-5/stable-diffusion-v1-5")
     assert not any(p.is_file() for p in cache.rglob("*"))
+
+
+@pytest.mark.slow
+def test_train_on_a_single_file_exports_a_token_diffusers_loads_into_that_file(sd1_dir, style_dir, tmp_path, cache,
+                                                                                capsys):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_file(ldm_checkpoint(sd1_dir), str(checkpoint))
+    work = tmp_path / "work"
+    assert main(["train", "--config", str(CONFIG), "--workdir", str(work), f"--config.model={checkpoint}",
+                 f"--config.model_config={sd1_dir}", f"--config.data.images={style_dir / 'images'}",
+                 f"--config.data.captions={style_dir / 'captions'}",
+                 f"--config.data.negatives={style_dir / 'negatives'}", "--config.train.steps=2"]) == 0, \
+        capsys.readouterr().err
+    token = tmp_path / "style.safetensors"
+    assert main(["export", "--workdir", str(work), "--step", "2", "--output", str(token)]) == 0
+
+    prompt = ["a cat in the style of <tiny-style>"]
+    pipe = load_pipeline(checkpoint, model_config=sd1_dir)
+    pipe.add_embeddings(token)
+    ids = tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(p, pipe.tokenizer) for p in prompt])
+    ours = np.asarray(encode_text(pipe.text_encoder, pipe.extra_token_rows, ids))
+    reference = StableDiffusionPipeline.from_single_file(str(checkpoint), config=str(sd1_dir), local_files_only=True)
+    reference.load_textual_inversion(str(token))
+    text = reference.maybe_convert_prompt(prompt, reference.tokenizer)
+    torch_ids = reference.tokenizer(text, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                    truncation=True, return_tensors="pt").input_ids
+    np.testing.assert_array_equal(torch_ids.numpy(), ids)
+    with torch.no_grad():
+        expected = reference.text_encoder(torch_ids).last_hidden_state.numpy()
+    assert np.abs(ours - expected).max() / np.abs(expected).max() <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture, scheduler, pad", [("sd1", "PNDMScheduler", "<|endoftext|>"),
+                                                          ("sd2-v", "DDIMScheduler", "!")])
+def test_a_file_of_a_real_architecture_loads_with_no_config_and_no_network(architecture, scheduler, pad, tmp_path,
+                                                                           cache):
+    """Random weights in the SD 1.5 or 2.1 layout (float16, as most released files): detected, converted with the
+    shipped configs, and loaded with every UNet weight as written."""
+    import json
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    configs = single_file.ARCHITECTURES / architecture
+
+    def config(part):
+        return json.loads((configs / part / "config.json").read_text())
+
+    torch.manual_seed(0)
+    parts = {"unet": (UNet2DConditionModel.from_config(config("unet")), "model.diffusion_model.", unet_to_ldm),
+             "vae": (AutoencoderKL.from_config(config("vae")), "first_stage_model.", vae_to_ldm)}
+    state = {}
+    for name, (model, prefix, rename) in parts.items():
+        for key, value in model.state_dict().items():
+            value = value.to(torch.float16).numpy()
+            state[f"{prefix}{rename(key, config(name))}"] = value[:, :, None, None] if (
+                name == "vae" and ".attentions." in key and value.ndim == 2) else value
+    text = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in config("text_encoder").items() if k != "architectures"}))
+    text = {f"text_model.{k.removeprefix('text_model.')}": v.to(torch.float16).numpy()
+            for k, v in text.state_dict().items() if "position_ids" not in k}
+    if architecture == "sd1":
+        state.update({f"cond_stage_model.transformer.{k}": v for k, v in text.items()})
+    else:
+        state.update({f"cond_stage_model.model.{k}": v for k, v in open_clip_state(text).items()})
+    del parts, text
+    checkpoint = tmp_path / f"{architecture}.safetensors"
+    save_file(state, str(checkpoint))
+
+    pipe = load_pipeline(checkpoint)
+    assert pipe.folder.name == architecture and pipe.scheduler_config["_class_name"] == scheduler
+    assert len(pipe.tokenizer) == 49408 and pipe.tokenizer("a cat").input_ids == [49406, 320, 2368, 49407]
+    assert pipe.tokenizer.pad_token == pad
+    unet = module_state_dict(pipe.unet)
+    assert len(unet) == len([k for k in state if k.startswith("model.diffusion_model.")])
+    unet_config = config("unet")
+    for key, value in unet.items():
+        np.testing.assert_array_equal(value, state[f"model.diffusion_model.{unet_to_ldm(key, unet_config)}"],
+                                      err_msg=key)

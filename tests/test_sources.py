@@ -223,3 +223,6 @@ def test_hub_answers_are_one_line_naming_what_was_asked(answer, flags, message, 
     if not flags:
         with pytest.raises(UserError, match=f"^{re.escape(message)}"):
             sources.resolve_model(checkpoint, model_config="org/name")
+        # A replacement VAE's Hub id: the same answers, naming a VAE.
+        with pytest.raises(UserError, match=f"^{re.escape(message.replace('model', 'VAE'))}"):
+            sources.resolve_vae("org/name")
