@@ -83,7 +83,7 @@ def test_captions_draw_one_image_per_caption_and_redraw_only_what_is_missing(dra
     assert code == 2 and "other settings (learned_rows)" in text, text
 
 
-@pytest.mark.slow  # 15 to 50 s on 2 busy CPU cores: a process of its own compiles the set for 8 devices
+@pytest.mark.slow  # 12 to 50 s on 2 busy CPU cores: a process of its own compiles the set for 8 devices
 def test_eight_devices_draw_the_same_bytes_as_one(drawn, tmp_path):
     args, first = drawn
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
