@@ -10,11 +10,13 @@ The architecture is detected from the checkpoint's keys and shapes as diffusers 
 (`infer_diffusers_model_type`), and its configs come from `architectures/` in this package (SD 1.x; SD 2.x base,
 epsilon; SD 2.x 768-v, v-prediction), so a standard checkpoint converts with no network. An SD 2.x file is
 v-prediction unless its `global_step` is 875000 (the 2-base release), as in diffusers; any other architecture, or
-a different choice, is named with a config folder (diffusers' `config=`).
+a different choice, is named with a config folder (diffusers' `config=`) or a shipped architecture's name. The
+UNet gets the non-EMA weights of a file that has both, as diffusers' default. SDXL files are refused for now.
 """
 from __future__ import annotations
 
 import hashlib
+import shutil
 import tempfile
 import types
 from pathlib import Path
@@ -25,7 +27,7 @@ from nsync_jax.files import atomic_folder
 
 PACKAGE = Path(__file__).resolve().parent
 ARCHITECTURES = PACKAGE / "architectures"
-# The Hub model each shipped config folder was taken from: naming it as the config reads the shipped copy.
+# The Hub model whose configs each shipped folder holds: naming it as the config reads the shipped copy, offline.
 ARCHITECTURE_IDS = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "sd1",
                     "stabilityai/stable-diffusion-2-base": "sd2-base", "stabilityai/stable-diffusion-2-1": "sd2-v"}
 # OpenAI CLIP's BPE merges, shipped with the toy world: every SD 1.x/2.x tokenizer's vocabulary is built from them.
@@ -139,8 +141,6 @@ def diffusers_folder(path: Path, cache: Path, config: str | Path | None = None) 
 
 def shipped_config(architecture: str, folder: Path) -> Path:
     """A config folder for `architecture`: the shipped configs, with the CLIP vocabulary built from its merges."""
-    import shutil
-
     shutil.copytree(ARCHITECTURES / architecture, folder)
     tokenizer = folder / "tokenizer"
     settings = {name: (tokenizer / name).read_bytes() for name in ("special_tokens_map.json", "tokenizer_config.json")}

@@ -16,7 +16,7 @@ from nsync_jax.train import methods, trainables
 
 def default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.model = ""  # a diffusers Stable Diffusion folder or a Hugging Face Hub id (org/name)
+    config.model = ""  # a diffusers Stable Diffusion folder, a Hugging Face Hub id (org/name) or a single file
     config.model_revision = ""  # of a Hub id: a branch, tag or commit ("": main)
     config.model_variant = ""  # weight files of this variant, e.g. "fp16" (*.fp16.safetensors); "": the plain ones
     # A single-file checkpoint's configs, when not those of its detected standard architecture: a diffusers folder,
