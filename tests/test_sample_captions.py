@@ -83,6 +83,24 @@ def test_captions_draw_one_image_per_caption_and_redraw_only_what_is_missing(dra
     assert code == 2 and "other settings (learned_rows)" in text, text
 
 
+def test_the_manifest_holds_the_lora_files_drawn_with(sd1_dir, captions, tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    module = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k"  # cross-attention: 32 in, 16 out
+    rng = np.random.default_rng(4)
+    save_file({f"{module}.lora_A.weight": rng.standard_normal((2, 32), np.float32),
+               f"{module}.lora_B.weight": rng.standard_normal((16, 2), np.float32)}, tmp_path / "style.safetensors")
+    args = ["--model", sd1_dir, "--captions", captions, "--lora", tmp_path / "style.safetensors", *SMALL,
+            "--output", tmp_path / "out"]
+    code, text = sample(capsys, *args)
+    assert code == 0, text
+    weights = json.loads((tmp_path / "out" / "manifest.json").read_text())["weights"]
+    assert weights["lora_scale"] == 1.0 and [entry["file"] for entry in weights["lora"]] == ["style.safetensors"]
+    (tmp_path / "out" / "cat.png").unlink()
+    code, text = sample(capsys, *args, "--lora-scale", 0.5)
+    assert code == 2 and "other settings (weights)" in text, text
+
+
 @pytest.mark.slow  # 12 to 50 s on 2 busy CPU cores: a process of its own compiles the set for 8 devices
 def test_eight_devices_draw_the_same_bytes_as_one(drawn, tmp_path):
     args, first = drawn
