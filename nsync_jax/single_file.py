@@ -16,6 +16,7 @@ UNet gets the non-EMA weights of a file that has both, as diffusers' default. SD
 from __future__ import annotations
 
 import hashlib
+import pickle
 import shutil
 import tempfile
 import types
@@ -72,8 +73,11 @@ def _torch_load(path: Path) -> dict:
             if "mmap" not in str(e):
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
-    except Exception as e:  # zip, pickle and torch errors alike
-        raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({str(e).splitlines()[0]})"
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: holds Python objects besides tensors, which torch.load(weights_only=True) refuses "
+                        "to run; use a .safetensors version of it") from None
+    except Exception as e:  # zip and torch errors alike
+        raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({str(e).strip().splitlines()[0]})"
                         ) from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: not a Stable Diffusion checkpoint (holds a {type(state).__name__}, not a "

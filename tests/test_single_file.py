@@ -209,10 +209,13 @@ def test_files_that_are_not_checkpoints_are_refused_in_one_line(sd1_dir, tmp_pat
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 3)}, "global_step": 3}, ckpt)
     broken_ckpt = tmp_path / "broken.ckpt"
     broken_ckpt.write_bytes(ckpt.read_bytes()[:-50])
+    pickled = tmp_path / "pickled.ckpt"
+    torch.save({"state_dict": {}, "callback": Path("a class instance")}, pickled)
     cases = {truncated: "not a readable safetensors file, truncated or corrupt",
              other: "not a Stable Diffusion checkpoint in the original (LDM / A1111) layout",
              ckpt: "not a Stable Diffusion checkpoint in the original (LDM / A1111) layout",
-             broken_ckpt: "not a readable checkpoint, truncated or corrupt"}
+             broken_ckpt: "not a readable checkpoint, truncated or corrupt",
+             pickled: "holds Python objects besides tensors, which torch.load(weights_only=True) refuses to run"}
     for path, message in cases.items():
         with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: {re.escape(message)}[^\n]*$"):
             sources.resolve_model(path)
