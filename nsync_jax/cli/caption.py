@@ -22,7 +22,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--prompt", default="", help="a captioner's start of the caption (e.g. 'a painting of'), or "
                                                 "the question a chat model answers")
     p.add_argument("--prompt-preset", choices=sorted(PROMPT_PRESETS), default=None,
-                   help="a known --prompt: nsync, the question the released NSYNC code asks InternVL2-2B")
+                   help="a known --prompt for chat models: nsync, the question the released NSYNC code asks "
+                        "InternVL2-2B (the default of chat models)")
     p.add_argument("--max-words", type=positive_int, default=25)
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--overwrite", action="store_true", help="recaption images that already have a caption")
