@@ -63,12 +63,12 @@ def build_prompts(captions: dict[str, str], template: str, **fields: str) -> dic
     allowed = ["caption", *fields]
     try:
         used = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    except ValueError as e:
+        if "caption" not in used or not used <= set(allowed):
+            names = " and ".join(f"{{{name}}}" for name in allowed)
+            raise UserError(f"--template {template!r}: needs {{caption}} and may use only {names}")
+        return {stem: template.format(caption=caption, **fields).strip() for stem, caption in captions.items()}
+    except ValueError as e:  # unbalanced braces, a format spec such as {caption:d}
         raise UserError(f"--template {template!r}: not a format string ({e})") from None
-    if "caption" not in used or not used <= set(allowed):
-        names = " and ".join(f"{{{name}}}" for name in allowed)
-        raise UserError(f"--template {template!r}: needs {{caption}} and may use only {names}")
-    return {stem: template.format(caption=caption, **fields).strip() for stem, caption in captions.items()}
 
 
 def choose_prompts(prompts: dict[str, str], count: int, seed: int, source: Path) -> dict[str, str]:
