@@ -24,7 +24,7 @@ from pathlib import Path
 
 from nsync_jax import tokens
 from nsync_jax.errors import UserError
-from nsync_jax.files import atomic_folder
+from nsync_jax.files import atomic_folder, write_text
 
 PACKAGE = Path(__file__).resolve().parent
 ARCHITECTURES = PACKAGE / "architectures"
@@ -35,6 +35,7 @@ ARCHITECTURE_IDS = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "sd1",
 CLIP_BPE = PACKAGE / "toyworld" / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 # The UNet's first convolution: every Stable Diffusion checkpoint in the LDM layout has it.
 UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
+NEEDS_DIFFUSERS = "converting a single-file checkpoint needs torch and diffusers (pip install 'nsync_jax[single-file]')"
 SD2_BASE_GLOBAL_STEP = 875000  # the step of the stable-diffusion-2-base release (epsilon prediction)
 
 
@@ -88,7 +89,10 @@ def _torch_load(path: Path) -> dict:
 def detect_architecture(shapes: dict[str, tuple[int, ...]], global_step: int | None, *, source: Path) -> str:
     """The shipped architecture (a folder of `architectures/`) of an LDM-layout checkpoint's `shapes`, as
     diffusers' `infer_diffusers_model_type` reads them."""
-    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    try:
+        from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    except ImportError:
+        raise UserError(f"{source}: {NEEDS_DIFFUSERS}") from None
 
     model_type = infer_diffusers_model_type({k: types.SimpleNamespace(shape=s) for k, s in shapes.items()})
     if model_type == "v1":
@@ -125,9 +129,15 @@ def diffusers_folder(path: Path, cache: Path, config: str | Path | None = None) 
     if UNET_KEY not in shapes:
         raise UserError(f"{path}: not a Stable Diffusion checkpoint in the original (LDM / A1111) layout (no "
                         f"{UNET_KEY})")
+    converted = cache / file_digest(path)
     if config is None:
-        config = detect_architecture(shapes, global_step, source=path)
-    target = cache / file_digest(path) / (config if isinstance(config, str) else f"config-{config_digest(config)}")
+        detected = converted / "detected-architecture"  # detecting imports diffusers: a second load reads this
+        if detected.is_file():
+            config = detected.read_text().strip()
+        else:
+            config = detect_architecture(shapes, global_step, source=path)
+            write_text(detected, config)
+    target = converted / (config if isinstance(config, str) else f"config-{config_digest(config)}")
     if (target / "model_index.json").is_file():
         return target
     with tempfile.TemporaryDirectory() as scratch:
@@ -158,8 +168,7 @@ def _convert(path: Path, config: Path, folder: Path) -> None:
     try:
         from diffusers import StableDiffusionPipeline
     except ImportError:
-        raise UserError(f"{path}: converting a single-file checkpoint needs torch and diffusers (pip install "
-                        "'nsync_jax[single-file]')") from None
+        raise UserError(f"{path}: {NEEDS_DIFFUSERS}") from None
     try:
         pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True)
     except Exception as e:  # diffusers raises ValueError, KeyError, RuntimeError for keys or shapes that do not fit

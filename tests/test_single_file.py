@@ -227,10 +227,12 @@ def test_files_that_are_not_checkpoints_are_refused_in_one_line(sd1_dir, tmp_pat
     with pytest.raises(UserError, match=r"^nowhere: model config not found \(a diffusers folder, a Hugging Face Hub "
                                         r"id, or one of sd1, sd2-base, sd2-v\)$"):
         sources.resolve_model(good, model_config="nowhere")
-    # Configs that do not fit the weights (the tiny file read as real SD 1.5): one line, and nothing cached.
-    with pytest.raises(UserError, match=rf"^{re.escape(str(good))}: cannot convert with the configs of [^\n]*$"):
-        sources.resolve_model(good, model_config="stable-diffusion-v1-5/stable-diffusion-v1-5")
-    assert not any(p.is_file() for p in cache.rglob("*"))
+    # Configs that do not fit the weights (the tiny file read as real SD 1.5, named or detected): one line, and
+    # nothing converted is cached; the detection is kept.
+    for model_config in ("stable-diffusion-v1-5/stable-diffusion-v1-5", None):
+        with pytest.raises(UserError, match=rf"^{re.escape(str(good))}: cannot convert with the configs of [^\n]*$"):
+            sources.resolve_model(good, model_config=model_config)
+    assert [(p.name, p.read_text()) for p in cache.rglob("*") if p.is_file()] == [("detected-architecture", "sd1")]
 
 
 @pytest.mark.slow
@@ -306,6 +308,7 @@ def test_a_file_of_a_real_architecture_loads_with_no_config_and_no_network(archi
 
     pipe = load_pipeline(checkpoint)
     assert pipe.folder.name == architecture and pipe.scheduler_config["_class_name"] == scheduler
+    assert (pipe.folder.parent / "detected-architecture").read_text() == architecture
     assert len(pipe.tokenizer) == 49408 and pipe.tokenizer("a cat").input_ids == [49406, 320, 2368, 49407]
     assert pipe.tokenizer.pad_token == pad
     unet = module_state_dict(pipe.unet)
