@@ -14,10 +14,12 @@ nsync_jax/train/methods/dreamartist.py. Images are captioned: the prompts are "<
   # learned_embeds(-neg).safetensors and lora(-neg).safetensors in the workdir; or, from any checkpoint:
   nsync-jax export --workdir runs/monet_da_plus --output monet.pt --format a1111            # monet(-neg).pt
   nsync-jax export --workdir runs/monet_da_plus --output monet.safetensors --format a1111-lora
+  # As HCP's guide samples it: the positive word and LoRA on the positive branch, the negative LoRA alone on
+  # the negative one (or, as DreamArtist samples, drop --negative-lora, add --embeddings for
+  # learned_embeds-neg.safetensors and --negative-prompt "<illustration-special>-neg").
   nsync-jax sample --model stable-diffusion-v1-5 --embeddings runs/monet_da_plus/learned_embeds.safetensors \
-      --embeddings runs/monet_da_plus/learned_embeds-neg.safetensors --lora runs/monet_da_plus/lora.safetensors \
-      --prompt "a harbour at dawn in the style of <illustration-special>" \
-      --negative-prompt "<illustration-special>-neg" --guidance 3 --output samples/
+      --lora runs/monet_da_plus/lora.safetensors --negative-lora runs/monet_da_plus/lora-neg.safetensors \
+      --prompt "a harbour at dawn in the style of <illustration-special>" --guidance 3 --output samples/
 """
 from nsync_jax import lora
 from nsync_jax.train.config import default_config

@@ -83,9 +83,12 @@ def _denoise_and_decode(frozen, extra_rows, cond_ids, uncond_ids, latents, guida
     sampler = copy.copy(sampler)  # the same sampler, reading its `tables` from the arguments
     vars(sampler).update(tables)
 
+    # With a model of its own for guidance's negative branch (prefix "negative_"), each branch runs on its own.
+    separate_negative = "negative_unet" in graphdefs
+
     def contexts(text_encoder):
         context = encode_text(text_encoder, extra_rows, cond_ids, clip_skip=clip_skip)
-        if use_guidance:
+        if use_guidance and not separate_negative:
             uncond = encode_text(text_encoder, extra_rows, uncond_ids, clip_skip=clip_skip)
             context = jnp.concatenate([uncond, context])
         return context
@@ -94,6 +97,10 @@ def _denoise_and_decode(frozen, extra_rows, cond_ids, uncond_ids, latents, guida
     # handoff timestep is an argument, not a constant: another timestep does not compile the loop again.
     prefixes = ("", "base_") if "base_unet" in graphdefs else ("",)
     unets = [nnx.merge(graphdefs[p + "unet"], frozen[p + "unet"]) for p in prefixes]
+    if separate_negative:
+        negative_unet = nnx.merge(graphdefs["negative_unet"], frozen["negative_unet"])
+        negative_context = encode_text(nnx.merge(graphdefs["negative_text_encoder"], frozen["negative_text_encoder"]),
+                                       extra_rows, uncond_ids, clip_skip=clip_skip)
     context = [contexts(nnx.merge(graphdefs[p + "text_encoder"], frozen[p + "text_encoder"])) for p in prefixes]
     vae = nnx.merge(graphdefs["vae"], frozen["vae"])
     compute_dtype = unets[0].conv_in.kernel[...].dtype
@@ -102,6 +109,10 @@ def _denoise_and_decode(frozen, extra_rows, cond_ids, uncond_ids, latents, guida
     def step(carry, index):
         sample, state = carry
         model_input = sampler.scale_model_input(sample, index).astype(compute_dtype)
+        if separate_negative:
+            uncond_pred, prediction = (unet(model_input, timesteps[index], c).astype(jnp.float32) for unet, c in
+                                       ((negative_unet, negative_context), (unets[0], context[0])))
+            return sampler.step(state, uncond_pred + guidance * (prediction - uncond_pred), index, sample), None
         if use_guidance:
             model_input = jnp.concatenate([model_input, model_input])
         branches = [lambda unet=unet, c=c: unet(model_input, timesteps[index], c).astype(jnp.float32)
@@ -162,6 +173,7 @@ def generate(
     on_batch: Callable[[int, np.ndarray], Any] | None = None,
     progress: bool = True,
     base: StableDiffusion | None = None,
+    negative_model: StableDiffusion | None = None,
 ) -> np.ndarray:
     """Draws `len(prompts) * num_images_per_prompt` images, prompt by prompt.
 
@@ -172,6 +184,8 @@ def generate(
       on_batch: called as `on_batch(first_index, images)` after each batch (to write files as they come).
       base: the base model that denoises timesteps at or above `settings.handoff_timestep` (same architecture
         and tokenizer as `pipe`; its VAE is not used).
+      negative_model: the model of guidance's negative branch, in place of `pipe` there (DreamArtist++: the base
+        model with the negative LoRA); same architecture and tokenizer as `pipe`, its VAE not used.
 
     Returns:
       float32 images `(num_images, height, width, 3)` in [0, 1].
@@ -195,13 +209,16 @@ def generate(
                            source=pipe.folder / "scheduler" / "scheduler_config.json")
     sampler_key = (settings.scheduler, json.dumps(pipe.scheduler_config, sort_keys=True), settings.steps)
     use_guidance = settings.guidance > 1.0
+    if negative_model is not None and (not use_guidance or base is not None):
+        raise UserError("a model for the negative branch (--negative-lora) needs --guidance above 1 and no handoff")
     mesh = distributed.make_mesh()
     graphdefs, frozen = {}, {}
     for name, module in pipe.modules().items():
         graphdefs[name], frozen[name] = nnx.split(module)
-    if base is not None:
-        for name in ("text_encoder", "unet"):
-            graphdefs["base_" + name], frozen["base_" + name] = nnx.split(base.modules()[name])
+    for prefix, model in (("base_", base), ("negative_", negative_model)):
+        if model is not None:
+            for name in ("text_encoder", "unet"):
+                graphdefs[prefix + name], frozen[prefix + name] = nnx.split(model.modules()[name])
     run = _compiled(tuple(sorted(graphdefs.items())), sampler_key, settings.clip_skip, use_guidance, mesh)
     whole = distributed.replicated(mesh)
     frozen = distributed.put_tree(frozen, jax.tree.map(lambda _: whole, frozen))

@@ -13,6 +13,7 @@ from nsync_jax import lora, tokens
 from nsync_jax.cli import main
 from nsync_jax.errors import UserError
 from nsync_jax.pipeline import encode_text, load_pipeline
+from nsync_jax.sampling import SampleSettings, generate
 from nsync_jax.schedulers import NoiseSchedule
 from nsync_jax.train import methods, trainables, trainer
 from nsync_jax.train.config import check_config
@@ -35,10 +36,12 @@ def plus_config(model, data, **overrides):
 
 @pytest.fixture(scope="module")
 def runs(sd1_dir, style_dir, tmp_path_factory):
-    """Four steps straight, and two then resumed to four: the two workdirs and what each trained."""
+    """Four steps straight (drawing a preview grid), and two then resumed to four: the root of the two workdirs
+    and what each trained."""
     root = tmp_path_factory.mktemp("dreamartist_plus")
-    config = plus_config(sd1_dir, style_dir)
-    straight = trainer.train(config, root / "straight", progress=False)
+    config = plus_config(sd1_dir, style_dir, train__sample_every_steps=4, sample__steps=2, sample__count=1)
+    straight = trainer.train(config, root / "straight", progress=False)  # with a preview grid at the end
+    config.train.sample_every_steps = 0
     config.train.steps = 2
     trainer.train(config, root / "resumed", progress=False)
     config.train.steps = 4
@@ -66,6 +69,7 @@ def test_trains_the_words_and_each_branchs_adapters_and_resumes_bit_identically(
     assert [f.name for f in straight.files] == ["learned_embeds.safetensors", "learned_embeds-neg.safetensors",
                                                 "lora-neg.safetensors", "lora.safetensors"]
     assert "positive_lora_grad_norm" in (root / "straight" / "metrics.jsonl").read_text()
+    assert (root / "straight" / "samples" / "step_000004.png").is_file()
 
 
 @pytest.mark.slow  # compiles the UNet's backward pass for both branches (about a minute on 2 CPU cores)
@@ -152,8 +156,37 @@ def test_each_part_steps_with_its_own_learning_rate(sd1_dir, style_dir):
     jax.tree.map(lambda update, rate: np.testing.assert_allclose(-update, rate, rtol=1e-4), updates, expected)
 
 
-def test_refusals(sd1_dir, style_dir):
+@pytest.mark.slow
+def test_samples_with_the_negative_lora_on_the_negative_branch_only(runs, sd1_dir, tmp_path):
+    """As HCP-Diffusion's guide samples DreamArtist++: the positive word and LoRA on the positive branch, the
+    negative LoRA alone on the negative one. With the positive LoRA on both branches the image is the one of
+    plain --lora (each branch run on its own: float rounding apart)."""
+    from PIL import Image
+
+    workdir = runs[0] / "resumed"
+
+    def image(name, *flags):
+        assert main(["sample", "--model", str(sd1_dir), "--embeddings", str(workdir / "learned_embeds.safetensors"),
+                     "--lora", str(workdir / "lora.safetensors"), *flags, "--prompt", PROMPT, "--steps", "4",
+                     "--height", "32", "--width", "32", "--output", str(tmp_path / name)]) == 0
+        return np.asarray(Image.open(tmp_path / name / "000000.png").convert("RGB")).astype(np.int16)
+
+    plain = image("plain")
+    same = image("same", "--negative-lora", str(workdir / "lora.safetensors"))
+    branched = image("branched", "--negative-lora", str(workdir / "lora-neg.safetensors"))
+    assert np.abs(same - plain).max() <= 2
+    assert np.abs(branched - plain).max() > np.abs(same - plain).max()
+
+
+def test_refusals(sd1_dir, style_dir, tmp_path, capsys):
     with pytest.raises(UserError, match="trainable='full' is not supported with method dreamartist"):
         check_config(plus_config(sd1_dir, style_dir, trainable="full"))
     with pytest.raises(UserError, match="dreamartist.neg_lora_learning_rate=0.0 must be positive"):
         check_config(plus_config(sd1_dir, style_dir, dreamartist__neg_lora_learning_rate=0.0))
+    (tmp_path / "captions").mkdir()
+    assert main(["sample", "--model", str(sd1_dir), "--captions", str(tmp_path / "captions"), "--negative-lora",
+                 str(tmp_path / "lora-neg.safetensors"), "--output", str(tmp_path / "out")]) == 2
+    assert "--negative-lora takes --prompt" in capsys.readouterr().err
+    pipe = load_pipeline(sd1_dir)
+    with pytest.raises(UserError, match="needs --guidance above 1 and no handoff"):
+        generate(pipe, ["a cat"], settings=SampleSettings(guidance=1.0, steps=1), negative_model=pipe)

@@ -54,6 +54,9 @@ def add_parser(subparsers) -> None:
                    help="LoRA .safetensors (diffusers or kohya/A1111 keys), merged into the weights at load; "
                         "repeatable")
     p.add_argument("--lora-scale", type=float, default=1.0, help="weight of every --lora (W + scale * delta)")
+    p.add_argument("--negative-lora", type=Path, action="append", default=[],
+                   help="LoRA for guidance's negative branch only, in place of --lora there (DreamArtist++'s "
+                        "lora-neg.safetensors, with --lora lora.safetensors and no negative word); repeatable")
     p.add_argument("--handoff-timestep", type=int, default=None,
                    help="the base model (without --lora) denoises timesteps at or above this one, the model with "
                         "--lora the rest: for a LoRA trained with train.max_timestep (0: --lora everywhere; "
@@ -92,6 +95,8 @@ def run(args) -> None:
     from nsync_jax.sampling import SampleSettings, generate_to_folder, load_for_sampling, read_latents
 
     check_sources(args)
+    if args.negative_lora and not args.prompt:
+        raise UserError("--negative-lora takes --prompt, not --captions or --prompts-file")
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and value % 8:
             raise UserError(f"{flag} must be divisible by 8, got {value}")
@@ -103,6 +108,12 @@ def run(args) -> None:
     settings = SampleSettings(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
                               height=args.height, width=args.width, clip_skip=args.clip_skip,
                               batch_size=args.batch_size, handoff_timestep=handoff)
+    negative = None
+    if args.negative_lora:  # the same model and embeddings, with the negative branch's LoRA instead
+        negative, _, _ = load_for_sampling(args.model, embeddings=args.embeddings, lora_files=args.negative_lora,
+                                           lora_scale=args.lora_scale, handoff_timestep=0, dtype=jnp.dtype(args.dtype),
+                                           attention_backend=args.attention, revision=args.revision,
+                                           variant=args.variant, model_config=args.model_config)
     if not args.prompt:
         draw_set(args, pipe, base, settings)
         return
@@ -110,7 +121,7 @@ def run(args) -> None:
     latents = None if args.latents is None else read_latents(args.latents, pipe, num_images, settings)
     files = generate_to_folder(pipe, args.prompt, args.output, negative_prompt=args.negative_prompt,
                                num_images_per_prompt=args.num_images, seed=args.seed, settings=settings,
-                               latents=latents, base=base)
+                               latents=latents, base=base, negative_model=negative)
     if is_main_process():
         print(f"wrote {len(files)} images to {args.output}")
 

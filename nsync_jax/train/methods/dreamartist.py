@@ -224,14 +224,14 @@ class DreamArtist(Method):
             return optax.chain(*chain)
         # DreamArtist++: each branch's adapters of each component with their own learning rate, as AdamW's
         # update scaled by rate / train.learning_rate (weight decay included, as a torch parameter group's lr).
-        rates = {("positive", "unet"): da.lora_learning_rate, ("negative", "unet"): da.neg_lora_learning_rate}
-        components = ("unet", "text_encoder") if config.lora.text_encoder else ("unet",)
+        rates = {"positive/unet": da.lora_learning_rate, "negative/unet": da.neg_lora_learning_rate}
+        if config.lora.text_encoder:
+            rates.update({"positive/text_encoder": da.text_encoder_lora_learning_rate,
+                          "negative/text_encoder": da.text_encoder_lora_learning_rate})
         transforms = {"words": optax.chain(*chain)}
-        for branch, _ in LORA_BRANCHES:
-            for component in components:
-                rate = rates.get((branch, component), da.text_encoder_lora_learning_rate)
-                transforms[f"{branch}/{component}"] = optax.chain(
-                    optax.clip_by_global_norm(da.grad_clip_norm), adamw, optax.scale(rate / config.train.learning_rate))
+        for label, rate in rates.items():
+            transforms[label] = optax.chain(optax.clip_by_global_norm(da.grad_clip_norm), adamw,
+                                            optax.scale(rate / config.train.learning_rate))
         labels = lambda trained: {part: "words" if part == "rows" else {c: f"{part}/{c}" for c in trained[part]}
                                   for part in trained}
         return optax.multi_transform(transforms, labels)
