@@ -39,6 +39,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.lora = ml_collections.ConfigDict()
     config.lora.rank = 4
     config.lora.alpha = 4.0  # the update is (alpha / rank) x down up
+    # >0: each layer's rank is this fraction of its output width (at least 1), in place of lora.rank
+    # (HCP-Diffusion's relative ranks, as its DreamArtist++ config uses).
+    config.lora.relative_rank = 0.0
     config.lora.targets = ("to_q", "to_k", "to_v", "to_out.0")  # UNet linear layers (path suffixes)
     config.lora.text_encoder = False  # also adapt the text encoder's q_proj, k_proj, v_proj, out_proj
     config.full = ml_collections.ConfigDict()
