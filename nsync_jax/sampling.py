@@ -272,15 +272,16 @@ def generate(
 def load_for_sampling(model: str | Path, *, embeddings: Sequence[Path] = (), lora_files: Sequence[Path] = (),
                       lora_scale: float = 1.0, handoff_timestep: int | None = None, dtype=jnp.float32,
                       attention_backend: str = "auto", revision: str | None = None, variant: str | None = None,
-                      model_config: str | Path | None = None) -> tuple[StableDiffusion, StableDiffusion | None, int]:
+                      model_config: str | Path | None = None, vae: str | Path | None = None
+                      ) -> tuple[StableDiffusion, StableDiffusion | None, int]:
     """The models `generate` samples with: `(pipe, base, handoff_timestep)`.
 
     `pipe` is the diffusers folder `model` with the `embeddings` files added and the `lora_files` merged into its
     weights (`W + lora_scale * delta`). With a handoff (`handoff_timestep` > 0; None: the one the LoRA files
     record, else 0), `base` is the same folder with the embeddings but without the LoRA, which denoises the
     timesteps at or above the handoff (pass both and the timestep to `generate`); otherwise `base` is None.
-    `model`, `revision`, `variant` and `model_config` are `load_pipeline`'s: a folder, a Hugging Face Hub id
-    or a single-file checkpoint.
+    `model`, `revision`, `variant`, `model_config` and `vae` (another model's VAE, which decodes) are
+    `load_pipeline`'s: a folder, a Hugging Face Hub id or a single-file checkpoint.
     """
     if handoff_timestep is None:
         handoff_timestep = recorded_handoff(lora_files)
@@ -291,7 +292,7 @@ def load_for_sampling(model: str | Path, *, embeddings: Sequence[Path] = (), lor
 
     def load_with_embeddings():
         loaded = load_pipeline(model, dtype=dtype, attention_backend=attention_backend, revision=revision,
-                               variant=variant, model_config=model_config)
+                               variant=variant, model_config=model_config, vae=vae)
         for path in embeddings:
             loaded.add_embeddings(path)
         return loaded

@@ -255,3 +255,22 @@ def test_replacement_vae_from_the_hugging_face_cache(sd1_dir, other_vae, tmp_pat
         np.testing.assert_allclose(ours, 1.5 * theirs, rtol=1e-6)
     with pytest.raises(UserError, match=r"^org/missing-vae: .*Hugging Face"):  # one line naming the id
         load_pipeline(sd1_dir, vae="org/missing-vae")
+
+
+def test_sample_vae_draws_as_a_model_whose_vae_is_replaced(sd1_dir, other_vae, tmp_path):
+    import shutil
+
+    from nsync_jax.cli import main
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(sd1_dir, swapped)
+    shutil.rmtree(swapped / "vae")
+    shutil.copytree(other_vae, swapped / "vae")
+    flags = ["--prompt", "zwx style, a girl", "--steps", "2", "--height", "32", "--scheduler", "ddim"]
+    drawn = {}
+    for name, model in (("flag", ["--model", str(sd1_dir), "--vae", str(other_vae)]),
+                        ("folder", ["--model", str(swapped)]), ("own", ["--model", str(sd1_dir)])):
+        assert main(["sample", *model, *flags, "--output", str(tmp_path / name)]) == 0
+        drawn[name] = np.asarray(Image.open(tmp_path / name / "000000.png"))
+    np.testing.assert_array_equal(drawn["flag"], drawn["folder"])
+    assert not np.array_equal(drawn["flag"], drawn["own"])

@@ -16,6 +16,9 @@ def add_parser(subparsers) -> None:
                               help="draw images from prompts with a Stable Diffusion model, with learned embeddings "
                                    "and LoRA files")
     add_model_flags(p)
+    p.add_argument("--vae", default=None, metavar="DIR_OR_ID",
+                   help="another model's VAE decodes, e.g. stabilityai/sd-vae-ft-mse as StyleForge's scripts use "
+                        "(a VAE folder, a model folder or a Hub id; it must be a drop-in for the model's own)")
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeat for several)")
     p.add_argument("--captions", type=Path, default=None,
                    help="instead of --prompt: a folder of <stem>.txt captions, one image <stem>.png per caption "
@@ -104,7 +107,7 @@ def run(args) -> None:
                                             lora_scale=args.lora_scale, handoff_timestep=args.handoff_timestep,
                                             dtype=jnp.dtype(args.dtype), attention_backend=args.attention,
                                             revision=args.revision, variant=args.variant,
-                                            model_config=args.model_config)
+                                            model_config=args.model_config, vae=args.vae)
     settings = SampleSettings(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
                               height=args.height, width=args.width, clip_skip=args.clip_skip,
                               batch_size=args.batch_size, handoff_timestep=handoff)
