@@ -31,6 +31,7 @@ writes them from the files users have.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from pathlib import Path
 from typing import Callable, Iterator
@@ -50,6 +51,9 @@ PROTOCOLS = ("standard", "nsync", "styleforge")
 # than this many characters.
 STYLEFORGE_KID_SIZE = 512
 STYLEFORGE_MAX_PROMPT_CHARS = 77
+# SHA-256 of the released prompt list (ION-dgu/StyleBoost 68cae57, prompt.txt: 1,563 lines, no licence, so not
+# shipped here): a result says whether its --captions list is that one.
+STYLEFORGE_PROMPTS_SHA256 = "e8ac3773140fb71cf16516c1cd75004c8e66eee3e44513500c2cd663dd0733ea"
 METRICS = ("fid", "kid", "cmmd", "csd", "clip")
 INCEPTION_SIZE = 299
 # gan-metrics-pytorch loads images in batches of 50 and drops the last, incomplete batch.
@@ -309,8 +313,10 @@ def _clip_score_per_prompt(ev: Evaluation, generated: ImageFolder, captions: Pat
     ends = np.cumsum([len(images) for images in kept.values()])
     per_prompt = [metrics.clip_score(image[end - len(images):end], text[end - len(images):end]).value
                   for end, images in zip(ends, kept.values())]
+    released = (Path(captions).is_file()
+                and hashlib.sha256(Path(captions).read_bytes()).hexdigest() == STYLEFORGE_PROMPTS_SHA256)
     return {"value": float(np.mean(per_prompt)), "std": float(np.std(per_prompt)), "images": len(order),
-            "prompts": len(kept), "prompts_skipped": len(groups) - len(kept),
+            "prompts": len(kept), "prompts_skipped": len(groups) - len(kept), "released_prompt_list": released,
             "definition": "per prompt: 100 * cos(image, raw prompt) with CLIP ViT-B/16, mean over its images "
                           f"clamped at 0 (torchmetrics clip_score); mean over prompts of at most "
                           f"{STYLEFORGE_MAX_PROMPT_CHARS} characters (StyleForge's CLIP_score.py)"}

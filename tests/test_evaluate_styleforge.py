@@ -3,6 +3,7 @@ pytorch-fid's input for FID, KID with the real images resized to 512 first, and 
 (torchmetrics' clip_score: transformers' CLIP and processor) over each prompt's images."""
 from __future__ import annotations
 
+import hashlib
 import shutil
 
 import numpy as np
@@ -127,12 +128,17 @@ def torch_clip_score(clip, tokenizer, images, prompt):
 
 
 @pytest.mark.parametrize("source", ["folder", "prompt_list"])
-def test_clip_score_per_prompt_matches_torch(weights_dir, folders, source):
+def test_clip_score_per_prompt_matches_torch(weights_dir, folders, source, monkeypatch):
     folder, clip, tokenizer = weights_dir
     generated_dir, captions = ((folders / "generated", folders / "captions") if source == "folder" else
                                (folders / "generated_from_list", folders / "prompts.txt"))
     ev = evaluate.Evaluation("styleforge", ("clip",), folder, batch_size=4)
     score = evaluate.evaluate(ev, folders / "real", generated_dir, captions)["metrics"]["clip"]
+    assert score["released_prompt_list"] is False
+    if source == "prompt_list":  # a list whose bytes are the released prompt.txt's is recognised
+        monkeypatch.setattr(evaluate, "STYLEFORGE_PROMPTS_SHA256", hashlib.sha256(captions.read_bytes()).hexdigest())
+        assert evaluate.evaluate(ev, folders / "real", generated_dir, captions)["metrics"]["clip"][
+            "released_prompt_list"] is True
 
     generated = evaluate.read_image_folder(generated_dir)
     per_prompt = []
