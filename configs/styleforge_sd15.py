@@ -15,8 +15,16 @@ with an Aux image once, by index, as the released loader pairs them.
   nsync-jax sample --model anime-sf-model --scheduler ddim --steps 30 --guidance 7 \
       --prompt "a photo of zwx style, a girl, closed shot" --output samples/
 
-The paper's evaluation (nsync_jax/evaluate.py, --protocol styleforge) scores 2 images per prompt of the released
-prompt list, drawn with DDIM 30 steps, guidance 7 and the released negative prompt.
+The paper's evaluation (nsync_jax/evaluate.py, --protocol styleforge): 2 images for each line of the released
+prompt list (prompt.txt of github.com/ION-dgu/StyleBoost, not shipped: it has no licence), DDIM 30 steps,
+guidance 7, the released negative prompt; FID and KID against the reference style images, and the CLIP score
+of each image with its raw line:
+
+  nsync-jax sample --model anime-sf-model --prompts-file StyleBoost/prompt.txt --num-images 2 \
+      --template "a photo of zwx style, {caption}" --scheduler ddim --steps 30 --guidance 7 --output sf-eval \
+      --negative-prompt "(worst quality, low quality:1.2), canvas frame, ((disfigured)), ((bad art)), ((deformed)),((extra limbs)), weird colors, blurry, (((duplicate))), ((morbid)), ((mutilated)), [out of frame], extra fingers, mutated hands, ((poorly drawn hands)), ((poorly drawn face)), (((mutation))), 3d render"
+  nsync-jax evaluate --protocol styleforge --real anime/reference --generated sf-eval \
+      --captions StyleBoost/prompt.txt --metrics fid,kid,clip --weights weights --output sf-scores.json
 
 Without Aux images, --config.styleforge.generate_aux=20 draws 20 with the class prompt from the base model first
 (DreamBooth's class images). On 8 devices, split the batch and the weights: --config.train.batch_size=8
