@@ -163,3 +163,23 @@ def test_clip_errors_name_the_captions(weights_dir, folders, tmp_path):
     (tmp_path / "long.txt").write_text("\n".join([LONG] * 4))
     with pytest.raises(UserError, match="longer than 77 characters"):
         evaluate.evaluate(ev, folders / "real", folders / "generated_from_list", tmp_path / "long.txt")
+
+
+@pytest.mark.filterwarnings("ignore:.*longer than the text encoder")  # the tiny tokenizer has 16
+def test_sample_prompts_file_then_evaluate(sd1_dir, weights_dir, folders, tmp_path):
+    """The documented pair of commands: `sample --prompts-file --num-images 2 --template` names its images so that
+    `evaluate --protocol styleforge --captions` finds each image's raw line."""
+    import json
+
+    from nsync_jax.cli import main
+
+    prompts = folders / "prompts.txt"
+    assert main(["sample", "--model", str(sd1_dir), "--prompts-file", str(prompts), "--num-images", "2",
+                 "--template", "a photo of zwx style, {caption}", "--steps", "2", "--scheduler", "ddim",
+                 "--negative-prompt", "(worst quality, low quality:1.2), blurry", "--output",
+                 str(tmp_path / "drawn")]) == 0
+    assert main(["evaluate", "--protocol", "styleforge", "--real", str(folders / "real"), "--generated",
+                 str(tmp_path / "drawn"), "--captions", str(prompts), "--metrics", "clip", "--weights",
+                 str(weights_dir[0]), "--output", str(tmp_path / "scores.json")]) == 0
+    clip = json.loads((tmp_path / "scores.json").read_text())["metrics"]["clip"]
+    assert (clip["prompts"], clip["prompts_skipped"], clip["images"]) == (3, 1, 6)
