@@ -7,8 +7,10 @@ the model has exactly the paths and values of the base model) and adds two `nnx.
   lora_down `(in, rank)`   random: kaiming-uniform, bound 1/sqrt(in) (peft's default for lora_A)
   lora_up   `(rank, out)`  zero, so the adapted model is the base model until the first update
 
-and computes `x W + b + (alpha / rank) (x down) up`. The trainer selects the adapters with the NNX filter
-`nnx.LoRAParam` (`nnx.split(module, nnx.LoRAParam, ...)`); everything else stays frozen.
+and computes `x W + b + (alpha / rank) (x down) up`. A rank below 1 is a fraction of each layer's output width
+(its rank max(round(out rank), 1), HCP-Diffusion's relative ranks), so layers' ranks and scales differ. The
+trainer selects the adapters with the NNX filter `nnx.LoRAParam` (`nnx.split(module, nnx.LoRAParam, ...)`);
+everything else stays frozen.
 
 Files: `lora_state_dict` writes one of two key layouts, both of which diffusers' `load_lora_weights` reads
 for Stable Diffusion 1.x/2.x:
@@ -74,9 +76,15 @@ def _path_matches(path: str, targets) -> bool:
     return any(path == t or path.endswith("." + t) for t in targets)
 
 
-def add_lora(module: nnx.Module, targets, *, rank: int, alpha: float, key: jax.Array) -> list[str]:
+def layer_rank(rank: int | float, out_features: int) -> int:
+    """A layer's rank: `rank`, or with `rank` below 1 that fraction of the layer's output width (at least 1)."""
+    return rank if rank >= 1 else max(round(out_features * rank), 1)
+
+
+def add_lora(module: nnx.Module, targets, *, rank: int | float, alpha: float, key: jax.Array) -> list[str]:
     """Puts a `LoRALinear` in place of every `nnx.Linear` of `module` whose dotted path ends with one of
-    `targets` (e.g. `to_q`, `to_out.0`); returns their paths. Each adapter's key is `fold_in(key, index)`."""
+    `targets` (e.g. `to_q`, `to_out.0`), of rank `layer_rank(rank, out_features)`; returns their paths. Each
+    adapter's key is `fold_in(key, index)`."""
     found = [(path, m) for path, m in nnx.iter_modules(module)
              if type(m) is nnx.Linear and _path_matches(".".join(map(str, path)), targets)]
     if not found:
@@ -86,7 +94,8 @@ def add_lora(module: nnx.Module, targets, *, rank: int, alpha: float, key: jax.A
         parent = module
         for part in path[:-1]:
             parent = parent[part] if isinstance(part, int) else getattr(parent, part)
-        adapted = LoRALinear(linear, rank=rank, alpha=alpha, key=jax.random.fold_in(key, index))
+        adapted = LoRALinear(linear, rank=layer_rank(rank, linear.out_features), alpha=alpha,
+                             key=jax.random.fold_in(key, index))
         if isinstance(path[-1], int):
             parent[path[-1]] = adapted
         else:
@@ -134,10 +143,10 @@ def nested_params(flat: dict) -> dict:
 # LoRA files (diffusers and kohya layouts).
 # ------------------------------------------------------------------------------------------------------------
 
-def lora_state_dict(params: dict[str, dict[str, np.ndarray]], scale: float,
+def lora_state_dict(params: dict[str, dict[str, np.ndarray]], alpha: float,
                     layout: str = "diffusers") -> dict[str, np.ndarray]:
     """The file keys, in layout "diffusers" or "kohya" (see the module docstring), of trained adapters
-    `{component: {"<module>.lora_down": (in, r), ...}}` whose scale is `scale` (alpha / rank)."""
+    `{component: {"<module>.lora_down": (in, r), ...}}` whose scale is alpha / r (r: each adapter's rank)."""
     state = {}
     for component, flat in params.items():
         for key, down in flat.items():
@@ -148,11 +157,12 @@ def lora_state_dict(params: dict[str, dict[str, np.ndarray]], scale: float,
             up = np.ascontiguousarray(np.asarray(flat[module + ".lora_up"], np.float32).T)
             if layout == "diffusers":
                 prefix = FILE_PREFIXES[component] + module
-                state[prefix + ".lora_A.weight"], state[prefix + ".lora_B.weight"] = down, up * scale
+                state[prefix + ".lora_A.weight"] = down
+                state[prefix + ".lora_B.weight"] = up * np.float32(alpha / down.shape[0])
             else:
                 prefix = KOHYA_PREFIXES[component] + module.replace(".", "_")
                 state[prefix + ".lora_down.weight"], state[prefix + ".lora_up.weight"] = down, up
-                state[prefix + ".alpha"] = np.asarray(scale * down.shape[0], np.float32)
+                state[prefix + ".alpha"] = np.asarray(alpha, np.float32)
     return state
 
 
@@ -248,7 +258,7 @@ def read_lora_metadata(path: Path) -> dict:
     return metadata if isinstance(metadata, dict) else {}
 
 
-def write_lora_file(path: Path, params: dict[str, dict[str, np.ndarray]], scale: float,
+def write_lora_file(path: Path, params: dict[str, dict[str, np.ndarray]], alpha: float,
                     metadata: dict | None = None, layout: str = "diffusers") -> None:
     """Writes trained adapters as a LoRA `.safetensors` in `layout` (see `lora_state_dict`), atomically;
     `metadata` goes into the file's header as JSON under `nsync_jax`."""
@@ -258,7 +268,7 @@ def write_lora_file(path: Path, params: dict[str, dict[str, np.ndarray]], scale:
 
     from nsync_jax.files import atomic_write
 
-    state = lora_state_dict(params, scale, layout)
+    state = lora_state_dict(params, alpha, layout)
     header = {"format": "pt", "nsync_jax": json.dumps(metadata or {}, sort_keys=True)}
     atomic_write(Path(path), lambda tmp: save_file(state, str(tmp), metadata=header))
 

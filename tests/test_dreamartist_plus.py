@@ -25,10 +25,12 @@ PROMPT = f"a cat in the style of {TOKEN}"
 
 
 def plus_config(model, data, **overrides):
-    """DreamArtist++ on the tiny model: 2 positive and 2 negative vectors, rank-2 adapters on the UNet's
-    attention and the text encoder, learning rates large enough to move the adapters in a few steps."""
+    """DreamArtist++ on the tiny model: 2 positive and 2 negative vectors, adapters on the UNet's attention and
+    the text encoder with ranks 1/8 of each layer's width (1 and 2 on the tiny UNet), learning rates large
+    enough to move the adapters in a few steps."""
     settings = dict(method="dreamartist", trainable="lora", data__negatives="", dreamartist__num_negative_vectors=2,
-                    lora__rank=2, lora__alpha=1.0, lora__text_encoder=True, dreamartist__lora_learning_rate=0.05,
+                    lora__relative_rank=0.125, lora__alpha=1.0, lora__text_encoder=True,
+                    dreamartist__lora_learning_rate=0.05,
                     dreamartist__neg_lora_learning_rate=0.02, dreamartist__text_encoder_lora_learning_rate=0.01,
                     train__steps=4)
     return tiny_config(model, data, **{**settings, **overrides})
@@ -63,6 +65,10 @@ def test_trains_the_words_and_each_branchs_adapters_and_resumes_bit_identically(
         assert all(np.array_equal(ours[path], again[path]) for path in ours)
         ups = [path for path in ours if path.endswith(".lora_up")]
         assert all(ours[path].any() for path in ups)  # moved from zero by the training
+    # Each layer's rank is 1/8 of its output width.
+    ranks = {path: down.shape[1] for path, down in trained["positive"]["unet"].items() if path.endswith("_down")}
+    widths = {path: trained["positive"]["unet"][path[:-4] + "up"].shape[1] for path in ranks}
+    assert all(ranks[path] == max(round(0.125 * widths[path]), 1) for path in ranks) and len(set(ranks.values())) > 1
     # Two sets of adapters: different starts, different updates.
     path = next(p for p in trained["positive"]["unet"] if p.endswith(".lora_down"))
     assert not np.allclose(trained["positive"]["unet"][path], trained["negative"]["unet"][path])
@@ -181,6 +187,8 @@ def test_samples_with_the_negative_lora_on_the_negative_branch_only(runs, sd1_di
 def test_refusals(sd1_dir, style_dir, tmp_path, capsys):
     with pytest.raises(UserError, match="trainable='full' is not supported with method dreamartist"):
         check_config(plus_config(sd1_dir, style_dir, trainable="full"))
+    with pytest.raises(UserError, match=r"lora.relative_rank=1.5 must be in \[0, 1\)"):
+        check_config(plus_config(sd1_dir, style_dir, lora__relative_rank=1.5))
     with pytest.raises(UserError, match="dreamartist.neg_lora_learning_rate=0.0 must be positive"):
         check_config(plus_config(sd1_dir, style_dir, dreamartist__neg_lora_learning_rate=0.0))
     (tmp_path / "captions").mkdir()

@@ -287,6 +287,8 @@ class LoRA(ModuleWeights):
         settings = config.lora
         if not isinstance(settings.rank, int) or settings.rank < 1:
             raise UserError(f"config lora.rank={settings.rank!r} must be a positive integer")
+        if not 0.0 <= settings.relative_rank < 1.0:
+            raise UserError(f"config lora.relative_rank={settings.relative_rank!r} must be in [0, 1) (0: lora.rank)")
         if not settings.alpha > 0:
             raise UserError(f"config lora.alpha={settings.alpha!r} must be positive")
         if not settings.targets:
@@ -294,31 +296,32 @@ class LoRA(ModuleWeights):
 
     def prepare(self, module, name, config, key):
         targets = tuple(config.lora.targets) if name == "unet" else lora.TEXT_ENCODER_TARGETS
-        lora.add_lora(module, targets, rank=config.lora.rank, alpha=config.lora.alpha, key=key)
+        lora.add_lora(module, targets, rank=lora_rank(config), alpha=config.lora.alpha, key=key)
 
     def merge(self, modules, trained, config, source):
         """The adapters folded into the plain weights, as diffusers' fuse_lora."""
-        deltas = lora.read_lora_state(lora.lora_state_dict(trained, lora_scale(config)), source=source)
+        deltas = lora.read_lora_state(lora.lora_state_dict(trained, config.lora.alpha), source=source)
         lora.merge_lora(modules, deltas, source=source)
 
     def metadata(self, config):
-        return {**super().metadata(config), "lora_rank": config.lora.rank, "lora_alpha": config.lora.alpha,
+        return {**super().metadata(config), "lora_rank": lora_rank(config), "lora_alpha": config.lora.alpha,
                 "lora_text_encoder": config.lora.text_encoder}
 
     def write_outputs(self, workdir, config, method, trained, metadata):
         path = workdir / "lora.safetensors"
-        lora.write_lora_file(path, trained, lora_scale(config), metadata=metadata)
+        lora.write_lora_file(path, trained, config.lora.alpha, metadata=metadata)
         return [path]
 
     def export(self, output, fmt, config, method, trained, metadata, source):
         if fmt not in export.LORA_FORMATS:
             return super().export(output, fmt, config, method, trained, metadata, source)
-        lora.write_lora_file(output, trained, lora_scale(config), metadata=metadata, layout=export.LORA_FORMATS[fmt])
-        return f"wrote {output} (LoRA rank {config.lora.rank}, {', '.join(trained)}), step {metadata['step']}"
+        lora.write_lora_file(output, trained, config.lora.alpha, metadata=metadata, layout=export.LORA_FORMATS[fmt])
+        return f"wrote {output} (LoRA rank {lora_rank(config)}, {', '.join(trained)}), step {metadata['step']}"
 
 
-def lora_scale(config) -> float:
-    return float(config.lora.alpha) / config.lora.rank
+def lora_rank(config) -> int | float:
+    """`lora.rank`, or where it is set `lora.relative_rank` (a fraction of each layer's output width)."""
+    return config.lora.relative_rank or config.lora.rank
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -376,7 +379,7 @@ class BranchedLoRA(LoRA):
         written = []
         for name, suffix in self.branches:
             target = export.sibling_path(Path(path), suffix)
-            lora.write_lora_file(target, trained[name], lora_scale(config), metadata=dict(metadata, lora_branch=name),
+            lora.write_lora_file(target, trained[name], config.lora.alpha, metadata=dict(metadata, lora_branch=name),
                                  layout=layout)
             written.append(target)
         return written
@@ -391,7 +394,7 @@ class BranchedLoRA(LoRA):
         paths = self.write_adapters(output, config, trained, metadata, export.LORA_FORMATS[fmt])
         written = ", ".join(f"{path} ({name} branch)" for path, (name, _) in zip(paths, self.branches))
         components = ", ".join(trained[self.main_branch])
-        return f"wrote {written} (LoRA rank {config.lora.rank}, {components}), step {metadata['step']}"
+        return f"wrote {written} (LoRA rank {lora_rank(config)}, {components}), step {metadata['step']}"
 
 
 EMBEDDINGS = register(Embeddings())

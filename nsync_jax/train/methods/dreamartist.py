@@ -13,13 +13,13 @@ as above; each branch's UNet and text encoder adapters have their own learning r
 (`dreamartist.lora_learning_rate`, `neg_lora_learning_rate`, `text_encoder_lora_learning_rate`). Files: the
 words as embeddings, the positive adapters as `lora.safetensors` and the negative ones as
 `lora-neg.safetensors`. HCP's guide samples with the positive word and LoRA on the positive branch and the
-negative LoRA alone on the negative one. Where this differs from HCP's config: one rank for every layer
-(`lora.rank`; HCP gives each layer 0.01875 of its output width, 2 on the text encoder) and alpha = 1 as HCP's
-scale 1/rank; the text encoder's attention projections only (HCP also adapts its MLPs); no LoRA dropout (HCP:
-0.1); one weight decay (`train.weight_decay`; HCP: 1e-3 adapters, 5e-4 words); each branch's adapters clipped
-per component to `dreamartist.grad_clip_norm` (HCP: max_grad_norm 1.0 over the model's); a constant learning
-rate (HCP: one-cycle with 200 warm-up steps); the plain denoising loss (HCP's later config: min-SNR, gamma 2);
-no regularisation set of the model's own images.
+negative LoRA alone on the negative one (`sample --negative-lora`). Where this differs from HCP's config: the
+text encoder's adapters take the UNet's relative rank (`lora.relative_rank`; HCP: rank 2 there) and only its
+attention projections (HCP also adapts its MLPs); no LoRA dropout (HCP: 0.1); one weight decay
+(`train.weight_decay`; HCP: 1e-3 adapters, 5e-4 words); each branch's adapters clipped per component to
+`dreamartist.grad_clip_norm` (HCP: max_grad_norm 1.0 over the model's); a constant learning rate (HCP:
+one-cycle with 200 warm-up steps); the plain denoising loss (HCP's later config: min-SNR, gamma 2); no
+regularisation set of the model's own images.
 """
 from __future__ import annotations
 
