@@ -127,6 +127,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.dreamartist.lora_learning_rate = 1e-4  # the positive branch's UNet adapters
     config.dreamartist.neg_lora_learning_rate = 4e-5  # the negative branch's ("prevents image collapse", as released)
     config.dreamartist.text_encoder_lora_learning_rate = 2e-5  # both branches' text encoder adapters
+    # >0: each example's squared error weighted by min(gamma / SNR(t), 1), HCP-Diffusion's MinSNRLoss (2 in its
+    # DreamArtist++ config); 0: unweighted, as the DreamArtist extension.
+    config.dreamartist.min_snr_gamma = 0.0
 
     # StyleForge (configs/styleforge_sd15.py, multi_styleforge_sd15.py hold the released settings).
     config.styleforge = ml_collections.ConfigDict()
