@@ -33,6 +33,7 @@ from PIL import Image
 
 from nsync_jax import evaluate, imageio
 from nsync_jax.errors import UserError
+from nsync_jax.metric_networks import network_path
 
 EDIT_METRICS = ("clip_accuracy", "clip_score", "background_lpips", "structure_distance")
 LPIPS_NETS = ("alex", "vgg")
@@ -40,7 +41,7 @@ LPIPS_NETS = ("alex", "vgg")
 
 @dataclasses.dataclass
 class EditEvaluation:
-    weights: Path
+    weights: Path | None  # None: every network from the cache of standard releases
     metrics: tuple[str, ...] = EDIT_METRICS
     lpips_net: str = "alex"
     batch_size: int = 8
@@ -50,7 +51,7 @@ class EditEvaluation:
 # Per-pair values
 # ------------------------------------------------------------------------------------------------------------
 
-def clip_embeddings(weights_dir: Path, edits: list[np.ndarray], targets: list[str], sources: list[str] | None,
+def clip_embeddings(weights_dir: Path | None, edits: list[np.ndarray], targets: list[str], sources: list[str] | None,
                     batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """CLIP's embeddings of the edits, their target texts and their source texts (None without sources)."""
     image, text = evaluate.clip_embeddings(weights_dir, edits, targets + (sources or []), batch_size)
@@ -69,12 +70,12 @@ def _lpips_input(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return image.astype(np.float32) / 127.5 - 1
 
 
-def lpips_values(weights_dir: Path, net: str, originals: list[np.ndarray], edits: list[np.ndarray],
+def lpips_values(weights_dir: Path | None, net: str, originals: list[np.ndarray], edits: list[np.ndarray],
                  masks: list[np.ndarray | None], batch_size: int) -> np.ndarray:
     """LPIPS per (original, edit) pair, foreground (True in `masks`) blacked out in both where a mask is given."""
     from nsync_jax.models.lpips import load_lpips
 
-    model = load_lpips(evaluate.weight_path(weights_dir, f"lpips-{net}"), net)
+    model = load_lpips(network_path(weights_dir, f"lpips-{net}"), net)
     values = np.zeros(len(edits))
     # One compiled shape per image size.
     for shape in dict.fromkeys(e.shape for e in edits):
@@ -100,12 +101,12 @@ def self_similarity(keys: jnp.ndarray) -> jnp.ndarray:
     return keys @ jnp.swapaxes(keys, -1, -2) / jnp.maximum(norms * jnp.swapaxes(norms, -1, -2), 1e-8)
 
 
-def structure_values(weights_dir: Path, originals: list[np.ndarray], edits: list[np.ndarray],
+def structure_values(weights_dir: Path | None, originals: list[np.ndarray], edits: list[np.ndarray],
                      batch_size: int) -> np.ndarray:
     """Splice's structure distance per pair: the mean squared difference of the two self-similarity matrices."""
     from nsync_jax.models.vit import load_vit
 
-    model = load_vit(evaluate.weight_path(weights_dir, "dino"))
+    model = load_vit(network_path(weights_dir, "dino"))
     size = model.config.image_size
 
     def forward(m, x):
@@ -226,7 +227,7 @@ def evaluate_edits(ev: EditEvaluation, originals_dir: Path, edits_dir: Path, *, 
         "structure_distance": "MSE of the self-similarity of DINO-ViT's last-layer keys (Splice)"}
     return {"originals": originals.report(), "edits": edits.report(), "pairs": len(stems),
             "originals_without_edit": len(originals.stems) - len(stems),
-            "settings": {"weights": str(ev.weights), "lpips_net": ev.lpips_net,
+            "settings": {"weights": None if ev.weights is None else str(ev.weights), "lpips_net": ev.lpips_net,
                          "masks": None if masks_dir is None else str(masks_dir)},
             "metrics": {m: {**summarise(m, v), "definition": definitions[m]} for m, v in values.items()},
             "per_image": {stem: {m: v[i].item() for m, v in values.items()} for i, stem in enumerate(stems)}}

@@ -25,8 +25,9 @@ that cannot be decoded is reported in the output and left out; nothing is droppe
 records how many images it used. Networks run under jit with `highest` matmul precision: the TF32 or bf16
 default of GPUs and TPUs moves CMMD, a difference of kernel sums all within 2% of 1.
 
-`--weights DIR` holds the converted networks under the names in `WEIGHT_FILES`; `nsync-jax convert-weights`
-writes them from the files users have.
+`--weights DIR` holds converted networks under the names in `metric_networks.NETWORKS` (`nsync-jax
+convert-weights` writes them from the files users have); a network it lacks comes from its standard release,
+fetched into the Hugging Face cache and converted once (`metric_networks`).
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from PIL import Image, UnidentifiedImageError
 
 from nsync_jax import imageio, metrics
 from nsync_jax.errors import UserError
+from nsync_jax.metric_networks import network_path
 from nsync_jax.models.clip_vision import CLIP_MEAN, CLIP_STD
 
 PROTOCOLS = ("standard", "nsync", "styleforge")
@@ -58,35 +60,6 @@ METRICS = ("fid", "kid", "cmmd", "csd", "clip")
 INCEPTION_SIZE = 299
 # gan-metrics-pytorch loads images in batches of 50 and drops the last, incomplete batch.
 NSYNC_BATCH = 50
-
-# What each network is called in --weights DIR, and how to make it.
-WEIGHT_FILES = {
-    "inception-fid": ("inception-fid.safetensors",
-                      "convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth with "
-                      "`nsync-jax convert-weights inception-fid FILE.pth DIR/inception-fid.safetensors`"),
-    "inception-torchvision": ("inception-torchvision.safetensors",
-                              "convert torchvision's inception_v3_google-0cc3c7bd.pth with `nsync-jax "
-                              "convert-weights inception-torchvision FILE.pth DIR/inception-torchvision.safetensors`"),
-    "clip-336": ("clip-vit-large-patch14-336",
-                 "copy the transformers folder openai/clip-vit-large-patch14-336 there, or convert OpenAI's "
-                 "ViT-L-14-336px.pt with `nsync-jax convert-weights openai-clip FILE.pt DIR/clip-vit-large-patch14-336`"),
-    "clip": ("clip-vit-large-patch14",
-             "copy the transformers folder openai/clip-vit-large-patch14 (with its tokenizer files) there"),
-    "clip-b16": ("clip-vit-base-patch16",
-                 "copy the transformers folder openai/clip-vit-base-patch16 (with its tokenizer files) there"),
-    "csd": ("csd", "convert the CSD checkpoint (tomg-group-umd/CSD-ViT-L pytorch_model.bin) with "
-                   "`nsync-jax convert-weights csd FILE DIR/csd`"),
-    # `evaluate-edits` (nsync_jax.edit_metrics)
-    "dino": ("dino-vitb8", "copy the transformers folder facebook/dino-vitb8 there, or convert DINO's "
-                           "dino_vitbase8_pretrain.pth with `nsync-jax convert-weights dino-vit FILE.pth DIR/dino-vitb8`"),
-    "lpips-alex": ("lpips-alex.safetensors",
-                   "convert torchvision's alexnet-owt-7be5be79.pth and lpips' weights/v0.1/alex.pth with `nsync-jax "
-                   "convert-weights lpips-alex alexnet-owt-7be5be79.pth DIR/lpips-alex.safetensors --lpips-heads alex.pth`"),
-    "lpips-vgg": ("lpips-vgg.safetensors",
-                  "convert torchvision's vgg16-397923af.pth and lpips' weights/v0.1/vgg.pth with `nsync-jax "
-                  "convert-weights lpips-vgg vgg16-397923af.pth DIR/lpips-vgg.safetensors --lpips-heads vgg.pth`"),
-}
-
 
 # ------------------------------------------------------------------------------------------------------------
 # Image folders
@@ -198,19 +171,11 @@ def batched_features(module: nnx.Module, forward: Callable, inputs: Iterator[np.
     return np.concatenate(out)
 
 
-def weight_path(weights_dir: Path, name: str) -> Path:
-    file_name, how = WEIGHT_FILES[name]
-    path = Path(weights_dir) / file_name
-    if not path.exists():
-        raise UserError(f"{path}: not found; {how}")
-    return path
-
-
 @dataclasses.dataclass
 class Evaluation:
     protocol: str
     metrics: tuple[str, ...]
-    weights: Path
+    weights: Path | None  # None: every network from the cache of standard releases
     batch_size: int = 50
     seed: int = 0
     kid_subset_size: int = 1000
@@ -221,7 +186,7 @@ def _inception_features(ev: Evaluation, folders: list[ImageFolder]) -> list[np.n
     from nsync_jax.models.inception import load_inception
 
     variant = "torchvision" if ev.protocol == "nsync" else "fid"
-    model = load_inception(weight_path(ev.weights, f"inception-{variant}"), variant)
+    model = load_inception(network_path(ev.weights, f"inception-{variant}"), variant)
     prepare = clean_fid_input if ev.protocol == "standard" else gan_metrics_input
     sets = [folder.images for folder in folders]
     if ev.protocol == "nsync":
@@ -235,7 +200,7 @@ def _inception_features(ev: Evaluation, folders: list[ImageFolder]) -> list[np.n
 def _clip_image_features(ev: Evaluation, folders: list[ImageFolder], name: str, prepare) -> list[np.ndarray]:
     from nsync_jax.models.clip_vision import l2_normalize, load_clip_vision
 
-    model = load_clip_vision(weight_path(ev.weights, name))
+    model = load_clip_vision(network_path(ev.weights, name))
     size = model.config.image_size
     return [batched_features(model, lambda m, x: l2_normalize(m(x).image_embeds),
                              (prepare(i, size) for i in f.images), len(f.images), ev.batch_size)
@@ -245,20 +210,20 @@ def _clip_image_features(ev: Evaluation, folders: list[ImageFolder], name: str, 
 def _csd_features(ev: Evaluation, folders: list[ImageFolder]) -> list[np.ndarray]:
     from nsync_jax.models.clip_vision import load_csd
 
-    model = load_csd(weight_path(ev.weights, "csd"))
+    model = load_csd(network_path(ev.weights, "csd"))
     size = model.config.image_size
     return [batched_features(model, lambda m, x: m(x), (clip_input(i, size, "round") for i in f.images),
                              len(f.images), ev.batch_size) for f in folders]
 
 
-def clip_embeddings(weights_dir: Path, images: list[np.ndarray], texts: list[str], batch_size: int,
+def clip_embeddings(weights_dir: Path | None, images: list[np.ndarray], texts: list[str], batch_size: int,
                     name: str = "clip") -> tuple[np.ndarray, np.ndarray]:
-    """CLIP's (`WEIGHT_FILES[name]`, ViT-L/14 by default) unnormalised image `(len(images), d)` and text
-    `(len(texts), d)` embeddings; images preprocessed as CLIPImageProcessor does."""
+    """CLIP's (`metric_networks.NETWORKS[name]`, ViT-L/14 by default) unnormalised image `(len(images), d)` and
+    text `(len(texts), d)` embeddings; images preprocessed as CLIPImageProcessor does."""
     from nsync_jax.models.clip_vision import load_clip_model
     from nsync_jax.tokens import load_tokenizer
 
-    folder = weight_path(weights_dir, name)
+    folder = network_path(weights_dir, name)
     model = load_clip_model(folder)
     tokenizer = load_tokenizer(folder)
     size = model.config.vision.image_size
@@ -369,7 +334,7 @@ def evaluate(ev: Evaluation, real_dir: Path, generated_dir: Path, captions_dir: 
         results["clip"] = _clip_score(ev, generated, captions_dir)
     return {"protocol": ev.protocol, "real": real.report(), "generated": generated.report(),
             "settings": {"seed": ev.seed, "kid_subset_size": ev.kid_subset_size, "kid_subsets": ev.kid_subsets,
-                         "weights": str(ev.weights)},
+                         "weights": None if ev.weights is None else str(ev.weights)},
             "metrics": {m: results[m] for m in ev.metrics}}
 
 

@@ -170,6 +170,20 @@ def style_dir(tmp_path_factory) -> Path:
     return write_style_dataset(tmp_path_factory.mktemp("style"))
 
 
+@pytest.fixture
+def empty_hf_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face home (with its hub cache) under tmp_path, read offline: whatever a test asks of the
+    Hub or of a release URL fails instead of being fetched. Returns the home."""
+    import huggingface_hub
+
+    home = tmp_path / "hf-home"
+    # huggingface_hub reads the environment into `constants` when imported: set both.
+    for name, value in (("HF_HOME", str(home)), ("HF_HUB_CACHE", str(home / "hub")), ("HF_HUB_OFFLINE", True)):
+        monkeypatch.setenv(name, str(int(value)) if value is True else value)
+        monkeypatch.setattr(huggingface_hub.constants, name, value)
+    return home
+
+
 def tiny_config(model, data, **overrides):
     """configs/tiny.py on `model` and the dataset at `data`; `a__b=value` overrides config key a.b."""
     config = load_config(CONFIG)

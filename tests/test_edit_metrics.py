@@ -317,7 +317,7 @@ def test_evaluate_edits_matches_torch(edit_weights, edit_folders, tmp_path):
     assert list(result["metrics"]) == ["clip_accuracy", "clip_score", "background_lpips", "structure_distance"]
 
 
-def test_evaluate_edits_errors(edit_weights, edit_folders, tmp_path, capsys):
+def test_evaluate_edits_errors(edit_weights, edit_folders, tmp_path, capsys, empty_hf_cache):
     weights_dir = edit_weights[0]
     root = edit_folders
     base = ["evaluate-edits", "--originals", str(root / "originals"), "--output", str(tmp_path / "out.json")]

@@ -198,7 +198,7 @@ def test_evaluate_command_writes_every_metric(metric_weights, image_folders, cap
     assert fid["bootstrap_draws"] == 10 and fid["std"] > 0 and fid["value"] > 0
 
 
-def test_evaluate_command_errors(metric_weights, image_folders, tmp_path, capsys):
+def test_evaluate_command_errors(metric_weights, image_folders, tmp_path, capsys, empty_hf_cache):
     from nsync_jax import cli
 
     weights_dir = metric_weights[0]

@@ -15,7 +15,7 @@ FLOORS = {
                      "nsync_jax.convert", "nsync_jax.sources", "nsync_jax.single_file", "nsync_jax.data",
                      "nsync_jax.captions"], 2),
     **dict.fromkeys(["nsync_jax.pipeline", "nsync_jax.export", "nsync_jax.evaluate",
-                     "nsync_jax.edit_metrics"], 3),
+                     "nsync_jax.edit_metrics", "nsync_jax.metric_networks"], 3),
     "nsync_jax.sdxl": 3,
     **dict.fromkeys(["nsync_jax.sampling", "nsync_jax.editing"], 4),
     **dict.fromkeys(["nsync_jax.negatives", "nsync_jax.train"], 5),

@@ -10,13 +10,17 @@ def add_parser(subparsers) -> None:
     from nsync_jax.evaluate import METRICS, PROTOCOLS
 
     p = subparsers.add_parser("evaluate", help="FID, KID, CMMD, CSD and CLIP score of generated against real images",
-                              epilog="Convert the networks into --weights with `nsync-jax convert-weights`.")
+                              epilog="Networks missing from --weights (or every network, without it) come from their standard "
+                                     "releases, fetched into the Hugging Face cache and converted on first use; "
+                                     "offline (HF_HUB_OFFLINE=1) only the cache is read. `nsync-jax "
+                                     "convert-weights` converts the files you have into --weights.")
     p.add_argument("--real", type=Path, required=True, help="folder of real (reference style) images")
     p.add_argument("--generated", type=Path, required=True, help="folder of generated images")
     p.add_argument("--captions", type=Path, default=None, help="<stem>.txt per generated image (clip metric); with --protocol styleforge "
                         "also a prompt list (line i: the images img_<i>_<k>), and <stem>.txt covers <stem>_<k>")
     p.add_argument("--metrics", default="fid,kid,cmmd,csd", help=f"comma-separated, from {','.join(METRICS)}")
-    p.add_argument("--weights", type=Path, required=True, help="folder of converted metric networks")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="folder of converted metric networks (default: the cache of standard releases)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="standard",
                    help="standard tools' choices, or the NSYNC paper's or StyleForge's scripts'")
     p.add_argument("--output", type=Path, required=True, help="JSON file to write")

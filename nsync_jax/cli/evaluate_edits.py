@@ -12,8 +12,10 @@ def add_parser(subparsers) -> None:
 
     p = subparsers.add_parser("evaluate-edits", help="CLIP accuracy and score, background LPIPS and DINO structure "
                                                      "distance of edited images against their originals",
-                              epilog="Pairs are matched by file stem. Convert the networks into --weights with "
-                                     "`nsync-jax convert-weights` (lpips-alex, dino-vit; CLIP as for `evaluate`).")
+                              epilog="Pairs are matched by file stem. Networks missing from --weights come from their standard "
+                                     "releases, fetched into the Hugging Face cache and converted on first use "
+                                     "(as for `evaluate`); `nsync-jax convert-weights` converts the files you "
+                                     "have into --weights (lpips-alex, dino-vit).")
     p.add_argument("--originals", type=Path, required=True, help="folder of the images before editing")
     p.add_argument("--edits", type=Path, required=True, help="folder of the edited images, named as their originals")
     source = p.add_mutually_exclusive_group()
@@ -27,7 +29,8 @@ def add_parser(subparsers) -> None:
                         "without it LPIPS covers the whole image")
     p.add_argument("--metrics", default=",".join(EDIT_METRICS), help=f"comma-separated, from {','.join(EDIT_METRICS)}")
     p.add_argument("--lpips-net", choices=LPIPS_NETS, default="alex")
-    p.add_argument("--weights", type=Path, required=True, help="folder of converted metric networks")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="folder of converted metric networks (default: the cache of standard releases)")
     p.add_argument("--output", type=Path, required=True, help="JSON file to write")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.set_defaults(run=run)
