@@ -66,24 +66,40 @@ class Network:
     convert: Callable[[list[Path], Path], Path] | None = None  # (release paths, destination) -> destination
 
 
+def torch_hub_release(url: str) -> Release:
+    """A release named as torch.hub names files, `NAME-<first digits of its SHA-256>.pth`, checked against them."""
+    return Release(url, url.rsplit("-", 1)[-1].removesuffix(".pth"))
+
+
 TORCHVISION = "https://download.pytorch.org/models/"
 # lpips' linear heads at a fixed commit of richzhang/PerceptualSimilarity (the files the lpips package ships).
 LPIPS_HEADS = ("https://raw.githubusercontent.com/richzhang/PerceptualSimilarity/"
                "082bb24f84c091ea94de2867d34c4544f68e0963/lpips/weights/v0.1/")
+
+
+def _lpips(net: str, backbone: str, heads_sha256: str) -> Network:
+    """LPIPS on torchvision's `backbone` file with lpips' heads for `net`."""
+    return Network(
+        f"lpips-{net}.safetensors",
+        f"convert torchvision's {backbone} and lpips' weights/v0.1/{net}.pth with `nsync-jax convert-weights "
+        f"lpips-{net} {backbone} DIR/lpips-{net}.safetensors --lpips-heads {net}.pth`",
+        releases=(torch_hub_release(TORCHVISION + backbone), Release(f"{LPIPS_HEADS}{net}.pth", heads_sha256)),
+        convert=lambda files, dst: convert.convert_lpips(files[0], files[1], dst, net))
+
 
 NETWORKS = {
     "inception-fid": Network(
         "inception-fid.safetensors",
         "convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth with "
         "`nsync-jax convert-weights inception-fid FILE.pth DIR/inception-fid.safetensors`",
-        releases=(Release("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                          "pt_inception-2015-12-05-6726825d.pth", "6726825d"),),
+        releases=(torch_hub_release("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                                    "pt_inception-2015-12-05-6726825d.pth"),),
         convert=lambda files, dst: convert.convert_inception(files[0], dst, "fid")),
     "inception-torchvision": Network(
         "inception-torchvision.safetensors",
         "convert torchvision's inception_v3_google-0cc3c7bd.pth with `nsync-jax convert-weights "
         "inception-torchvision FILE.pth DIR/inception-torchvision.safetensors`",
-        releases=(Release(TORCHVISION + "inception_v3_google-0cc3c7bd.pth", "0cc3c7bd"),),
+        releases=(torch_hub_release(TORCHVISION + "inception_v3_google-0cc3c7bd.pth"),),
         convert=lambda files, dst: convert.convert_inception(files[0], dst, "torchvision")),
     "clip-336": Network(
         "clip-vit-large-patch14-336",
@@ -110,22 +126,10 @@ NETWORKS = {
         "copy the transformers folder facebook/dino-vitb8 there, or convert DINO's dino_vitbase8_pretrain.pth "
         "with `nsync-jax convert-weights dino-vit FILE.pth DIR/dino-vitb8`",
         hub_folder="facebook/dino-vitb8"),
-    "lpips-alex": Network(
-        "lpips-alex.safetensors",
-        "convert torchvision's alexnet-owt-7be5be79.pth and lpips' weights/v0.1/alex.pth with `nsync-jax "
-        "convert-weights lpips-alex alexnet-owt-7be5be79.pth DIR/lpips-alex.safetensors --lpips-heads alex.pth`",
-        releases=(Release(TORCHVISION + "alexnet-owt-7be5be79.pth", "7be5be79"),
-                  Release(LPIPS_HEADS + "alex.pth",
-                          "df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0")),
-        convert=lambda files, dst: convert.convert_lpips(files[0], files[1], dst, "alex")),
-    "lpips-vgg": Network(
-        "lpips-vgg.safetensors",
-        "convert torchvision's vgg16-397923af.pth and lpips' weights/v0.1/vgg.pth with `nsync-jax "
-        "convert-weights lpips-vgg vgg16-397923af.pth DIR/lpips-vgg.safetensors --lpips-heads vgg.pth`",
-        releases=(Release(TORCHVISION + "vgg16-397923af.pth", "397923af"),
-                  Release(LPIPS_HEADS + "vgg.pth",
-                          "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868")),
-        convert=lambda files, dst: convert.convert_lpips(files[0], files[1], dst, "vgg")),
+    "lpips-alex": _lpips("alex", "alexnet-owt-7be5be79.pth",
+                         "df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0"),
+    "lpips-vgg": _lpips("vgg", "vgg16-397923af.pth",
+                        "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868"),
 }
 
 
@@ -170,13 +174,13 @@ def _hub_file(repo_id: str, names: tuple[str, ...], local_only: bool) -> Path:
     import huggingface_hub
     from huggingface_hub import errors
 
-    for i, name in enumerate(names):
+    *preferred, last = names
+    for name in preferred:
         try:
             return Path(huggingface_hub.hf_hub_download(repo_id, name, local_files_only=local_only))
         except errors.EntryNotFoundError:  # also LocalEntryNotFoundError: not in the cache
-            if i == len(names) - 1:
-                raise
-    raise AssertionError("no file names")
+            pass
+    return Path(huggingface_hub.hf_hub_download(repo_id, last, local_files_only=local_only))
 
 
 def _hub_files(repo_id: str, wanted: list[tuple[str, ...]], local_only: bool) -> list[Path]:

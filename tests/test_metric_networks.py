@@ -5,6 +5,7 @@ a folder standing in for the Hub into a real cache layout."""
 import dataclasses
 import hashlib
 import io
+import re
 import shutil
 import urllib.error
 import urllib.request
@@ -68,6 +69,14 @@ def no_network(*args, **kwargs):
 
 def cache_files(home: Path) -> list[str]:
     return sorted(p.relative_to(home).as_posix() for p in home.rglob("*") if p.is_file())
+
+
+def test_every_network_has_a_checked_source():
+    for name, network in NETWORKS.items():
+        assert bool(network.hub_folder) != bool(network.releases), name
+        for release in network.releases:  # a URL's digest (a Hub file's is checked by huggingface_hub)
+            assert release.hub_file or re.fullmatch("[0-9a-f]{8}|[0-9a-f]{64}", release.sha256), release.url
+    assert [r.sha256 for r in NETWORKS["lpips-vgg"].releases][0] == "397923af"  # torch.hub's name convention
 
 
 def test_a_release_is_downloaded_and_converted_once_then_read_from_the_cache(online, releases, monkeypatch,
