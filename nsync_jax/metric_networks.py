@@ -12,8 +12,9 @@ standard source:
 
 The cache is read first, so a second run asks no server. Every file is written under a temporary name and
 renamed, so a failed or interrupted fetch or conversion leaves nothing under the real name. With
-`HF_HUB_OFFLINE=1` only the cache is read; a network it lacks is one `UserError` naming the file and the command
-that fetches it, and the `convert-weights` alternative.
+`HF_HUB_OFFLINE=1` only the cache is read; a network it lacks (or cannot fetch, without network) is one
+`UserError` naming the file, the commands that fetch it (`nsync-jax convert-weights fetch NAME`, `hf download`
+or `curl`) and the `convert-weights` alternative.
 """
 from __future__ import annotations
 
@@ -133,20 +134,36 @@ NETWORKS = {
 }
 
 
+OFFLINE = "is not cached while HF_HUB_OFFLINE=1"
+
+
+class _Unavailable(Exception):
+    """A release neither cached nor fetchable; args: what (a file or repository), the command that fetches it,
+    and why (the end of a sentence)."""
+
+
 def network_path(weights_dir: Path | None, name: str) -> Path:
     """The file or folder of network `name` (a key of `NETWORKS`): `weights_dir`'s where it has one, else the
     cached (fetched and converted on first use) standard release."""
     network = NETWORKS[name]
     if weights_dir is not None and (Path(weights_dir) / network.file_name).exists():
         return Path(weights_dir) / network.file_name
-    if network.hub_folder:
-        return _hub_folder(name, network, weights_dir)
-    converted = cache_root() / "metric-networks" / network.file_name
-    if not converted.exists():
-        files = [_release_file(name, network, release, weights_dir) for release in network.releases]
-        print(f"converting the {name} network into {converted}", file=sys.stderr)
-        network.convert(files, converted)
-    return converted
+    try:
+        if network.hub_folder:
+            wanted = [("config.json",), *((f,) for f in network.hub_extra_files), HUB_WEIGHTS]
+            return _hub_files(network.hub_folder, wanted)[0].parent  # the snapshot folder holds all its files
+        converted = cache_root() / "metric-networks" / network.file_name
+        if not converted.exists():
+            files = [_release_file(release) for release in network.releases]
+            print(f"converting the {name} network into {converted}", file=sys.stderr)
+            network.convert(files, converted)
+        return converted
+    except _Unavailable as e:
+        what, command, problem = e.args
+        missing = f"{Path(weights_dir) / network.file_name}: not found" if weights_dir is not None else "no --weights"
+        raise UserError(f"{missing}, and the {name} network's release ({what}) {problem}; fetch it (with network, "
+                        f"the same HF_HOME) with `nsync-jax convert-weights fetch {name}` or `{command}`, or "
+                        f"{network.how_to_convert}") from None
 
 
 def cache_root() -> Path:
@@ -159,14 +176,6 @@ def _offline() -> bool:
     import huggingface_hub
 
     return huggingface_hub.is_offline_mode()
-
-
-def _not_cached(name: str, network: Network, weights_dir: Path | None, what: str, other_fetch: str) -> UserError:
-    """The one line for a network that neither `weights_dir` nor the cache holds, while offline."""
-    missing = f"{Path(weights_dir) / network.file_name}: not found" if weights_dir is not None else "no --weights"
-    return UserError(f"{missing}, and the {name} network's release ({what}) is not cached while HF_HUB_OFFLINE=1; "
-                     f"fetch it with network (the same HF_HOME) with `nsync-jax convert-weights fetch {name}` or "
-                     f"`{other_fetch}`, or {network.how_to_convert}")
 
 
 def _hub_file(repo_id: str, names: tuple[str, ...], local_only: bool) -> Path:
@@ -183,48 +192,41 @@ def _hub_file(repo_id: str, names: tuple[str, ...], local_only: bool) -> Path:
     return Path(huggingface_hub.hf_hub_download(repo_id, last, local_files_only=local_only))
 
 
-def _hub_files(repo_id: str, wanted: list[tuple[str, ...]], local_only: bool) -> list[Path]:
-    """One file for each tuple of alternatives in `wanted`, from the cache alone, or from the Hub."""
+def _hub_files(repo_id: str, wanted: list[tuple[str, ...]]) -> list[Path]:
+    """One file for each tuple of alternatives in `wanted`: from the Hugging Face cache, else from the Hub."""
     from huggingface_hub import errors
 
-    if local_only:
-        try:
-            return [_hub_file(repo_id, names, True) for names in wanted]
-        except errors.LocalEntryNotFoundError:
-            return []
+    try:
+        return [_hub_file(repo_id, names, True) for names in wanted]
+    except errors.LocalEntryNotFoundError:
+        pass
+    command = " ".join(["hf download", repo_id, *(names[0] for names in wanted)])
+    if _offline():
+        raise _Unavailable(repo_id, command, OFFLINE)
     with sources.hub_errors(repo_id, None, what="metric network"):
-        return [_hub_file(repo_id, names, False) for names in wanted]
+        try:
+            return [_hub_file(repo_id, names, False) for names in wanted]
+        except errors.LocalEntryNotFoundError:  # what huggingface_hub raises when the Hub cannot be reached
+            raise _Unavailable(repo_id, command, "is not cached and the Hugging Face Hub cannot be reached") from None
 
 
-def _hub_folder(name: str, network: Network, weights_dir: Path | None) -> Path:
-    wanted = [("config.json",), *((f,) for f in network.hub_extra_files), HUB_WEIGHTS]
-    files = _hub_files(network.hub_folder, wanted, local_only=True)
-    if not files:
-        if _offline():
-            files = " ".join(["config.json", *network.hub_extra_files, HUB_WEIGHTS[0]])
-            raise _not_cached(name, network, weights_dir, network.hub_folder,
-                              f"hf download {network.hub_folder} {files}")
-        files = _hub_files(network.hub_folder, wanted, local_only=False)
-    return files[0].parent  # a snapshot folder holds every file of the repository's revision
-
-
-def _release_file(name: str, network: Network, release: Release, weights_dir: Path | None) -> Path:
+def _release_file(release: Release) -> Path:
     """The local copy of a released file: fetched once, its digest checked."""
     if release.hub_file:
         repo_id, file = release.hub_file
-        cached = _hub_files(repo_id, [(file,)], local_only=True)
-        if cached:
-            return cached[0]
-        if _offline():
-            raise _not_cached(name, network, weights_dir, f"{repo_id}/{file}", f"hf download {repo_id} {file}")
-        return _hub_files(repo_id, [(file,)], local_only=False)[0]
+        return _hub_files(repo_id, [(file,)])[0]
     path = cache_root() / "downloads" / release.file_name
     if path.is_file():
         return path
+    command = f"curl -L -o {path} {release.url}"
     if _offline():
-        raise _not_cached(name, network, weights_dir, str(path), f"curl -L -o {path} {release.url}")
+        raise _Unavailable(str(path), command, OFFLINE)
     print(f"downloading {release.url} into {path}", file=sys.stderr)
-    download(release, path)
+    try:
+        download(release, path)
+    except (OSError, http.client.HTTPException) as e:  # URLError is an OSError; IncompleteRead is not
+        reason = e.reason if isinstance(e, urllib.error.URLError) else f"{type(e).__name__}: {e}"
+        raise _Unavailable(str(path), command, f"is not cached and cannot be downloaded ({reason})") from None
     return path
 
 
@@ -244,9 +246,4 @@ def download(release: Release, path: Path) -> None:
             raise UserError(f"{release.url}: SHA-256 {digest.hexdigest()} does not match the release's "
                             f"{release.sha256}; nothing was kept")
 
-    try:
-        atomic_write(path, write)
-    except (OSError, http.client.HTTPException) as e:  # URLError is an OSError; IncompleteRead is not
-        reason = e.reason if isinstance(e, urllib.error.URLError) else f"{type(e).__name__}: {e}"
-        raise UserError(f"{release.url}: cannot download ({reason}); check the network, or fetch it with "
-                        f"`curl -L -o {path} {release.url}`") from None
+    atomic_write(path, write)

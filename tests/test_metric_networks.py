@@ -143,8 +143,10 @@ def test_a_bad_download_leaves_nothing_and_says_so_in_one_line(online, releases,
     monkeypatch.setattr(urllib.request, "urlopen", unreachable)
     error = one_line_error(lambda: network_path(None, "inception-fid"))
     downloaded = online / "nsync-jax" / "downloads" / fid.name
-    assert f"cannot download (Name or service not known); check the network, or fetch it with `curl -L -o " \
-           f"{downloaded} {fid.as_uri()}`" in error
+    assert error.startswith(f"no --weights, and the inception-fid network's release ({downloaded}) is not cached "
+                            "and cannot be downloaded (Name or service not known); fetch it (with network, the same "
+                            "HF_HOME) with `nsync-jax convert-weights fetch inception-fid` or `curl -L -o "
+                            f"{downloaded} {fid.as_uri()}`, or convert pytorch-fid's")
     assert cache_files(online) == []
 
 
@@ -222,8 +224,20 @@ def test_a_hub_network_is_fetched_file_by_file_then_read_from_the_cache(online, 
     assert csd == online / "nsync-jax" / "metric-networks" / "csd"
     load_csd(csd)
 
-    serve_hub(monkeypatch, None)
+    serve_hub(monkeypatch, None)  # fetching anything fails the test
     assert [network_path(None, name) for name in ("dino", "clip-336", "csd")] == [folder, clip_336, csd]
+
+
+def test_an_unreachable_hub_is_one_line_naming_the_commands(online, monkeypatch):
+    def unreachable(repo_id, filename, **kwargs):
+        raise errors.LocalEntryNotFoundError("cannot reach the Hub, and the file is not cached")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    error = one_line_error(lambda: network_path(None, "dino"))
+    assert error.startswith("no --weights, and the dino network's release (facebook/dino-vitb8) is not cached and "
+                            "the Hugging Face Hub cannot be reached; fetch it (with network, the same HF_HOME) with "
+                            "`nsync-jax convert-weights fetch dino` or `hf download facebook/dino-vitb8 config.json "
+                            "model.safetensors`, or copy the transformers folder facebook/dino-vitb8")
 
 
 def test_offline_and_not_cached_is_one_line_naming_the_file_and_the_commands(empty_hf_cache, tmp_path):
@@ -238,7 +252,7 @@ def test_offline_and_not_cached_is_one_line_naming_the_file_and_the_commands(emp
     assert "`nsync-jax convert-weights inception-fid FILE.pth DIR/inception-fid.safetensors`" in error
     error = one_line_error(lambda: network_path(None, "clip"))
     assert error.startswith("no --weights, and the clip network's release (openai/clip-vit-large-patch14) is not "
-                            "cached")
+                            "cached while HF_HUB_OFFLINE=1")
     assert ("`hf download openai/clip-vit-large-patch14 config.json vocab.json merges.txt tokenizer_config.json "
             "special_tokens_map.json model.safetensors`") in error
     assert "`hf download tomg-group-umd/CSD-ViT-L pytorch_model.bin`" in one_line_error(
