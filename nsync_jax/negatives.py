@@ -35,7 +35,7 @@ from PIL import Image
 from nsync_jax import checkpoints, distributed, imageio, tokens
 from nsync_jax.errors import UserError
 from nsync_jax.files import write_json
-from nsync_jax.pipeline import StableDiffusion
+from nsync_jax.pipeline import MICRO_CONDITIONING, StableDiffusion
 from nsync_jax.sampling import SampleSettings, generate
 
 DEFAULT_TEMPLATE = "{caption} {style_phrase}"
@@ -160,7 +160,10 @@ def generate_set(pipe: StableDiffusion, prompts: dict[str, str], output: Path, *
                 "resolution": resolution, "save_size": save_size, "images_per_caption": images_per_caption,
                 "batch_size": settings.batch_size, "dtype": str(pipe.unet.conv_in.kernel[...].dtype),
                 "clip_skip": settings.clip_skip, "handoff_timestep": settings.handoff_timestep,
-                "learned_rows": hashlib.sha256(np.ascontiguousarray(pipe.extra_token_rows).tobytes()).hexdigest(),
+                **{name: list(getattr(settings, name)) for name in MICRO_CONDITIONING  # SDXL's, where given
+                   if getattr(settings, name) is not None},
+                "learned_rows": hashlib.sha256(b"".join(np.ascontiguousarray(rows).tobytes()  # SDXL: two encoders'
+                                                        for rows in jax.tree.leaves(pipe.extra_token_rows))).hexdigest(),
                 "weights": weights or {}}
     with checkpoints.workdir_lock(output, "negatives run"):  # one writer per folder (its manifest, its files)
         # A rerun may only complete the same set: other settings would mix two sets in one folder.

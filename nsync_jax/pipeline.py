@@ -1,5 +1,9 @@
 """A loaded Stable Diffusion folder: the three Flax modules, the tokenizer and the scheduler config.
 
+`load_pipeline` returns a `StableDiffusion`, or for an SDXL folder (told apart by its model_index.json) a
+`sdxl.StableDiffusionXL`; both are a `Pipeline`, which tells the sampling loop how its prompts condition the UNet
+(`token_ids`, `sampling_conditioning`), so SD and SDXL share one denoising loop.
+
 `load_pipeline` reads a diffusers-format folder (`model_index.json`, `text_encoder/`, `tokenizer/`, `unet/`,
 `vae/`, `scheduler/`), local or fetched from the Hugging Face Hub (`sources.resolve_model`), optionally with
 another model's VAE in place of its own (`vae=`, `sources.resolve_vae`). Learned token
@@ -17,25 +21,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nsync_jax import sdxl, sources, tokens, weights
+from nsync_jax import sources, tokens, weights
 from nsync_jax.errors import UserError
 from nsync_jax.models.clip_text import CLIPTextModel, load_text_encoder
 from nsync_jax.models.unet import UNet2DConditionModel, load_unet
 from nsync_jax.models.vae import AutoencoderKL, VAEConfig, load_vae
 
 PARTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+# SDXL's micro-conditioning settings (`sampling.SampleSettings` fields, the CLI's flags with dashes).
+MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size")
 
 
-@dataclasses.dataclass
-class StableDiffusion:
+class Pipeline:
+    """What every loaded model has (`folder`, `unet`, `vae`, `scheduler_config`, `tokenizer`) and derives."""
     folder: Path
-    tokenizer: Any
-    text_encoder: CLIPTextModel
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    scheduler_config: dict[str, Any]
-    # Learned embeddings appended after the tokenizer's base vocabulary: row i is token id `base_vocab + i`.
-    extra_token_rows: np.ndarray
 
     @property
     def vae_scale_factor(self) -> int:
@@ -45,8 +46,47 @@ class StableDiffusion:
     def default_resolution(self) -> int:
         return (self.unet.config.sample_size or 64) * self.vae_scale_factor
 
+
+@dataclasses.dataclass(frozen=True)
+class TextConditioner:
+    """How the sampling loop conditions the UNet on token ids: SD 1.x/2.x's one text encoder's states, with
+    `clip_skip` on both guidance branches. Static (hashable): part of the compiled loop's identity."""
+    clip_skip: int = 0
+    encoders = ("text_encoder",)
+
+    def __call__(self, encoders: dict[str, CLIPTextModel], extra_token_rows: jax.Array, ids: jax.Array,
+                 extras: dict, *, negative: bool) -> tuple[jax.Array, None]:
+        """`(context, added_cond)` for the UNet; SD has no added conditioning and no `extras`."""
+        return encode_text(encoders["text_encoder"], extra_token_rows, ids, clip_skip=self.clip_skip), None
+
+
+@dataclasses.dataclass
+class StableDiffusion(Pipeline):
+    folder: Path
+    tokenizer: Any
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    scheduler_config: dict[str, Any]
+    # Learned embeddings appended after the tokenizer's base vocabulary: row i is token id `base_vocab + i`.
+    extra_token_rows: np.ndarray
+
     def modules(self) -> dict[str, nnx.Module]:
         return {"text_encoder": self.text_encoder, "unet": self.unet, "vae": self.vae}
+
+    def token_ids(self, prompts: list[str]) -> np.ndarray:
+        """Token ids `(len(prompts), model_max_length)`, multi-vector learned tokens written out."""
+        return tokens.tokenize(self.tokenizer, [tokens.expand_placeholders(p, self.tokenizer) for p in prompts])
+
+    def sampling_conditioning(self, settings, negative_prompt: str, height: int, width: int
+                              ) -> tuple[TextConditioner, dict]:
+        """The loop's conditioner and its array inputs for `sampling.SampleSettings`; SDXL's micro-conditioning
+        is refused (this UNet has none)."""
+        given = [name for name in MICRO_CONDITIONING if getattr(settings, name) is not None]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} is SDXL's micro-conditioning; {self.folder} is a "
+                            "Stable Diffusion 1.x/2.x model")
+        return TextConditioner(settings.clip_skip), {}
 
     def add_embeddings(self, path: Path) -> list[str]:
         """Adds the tokens of a diffusers or A1111 embedding file (all or none); returns their names."""
@@ -61,8 +101,8 @@ class StableDiffusion:
 def load_pipeline(folder: str | Path, *, dtype=jnp.float32, attention_backend: str = "auto", param_dtype=None,
                   revision: str | None = None, variant: str | None = None,
                   model_config: str | Path | None = None,
-                  vae: str | Path | None = None) -> StableDiffusion:
-    """Loads every part of a diffusers Stable Diffusion model, failing on the first missing or bad part.
+                  vae: str | Path | None = None) -> Pipeline:
+    """Loads every part of a diffusers Stable Diffusion or SDXL model, failing on the first missing or bad part.
 
     `folder` is a diffusers folder or a Hugging Face Hub id (`org/name`) at `revision`, fetched into the Hugging
     Face cache (`sources.resolve_model`); `variant` (e.g. "fp16") picks the weight files of that variant. It may
@@ -74,9 +114,15 @@ def load_pipeline(folder: str | Path, *, dtype=jnp.float32, attention_backend: s
     for the model's own: the same architecture, latent channels and scaling factor.
     """
     folder = sources.resolve_model(folder, revision=revision, variant=variant, model_config=model_config)
+    from nsync_jax import sdxl  # it builds on this module
+
     if sdxl.is_sdxl_folder(folder):
-        raise UserError(f"{folder}: a Stable Diffusion XL folder (text_encoder_2/, tokenizer_2/); sampling and "
-                        "training on SDXL are not supported yet")
+        loaded = sdxl.load_sdxl(folder, dtype=dtype, attention_backend=attention_backend, param_dtype=param_dtype,
+                                variant=variant)
+        if vae:
+            loaded.vae = load_replacement_vae(vae, folder, loaded.vae.decoder.conv_in.kernel[...].dtype,
+                                              attention_backend)
+        return loaded
     for part in PARTS:
         if not (folder / part).is_dir():
             raise UserError(f"{folder}: subfolder {part}/ missing (a diffusers Stable Diffusion folder needs "
@@ -103,7 +149,7 @@ def load_replacement_vae(reference: str | Path, model_folder: Path, dtype, atten
     config = VAEConfig.from_dict(weights.read_json(folder / "config.json"), folder / "config.json")
     own_path = model_folder / "vae" / "config.json"
     for key, value in dataclasses.asdict(VAEConfig.from_dict(weights.read_json(own_path), own_path)).items():
-        if getattr(config, key) != value:
+        if key != "force_upcast" and getattr(config, key) != value:  # where to decode, not what
             raise UserError(f"{folder / 'config.json'}: {key}={getattr(config, key)!r} differs from the model's "
                             f"{key}={value!r} ({own_path}); a replacement VAE must be a drop-in for the model's own")
     return load_vae(folder, dtype=dtype, attention_backend=attention_backend)

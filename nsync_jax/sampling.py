@@ -3,7 +3,8 @@
 `generate` is the entry point for every caller that draws images (the `sample` command, negative-set
 generation, demos): there is one denoising loop in the project, `_denoise_and_decode`. It is a pure
 function of the frozen weights and the sampler's tables (passed as arguments, never captured), the token ids
-and the initial latents, scanned over the sampler's steps with `lax.scan`, and jitted with the batch split
+and the initial latents; the model (`pipeline.Pipeline`: SD 1.x/2.x or SDXL) says how token ids condition its
+UNet (its conditioner, static, and that conditioner's array inputs, SDXL's `time_ids`). It is scanned over the sampler's steps with `lax.scan`, and jitted with the batch split
 over every device of every process (`distributed.make_mesh`), each device running the loop on its own rows
 (`shard_map`); every process gets the whole batch of images back.
 
@@ -31,8 +32,9 @@ from nsync_jax.errors import UserError
 from nsync_jax.imageio import write_png
 from nsync_jax.lora import merge_lora, read_lora_file, recorded_handoff
 from nsync_jax.models.vae import AutoencoderKL
-from nsync_jax.pipeline import StableDiffusion, encode_text, load_pipeline
+from nsync_jax.pipeline import Pipeline, load_pipeline
 from nsync_jax.schedulers import make_sampler
+from nsync_jax.sdxl import StableDiffusionXL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,11 @@ class SampleSettings:
     # tuned one (eDiff-I's expert denoisers, diffusers' `denoising_end`): the base lays out the content, the tuned
     # weights (trained on these timesteps only: `train.max_timestep`) draw the style.
     handoff_timestep: int = 0
+    # SDXL's micro-conditioning, (height, width) or (top, left); None: diffusers' defaults (the output size,
+    # (0, 0), the output size). Refused on other models.
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
 
 
 def image_noise_key(seed: int, index) -> jax.Array:
@@ -78,30 +85,33 @@ def _sampler_tables(sampler) -> dict[str, np.ndarray]:
     return tables
 
 
-def _denoise_and_decode(frozen, extra_rows, cond_ids, uncond_ids, latents, guidance, handoff_timestep, tables, *,
-                        graphdefs, sampler, clip_skip: int, use_guidance: bool):
+def _denoise_and_decode(frozen, extra_rows, cond_ids, uncond_ids, extras, latents, guidance, handoff_timestep,
+                        tables, *, graphdefs, sampler, conditioner, use_guidance: bool):
     sampler = copy.copy(sampler)  # the same sampler, reading its `tables` from the arguments
     vars(sampler).update(tables)
 
     # With a model of its own for guidance's negative branch (prefix "negative_"), each branch runs on its own.
     separate_negative = "negative_unet" in graphdefs
 
-    def contexts(text_encoder):
-        context = encode_text(text_encoder, extra_rows, cond_ids, clip_skip=clip_skip)
-        if use_guidance and not separate_negative:
-            uncond = encode_text(text_encoder, extra_rows, uncond_ids, clip_skip=clip_skip)
-            context = jnp.concatenate([uncond, context])
-        return context
+    def condition(prefix, ids, negative):
+        """`(context, added_cond)` from the text encoders of the model under `prefix`."""
+        encoders = {name: nnx.merge(graphdefs[prefix + name], frozen[prefix + name]) for name in conditioner.encoders}
+        return conditioner(encoders, extra_rows, ids, extras, negative=negative)
 
-    # Each denoiser: its UNet and text encoder (prefix "" the model, "base_" the base model of a handoff). The
+    def conditions(prefix):
+        cond = condition(prefix, cond_ids, False)
+        if use_guidance and not separate_negative:
+            cond = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), condition(prefix, uncond_ids, True), cond)
+        return cond
+
+    # Each denoiser: its UNet and text encoders (prefix "" the model, "base_" the base model of a handoff). The
     # handoff timestep is an argument, not a constant: another timestep does not compile the loop again.
     prefixes = ("", "base_") if "base_unet" in graphdefs else ("",)
     unets = [nnx.merge(graphdefs[p + "unet"], frozen[p + "unet"]) for p in prefixes]
     if separate_negative:
         negative_unet = nnx.merge(graphdefs["negative_unet"], frozen["negative_unet"])
-        negative_context = encode_text(nnx.merge(graphdefs["negative_text_encoder"], frozen["negative_text_encoder"]),
-                                       extra_rows, uncond_ids, clip_skip=clip_skip)
-    context = [contexts(nnx.merge(graphdefs[p + "text_encoder"], frozen[p + "text_encoder"])) for p in prefixes]
+        negative_context = condition("negative_", uncond_ids, True)
+    context = [conditions(p) for p in prefixes]
     vae = nnx.merge(graphdefs["vae"], frozen["vae"])
     compute_dtype = unets[0].conv_in.kernel[...].dtype
     timesteps = jnp.asarray(sampler.timesteps)
@@ -110,12 +120,12 @@ def _denoise_and_decode(frozen, extra_rows, cond_ids, uncond_ids, latents, guida
         sample, state = carry
         model_input = sampler.scale_model_input(sample, index).astype(compute_dtype)
         if separate_negative:
-            uncond_pred, prediction = (unet(model_input, timesteps[index], c).astype(jnp.float32) for unet, c in
+            uncond_pred, prediction = (unet(model_input, timesteps[index], *c).astype(jnp.float32) for unet, c in
                                        ((negative_unet, negative_context), (unets[0], context[0])))
             return sampler.step(state, uncond_pred + guidance * (prediction - uncond_pred), index, sample), None
         if use_guidance:
             model_input = jnp.concatenate([model_input, model_input])
-        branches = [lambda unet=unet, c=c: unet(model_input, timesteps[index], c).astype(jnp.float32)
+        branches = [lambda unet=unet, c=c: unet(model_input, timesteps[index], *c).astype(jnp.float32)
                     for unet, c in zip(unets, context)]
         prediction = (jax.lax.switch((timesteps[index] >= handoff_timestep).astype(jnp.int32), branches)
                       if len(branches) > 1 else branches[0]())
@@ -127,7 +137,8 @@ def _denoise_and_decode(frozen, extra_rows, cond_ids, uncond_ids, latents, guida
     latents = latents * sampler.init_noise_sigma
     (latents, _), _ = jax.lax.scan(step, (latents, sampler.init_state(latents)),
                                    jnp.arange(len(sampler.timesteps)))
-    return decode_latents(vae, latents, compute_dtype)
+    # In the VAE's own dtype: float32 for a `force_upcast` SDXL VAE whatever the UNet's.
+    return decode_latents(vae, latents, vae.decoder.conv_in.kernel[...].dtype)
 
 
 def decode_latents(vae: AutoencoderKL, latents: jax.Array, compute_dtype) -> jax.Array:
@@ -142,18 +153,18 @@ _EXECUTABLES: dict = {}
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(graphdefs_key, sampler_key, clip_skip, use_guidance, mesh):
+def _compiled(graphdefs_key, sampler_key, conditioner, use_guidance, mesh):
     """The jitted loop for one model structure and sampler; cached so repeated calls do not retrace."""
     graphdefs = dict(graphdefs_key)
     name, config_json, steps = sampler_key
     sampler = make_sampler(name, json.loads(config_json), steps)
     batch, whole = distributed.batch_sharded(mesh), distributed.replicated(mesh)
-    fn = functools.partial(_denoise_and_decode, graphdefs=graphdefs, sampler=sampler, clip_skip=clip_skip,
+    fn = functools.partial(_denoise_and_decode, graphdefs=graphdefs, sampler=sampler, conditioner=conditioner,
                            use_guidance=use_guidance)
     # Each device runs the one-device loop on its own rows: left to sharding propagation, the guidance halves of
     # an image would meet across devices. No collective runs inside, so there is no replication to check (which
     # would ask the samplers to mark their zero initial states as per-device).
-    shardings = (whole, whole, batch, batch, batch, whole, whole, whole)
+    shardings = (whole, whole, batch, batch, whole, batch, whole, whole, whole)
     per_device = jax.shard_map(fn, mesh=mesh, in_specs=tuple(s.spec for s in shardings), out_specs=batch.spec,
                                check_vma=False)
     # Images come back replicated: an all-gather of a few images is nothing next to the denoising loop, and
@@ -162,7 +173,7 @@ def _compiled(graphdefs_key, sampler_key, clip_skip, use_guidance, mesh):
 
 
 def generate(
-    pipe: StableDiffusion,
+    pipe: Pipeline,
     prompts: Sequence[str],
     *,
     negative_prompt: str = "",
@@ -172,8 +183,8 @@ def generate(
     latents: np.ndarray | Callable[[list[int]], np.ndarray] | None = None,
     on_batch: Callable[[int, np.ndarray], Any] | None = None,
     progress: bool = True,
-    base: StableDiffusion | None = None,
-    negative_model: StableDiffusion | None = None,
+    base: Pipeline | None = None,
+    negative_model: Pipeline | None = None,
 ) -> np.ndarray:
     """Draws `len(prompts) * num_images_per_prompt` images, prompt by prompt.
 
@@ -211,24 +222,23 @@ def generate(
     use_guidance = settings.guidance > 1.0
     if negative_model is not None and (not use_guidance or base is not None):
         raise UserError("a model for the negative branch (--negative-lora) needs --guidance above 1 and no handoff")
+    conditioner, extras = pipe.sampling_conditioning(settings, negative_prompt, height, width)
     mesh = distributed.make_mesh()
     graphdefs, frozen = {}, {}
     for name, module in pipe.modules().items():
         graphdefs[name], frozen[name] = nnx.split(module)
     for prefix, model in (("base_", base), ("negative_", negative_model)):
         if model is not None:
-            for name in ("text_encoder", "unet"):
+            for name in (*conditioner.encoders, "unet"):
                 graphdefs[prefix + name], frozen[prefix + name] = nnx.split(model.modules()[name])
-    run = _compiled(tuple(sorted(graphdefs.items())), sampler_key, settings.clip_skip, use_guidance, mesh)
+    run = _compiled(tuple(sorted(graphdefs.items())), sampler_key, conditioner, use_guidance, mesh)
     whole = distributed.replicated(mesh)
-    frozen = distributed.put_tree(frozen, jax.tree.map(lambda _: whole, frozen))
-    tables = _sampler_tables(sampler)
-    tables = distributed.put_tree(tables, jax.tree.map(lambda _: whole, tables))
-    extra_rows = distributed.put(pipe.extra_token_rows, whole)
+    replicate = lambda tree: distributed.put_tree(tree, jax.tree.map(lambda _: whole, tree))
+    frozen, tables, extras = replicate(frozen), replicate(_sampler_tables(sampler)), replicate(extras)
+    extra_rows = replicate(pipe.extra_token_rows)
 
-    cond_ids = tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(p, pipe.tokenizer) for p in all_prompts])
-    uncond_ids = tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(negative_prompt, pipe.tokenizer)]
-                                 * len(all_prompts))
+    cond_ids = pipe.token_ids(all_prompts)
+    uncond_ids = pipe.token_ids([negative_prompt] * len(all_prompts))
     batch_sharding = distributed.batch_sharded(mesh)
     batch_size = max(settings.batch_size, 1) * distributed.batch_size_of(mesh)  # one shape for every call
     results = []
@@ -253,10 +263,11 @@ def generate(
         else:
             batch_latents = latents(indices) if callable(latents) else latents[indices]
         put = lambda x: distributed.put(distributed.pad_batch(np.asarray(x), batch_size), batch_sharding)
-        args = (frozen, extra_rows, put(cond_ids[indices]), put(uncond_ids[indices]),
-                put(batch_latents.astype(np.float32)), distributed.put(np.float32(settings.guidance), whole),
+        args = (frozen, extra_rows, jax.tree.map(lambda ids: put(ids[indices]), cond_ids),
+                jax.tree.map(lambda ids: put(ids[indices]), uncond_ids), extras, put(batch_latents.astype(np.float32)),
+                distributed.put(np.float32(settings.guidance), whole),
                 distributed.put(np.int32(settings.handoff_timestep), whole), tables)
-        key = (run, args[2].shape)
+        key = (run, args[5].shape)
         if key not in _EXECUTABLES:
             _EXECUTABLES[key] = distributed.compile_together(run, *args, name="sample")
         images = _EXECUTABLES[key](*args)
@@ -273,7 +284,7 @@ def load_for_sampling(model: str | Path, *, embeddings: Sequence[Path] = (), lor
                       lora_scale: float = 1.0, handoff_timestep: int | None = None, dtype=jnp.float32,
                       attention_backend: str = "auto", revision: str | None = None, variant: str | None = None,
                       model_config: str | Path | None = None, vae: str | Path | None = None
-                      ) -> tuple[StableDiffusion, StableDiffusion | None, int]:
+                      ) -> tuple[Pipeline, Pipeline | None, int]:
     """The models `generate` samples with: `(pipe, base, handoff_timestep)`.
 
     `pipe` is the diffusers folder `model` with the `embeddings` files added and the `lora_files` merged into its
@@ -298,13 +309,15 @@ def load_for_sampling(model: str | Path, *, embeddings: Sequence[Path] = (), lor
         return loaded
 
     pipe = load_with_embeddings()
+    if lora_files and isinstance(pipe, StableDiffusionXL):
+        raise UserError(f"--lora {lora_files[0]}: LoRA files are not supported on SDXL yet")
     base = load_with_embeddings() if handoff_timestep else None  # the LoRA weights stay out of it
     for path in lora_files:
         merge_lora(pipe.modules(), read_lora_file(path), lora_scale, source=path)
     return pipe, base, handoff_timestep
 
 
-def read_latents(path: Path, pipe: StableDiffusion, num_images: int, settings: SampleSettings) -> np.ndarray:
+def read_latents(path: Path, pipe: Pipeline, num_images: int, settings: SampleSettings) -> np.ndarray:
     """Initial latents for `generate` from a float32 `.npy` in diffusers' layout `(num_images, C, H/f, W/f)` at
     the settings' resolution (f: the VAE's downscale factor), returned in `generate`'s NHWC layout."""
     height = settings.height or pipe.default_resolution
@@ -325,7 +338,7 @@ def image_file(folder: Path, index: int) -> Path:
     return Path(folder) / f"{index:06d}.png"
 
 
-def generate_to_folder(pipe: StableDiffusion, prompts: Sequence[str], output: Path, **kwargs) -> list[Path]:
+def generate_to_folder(pipe: Pipeline, prompts: Sequence[str], output: Path, **kwargs) -> list[Path]:
     """`generate(pipe, prompts, **kwargs)`, writing each image to `image_file(output, index)` as its batch comes
     (on the main process only); returns the files, in image order."""
     output = Path(output)

@@ -8,6 +8,9 @@ conditioned on
   layer norm, side by side (diffusers' `StableDiffusionXLPipeline.encode_prompt`);
 - `text_embeds` `(batch, projection_dim)`: encoder 2's pooled output through its projection;
 - `time_ids` `(batch, 6)`: original size, crop top-left, target size, each (height, width) or (top, left).
+
+`StableDiffusionXL` is a `pipeline.Pipeline`: `load_pipeline` returns it for SDXL folders and `sampling.generate`
+draws with it through `SDXLConditioner`, in the same loop as SD.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from nsync_jax import tokens, weights
 from nsync_jax.errors import UserError
 from nsync_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection, load_text_encoder
 from nsync_jax.models.unet import UNet2DConditionModel, load_unet
-from nsync_jax.models.vae import AutoencoderKL, load_vae
+from nsync_jax.models.vae import AutoencoderKL, VAEConfig, load_vae
+from nsync_jax.pipeline import MICRO_CONDITIONING, Pipeline
 
 PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae", "scheduler")
 # Three (height, width)-like pairs: original size, crop top-left, target size.
@@ -36,8 +40,28 @@ def is_sdxl_folder(folder: Path) -> bool:
     return "text_encoder_2" in weights.read_json(Path(folder) / "model_index.json")
 
 
+@dataclasses.dataclass(frozen=True)
+class SDXLConditioner:
+    """How the sampling loop conditions an SDXL UNet on token ids (diffusers' `StableDiffusionXLPipeline`): both
+    encoders' states, the pooled embedding and `extras["time_ids"]` `(6,)`. `clip_skip` applies to the prompt
+    only; `zero_negative`: the negative branch is all zeros (diffusers' `force_zeros_for_empty_prompt`)."""
+    clip_skip: int = 0
+    zero_negative: bool = False
+    encoders = ("text_encoder", "text_encoder_2")
+
+    def __call__(self, encoders: dict[str, CLIPTextModel], extra_token_rows: tuple[jax.Array, jax.Array],
+                 ids: tuple[jax.Array, jax.Array], extras: dict, *, negative: bool
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        embeds, pooled = encode_prompt(encoders["text_encoder"], encoders["text_encoder_2"], *ids,
+                                       extra_token_rows=extra_token_rows, clip_skip=0 if negative else self.clip_skip)
+        if negative and self.zero_negative:
+            embeds, pooled = jnp.zeros_like(embeds), jnp.zeros_like(pooled)
+        return embeds, {"text_embeds": pooled,
+                        "time_ids": jnp.broadcast_to(extras["time_ids"], (len(pooled), NUM_TIME_IDS))}
+
+
 @dataclasses.dataclass
-class StableDiffusionXL:
+class StableDiffusionXL(Pipeline):
     folder: Path
     tokenizer: Any
     tokenizer_2: Any
@@ -46,6 +70,15 @@ class StableDiffusionXL:
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     scheduler_config: dict[str, Any]
+    # model_index.json's `force_zeros_for_empty_prompt`: an empty negative prompt conditions on zeros.
+    force_zeros_for_empty_prompt: bool = True
+    # Learned rows of each encoder past its table (`pipeline.StableDiffusion.extra_token_rows`), same tokens.
+    extra_token_rows: tuple[np.ndarray, np.ndarray] = ()
+
+    def __post_init__(self):
+        if not self.extra_token_rows:
+            self.extra_token_rows = tuple(np.zeros((0, encoder.config.hidden_size), np.float32)
+                                          for encoder in (self.text_encoder, self.text_encoder_2))
 
     def modules(self) -> dict[str, nnx.Module]:
         return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2, "unet": self.unet,
@@ -55,6 +88,36 @@ class StableDiffusionXL:
         """Token ids for each encoder, `(batch, model_max_length)` each, each tokenizer padding with its own pad
         token; `prompts_2` (diffusers' `prompt_2`) defaults to `prompts`."""
         return tokens.tokenize(self.tokenizer, prompts), tokens.tokenize(self.tokenizer_2, prompts_2 or prompts)
+
+    def token_ids(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Both encoders' ids for the same prompts, multi-vector learned tokens written out."""
+        return tuple(tokens.tokenize(t, [tokens.expand_placeholders(p, t) for p in prompts])
+                     for t in (self.tokenizer, self.tokenizer_2))
+
+    def sampling_conditioning(self, settings, negative_prompt: str, height: int, width: int
+                              ) -> tuple[SDXLConditioner, dict[str, np.ndarray]]:
+        """The loop's conditioner and `time_ids` for `sampling.SampleSettings`: diffusers' defaults are the output
+        size as original and target size, crop (0, 0)."""
+        original, crop, target = (getattr(settings, name) for name in MICRO_CONDITIONING)
+        conditioner = SDXLConditioner(settings.clip_skip, self.force_zeros_for_empty_prompt and not negative_prompt)
+        return conditioner, {"time_ids": time_ids(original or (height, width), crop or (0, 0),
+                                                  target or (height, width))}
+
+    def add_embeddings(self, path: Path) -> list[str]:
+        """Adds the tokens of an SDXL embedding file (`clip_l`, `clip_g`: one token, named by the file's stem) to
+        both tokenizers and encoders, all or none; returns their names."""
+        learned = tokens.load_sdxl_embeddings(Path(path))
+        pairs = list(zip((self.tokenizer, self.tokenizer_2), (self.text_encoder, self.text_encoder_2), learned,
+                         self.extra_token_rows))
+        for _, encoder, embeddings, _ in pairs:  # both checked before either tokenizer changes
+            tokens.check_embedding_widths(embeddings, encoder.config.hidden_size, source=path)
+        extended = []
+        for tokenizer, encoder, embeddings, rows in pairs:
+            table = np.asarray(encoder.embeddings.token_embedding.embedding[...], np.float32)
+            extended.append(tokens.apply_learned_embeddings(tokenizer, np.concatenate([table, rows]), embeddings,
+                                                            source=path)[len(table):])
+        self.extra_token_rows = tuple(extended)
+        return list(learned[0])
 
 
 def load_sdxl(folder: str | Path, *, dtype=jnp.float32, attention_backend: str = "auto", param_dtype=None,
@@ -71,6 +134,8 @@ def load_sdxl(folder: str | Path, *, dtype=jnp.float32, attention_backend: str =
         if not (folder / part).is_dir():
             raise UserError(f"{folder}: subfolder {part}/ missing (a diffusers SDXL folder needs {', '.join(PARTS)})")
     options = dict(dtype=dtype, param_dtype=param_dtype, attention_backend=attention_backend, variant=variant)
+    vae_config = VAEConfig.from_dict(weights.read_json(folder / "vae" / "config.json"), folder / "vae" / "config.json")
+    vae_dtype = jnp.float32 if vae_config.force_upcast else dtype  # float32 decodes whatever the compute dtype
     sdxl = StableDiffusionXL(
         folder=folder,
         tokenizer=tokens.load_tokenizer(folder / "tokenizer"),
@@ -78,8 +143,10 @@ def load_sdxl(folder: str | Path, *, dtype=jnp.float32, attention_backend: str =
         text_encoder=load_text_encoder(folder / "text_encoder", **options),
         text_encoder_2=load_text_encoder(folder / "text_encoder_2", with_projection=True, **options),
         unet=load_unet(folder / "unet", **options),
-        vae=load_vae(folder / "vae", dtype=dtype, attention_backend=attention_backend, variant=variant),
+        vae=load_vae(folder / "vae", dtype=vae_dtype, attention_backend=attention_backend, variant=variant),
         scheduler_config=weights.read_json(folder / "scheduler" / "scheduler_config.json"),
+        force_zeros_for_empty_prompt=weights.read_json(folder / "model_index.json").get(
+            "force_zeros_for_empty_prompt", True),
     )
     _check_widths(sdxl)
     return sdxl

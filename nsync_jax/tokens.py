@@ -180,14 +180,7 @@ def load_learned_embeddings(path: Path) -> dict[str, np.ndarray]:
     `.bin`/`.pt` files need PyTorch (the `torch` extra).
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: embedding file not found")
-    if path.suffix == ".safetensors":
-        raw = weights.read_state_dict(path)
-    elif path.suffix in (".bin", ".pt"):
-        raw = weights.read_torch_pickle(path)
-    else:
-        raise UserError(f"{path}: unknown embedding file type (expected .safetensors, .bin or .pt)")
+    raw = _read_embedding_file(path)
     if "string_to_param" in raw:
         params = raw["string_to_param"]
         if not isinstance(params, dict) or len(params) != 1:
@@ -196,18 +189,51 @@ def load_learned_embeddings(path: Path) -> dict[str, np.ndarray]:
     if "emb_params" in raw:
         raw = {path.stem: raw["emb_params"]}
     if {"clip_l", "clip_g"} <= set(raw):
-        raise UserError(f"{path}: an SDXL embedding (clip_l/clip_g); nsync-jax handles SD 1.x/2.x embeddings")
+        raise UserError(f"{path}: an SDXL embedding (clip_l/clip_g), but the model is Stable Diffusion 1.x/2.x")
     if not raw:
         raise UserError(f"{path}: no embeddings found")
-    embeddings = {}
-    for name, value in raw.items():
-        array = weights.tensor_to_numpy(value) if hasattr(value, "detach") else value
-        floating = isinstance(array, np.ndarray) and (array.dtype.kind == "f" or array.dtype.name == "bfloat16")
-        if not floating or array.ndim not in (1, 2) or array.size == 0:
-            raise UserError(f"{path}: entry {name!r} is not an embedding (expected a float array of shape "
-                            "(width,) or (n, width))")
-        embeddings[str(name)] = np.atleast_2d(array.astype(np.float32))
-    return embeddings
+    return {str(name): _embedding_rows(value, name, path) for name, value in raw.items()}
+
+
+def load_sdxl_embeddings(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """An SDXL embedding file as A1111, ComfyUI and Civitai share it (`clip_l` `(n, 768)`, `clip_g` `(n, 1280)`):
+    `({token: clip_l rows}, {token: clip_g rows})` float32, the token being the file stem."""
+    path = Path(path)
+    raw = _read_embedding_file(path)
+    if not {"clip_l", "clip_g"} <= set(raw):
+        raise UserError(f"{path}: not an SDXL embedding (it has no clip_l and clip_g entries; an SD 1.x/2.x "
+                        "embedding does not fit SDXL's two text encoders)")
+    rows = [_embedding_rows(raw[name], name, path) for name in ("clip_l", "clip_g")]
+    if len(rows[0]) != len(rows[1]):
+        raise UserError(f"{path}: clip_l has {len(rows[0])} vectors but clip_g {len(rows[1])}; they must match")
+    return {path.stem: rows[0]}, {path.stem: rows[1]}
+
+
+def _read_embedding_file(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: embedding file not found")
+    if path.suffix == ".safetensors":
+        return weights.read_state_dict(path)
+    if path.suffix in (".bin", ".pt"):
+        return weights.read_torch_pickle(path)
+    raise UserError(f"{path}: unknown embedding file type (expected .safetensors, .bin or .pt)")
+
+
+def _embedding_rows(value, name: str, path: Path) -> np.ndarray:
+    """One entry of an embedding file as float32 rows `(n, width)`, refused unless it is one."""
+    array = weights.tensor_to_numpy(value) if hasattr(value, "detach") else value
+    floating = isinstance(array, np.ndarray) and (array.dtype.kind == "f" or array.dtype.name == "bfloat16")
+    if not floating or array.ndim not in (1, 2) or array.size == 0:
+        raise UserError(f"{path}: entry {name!r} is not an embedding (expected a float array of shape "
+                        "(width,) or (n, width))")
+    return np.atleast_2d(array.astype(np.float32))
+
+
+def check_embedding_widths(embeddings: dict[str, np.ndarray], width: int, *, source: Path | str) -> None:
+    for name, rows in embeddings.items():
+        if rows.shape[-1] != width:
+            raise UserError(f"{source}: embedding {name!r} has width {rows.shape[-1]}, but the text encoder's "
+                            f"is {width} (an embedding for another model family?)")
 
 
 def apply_learned_embeddings(tokenizer, table: np.ndarray, embeddings: dict[str, np.ndarray], *,
@@ -220,14 +246,10 @@ def apply_learned_embeddings(tokenizer, table: np.ndarray, embeddings: dict[str,
       The table with the new rows appended, `(V + total vectors, width)`, in `table`'s dtype.
     """
     table = np.asarray(table)
-    width = table.shape[1]
     if len(tokenizer) != table.shape[0]:
         raise UserError(f"{source}: the tokenizer has {len(tokenizer)} tokens but the embedding table "
                         f"{table.shape[0]} rows, so new token ids would not match new rows")
-    for name, rows in embeddings.items():
-        if rows.shape[-1] != width:
-            raise UserError(f"{source}: embedding {name!r} has width {rows.shape[-1]}, but the text encoder's "
-                            f"is {width} (an embedding for another model family?)")
+    check_embedding_widths(embeddings, table.shape[1], source=source)
     _check_new_names(tokenizer, [n for name, rows in embeddings.items() for n in vector_names(name, len(rows))])
     for name, rows in embeddings.items():
         add_placeholder_tokens(tokenizer, name, len(rows))

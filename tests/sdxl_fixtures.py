@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from conftest import SD_SCHEDULE, TINY_VAE, _randomize
 
 TEXT_ENCODER_1 = dict(hidden_size=24, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
@@ -62,3 +64,9 @@ def build_tiny_sdxl(folder: Path, tokenizer_dir: Path) -> Path:
         for name in ("vocab.json", "merges.txt"):
             (folder / part / name).write_bytes((tokenizer_dir / name).read_bytes())
     return folder
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """The tiny SDXL folder, built once per session (import this fixture into a test module to use it)."""
+    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl"), tiny_tokenizer_dir)

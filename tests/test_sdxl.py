@@ -13,17 +13,12 @@ from flax import nnx
 from nsync_jax.errors import UserError
 from nsync_jax.pipeline import load_pipeline
 from nsync_jax.sdxl import encode_prompt, load_sdxl, time_ids
-from sdxl_fixtures import SDXL_VAE, TEXT_ENCODER_1, TEXT_ENCODER_2, build_tiny_sdxl
+from sdxl_fixtures import SDXL_VAE, TEXT_ENCODER_1, TEXT_ENCODER_2, sdxl_dir  # noqa: F401 (a fixture)
 
 # Short, long (truncated to the tokenizers' 16 tokens), empty, and byte-level text.
 PROMPTS = ["a photo of a cat", "a red dog in the style of a blue star circle painting of the cat in a photo", "",
            "Zebra, 42!"]
 PROMPTS_2 = ["a blue star", "in the style of", "a red circle painting", ""]
-
-
-@pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory, tiny_tokenizer_dir):
-    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl"), tiny_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
@@ -171,9 +166,22 @@ def test_not_sdxl_and_missing_parts(sd1_dir, sdxl_dir, tmp_path):
         load_sdxl(folder)
 
 
-def test_load_pipeline_refuses_sdxl(sdxl_dir):
-    with pytest.raises(UserError, match=f"{sdxl_dir}: a Stable Diffusion XL folder .* not supported yet"):
-        load_pipeline(sdxl_dir)
+def test_load_pipeline_detects_sdxl_folders(sdxl_dir, sd1_dir):
+    from nsync_jax.sdxl import StableDiffusionXL
+
+    pipe = load_pipeline(sdxl_dir)
+    assert isinstance(pipe, StableDiffusionXL) and not isinstance(load_pipeline(sd1_dir), StableDiffusionXL)
+    # UNet sample_size 8 latents, the tiny VAE's factor 2 (SDXL base: 128 x 8 = 1024).
+    assert (pipe.vae_scale_factor, pipe.default_resolution) == (2, 16)
+    assert pipe.force_zeros_for_empty_prompt
+
+
+def test_force_upcast_vae_decodes_in_float32(sdxl_dir, tmp_path):
+    """SDXL's VAE overflows in half precision: with `force_upcast` it keeps float32 weights in a bfloat16 model."""
+    dtypes = lambda pipe: (pipe.unet.conv_in.kernel[...].dtype, pipe.vae.decoder.conv_in.kernel[...].dtype)
+    assert dtypes(load_sdxl(sdxl_dir, dtype=jnp.bfloat16)) == (jnp.bfloat16, jnp.float32)
+    folder = edited_copy(sdxl_dir, tmp_path, "vae", force_upcast=False)
+    assert dtypes(load_sdxl(folder, dtype=jnp.bfloat16)) == (jnp.bfloat16, jnp.bfloat16)
 
 
 # unet/config.json and text_encoder_2/config.json of stabilityai/stable-diffusion-xl-base-1.0.

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nsync_jax.cli.common import DTYPES, SCHEDULERS, add_model_flags, positive_int, process_flags
+from nsync_jax.cli.sample import add_micro_conditioning_flags, micro_conditioning
 from nsync_jax.errors import UserError
 
 
@@ -34,6 +35,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--strict", action="store_true", help="a prompt longer than the text encoder's context is "
                                                          "an error (default: truncated with a warning)")
+    add_micro_conditioning_flags(p)
     p.set_defaults(run=run)
 
 
@@ -52,7 +54,7 @@ def run(args) -> None:
     prompts = prepare_prompts(pipe, args.template, captions=args.captions, strict=args.strict,
                               style_phrase=args.style_phrase)
     settings = SampleSettings(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
-                              height=args.resolution, batch_size=args.batch_size)
+                              height=args.resolution, batch_size=args.batch_size, **micro_conditioning(args))
     counts = generate_set(pipe, prompts, args.output, settings=settings, seed=args.seed,
                           images_per_caption=args.images_per_caption, save_size=args.save_size,
                           negative_prompt=args.negative_prompt, model_name=str(args.model))

@@ -64,7 +64,10 @@ def add_parser(subparsers) -> None:
                    help="the base model (without --lora) denoises timesteps at or above this one, the model with "
                         "--lora the rest: for a LoRA trained with train.max_timestep (0: --lora everywhere; "
                         "default: the handoff_timestep the --lora files record, else 0)")
-    p.add_argument("--clip-skip", type=int, default=0, help="use the text encoder's k-th layer from the end")
+    p.add_argument("--clip-skip", type=int, default=0,
+                   help="use the text encoder's k-th layer from the end (SDXL: from the penultimate one, for the "
+                        "prompt only, as diffusers)")
+    add_micro_conditioning_flags(p)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--attention", choices=("auto", "cudnn", "xla", "einsum"), default="auto",
                    help="attention backend (auto: cuDNN on GPU in bfloat16, einsum otherwise)")
@@ -72,6 +75,22 @@ def add_parser(subparsers) -> None:
                    help="folder for 000000.png, 000001.png, ... (with --captions/--prompts-file: <stem>.png and "
                         "manifest.json)")
     p.set_defaults(run=run)
+
+
+def add_micro_conditioning_flags(p) -> None:
+    """SDXL's micro-conditioning (diffusers' argument names); refused on SD 1.x/2.x models."""
+    for flag, names, default in (("--original-size", ("H", "W"), "the output size"),
+                                 ("--crops-coords-top-left", ("Y", "X"), "0 0"),
+                                 ("--target-size", ("H", "W"), "the output size")):
+        p.add_argument(flag, type=int, nargs=2, metavar=names, default=None,
+                       help=f"SDXL micro-conditioning (default: {default})")
+
+
+def micro_conditioning(args) -> dict:
+    """The micro-conditioning flags as `SampleSettings` fields."""
+    from nsync_jax.pipeline import MICRO_CONDITIONING
+
+    return {name: tuple(getattr(args, name)) for name in MICRO_CONDITIONING if getattr(args, name) is not None}
 
 
 def check_sources(args) -> None:
@@ -110,7 +129,7 @@ def run(args) -> None:
                                             model_config=args.model_config, vae=args.vae)
     settings = SampleSettings(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
                               height=args.height, width=args.width, clip_skip=args.clip_skip,
-                              batch_size=args.batch_size, handoff_timestep=handoff)
+                              batch_size=args.batch_size, handoff_timestep=handoff, **micro_conditioning(args))
     negative = None
     if args.negative_lora:  # the same model and embeddings, with the negative branch's LoRA instead
         negative, _, _ = load_for_sampling(args.model, embeddings=args.embeddings, lora_files=args.negative_lora,

@@ -59,6 +59,9 @@ class VAEConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    # Decode in float32 when sampling in float16/bfloat16 (the SDXL VAE overflows in half precision); diffusers'
+    # default. SDXL's pipeline honours it, SD 1.x/2.x's does not.
+    force_upcast: bool = True
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: Path | str = "config.json") -> "VAEConfig":
