@@ -101,7 +101,7 @@ class StableDiffusion(Pipeline):
 def load_pipeline(folder: str | Path, *, dtype=jnp.float32, attention_backend: str = "auto", param_dtype=None,
                   revision: str | None = None, variant: str | None = None,
                   model_config: str | Path | None = None,
-                  vae: str | Path | None = None) -> Pipeline:
+                  vae: str | Path | None = None, allow_sdxl: bool = False) -> Pipeline:
     """Loads every part of a diffusers Stable Diffusion or SDXL model, failing on the first missing or bad part.
 
     `folder` is a diffusers folder or a Hugging Face Hub id (`org/name`) at `revision`, fetched into the Hugging
@@ -111,12 +111,16 @@ def load_pipeline(folder: str | Path, *, dtype=jnp.float32, attention_backend: s
     `dtype` is the compute dtype; the text encoder and UNet keep their parameters in `param_dtype` (default:
     `dtype`; float32 master weights for bfloat16 training), the VAE in `dtype`. `vae` names a replacement VAE
     (a VAE folder, a model folder with vae/, or a Hub id such as stabilityai/sd-vae-ft-mse); it must be a drop-in
-    for the model's own: the same architecture, latent channels and scaling factor.
+    for the model's own: the same architecture, latent channels and scaling factor. An SDXL folder gives a
+    `sdxl.StableDiffusionXL` where the caller handles one (`allow_sdxl`), else a one-line error.
     """
-    folder = sources.resolve_model(folder, revision=revision, variant=variant, model_config=model_config)
     from nsync_jax import sdxl  # it builds on this module
 
+    folder = sources.resolve_model(folder, revision=revision, variant=variant, model_config=model_config)
     if sdxl.is_sdxl_folder(folder):
+        if not allow_sdxl:
+            raise UserError(f"{folder}: a Stable Diffusion XL folder; only sampling (sample, negatives) supports SDXL "
+                            "yet")
         loaded = sdxl.load_sdxl(folder, dtype=dtype, attention_backend=attention_backend, param_dtype=param_dtype,
                                 variant=variant)
         if vae:

@@ -303,7 +303,7 @@ def load_for_sampling(model: str | Path, *, embeddings: Sequence[Path] = (), lor
 
     def load_with_embeddings():
         loaded = load_pipeline(model, dtype=dtype, attention_backend=attention_backend, revision=revision,
-                               variant=variant, model_config=model_config, vae=vae)
+                               variant=variant, model_config=model_config, vae=vae, allow_sdxl=True)
         for path in embeddings:
             loaded.add_embeddings(path)
         return loaded

@@ -169,11 +169,14 @@ def test_not_sdxl_and_missing_parts(sd1_dir, sdxl_dir, tmp_path):
 def test_load_pipeline_detects_sdxl_folders(sdxl_dir, sd1_dir):
     from nsync_jax.sdxl import StableDiffusionXL
 
-    pipe = load_pipeline(sdxl_dir)
+    pipe = load_pipeline(sdxl_dir, allow_sdxl=True)
     assert isinstance(pipe, StableDiffusionXL) and not isinstance(load_pipeline(sd1_dir), StableDiffusionXL)
     # UNet sample_size 8 latents, the tiny VAE's factor 2 (SDXL base: 128 x 8 = 1024).
     assert (pipe.vae_scale_factor, pipe.default_resolution) == (2, 16)
     assert pipe.force_zeros_for_empty_prompt
+    # Callers that do not handle SDXL (training, editing) get one line, not an attribute error later.
+    with pytest.raises(UserError, match=f"{sdxl_dir}: a Stable Diffusion XL folder; only sampling"):
+        load_pipeline(sdxl_dir)
 
 
 def test_force_upcast_vae_decodes_in_float32(sdxl_dir, tmp_path):

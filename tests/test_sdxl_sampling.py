@@ -19,7 +19,7 @@ HEIGHT, WIDTH = 24, 32  # non-square; latents 12 x 16
 
 @pytest.fixture(scope="module")
 def pipe(sdxl_dir):
-    return load_pipeline(sdxl_dir)
+    return load_pipeline(sdxl_dir, allow_sdxl=True)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def write_sdxl_embedding(path, pipe, word):
 def test_learned_sdxl_token_conditions_as_the_word_it_copies(sdxl_dir, tmp_path):
     """A token whose clip_l and clip_g rows are "cat"'s conditions the UNet as "cat" does, through both
     tokenizers and encoders, the pooled embedding included."""
-    pipe = load_pipeline(sdxl_dir)
+    pipe = load_pipeline(sdxl_dir, allow_sdxl=True)
     assert pipe.add_embeddings(write_sdxl_embedding(tmp_path / "<kitty>.safetensors", pipe, "cat")) == ["<kitty>"]
     assert [len(rows) for rows in pipe.extra_token_rows] == [1, 1]
     conditioner, extras = pipe.sampling_conditioning(SampleSettings(), "", HEIGHT, WIDTH)

@@ -48,7 +48,7 @@ def run(args) -> None:
     from nsync_jax.sampling import SampleSettings
 
     pipe = load_pipeline(args.model, dtype=jnp.dtype(args.dtype), revision=args.revision, variant=args.variant,
-                         model_config=args.model_config)
+                         model_config=args.model_config, allow_sdxl=True)
     if args.resolution is not None and args.resolution % pipe.vae_scale_factor:
         raise UserError(f"--resolution must be divisible by {pipe.vae_scale_factor}, got {args.resolution}")
     prompts = prepare_prompts(pipe, args.template, captions=args.captions, strict=args.strict,
