@@ -3,10 +3,10 @@ cfgs/train/examples/DreamArtist++.yaml; doc/guide_DA.md): the positive word and 
 `<token>-neg` (3 and 6 vectors, as the DreamArtist extension; HCP leaves the counts to the user), lr 2.5e-3
 each, plus a LoRA per branch of the fusion eps_n + 3 (eps_p - eps_n): the UNet's to_k, to_v and feed-forward
 layers at lr 1e-4 (positive) and 4e-5 (negative), the text encoder's attention at 2e-5, each layer's rank
-0.01875 of its output width, scale 1/rank (alpha 1); batch 4, 1000 steps, a checkpoint every 100, seed
-114514. Where this differs from HCP's example (the text encoder's rank, no LoRA dropout, constant learning
-rates, no min-SNR weighting, no regularisation images): see nsync_jax/train/methods/dreamartist.py. Images
-are captioned: the prompts are "<caption> in the style of <token>" (and "... of <token>-neg").
+0.01875 of its output width, scale 1/rank (alpha 1); the loss min-SNR weighted (gamma 2); batch 4, 1000
+steps, a checkpoint every 100, seed 114514. Where this differs from HCP's example (the text encoder's rank, no
+LoRA dropout, constant learning rates, no regularisation images): see nsync_jax/train/methods/dreamartist.py.
+Images are captioned: the prompts are "<caption> in the style of <token>" (and "... of <token>-neg").
 
   nsync-jax train --config configs/dreamartist_plus_sd15.py --workdir runs/monet_da_plus \
       --config.model=stable-diffusion-v1-5 --config.data.images=monet2photo/trainA \
@@ -37,6 +37,7 @@ def get_config():
     config.dreamartist.lora_learning_rate = 1e-4
     config.dreamartist.neg_lora_learning_rate = 4e-5  # "low negative unet lr prevents image collapse"
     config.dreamartist.text_encoder_lora_learning_rate = 2e-5
+    config.dreamartist.min_snr_gamma = 2.0
     config.lora.relative_rank = 0.01875  # of each layer's output width: ranks 6, 12, 24 on SD 1.5's attention
     config.lora.alpha = 1.0  # HCP's LoRA scale is 1/rank
     config.lora.targets = ("to_k", "to_v", *lora.FEED_FORWARD_TARGETS)

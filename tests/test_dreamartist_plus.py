@@ -2,6 +2,8 @@
 branch's adapters reached by its own prompts' gradient; training resumes bit-identically; the words export as
 embeddings and each branch's adapters as a LoRA file that diffusers' `load_lora_weights` loads, with the
 same text encoder and UNet as `sample --lora` merges."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,7 @@ from nsync_jax.sampling import SampleSettings, generate
 from nsync_jax.schedulers import NoiseSchedule
 from nsync_jax.train import methods, trainables, trainer
 from nsync_jax.train.config import check_config
+from nsync_jax.train.methods import dreamartist
 from nsync_jax.train.step import StepSpec
 from test_trainable import rel_error, torch_text_and_unet, unet_inputs
 
@@ -27,12 +30,11 @@ PROMPT = f"a cat in the style of {TOKEN}"
 def plus_config(model, data, **overrides):
     """DreamArtist++ on the tiny model: 2 positive and 2 negative vectors, adapters on the UNet's attention and
     the text encoder with ranks 1/8 of each layer's width (1 and 2 on the tiny UNet), learning rates large
-    enough to move the adapters in a few steps."""
+    enough to move the adapters in a few steps, the loss min-SNR weighted as the released config."""
     settings = dict(method="dreamartist", trainable="lora", data__negatives="", dreamartist__num_negative_vectors=2,
                     lora__relative_rank=0.125, lora__alpha=1.0, lora__text_encoder=True,
-                    dreamartist__lora_learning_rate=0.05,
-                    dreamartist__neg_lora_learning_rate=0.02, dreamartist__text_encoder_lora_learning_rate=0.01,
-                    train__steps=4)
+                    dreamartist__lora_learning_rate=0.05, dreamartist__neg_lora_learning_rate=0.02,
+                    dreamartist__text_encoder_lora_learning_rate=0.01, dreamartist__min_snr_gamma=2.0, train__steps=4)
     return tiny_config(model, data, **{**settings, **overrides})
 
 
@@ -184,11 +186,34 @@ def test_samples_with_the_negative_lora_on_the_negative_branch_only(runs, sd1_di
     assert np.abs(branched - plain).max() > np.abs(same - plain).max()
 
 
+def test_min_snr_weighting_is_hcps(monkeypatch, sd1_dir):
+    """dreamartist.min_snr_gamma weights each example's squared error of the fused prediction by
+    min(gamma / SNR(t), 1), as HCP-Diffusion's MinSNRLoss (the UNet pass replaced by fixed predictions)."""
+    schedule = NoiseSchedule.from_config(json.loads((sd1_dir / "scheduler" / "scheduler_config.json").read_text()))
+    rng = np.random.default_rng(0)
+    prediction, target = (jnp.asarray(rng.standard_normal((2, 3, 4, 4, 4)), jnp.float32) for _ in range(2))
+    t = jnp.asarray([[10, 500, 990]] * 2)
+    monkeypatch.setattr(dreamartist, "denoise", lambda *args: (prediction, target, target, t))
+    spec = StepSpec(None, schedule, 1.0, jnp.float32, 0)
+    batch = {"ids": np.zeros((2, 3, 4), np.int32), "mean": np.zeros((1, 3, 4, 4, 4), np.float32),
+             "logvar": np.zeros((1, 3, 4, 4, 4), np.float32)}
+    squared = np.square(np.asarray(prediction[0] + 3.0 * (prediction[1] - prediction[0]) - target[1]))
+    abar = np.asarray(schedule.alphas_cumprod)[np.asarray(t[1])]
+    weights = np.minimum(2.0 / (abar / (1 - abar)), 1.0)
+    assert weights[0] < 1 and weights[2] == 1  # clipped at high noise only
+    for gamma, expected in ((0.0, squared.mean()), (2.0, (weights[:, None, None, None] * squared).mean())):
+        da = dreamartist.DreamArtistSpec(2, guidance=3.0, min_snr_gamma=gamma)
+        loss, _ = dreamartist.dreamartist_losses(spec, da, jnp.zeros((4, 32)), None, batch, jax.random.key(0))
+        np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
 def test_refusals(sd1_dir, style_dir, tmp_path, capsys):
     with pytest.raises(UserError, match="trainable='full' is not supported with method dreamartist"):
         check_config(plus_config(sd1_dir, style_dir, trainable="full"))
     with pytest.raises(UserError, match=r"lora.relative_rank=1.5 must be in \[0, 1\)"):
         check_config(plus_config(sd1_dir, style_dir, lora__relative_rank=1.5))
+    with pytest.raises(UserError, match="dreamartist.min_snr_gamma=-1.0 must not be negative"):
+        check_config(plus_config(sd1_dir, style_dir, dreamartist__min_snr_gamma=-1.0))
     with pytest.raises(UserError, match="dreamartist.neg_lora_learning_rate=0.0 must be positive"):
         check_config(plus_config(sd1_dir, style_dir, dreamartist__neg_lora_learning_rate=0.0))
     (tmp_path / "captions").mkdir()

@@ -18,8 +18,8 @@ text encoder's adapters take the UNet's relative rank (`lora.relative_rank`; HCP
 attention projections (HCP also adapts its MLPs); no LoRA dropout (HCP: 0.1); one weight decay
 (`train.weight_decay`; HCP: 1e-3 adapters, 5e-4 words); each branch's adapters clipped per component to
 `dreamartist.grad_clip_norm` (HCP: max_grad_norm 1.0 over the model's); a constant learning rate (HCP:
-one-cycle with 200 warm-up steps); the plain denoising loss (HCP's later config: min-SNR, gamma 2); no
-regularisation set of the model's own images.
+one-cycle with 200 warm-up steps); no regularisation set of the model's own images. Its min-SNR weighting of
+the loss is `dreamartist.min_snr_gamma` (HCP's formula for eps-prediction, applied to v-prediction models too).
 """
 from __future__ import annotations
 
@@ -58,13 +58,15 @@ class DreamArtistSpec:
     guidance_schedule: str = "constant"
     guidance_min: float | None = None  # gamma at t = 0 with a schedule
     reconstruction_weight: float = 0.0  # 0: no pixel reconstruction term
+    min_snr_gamma: float = 0.0  # 0: no min-SNR weighting
 
     @classmethod
     def from_config(cls, config) -> DreamArtistSpec:
         da = config.dreamartist
         return cls(num_positive_vectors=config.num_vectors, guidance=da.guidance,
                    guidance_schedule=da.guidance_schedule, guidance_min=da.guidance_min,
-                   reconstruction_weight=da.reconstruction_weight if da.reconstruction else 0.0)
+                   reconstruction_weight=da.reconstruction_weight if da.reconstruction else 0.0,
+                   min_snr_gamma=da.min_snr_gamma)
 
 
 def fusion_guidance(da: DreamArtistSpec, t: jax.Array, num_train_timesteps: int) -> jax.Array:
@@ -102,6 +104,9 @@ def dreamartist_losses(spec: StepSpec, da: DreamArtistSpec, trained, frozen, bat
     squared = jnp.square(fused - target[1])
     if "weights" in batch:  # attention masks, per latent pixel
         squared = squared * batch["weights"][0][..., None]
+    if da.min_snr_gamma:  # HCP-Diffusion's MinSNRLoss: min(gamma / SNR(t), 1) per example
+        abar = jnp.asarray(spec.schedule.alphas_cumprod)[t[1]]
+        squared = squared * jnp.minimum(da.min_snr_gamma * (1 - abar) / abar, 1.0)[:, None, None, None]
     parts = {"loss_denoise": jnp.mean(squared)}
     loss = parts["loss_denoise"]
     if da.reconstruction_weight:
@@ -152,6 +157,8 @@ class DreamArtist(Method):
         for key in ("neg_lr_weight", "negative_init_std"):
             if da[key] < 0:
                 raise UserError(f"config dreamartist.{key}={da[key]!r} must not be negative")
+        if da.min_snr_gamma < 0:
+            raise UserError(f"config dreamartist.min_snr_gamma={da.min_snr_gamma!r} must not be negative (0: off)")
         if da.reconstruction and not da.reconstruction_weight > 0:
             raise UserError(f"config dreamartist.reconstruction_weight={da.reconstruction_weight!r} must be "
                             "positive with dreamartist.reconstruction=True")
