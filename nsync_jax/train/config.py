@@ -43,7 +43,9 @@ def default_config() -> ml_collections.ConfigDict:
     # (HCP-Diffusion's relative ranks, as its DreamArtist++ config uses).
     config.lora.relative_rank = 0.0
     config.lora.targets = ("to_q", "to_k", "to_v", "to_out.0")  # UNet linear layers (path suffixes)
-    config.lora.text_encoder = False  # also adapt the text encoder's q_proj, k_proj, v_proj, out_proj
+    config.lora.text_encoder = False  # also adapt the text encoder's lora.text_encoder_targets
+    config.lora.text_encoder_targets = ("q_proj", "k_proj", "v_proj", "out_proj")  # its layers (path suffixes)
+    config.lora.text_encoder_rank = 0  # >0: the text encoder's rank (0: the UNet's, lora.rank or relative_rank)
     config.full = ml_collections.ConfigDict()
     config.full.train_text_encoder = True  # the VAE is always frozen
 
