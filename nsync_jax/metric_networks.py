@@ -146,8 +146,11 @@ def network_path(weights_dir: Path | None, name: str) -> Path:
     """The file or folder of network `name` (a key of `NETWORKS`): `weights_dir`'s where it has one, else the
     cached (fetched and converted on first use) standard release."""
     network = NETWORKS[name]
-    if weights_dir is not None and (Path(weights_dir) / network.file_name).exists():
-        return Path(weights_dir) / network.file_name
+    if weights_dir is not None:
+        if not Path(weights_dir).is_dir():  # a mistyped folder would otherwise fetch every network
+            raise UserError(f"{weights_dir}: --weights folder not found")
+        if (Path(weights_dir) / network.file_name).exists():
+            return Path(weights_dir) / network.file_name
     try:
         if network.hub_folder:
             wanted = [("config.json",), *((f,) for f in network.hub_extra_files), HUB_WEIGHTS]

@@ -71,6 +71,13 @@ def cache_files(home: Path) -> list[str]:
     return sorted(p.relative_to(home).as_posix() for p in home.rglob("*") if p.is_file())
 
 
+def one_line_error(call) -> str:
+    with pytest.raises(UserError) as error:
+        call()
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
 def test_every_network_has_a_checked_source():
     for name, network in NETWORKS.items():
         assert bool(network.hub_folder) != bool(network.releases), name
@@ -84,6 +91,9 @@ def test_a_release_is_downloaded_and_converted_once_then_read_from_the_cache(onl
     fid = releases / "pt_inception-2015-12-05-6726825d.pth"
     serve(monkeypatch, "inception-fid", fid)
     urls = count_downloads(monkeypatch)
+    assert "weights: --weights folder not found" in one_line_error(lambda: network_path(tmp_path / "weights",
+                                                                                            "inception-fid"))
+    (tmp_path / "weights").mkdir()
     path = network_path(tmp_path / "weights", "inception-fid")  # a --weights folder without it
     assert path == online / "nsync-jax" / "metric-networks" / "inception-fid.safetensors"
     assert urls == [fid.as_uri()]
@@ -100,7 +110,6 @@ def test_a_release_is_downloaded_and_converted_once_then_read_from_the_cache(onl
     path.unlink()  # converted again from the kept download, without fetching it
     assert network_path(None, "inception-fid") == path
     # A --weights folder that has the network wins, as before.
-    (tmp_path / "weights").mkdir()
     shutil.copy(path, tmp_path / "weights" / "inception-fid.safetensors")
     assert network_path(tmp_path / "weights", "inception-fid") == tmp_path / "weights" / "inception-fid.safetensors"
 
@@ -110,13 +119,6 @@ def test_two_releases_make_one_network(online, releases, monkeypatch):
     urls = count_downloads(monkeypatch)
     load_lpips(network_path(None, "lpips-alex"), "alex")
     assert len(urls) == 2
-
-
-def one_line_error(call) -> str:
-    with pytest.raises(UserError) as error:
-        call()
-    assert "\n" not in str(error.value)
-    return str(error.value)
 
 
 def test_a_bad_download_leaves_nothing_and_says_so_in_one_line(online, releases, monkeypatch):
@@ -242,6 +244,7 @@ def test_an_unreachable_hub_is_one_line_naming_the_commands(online, monkeypatch)
 
 def test_offline_and_not_cached_is_one_line_naming_the_file_and_the_commands(empty_hf_cache, tmp_path):
     weights = tmp_path / "weights"
+    weights.mkdir()
     release = NETWORKS["inception-fid"].releases[0]
     error = one_line_error(lambda: network_path(weights, "inception-fid"))
     assert error.startswith(f"{weights / 'inception-fid.safetensors'}: not found, and the inception-fid network's "
