@@ -274,3 +274,19 @@ def test_fetch_command(online, releases, monkeypatch, tmp_path, capsys):
                           (["inception-fid", "x.pth"], "convert-weights inception-fid: the destination is required")):
         assert main(["convert-weights", *argv]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_evaluate_commands_without_weights_read_the_cache(empty_hf_cache, tmp_path, capsys):
+    from PIL import Image
+
+    for folder in ("real", "generated"):
+        (tmp_path / folder).mkdir()
+        for i in range(2):
+            Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(tmp_path / folder / f"{i}.png")
+    images = ["--output", str(tmp_path / "out.json")]
+    assert main(["evaluate", "--real", str(tmp_path / "real"), "--generated", str(tmp_path / "generated"),
+                 "--metrics", "fid", *images]) == 2
+    assert "no --weights, and the inception-fid network's release" in capsys.readouterr().err
+    assert main(["evaluate-edits", "--originals", str(tmp_path / "real"), "--edits", str(tmp_path / "generated"),
+                 "--metrics", "structure_distance", *images]) == 2
+    assert "no --weights, and the dino network's release (facebook/dino-vitb8)" in capsys.readouterr().err
