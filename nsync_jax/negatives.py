@@ -152,11 +152,13 @@ def generate_set(pipe: StableDiffusion, prompts: dict[str, str], output: Path, *
     if settings.width not in (None, resolution):
         raise UserError("image sets are square: give one resolution (--resolution, or --height alone)")
     save_size = save_size or resolution
+    pipe.sampling_conditioning(settings, negative_prompt, resolution, resolution)  # refused before any file is written
     items = [Item(stem, k, prompt) for stem, prompt in sorted(prompts.items()) for k in range(images_per_caption)]
     # Keys added since the first sets (dtype onwards) are compared only where a manifest has them.
     manifest = {"model": model_name or str(pipe.folder), "seed": seed, "negative_prompt": negative_prompt,
                 "sampler": {"scheduler": settings.scheduler or pipe.scheduler_config.get("_class_name"),
-                            "steps": settings.steps, "guidance": settings.guidance},
+                            "steps": settings.steps, "guidance": settings.guidance,
+                            **({"guidance_rescale": settings.guidance_rescale} if settings.guidance_rescale else {})},
                 "resolution": resolution, "save_size": save_size, "images_per_caption": images_per_caption,
                 "batch_size": settings.batch_size, "dtype": str(pipe.unet.conv_in.kernel[...].dtype),
                 "clip_skip": settings.clip_skip, "handoff_timestep": settings.handoff_timestep,

@@ -36,25 +36,27 @@ def latents_nchw(count=2, seed=0):
 
 
 # Each scheduler with and without a negative prompt (without one, diffusers conditions the negative branch on
-# zeros: force_zeros_for_empty_prompt); micro-conditioning other than the defaults and clip_skip on some.
+# zeros: force_zeros_for_empty_prompt); on some, micro-conditioning other than the defaults, guidance rescale and
+# clip_skip (options: keyword arguments of both diffusers' pipeline and SampleSettings).
 # Each case compiles a loop of its own (5 to 20 s on a CPU): only one runs by default; the CLI test below compares
 # Euler without a negative prompt.
-@pytest.mark.parametrize("scheduler, negative, micro, clip_skip", [
+@pytest.mark.parametrize("scheduler, negative, options, clip_skip", [
     pytest.param(None, None, {}, 0, marks=pytest.mark.slow),  # the model's Euler
-    ("euler", "blue", dict(original_size=(64, 48), crops_coords_top_left=(4, 8), target_size=(48, 64)), 0),
+    ("euler", "blue", dict(original_size=(64, 48), crops_coords_top_left=(4, 8), target_size=(48, 64),
+                           guidance_rescale=0.7), 0),
     pytest.param("ddim", None, dict(original_size=(96, 128)), 1, marks=pytest.mark.slow),
-    pytest.param("ddim", "blue", {}, 0, marks=pytest.mark.slow),
+    pytest.param("ddim", "blue", dict(guidance_rescale=0.3), 0, marks=pytest.mark.slow),
     pytest.param("dpm", None, {}, 0, marks=pytest.mark.slow),
     pytest.param("dpm", "blue", dict(crops_coords_top_left=(16, 0)), 1, marks=pytest.mark.slow),
 ])
-def test_sampling_matches_diffusers(scheduler, negative, micro, clip_skip, pipe, torch_pipe):
+def test_sampling_matches_diffusers(scheduler, negative, options, clip_skip, pipe, torch_pipe):
     latents = latents_nchw()
     torch_pipe.scheduler = TORCH_SCHEDULERS[scheduler or "euler"].from_config(torch_pipe.scheduler.config)
     reference = torch_pipe(PROMPTS, negative_prompt=negative and [negative] * 2, num_inference_steps=3,
                            guidance_scale=5.0, height=HEIGHT, width=WIDTH, latents=torch.from_numpy(latents),
-                           clip_skip=clip_skip or None, output_type="np", **micro).images
+                           clip_skip=clip_skip or None, output_type="np", **options).images
     settings = SampleSettings(scheduler=scheduler, steps=3, guidance=5.0, height=HEIGHT, width=WIDTH,
-                              clip_skip=clip_skip, batch_size=2, **micro)
+                              clip_skip=clip_skip, batch_size=2, **options)
     ours = generate(pipe, PROMPTS, negative_prompt=negative or "", settings=settings, progress=False,
                     latents=latents.transpose(0, 2, 3, 1))
     assert ours.shape == reference.shape == (2, HEIGHT, WIDTH, 3)
@@ -65,7 +67,7 @@ def test_sampling_matches_diffusers(scheduler, negative, micro, clip_skip, pipe,
 
 @pytest.mark.slow
 def test_micro_conditioning_and_the_zeroed_negative_change_the_image(pipe):
-    """Each setting the comparisons above pass must reach the UNet (not only agree with diffusers' defaults)."""
+    """Each setting the comparisons above pass must change the image (not only agree with diffusers' defaults)."""
     def draw(negative="", **micro):
         settings = SampleSettings(steps=2, guidance=5.0, height=HEIGHT, width=WIDTH, batch_size=1, **micro)
         return generate(pipe, PROMPTS[:1], negative_prompt=negative, settings=settings, progress=False,
@@ -73,7 +75,7 @@ def test_micro_conditioning_and_the_zeroed_negative_change_the_image(pipe):
 
     default = draw()
     for other in (draw(original_size=(HEIGHT * 4, WIDTH * 4)), draw(crops_coords_top_left=(8, 8)),
-                  draw(target_size=(HEIGHT * 2, WIDTH)), draw(negative=" ")):
+                  draw(target_size=(HEIGHT * 2, WIDTH)), draw(negative=" "), draw(guidance_rescale=0.7)):
         assert np.abs(other - default).max() > 1e-3
     np.testing.assert_array_equal(draw(original_size=(HEIGHT, WIDTH), target_size=(HEIGHT, WIDTH)), default)
 
@@ -150,7 +152,9 @@ def test_sample_cli_draws_as_generate_and_refuses_what_sdxl_lacks(sdxl_dir, sd1_
     save_file({"lora_unet_x.alpha": np.ones((), np.float32)}, str(tmp_path / "lora.safetensors"))
     for model, flags, message in (
             (sdxl_dir, ("--lora", tmp_path / "lora.safetensors"), "LoRA files are not supported on SDXL yet"),
-            (sd1_dir, ("--original-size", 64, 64), "--original-size is SDXL's micro-conditioning; .* 1.x/2.x")):
+            (sd1_dir, ("--original-size", 64, 64), "--original-size is SDXL's micro-conditioning; .* 1.x/2.x"),
+            (sdxl_dir, ("--guidance", 1.0, "--guidance-rescale", 0.7), "--guidance-rescale must be in [0, 1] and "
+                                                                       "needs --guidance above 1")):
         code, err = run_cli(capsys, "sample", "--model", model, "--prompt", "a cat", *common, *flags,
                             "--output", tmp_path / "refused")
         assert code == 2 and len(err.strip().splitlines()) == 1 and message.split(" .* ")[0] in err, err

@@ -42,6 +42,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="default: the model's own")
     p.add_argument("--steps", type=positive_int, default=50)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="diffusers' guidance_rescale in [0, 1] (0: off; 0.7 against over-exposure at high guidance)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=positive_int, default=None, help="default: the model's resolution")
     p.add_argument("--width", type=positive_int, default=None)
@@ -128,8 +130,9 @@ def run(args) -> None:
                                             revision=args.revision, variant=args.variant,
                                             model_config=args.model_config, vae=args.vae)
     settings = SampleSettings(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
-                              height=args.height, width=args.width, clip_skip=args.clip_skip,
-                              batch_size=args.batch_size, handoff_timestep=handoff, **micro_conditioning(args))
+                              guidance_rescale=args.guidance_rescale, height=args.height, width=args.width,
+                              clip_skip=args.clip_skip, batch_size=args.batch_size, handoff_timestep=handoff,
+                              **micro_conditioning(args))
     negative = None
     if args.negative_lora:  # the same model and embeddings, with the negative branch's LoRA instead
         negative, _, _ = load_for_sampling(args.model, embeddings=args.embeddings, lora_files=args.negative_lora,
