@@ -2,11 +2,12 @@
 cfgs/train/examples/DreamArtist++.yaml; doc/guide_DA.md): the positive word and the negative word
 `<token>-neg` (3 and 6 vectors, as the DreamArtist extension; HCP leaves the counts to the user), lr 2.5e-3
 each, plus a LoRA per branch of the fusion eps_n + 3 (eps_p - eps_n): the UNet's to_k, to_v and feed-forward
-layers at lr 1e-4 (positive) and 4e-5 (negative), the text encoder's attention at 2e-5, each layer's rank
-0.01875 of its output width, scale 1/rank (alpha 1); the loss min-SNR weighted (gamma 2); batch 4, 1000
-steps, a checkpoint every 100, seed 114514. Where this differs from HCP's example (the text encoder's rank, no
-LoRA dropout, constant learning rates, no regularisation images): see nsync_jax/train/methods/dreamartist.py.
-Images are captioned: the prompts are "<caption> in the style of <token>" (and "... of <token>-neg").
+layers at lr 1e-4 (positive) and 4e-5 (negative), each layer's rank 0.01875 of its output width, the text
+encoder's attention and MLPs at 2e-5 and rank 2, scale 1/rank (alpha 1); the loss min-SNR weighted (gamma
+2); batch 4, 1000 steps, a checkpoint every 100, seed 114514. Where this differs from HCP's example (no LoRA
+dropout, one weight decay, constant learning rates, no regularisation images): see
+nsync_jax/train/methods/dreamartist.py. Images are captioned: the prompts are "<caption> in the style of
+<token>" (and "... of <token>-neg").
 
   nsync-jax train --config configs/dreamartist_plus_sd15.py --workdir runs/monet_da_plus \
       --config.model=stable-diffusion-v1-5 --config.data.images=monet2photo/trainA \
@@ -42,6 +43,8 @@ def get_config():
     config.lora.alpha = 1.0  # HCP's LoRA scale is 1/rank
     config.lora.targets = ("to_k", "to_v", *lora.FEED_FORWARD_TARGETS)
     config.lora.text_encoder = True
+    config.lora.text_encoder_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "mlp.fc1", "mlp.fc2")
+    config.lora.text_encoder_rank = 2
     config.data.resolution = 512
     # DreamArtist's preprocessing: a centre square (bicubic), no mirroring, one latent per image (HCP caches them).
     config.data.resize, config.data.flip, config.data.latent_sample = "center_crop", False, "once"

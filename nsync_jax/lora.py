@@ -39,7 +39,6 @@ from nsync_jax.errors import UserError
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' attention projections
 FEED_FORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2")  # the transformer blocks' GEGLU input and output
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention projections
 # The prefix of each component's keys in a diffusers LoRA file (transformers' CLIP keeps `text_model.`).
 FILE_PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder.text_model."}
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_text_model_"}
@@ -81,14 +80,15 @@ def layer_rank(rank: int | float, out_features: int) -> int:
     return rank if rank >= 1 else max(round(out_features * rank), 1)
 
 
-def add_lora(module: nnx.Module, targets, *, rank: int | float, alpha: float, key: jax.Array) -> list[str]:
+def add_lora(module: nnx.Module, targets, *, rank: int | float, alpha: float, key: jax.Array,
+             setting: str = "lora.targets") -> list[str]:
     """Puts a `LoRALinear` in place of every `nnx.Linear` of `module` whose dotted path ends with one of
     `targets` (e.g. `to_q`, `to_out.0`), of rank `layer_rank(rank, out_features)`; returns their paths. Each
-    adapter's key is `fold_in(key, index)`."""
+    adapter's key is `fold_in(key, index)`; `setting` is the config key an error names."""
     found = [(path, m) for path, m in nnx.iter_modules(module)
              if type(m) is nnx.Linear and _path_matches(".".join(map(str, path)), targets)]
     if not found:
-        raise UserError(f"config lora.targets={list(targets)}: no linear layer of the "
+        raise UserError(f"config {setting}={list(targets)}: no linear layer of the "
                         f"{type(module).__name__} matches")
     for index, (path, linear) in enumerate(found):
         parent = module

@@ -28,11 +28,13 @@ PROMPT = f"a cat in the style of {TOKEN}"
 
 
 def plus_config(model, data, **overrides):
-    """DreamArtist++ on the tiny model: 2 positive and 2 negative vectors, adapters on the UNet's attention and
-    the text encoder with ranks 1/8 of each layer's width (1 and 2 on the tiny UNet), learning rates large
+    """DreamArtist++ on the tiny model: 2 positive and 2 negative vectors, adapters on the UNet's attention with
+    ranks 1/8 of each layer's width (1 and 2 on the tiny UNet) and on the text encoder's attention and MLPs at
+    rank 1, learning rates large
     enough to move the adapters in a few steps, the loss min-SNR weighted as the released config."""
     settings = dict(method="dreamartist", trainable="lora", data__negatives="", dreamartist__num_negative_vectors=2,
-                    lora__relative_rank=0.125, lora__alpha=1.0, lora__text_encoder=True,
+                    lora__relative_rank=0.125, lora__alpha=1.0, lora__text_encoder=True, lora__text_encoder_rank=1,
+                    lora__text_encoder_targets=("q_proj", "v_proj", "mlp.fc1", "mlp.fc2"),
                     dreamartist__lora_learning_rate=0.05, dreamartist__neg_lora_learning_rate=0.02,
                     dreamartist__text_encoder_lora_learning_rate=0.01, dreamartist__min_snr_gamma=2.0, train__steps=4)
     return tiny_config(model, data, **{**settings, **overrides})
@@ -71,6 +73,9 @@ def test_trains_the_words_and_each_branchs_adapters_and_resumes_bit_identically(
     ranks = {path: down.shape[1] for path, down in trained["positive"]["unet"].items() if path.endswith("_down")}
     widths = {path: trained["positive"]["unet"][path[:-4] + "up"].shape[1] for path in ranks}
     assert all(ranks[path] == max(round(0.125 * widths[path]), 1) for path in ranks) and len(set(ranks.values())) > 1
+    text_encoder = trained["positive"]["text_encoder"]
+    assert {path.split(".")[-2] for path in text_encoder} == {"q_proj", "v_proj", "fc1", "fc2"}
+    assert all(down.shape[1] == 1 for path, down in text_encoder.items() if path.endswith("_down"))
     # Two sets of adapters: different starts, different updates.
     path = next(p for p in trained["positive"]["unet"] if p.endswith(".lora_down"))
     assert not np.allclose(trained["positive"]["unet"][path], trained["negative"]["unet"][path])
@@ -132,7 +137,15 @@ def test_exports_words_and_both_loras_that_diffusers_loads(runs, sd1_dir, tmp_pa
     inputs = unet_inputs(1)
     base = StableDiffusionPipeline.from_pretrained(sd1_dir, safety_checker=None)
     _, base_text, base_unet = torch_text_and_unet(base, "a cat", inputs)
-    for name in ("style_lora.safetensors", "style_lora-neg.safetensors", "kohya-neg.safetensors"):
+    # kohya's layout holds the same weight deltas. (diffusers 0.42 drops the text encoder's attention adapters
+    # of a kohya file that also adapts its MLPs, so only the diffusers-layout files go through diffusers.)
+    kohya, diffusers_layout = (lora.read_lora_file(tmp_path / f"{name}-neg.safetensors") for name in
+                               ("kohya", "style_lora"))
+    for component in ("unet", "text_encoder"):
+        assert {k.replace(".", "_") for k in diffusers_layout[component]} == set(kohya[component])
+        for module, delta in diffusers_layout[component].items():
+            np.testing.assert_allclose(kohya[component][module.replace(".", "_")], delta, rtol=1e-6, atol=1e-9)
+    for name in ("style_lora.safetensors", "style_lora-neg.safetensors"):
         reference = StableDiffusionPipeline.from_pretrained(sd1_dir, safety_checker=None)
         reference.load_lora_weights(str(tmp_path / name))
         _, torch_text, torch_unet = torch_text_and_unet(reference, "a cat", inputs)
@@ -212,6 +225,8 @@ def test_refusals(sd1_dir, style_dir, tmp_path, capsys):
         check_config(plus_config(sd1_dir, style_dir, trainable="full"))
     with pytest.raises(UserError, match=r"lora.relative_rank=1.5 must be in \[0, 1\)"):
         check_config(plus_config(sd1_dir, style_dir, lora__relative_rank=1.5))
+    with pytest.raises(UserError, match="lora.text_encoder_rank=-1 must be a non-negative integer"):
+        check_config(plus_config(sd1_dir, style_dir, lora__text_encoder_rank=-1))
     with pytest.raises(UserError, match="dreamartist.min_snr_gamma=-1.0 must not be negative"):
         check_config(plus_config(sd1_dir, style_dir, dreamartist__min_snr_gamma=-1.0))
     with pytest.raises(UserError, match="dreamartist.neg_lora_learning_rate=0.0 must be positive"):

@@ -293,10 +293,21 @@ class LoRA(ModuleWeights):
             raise UserError(f"config lora.alpha={settings.alpha!r} must be positive")
         if not settings.targets:
             raise UserError("config lora.targets must name at least one UNet linear layer (e.g. to_q)")
+        if settings.text_encoder and not settings.text_encoder_targets:
+            raise UserError("config lora.text_encoder_targets must name at least one text encoder linear layer (e.g. "
+                            "q_proj) with lora.text_encoder=True")
+        if not isinstance(settings.text_encoder_rank, int) or settings.text_encoder_rank < 0:
+            raise UserError(f"config lora.text_encoder_rank={settings.text_encoder_rank!r} must be a non-negative "
+                            "integer (0: the UNet's rank)")
 
     def prepare(self, module, name, config, key):
-        targets = tuple(config.lora.targets) if name == "unet" else lora.TEXT_ENCODER_TARGETS
-        lora.add_lora(module, targets, rank=lora_rank(config), alpha=config.lora.alpha, key=key)
+        settings = config.lora
+        if name == "unet":
+            setting, rank = "targets", lora_rank(config)
+        else:
+            setting, rank = "text_encoder_targets", settings.text_encoder_rank or lora_rank(config)
+        lora.add_lora(module, tuple(settings[setting]), rank=rank, alpha=settings.alpha, key=key,
+                      setting="lora." + setting)
 
     def merge(self, modules, trained, config, source):
         """The adapters folded into the plain weights, as diffusers' fuse_lora."""

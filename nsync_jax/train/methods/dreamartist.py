@@ -13,12 +13,11 @@ as above; each branch's UNet and text encoder adapters have their own learning r
 (`dreamartist.lora_learning_rate`, `neg_lora_learning_rate`, `text_encoder_lora_learning_rate`). Files: the
 words as embeddings, the positive adapters as `lora.safetensors` and the negative ones as
 `lora-neg.safetensors`. HCP's guide samples with the positive word and LoRA on the positive branch and the
-negative LoRA alone on the negative one (`sample --negative-lora`). Where this differs from HCP's config: the
-text encoder's adapters take the UNet's relative rank (`lora.relative_rank`; HCP: rank 2 there) and only its
-attention projections (HCP also adapts its MLPs); no LoRA dropout (HCP: 0.1); one weight decay
-(`train.weight_decay`; HCP: 1e-3 adapters, 5e-4 words); each branch's adapters clipped per component to
-`dreamartist.grad_clip_norm` (HCP: max_grad_norm 1.0 over the model's); a constant learning rate (HCP:
-one-cycle with 200 warm-up steps); no regularisation set of the model's own images. Its min-SNR weighting of
+negative LoRA alone on the negative one (`sample --negative-lora`). Where this differs from HCP's config: no
+LoRA dropout (HCP: 0.1); one weight decay (`train.weight_decay`; HCP: 1e-3 adapters, 5e-4 words); each
+branch's adapters clipped per component to `dreamartist.grad_clip_norm` (HCP: max_grad_norm 1.0 over the
+model's); a constant learning rate (HCP: one-cycle with 200 warm-up steps); no regularisation set of the
+model's own images. Its min-SNR weighting of
 the loss is `dreamartist.min_snr_gamma` (HCP's formula for eps-prediction, applied to v-prediction models too).
 """
 from __future__ import annotations
