@@ -14,11 +14,11 @@ as above; each branch's UNet and text encoder adapters have their own learning r
 words as embeddings, the positive adapters as `lora.safetensors` and the negative ones as
 `lora-neg.safetensors`. HCP's guide samples with the positive word and LoRA on the positive branch and the
 negative LoRA alone on the negative one (`sample --negative-lora`). Where this differs from HCP's config: no
-LoRA dropout (HCP: 0.1); one weight decay (`train.weight_decay`; HCP: 1e-3 adapters, 5e-4 words); each
-branch's adapters clipped per component to `dreamartist.grad_clip_norm` (HCP: max_grad_norm 1.0 over the
-model's); a constant learning rate (HCP: one-cycle with 200 warm-up steps); no regularisation set of the
-model's own images. Its min-SNR weighting of
-the loss is `dreamartist.min_snr_gamma` (HCP's formula for eps-prediction, applied to v-prediction models too).
+LoRA dropout (HCP: 0.1); one weight decay (`train.weight_decay`; HCP: 1e-3 adapters, 5e-4 words); a constant
+learning rate (HCP: one-cycle with 200 warm-up steps); no regularisation set of the model's own images. All
+adapters' gradients are clipped together to `dreamartist.grad_clip_norm`, as HCP's max_grad_norm 1.0; its
+min-SNR weighting of the loss is `dreamartist.min_snr_gamma` (HCP's formula for eps-prediction, applied to
+v-prediction models too).
 """
 from __future__ import annotations
 
@@ -228,19 +228,21 @@ class DreamArtist(Method):
                                    block_sizes=sizes))
         if config.trainable != "lora":
             return optax.chain(*chain)
-        # DreamArtist++: each branch's adapters of each component with their own learning rate, as AdamW's
-        # update scaled by rate / train.learning_rate (weight decay included, as a torch parameter group's lr).
+        # DreamArtist++: every adapter's gradient clipped together (HCP clips the model's trainable parameters
+        # as one), then each branch's adapters of each component with their own learning rate, as AdamW's update
+        # scaled by rate / train.learning_rate (weight decay included, as a torch parameter group's lr).
         rates = {"positive/unet": da.lora_learning_rate, "negative/unet": da.neg_lora_learning_rate}
         if config.lora.text_encoder:
             rates.update({"positive/text_encoder": da.text_encoder_lora_learning_rate,
                           "negative/text_encoder": da.text_encoder_lora_learning_rate})
         transforms = {"words": optax.chain(*chain)}
         for label, rate in rates.items():
-            transforms[label] = optax.chain(optax.clip_by_global_norm(da.grad_clip_norm), adamw,
-                                            optax.scale(rate / config.train.learning_rate))
+            transforms[label] = optax.chain(adamw, optax.scale(rate / config.train.learning_rate))
         labels = lambda trained: {part: "words" if part == "rows" else {c: f"{part}/{c}" for c in trained[part]}
                                   for part in trained}
-        return optax.multi_transform(transforms, labels)
+        adapters = lambda trained: {part: part != "rows" for part in trained}
+        return optax.chain(optax.masked(optax.clip_by_global_norm(da.grad_clip_norm), adapters),
+                           optax.multi_transform(transforms, labels))
 
     def metadata(self, config):  # the training gamma is the CFG scale to start sampling from
         return {"negative_token": self.negative_word(config), "guidance": config.dreamartist.guidance}
