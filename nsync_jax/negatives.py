@@ -164,8 +164,9 @@ def generate_set(pipe: StableDiffusion, prompts: dict[str, str], output: Path, *
                 "clip_skip": settings.clip_skip, "handoff_timestep": settings.handoff_timestep,
                 **{name: list(getattr(settings, name)) for name in MICRO_CONDITIONING  # SDXL's, where given
                    if getattr(settings, name) is not None},
-                "learned_rows": hashlib.sha256(b"".join(np.ascontiguousarray(rows).tobytes()  # SDXL: two encoders'
-                                                        for rows in jax.tree.leaves(pipe.extra_token_rows))).hexdigest(),
+                "learned_rows": hashlib.sha256(b"".join(  # SDXL: both encoders' rows
+                    np.ascontiguousarray(rows).tobytes() for rows in jax.tree.leaves(pipe.extra_token_rows))
+                ).hexdigest(),
                 "weights": weights or {}}
     with checkpoints.workdir_lock(output, "negatives run"):  # one writer per folder (its manifest, its files)
         # A rerun may only complete the same set: other settings would mix two sets in one folder.

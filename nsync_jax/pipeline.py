@@ -33,10 +33,14 @@ MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size")
 
 
 class Pipeline:
-    """What every loaded model has (`folder`, `unet`, `vae`, `scheduler_config`, `tokenizer`) and derives."""
+    """What every loaded model has and derives. Each kind also gives `modules()` (name -> module),
+    `extra_token_rows` (learned rows, a pytree), `add_embeddings(path)`, `token_ids(prompts)` and
+    `sampling_conditioning(...)` (the sampling loop's conditioner and its array inputs)."""
     folder: Path
+    tokenizer: Any
     unet: UNet2DConditionModel
     vae: AutoencoderKL
+    scheduler_config: dict[str, Any]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -91,10 +95,9 @@ class StableDiffusion(Pipeline):
     def add_embeddings(self, path: Path) -> list[str]:
         """Adds the tokens of a diffusers or A1111 embedding file (all or none); returns their names."""
         learned = tokens.load_learned_embeddings(Path(path))
-        table = np.asarray(self.text_encoder.embeddings.token_embedding.embedding[...], np.float32)
-        extended = tokens.apply_learned_embeddings(self.tokenizer, np.concatenate([table, self.extra_token_rows]),
-                                                   learned, source=path)
-        self.extra_token_rows = extended[len(table):]
+        self.extra_token_rows = tokens.append_learned_rows(
+            self.tokenizer, self.text_encoder.embeddings.token_embedding.embedding[...], self.extra_token_rows,
+            learned, source=path)
         return list(learned)
 
 

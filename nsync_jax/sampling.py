@@ -3,10 +3,11 @@
 `generate` is the entry point for every caller that draws images (the `sample` command, negative-set
 generation, demos): there is one denoising loop in the project, `_denoise_and_decode`. It is a pure
 function of the frozen weights and the sampler's tables (passed as arguments, never captured), the token ids
-and the initial latents; the model (`pipeline.Pipeline`: SD 1.x/2.x or SDXL) says how token ids condition its
-UNet (its conditioner, static, and that conditioner's array inputs, SDXL's `time_ids`). It is scanned over the sampler's steps with `lax.scan`, and jitted with the batch split
+and the initial latents, scanned over the sampler's steps with `lax.scan`, and jitted with the batch split
 over every device of every process (`distributed.make_mesh`), each device running the loop on its own rows
-(`shard_map`); every process gets the whole batch of images back.
+(`shard_map`); every process gets the whole batch of images back. The model (`pipeline.Pipeline`: SD 1.x/2.x or
+SDXL) says how token ids condition its UNet: its conditioner (static) and that conditioner's array inputs (SDXL's
+`time_ids`).
 
 An image is a function of its noise, its prompt and the settings alone, bit for bit: the same bytes whatever
 the number of devices or hosts and whichever images are drawn with it (see `SampleSettings.batch_size`).

@@ -111,12 +111,9 @@ class StableDiffusionXL(Pipeline):
                          self.extra_token_rows))
         for _, encoder, embeddings, _ in pairs:  # both checked before either tokenizer changes
             tokens.check_embedding_widths(embeddings, encoder.config.hidden_size, source=path)
-        extended = []
-        for tokenizer, encoder, embeddings, rows in pairs:
-            table = np.asarray(encoder.embeddings.token_embedding.embedding[...], np.float32)
-            extended.append(tokens.apply_learned_embeddings(tokenizer, np.concatenate([table, rows]), embeddings,
-                                                            source=path)[len(table):])
-        self.extra_token_rows = tuple(extended)
+        self.extra_token_rows = tuple(
+            tokens.append_learned_rows(tokenizer, encoder.embeddings.token_embedding.embedding[...], rows,
+                                       embeddings, source=path) for tokenizer, encoder, embeddings, rows in pairs)
         return list(learned[0])
 
 

@@ -236,6 +236,15 @@ def check_embedding_widths(embeddings: dict[str, np.ndarray], width: int, *, sou
                             f"is {width} (an embedding for another model family?)")
 
 
+def append_learned_rows(tokenizer, table: np.ndarray, extra_rows: np.ndarray, embeddings: dict[str, np.ndarray], *,
+                        source: Path | str) -> np.ndarray:
+    """`apply_learned_embeddings` for a model whose learned rows are kept apart from its frozen `table`: returns
+    `extra_rows` with the rows of `embeddings` appended (float32)."""
+    table = np.asarray(table, np.float32)
+    extended = apply_learned_embeddings(tokenizer, np.concatenate([table, extra_rows]), embeddings, source=source)
+    return extended[len(table):]
+
+
 def apply_learned_embeddings(tokenizer, table: np.ndarray, embeddings: dict[str, np.ndarray], *,
                              source: Path | str) -> np.ndarray:
     """Adds the tokens of `embeddings` (from `load_learned_embeddings(source)`) to the tokenizer, all or none.

@@ -172,4 +172,5 @@ def test_negatives_on_sdxl_writes_what_sample_captions_writes(sdxl_dir, tmp_path
     code, err = run_cli(capsys, "sample", *common, "--height", 16, "--output", tmp_path / "sampled")
     assert code == 0, err
     for stem in ("cat", "star"):
-        assert (tmp_path / "negatives" / f"{stem}.png").read_bytes() == (tmp_path / "sampled" / f"{stem}.png").read_bytes()
+        negative, sampled = (tmp_path / folder / f"{stem}.png" for folder in ("negatives", "sampled"))
+        assert negative.read_bytes() == sampled.read_bytes()
