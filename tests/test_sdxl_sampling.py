@@ -80,6 +80,17 @@ def test_micro_conditioning_and_the_zeroed_negative_change_the_image(pipe):
     np.testing.assert_array_equal(draw(original_size=(HEIGHT, WIDTH), target_size=(HEIGHT, WIDTH)), default)
 
 
+@pytest.mark.slow
+def test_bfloat16_sampling_decodes_in_float32(sdxl_dir, pipe):
+    """force_upcast: a bfloat16 UNet and text encoders, a float32 VAE; the images stay close to float32's."""
+    half = load_pipeline(sdxl_dir, dtype=jax.numpy.bfloat16, allow_sdxl=True)
+    assert half.vae.decoder.conv_in.kernel[...].dtype == np.float32
+    settings = SampleSettings(steps=2, guidance=5.0, height=HEIGHT, width=WIDTH, batch_size=1)
+    images = [generate(model, PROMPTS[:1], settings=settings, progress=False,
+                       latents=latents_nchw(1).transpose(0, 2, 3, 1)) for model in (half, pipe)]
+    assert images[0].dtype == np.float32 and 0 < np.abs(images[0] - images[1]).max() < 0.1
+
+
 def write_sdxl_embedding(path, pipe, word):
     """An SDXL embedding file whose one vector is, in each encoder, `word`'s own row."""
     rows = {}
