@@ -326,7 +326,7 @@ def load_for_sampling(model: str | Path, *, embeddings: Sequence[Path] = (), lor
 
     pipe = load_with_embeddings()
     if lora_files and isinstance(pipe, StableDiffusionXL):
-        raise UserError(f"--lora {lora_files[0]}: LoRA files are not supported on SDXL yet")
+        raise UserError(f"{lora_files[0]}: LoRA files (--lora, --negative-lora) are not supported on SDXL yet")
     base = load_with_embeddings() if handoff_timestep else None  # the LoRA weights stay out of it
     for path in lora_files:
         merge_lora(pipe.modules(), read_lora_file(path), lora_scale, source=path)

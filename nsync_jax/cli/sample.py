@@ -13,8 +13,8 @@ from nsync_jax.errors import UserError
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("sample", parents=[process_flags()],
-                              help="draw images from prompts with a Stable Diffusion model, with learned embeddings "
-                                   "and LoRA files")
+                              help="draw images from prompts with a Stable Diffusion (1.x, 2.x, XL) model, with "
+                                   "learned embeddings and LoRA files")
     add_model_flags(p)
     p.add_argument("--vae", default=None, metavar="DIR_OR_ID",
                    help="another model's VAE decodes, e.g. stabilityai/sd-vae-ft-mse as StyleForge's scripts use "
@@ -54,7 +54,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--latents", type=Path, default=None,
                    help="float32 .npy of initial latents in diffusers' layout (N, C, H/8, W/8)")
     p.add_argument("--embeddings", type=Path, action="append", default=[],
-                   help="learned embedding file (diffusers or A1111); repeatable")
+                   help="learned embedding file (diffusers or A1111; for SDXL the clip_l/clip_g .safetensors that "
+                        "A1111 and ComfyUI share, the token named by the file stem); repeatable")
     p.add_argument("--lora", type=Path, action="append", default=[],
                    help="LoRA .safetensors (diffusers or kohya/A1111 keys), merged into the weights at load; "
                         "repeatable")
