@@ -91,6 +91,19 @@ def test_bfloat16_sampling_decodes_in_float32(sdxl_dir, pipe):
     assert images[0].dtype == np.float32 and 0 < np.abs(images[0] - images[1]).max() < 0.1
 
 
+def test_empty_negative_is_zeros_only_where_the_model_asks(sdxl_dir, pipe, tmp_path):
+    import json
+    import shutil
+
+    zeroed = lambda model, negative: model.sampling_conditioning(SampleSettings(), negative, 16, 16)[0].zero_negative
+    assert zeroed(pipe, "") and not zeroed(pipe, "blue")
+    folder = tmp_path / "sdxl"
+    shutil.copytree(sdxl_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
+    assert not zeroed(load_pipeline(folder, allow_sdxl=True), "")
+
+
 def write_sdxl_embedding(path, pipe, word):
     """An SDXL embedding file whose one vector is, in each encoder, `word`'s own row."""
     rows = {}
@@ -159,6 +172,12 @@ def test_sample_cli_draws_as_generate_and_refuses_what_sdxl_lacks(sdxl_dir, sd1_
                            target_size=(24, 32), output_type="np").images[0]
     drawn = np.asarray(Image.open(tmp_path / "out" / "000000.png"), np.float32) / 255
     assert np.abs(drawn - reference).max() <= 3 / 255  # 2/255 and the PNG's rounding
+    # --vae: a model folder's VAE decodes; its own here, so the same bytes.
+    code, err = run_cli(capsys, "sample", "--model", sdxl_dir, "--prompt", PROMPTS[0], *common,
+                        "--original-size", 48, 64, "--crops-coords-top-left", 2, 4, "--target-size", 24, 32,
+                        "--latents", tmp_path / "latents.npy", "--vae", sdxl_dir, "--output", tmp_path / "vae")
+    assert code == 0, err
+    assert (tmp_path / "vae" / "000000.png").read_bytes() == (tmp_path / "out" / "000000.png").read_bytes()
 
     save_file({"lora_unet_x.alpha": np.ones((), np.float32)}, str(tmp_path / "lora.safetensors"))
     for model, flags, message in (
