@@ -80,6 +80,37 @@ def test_micro_conditioning_and_the_zeroed_negative_change_the_image(pipe):
     np.testing.assert_array_equal(draw(original_size=(HEIGHT, WIDTH), target_size=(HEIGHT, WIDTH)), default)
 
 
+EIGHT_DEVICES = """
+import sys
+import jax, numpy as np
+from nsync_jax.pipeline import load_pipeline
+from nsync_jax.sampling import SampleSettings, generate
+model, prompts, out = sys.argv[1], sys.argv[2].split("|"), sys.argv[3]
+assert jax.device_count() == 8
+settings = SampleSettings(steps=2, guidance=4.0, height=24, width=32, batch_size=1, original_size=(48, 64))
+np.save(out, generate(load_pipeline(model, allow_sdxl=True), prompts, seed=3, settings=settings, progress=False))
+"""
+
+
+@pytest.mark.slow
+def test_sampling_on_8_devices_draws_the_same_images(sdxl_dir, pipe, tmp_path):
+    """The pytree token ids and time_ids split and replicate as SD's arrays do: 8 simulated devices draw what one
+    does (3 images: one padded call there, three calls here)."""
+    import subprocess
+    import sys
+
+    from test_sharding import ROOT, cpu_env
+
+    prompts = [*PROMPTS, "a blue circle"]
+    subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(sdxl_dir), "|".join(prompts), str(tmp_path / "eight.npy")],
+                   check=True, env=cpu_env(tmp_path / "cache", 8), cwd=ROOT, timeout=900)
+    settings = SampleSettings(steps=2, guidance=4.0, height=HEIGHT, width=WIDTH, batch_size=1, original_size=(48, 64))
+    one = generate(pipe, prompts, seed=3, settings=settings, progress=False)
+    eight = np.load(tmp_path / "eight.npy")
+    assert eight.shape == one.shape == (3, HEIGHT, WIDTH, 3)
+    np.testing.assert_allclose(eight, one, atol=2e-5)
+
+
 @pytest.mark.slow
 def test_bfloat16_sampling_decodes_in_float32(sdxl_dir, pipe):
     """force_upcast: a bfloat16 UNet and text encoders, a float32 VAE; the images stay close to float32's."""
