@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from nsync_jax import distributed, tokens
+from nsync_jax import distributed
 from nsync_jax.errors import UserError
 from nsync_jax.imageio import write_png
 from nsync_jax.lora import merge_lora, read_lora_file, recorded_handoff
