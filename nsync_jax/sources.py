@@ -25,11 +25,12 @@ from nsync_jax import single_file, weights
 from nsync_jax.errors import UserError
 
 # What `load_pipeline` reads besides the weights, as patterns of paths in a model repository.
+# (SDXL's second text encoder and tokenizer included: patterns an SD repository lacks match nothing.)
 CONFIG_FILES = ("model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json", "tokenizer/*",
-                "unet/config.json", "vae/config.json")
+                "text_encoder_2/config.json", "tokenizer_2/*", "unet/config.json", "vae/config.json")
 # The stems of each model's weight files.
-WEIGHT_STEMS = {"text_encoder": weights.TRANSFORMERS_WEIGHTS, "unet": weights.DIFFUSERS_WEIGHTS,
-                "vae": weights.DIFFUSERS_WEIGHTS}
+WEIGHT_STEMS = {"text_encoder": weights.TRANSFORMERS_WEIGHTS, "text_encoder_2": weights.TRANSFORMERS_WEIGHTS,
+                "unet": weights.DIFFUSERS_WEIGHTS, "vae": weights.DIFFUSERS_WEIGHTS}
 HUB_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")
 # A variant's weight file, e.g. unet/diffusion_pytorch_model.fp16.safetensors (group 1: the variant).
 VARIANT_FILE = re.compile(rf"[^/]+/(?:{'|'.join(weights.DIFFUSERS_WEIGHTS + weights.TRANSFORMERS_WEIGHTS)})"

@@ -197,3 +197,24 @@ def tiny_config(model, data, **overrides):
             node = node[part]
         node[leaf] = value
     return config
+
+
+def assert_token_encodes_as_in_diffusers(pipe, reference, token_file: Path, prompt: str) -> None:
+    """A learned-token file read by `pipe` (ours) and by diffusers' `reference.load_textual_inversion` gives the
+    same ids and text-encoder states (relative error <= 1e-4)."""
+    import torch
+
+    from nsync_jax import tokens
+    from nsync_jax.pipeline import encode_text
+
+    pipe.add_embeddings(token_file)
+    ids = tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(prompt, pipe.tokenizer)])
+    ours = np.asarray(encode_text(pipe.text_encoder, pipe.extra_token_rows, ids))
+    reference.load_textual_inversion(str(token_file))
+    text = reference.maybe_convert_prompt([prompt], reference.tokenizer)
+    torch_ids = reference.tokenizer(text, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                    truncation=True, return_tensors="pt").input_ids
+    np.testing.assert_array_equal(torch_ids.numpy(), ids)
+    with torch.no_grad():
+        expected = reference.text_encoder(torch_ids).last_hidden_state.numpy()
+    assert np.abs(ours - expected).max() / np.abs(expected).max() <= 1e-4

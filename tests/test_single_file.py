@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
-from conftest import CONFIG
-from nsync_jax import single_file, sources, tokens
+from conftest import CONFIG, assert_token_encodes_as_in_diffusers
+from nsync_jax import single_file, sources
 from nsync_jax.cli import main
 from nsync_jax.errors import UserError
-from nsync_jax.pipeline import encode_text, load_pipeline
+from nsync_jax.pipeline import load_pipeline
 from nsync_jax.weights import module_state_dict
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
@@ -238,7 +238,6 @@ def test_files_that_are_not_checkpoints_are_refused_in_one_line(sd1_dir, tmp_pat
 @pytest.mark.slow
 def test_train_on_a_single_file_exports_a_token_diffusers_loads_into_that_file(sd1_dir, style_dir, tmp_path, cache,
                                                                                 capsys):
-    import torch
     from diffusers import StableDiffusionPipeline
 
     checkpoint = tmp_path / "tiny.safetensors"
@@ -252,20 +251,9 @@ def test_train_on_a_single_file_exports_a_token_diffusers_loads_into_that_file(s
     token = tmp_path / "style.safetensors"
     assert main(["export", "--workdir", str(work), "--step", "2", "--output", str(token)]) == 0
 
-    prompt = ["a cat in the style of <tiny-style>"]
-    pipe = load_pipeline(checkpoint, model_config=sd1_dir)
-    pipe.add_embeddings(token)
-    ids = tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(p, pipe.tokenizer) for p in prompt])
-    ours = np.asarray(encode_text(pipe.text_encoder, pipe.extra_token_rows, ids))
     reference = StableDiffusionPipeline.from_single_file(str(checkpoint), config=str(sd1_dir), local_files_only=True)
-    reference.load_textual_inversion(str(token))
-    text = reference.maybe_convert_prompt(prompt, reference.tokenizer)
-    torch_ids = reference.tokenizer(text, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                    truncation=True, return_tensors="pt").input_ids
-    np.testing.assert_array_equal(torch_ids.numpy(), ids)
-    with torch.no_grad():
-        expected = reference.text_encoder(torch_ids).last_hidden_state.numpy()
-    assert np.abs(ours - expected).max() / np.abs(expected).max() <= 1e-4
+    assert_token_encodes_as_in_diffusers(load_pipeline(checkpoint, model_config=sd1_dir), reference, token,
+                                         "a cat in the style of <tiny-style>")
 
 
 @pytest.mark.slow

@@ -14,11 +14,13 @@ from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
+from conftest import CONFIG, assert_token_encodes_as_in_diffusers
 from nsync_jax import export, sources
 from nsync_jax.cli import main
 from nsync_jax.errors import UserError
 from nsync_jax.pipeline import load_pipeline
 from nsync_jax.weights import module_state_dict
+from sdxl_fixtures import sdxl_dir  # noqa: F401 (a fixture)
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 UNET_FP16 = "unet/diffusion_pytorch_model.fp16.safetensors"
@@ -136,6 +138,29 @@ def test_sample_with_a_hub_id_draws_the_folder_images(hub, tiny_repo, tmp_path, 
             capsys.readouterr().err
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "folder" / "000000.png")),
                                   np.asarray(Image.open(tmp_path / "hub" / "000000.png")))
+
+
+def test_an_sdxl_hub_id_fetches_both_text_encoders_and_tokenizers(sdxl_dir):
+    repo = sources.files_under(sdxl_dir)
+    patterns = [*sources.CONFIG_FILES, *sources.weight_patterns(repo, source="org/sdxl")]
+    assert sorted(filter_repo_objects(repo, allow_patterns=patterns)) == sorted(repo)  # everything load_sdxl reads
+    assert any(f.startswith("text_encoder_2/model") for f in repo) and any(f.startswith("tokenizer_2/") for f in repo)
+
+
+def test_train_on_a_hub_id_exports_a_token_diffusers_loads_into_that_model(hub, tiny_repo, style_dir, tmp_path,
+                                                                           capsys):
+    from diffusers import StableDiffusionPipeline
+
+    work = tmp_path / "work"
+    assert main(["train", "--config", str(CONFIG), "--workdir", str(work), "--config.model=org/tiny-sd",
+                 f"--config.data.images={style_dir / 'images'}", f"--config.data.captions={style_dir / 'captions'}",
+                 f"--config.data.negatives={style_dir / 'negatives'}", "--config.train.steps=2"]) == 0, \
+        capsys.readouterr().err
+    token = tmp_path / "style.safetensors"
+    assert main(["export", "--workdir", str(work), "--step", "2", "--output", str(token)]) == 0
+    reference = StableDiffusionPipeline.from_pretrained("org/tiny-sd", local_files_only=True)
+    assert_token_encodes_as_in_diffusers(load_pipeline("org/tiny-sd"), reference, token,
+                                         "a cat in the style of <tiny-style>")
 
 
 def test_model_errors_are_one_line(hub, tiny_repo, tmp_path, capsys):
