@@ -1,17 +1,19 @@
-"""Single-file Stable Diffusion checkpoints (the original LDM layout that A1111, ComfyUI and Civitai use) as
-diffusers folders.
+"""Single-file Stable Diffusion checkpoints (the original LDM layout that A1111, ComfyUI and Civitai use, and SDXL's
+SGM layout) as diffusers folders.
 
 `diffusers_folder` converts a `.safetensors` (or `.ckpt`, read by torch with `weights_only=True`) file with
-diffusers' own single-file machinery (`StableDiffusionPipeline.from_single_file`, torch on CPU) into a diffusers
-folder, once: the folder is kept in the Hugging Face cache under the file's SHA-256, written under a temporary name
-and renamed, so a second load reads it as fast as any folder and a failure leaves nothing behind.
+diffusers' own single-file machinery (`StableDiffusionPipeline.from_single_file`, or
+`StableDiffusionXLPipeline.from_single_file` as the config's model_index.json names it; torch on CPU) into a
+diffusers folder, once: the folder is kept in the Hugging Face cache under the file's SHA-256, written under a
+temporary name and renamed, so a second load reads it as fast as any folder and a failure leaves nothing behind.
 
 The architecture is detected from the checkpoint's keys and shapes as diffusers detects it
 (`infer_diffusers_model_type`), and its configs come from `architectures/` in this package (SD 1.x; SD 2.x base,
-epsilon; SD 2.x 768-v, v-prediction), so a standard checkpoint converts with no network. An SD 2.x file is
-v-prediction unless its `global_step` is 875000 (the 2-base release), as in diffusers; any other architecture, or
-a different choice, is named with a config folder (diffusers' `config=`) or a shipped architecture's name. The
-UNet gets the non-EMA weights of a file that has both, as diffusers' default. SDXL files are refused for now.
+epsilon; SD 2.x 768-v, v-prediction; SDXL base 1.0), so a standard checkpoint converts with no network. An SD 2.x
+file is v-prediction unless its `global_step` is 875000 (the 2-base release), as in diffusers; any other
+architecture, or a different choice, is named with a config folder (diffusers' `config=`) or a shipped
+architecture's name. The UNet gets the non-EMA weights of a file that has both, as diffusers' default. Other SDXL
+types (refiner, inpainting, Playground) are refused.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import tempfile
 import types
 from pathlib import Path
 
-from nsync_jax import tokens
+from nsync_jax import tokens, weights
 from nsync_jax.errors import UserError
 from nsync_jax.files import atomic_folder, write_text
 
@@ -30,8 +32,11 @@ PACKAGE = Path(__file__).resolve().parent
 ARCHITECTURES = PACKAGE / "architectures"
 # The Hub model whose configs each shipped folder holds: naming it as the config reads the shipped copy, offline.
 ARCHITECTURE_IDS = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "sd1",
-                    "stabilityai/stable-diffusion-2-base": "sd2-base", "stabilityai/stable-diffusion-2-1": "sd2-v"}
-# OpenAI CLIP's BPE merges, shipped with the toy world: every SD 1.x/2.x tokenizer's vocabulary is built from them.
+                    "stabilityai/stable-diffusion-2-base": "sd2-base", "stabilityai/stable-diffusion-2-1": "sd2-v",
+                    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl-base"}
+# The pipelines a config folder's model_index.json may name: the ones whose single files this module converts.
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+# OpenAI CLIP's BPE merges, shipped with the toy world: every SD and SDXL tokenizer's vocabulary is built from them.
 CLIP_BPE = PACKAGE / "toyworld" / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 # The UNet's first convolution: every Stable Diffusion checkpoint in the LDM layout has it.
 UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
@@ -99,11 +104,10 @@ def detect_architecture(shapes: dict[str, tuple[int, ...]], global_step: int | N
         return "sd1"
     if model_type == "v2":
         return "sd2-base" if global_step == SD2_BASE_GLOBAL_STEP else "sd2-v"
-    if model_type.startswith(("xl_", "playground")):
-        raise UserError(f"{source}: an SDXL checkpoint; SDXL is not supported yet (Stable Diffusion 1.x and 2.x "
-                        "are)")
+    if model_type == "xl_base":
+        return "sdxl-base"
     raise UserError(f"{source}: a checkpoint of type {model_type} (as diffusers names it); nsync-jax reads "
-                    "text-to-image Stable Diffusion 1.x and 2.x checkpoints")
+                    "text-to-image Stable Diffusion 1.x, 2.x and SDXL base checkpoints")
 
 
 def file_digest(path: Path) -> str:
@@ -122,8 +126,9 @@ def config_digest(folder: Path) -> str:
 def diffusers_folder(path: Path, cache: Path, config: str | Path | None = None) -> Path:
     """The diffusers folder converted from checkpoint file `path`, kept in `cache` under the file's SHA-256.
 
-    `config` is a shipped architecture's name (`sd1`, `sd2-base`, `sd2-v`) or a diffusers folder whose configs and
-    tokenizer describe the checkpoint (its weights are not read); by default the architecture is detected."""
+    `config` is a shipped architecture's name (`sd1`, `sd2-base`, `sd2-v`, `sdxl-base`) or a diffusers folder whose
+    configs and tokenizer describe the checkpoint (its weights are not read); by default the architecture is
+    detected."""
     path = Path(path)
     shapes, global_step = read_shapes(path)
     if UNET_KEY not in shapes:
@@ -154,23 +159,29 @@ def diffusers_folder(path: Path, cache: Path, config: str | Path | None = None) 
 
 
 def shipped_config(architecture: str, folder: Path) -> Path:
-    """A config folder for `architecture`: the shipped configs, with the CLIP vocabulary built from its merges."""
+    """A config folder for `architecture`: the shipped configs, with the CLIP vocabulary of each tokenizer (SDXL
+    has two) built from its merges."""
     shutil.copytree(ARCHITECTURES / architecture, folder)
-    tokenizer = folder / "tokenizer"
-    settings = {name: (tokenizer / name).read_bytes() for name in ("special_tokens_map.json", "tokenizer_config.json")}
-    tokens.write_clip_tokenizer(tokenizer, tokens.clip_bpe_merges(CLIP_BPE))
-    for name, data in settings.items():  # SD 2.x pads with "!", not with CLIP's end-of-text token
-        (tokenizer / name).write_bytes(data)
+    for tokenizer in sorted(folder.glob("tokenizer*")):
+        settings = {name: (tokenizer / name).read_bytes()
+                    for name in ("special_tokens_map.json", "tokenizer_config.json")}
+        tokens.write_clip_tokenizer(tokenizer, tokens.clip_bpe_merges(CLIP_BPE))
+        for name, data in settings.items():  # SD 2.x and SDXL's second pad with "!", not CLIP's end-of-text token
+            (tokenizer / name).write_bytes(data)
     return folder
 
 
 def _convert(path: Path, config: Path, folder: Path) -> None:
+    pipeline = weights.read_json(config / "model_index.json").get("_class_name")
+    if pipeline not in PIPELINES:
+        raise UserError(f"{config / 'model_index.json'}: a {pipeline} pipeline; single-file checkpoints convert "
+                        f"with the configs of a {' or '.join(PIPELINES)}")
     try:
-        from diffusers import StableDiffusionPipeline
+        import diffusers
     except ImportError:
         raise UserError(f"{path}: {NEEDS_DIFFUSERS}") from None
     try:
-        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True)
+        pipe = getattr(diffusers, pipeline).from_single_file(str(path), config=str(config), local_files_only=True)
     except Exception as e:  # diffusers raises ValueError, KeyError, RuntimeError for keys or shapes that do not fit
         raise UserError(f"{path}: cannot convert with the configs of {config} ({type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'})") from None

@@ -1,16 +1,16 @@
 """Where a model comes from: one reference names it everywhere (`--model`, `config.model`, `load_pipeline`).
 
-`resolve_model` turns a reference into a local diffusers Stable Diffusion folder:
+`resolve_model` turns a reference into a local diffusers Stable Diffusion (or SDXL) folder:
 
 - an existing folder is used as it is;
 - a Hugging Face Hub id (`org/name`, with an optional revision and weight variant such as `fp16`) is fetched with
   `huggingface_hub` into its standard cache (`HF_HOME`, `HF_HUB_CACHE`): only the files `load_pipeline` reads,
   `.safetensors` rather than `.bin`, and only the asked variant's weights. With `HF_HUB_OFFLINE=1` only the cache
   is read;
-- a single-file checkpoint (`.safetensors`, `.ckpt`) in the original LDM / A1111 layout is converted once into a
-  diffusers folder kept in the Hugging Face cache (`single_file`); `model_config` names its architecture's configs
-  when they are not the detected standard ones: a folder, a Hub id (only its configs are fetched), or a shipped
-  architecture (`sd1`, `sd2-base`, `sd2-v`, or the Hub id they come from).
+- a single-file checkpoint (`.safetensors`, `.ckpt`) in the original LDM / A1111 (or SDXL's SGM) layout is
+  converted once into a diffusers folder kept in the Hugging Face cache (`single_file`); `model_config` names its
+  architecture's configs when they are not the detected standard ones: a folder, a Hub id (only its configs are
+  fetched), or a shipped architecture (`sd1`, `sd2-base`, `sd2-v`, `sdxl-base`, or the Hub id they come from).
 
 Every failure is one `UserError` naming what was asked and what to do.
 """

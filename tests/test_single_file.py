@@ -1,6 +1,7 @@
-"""Single-file checkpoints in the original LDM / A1111 layout: written here from the tiny diffusers test models
-(the inverse of diffusers' conversion, checked by converting back with diffusers' own converters), loaded
-through `load_pipeline` and `sample`, cached, detected, and refused in one line when they are not checkpoints."""
+"""Single-file checkpoints in the original LDM / A1111 layout (SDXL's in Stability's SGM layout): written here from
+the tiny diffusers test models (the inverse of diffusers' conversion, checked by converting back with diffusers' own
+converters), loaded through `load_pipeline` and `sample`, cached, detected, and refused in one line when they are
+not checkpoints."""
 import re
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from nsync_jax.cli import main
 from nsync_jax.errors import UserError
 from nsync_jax.pipeline import load_pipeline
 from nsync_jax.weights import module_state_dict
+from sdxl_fixtures import sdxl_dir  # noqa: F401 (a fixture)
+from test_sdxl import SDXL_BASE_TEXT_ENCODER_2, SDXL_BASE_UNET
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -27,7 +30,8 @@ def unet_to_ldm(key: str, config: dict) -> str:
     """The LDM name of a diffusers UNet parameter (`openaimodel.UNetModel`'s input/middle/output blocks)."""
     per_down, per_up = config["layers_per_block"], config["layers_per_block"] + 1
     fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL's
     name, parameter = key.rsplit(".", 1)
     if name in fixed:
         return f"{fixed[name]}.{parameter}"
@@ -70,11 +74,14 @@ def vae_to_ldm(key: str, config: dict) -> str:
 
 
 def open_clip_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """An SD 2.x text encoder as OpenCLIP names it: fused q/k/v (`in_proj`), `resblocks`, `ln_final`."""
+    """An SD 2.x text encoder (or SDXL's second) as OpenCLIP names it: fused q/k/v (`in_proj`), `resblocks`,
+    `ln_final`, and SDXL's `text_projection` (a matrix applied on the right: the transposed linear weight)."""
     out = {"token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
            "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
            "ln_final.weight": state["text_model.final_layer_norm.weight"],
            "ln_final.bias": state["text_model.final_layer_norm.bias"]}
+    if "text_projection.weight" in state:
+        out["text_projection"] = np.ascontiguousarray(state["text_projection.weight"].T)  # save_file needs it
     layers = {int(m[1]) for k in state if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))}
     for i in layers:
         layer = f"text_model.encoder.layers.{i}"
@@ -86,29 +93,52 @@ def open_clip_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def ldm_checkpoint(folder: Path) -> dict[str, np.ndarray]:
-    """The diffusers folder's weights in one LDM-layout state dict, as an A1111 checkpoint holds them."""
+def read_part(folder: Path, part: str) -> tuple[dict[str, np.ndarray], dict]:
+    """A part's weights and config; a text encoder's keys with their `text_model.` prefix, as checkpoints have
+    them (transformers 5 saves CLIPTextModel without it)."""
     import json
 
-    def read(part, name="diffusion_pytorch_model.safetensors"):
-        return load_file(str(folder / part / name)), json.loads((folder / part / "config.json").read_text())
+    config = json.loads((folder / part / "config.json").read_text())
+    if part.startswith("text_encoder"):
+        state = load_file(str(folder / part / "model.safetensors"))
+        return {k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v
+                for k, v in state.items() if not k.endswith("position_ids")}, config
+    return load_file(str(folder / part / "diffusion_pytorch_model.safetensors")), config
 
-    unet, unet_config = read("unet")
-    vae, vae_config = read("vae")
-    text, text_config = read("text_encoder", "model.safetensors")
-    # transformers 5 saves CLIPTextModel without its `text_model.` prefix; checkpoints have it.
-    text = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in text.items()}
+
+def ldm_image_parts(unet: dict, unet_config: dict, vae: dict, vae_config: dict) -> dict:
+    """The UNet and VAE weights under their LDM names, as every SD and SDXL checkpoint holds them."""
     state = {f"model.diffusion_model.{unet_to_ldm(k, unet_config)}": v for k, v in unet.items()}
     for key, value in vae.items():
         if ".attentions." in key and value.ndim == 2:  # LDM's VAE attention projections are 1x1 convolutions
             value = value[:, :, None, None]
         state[f"first_stage_model.{vae_to_ldm(key, vae_config)}"] = value
+    return state
+
+
+def ldm_checkpoint(folder: Path) -> dict[str, np.ndarray]:
+    """The diffusers folder's weights in one LDM-layout state dict, as an A1111 checkpoint holds them."""
+    state = ldm_image_parts(*read_part(folder, "unet"), *read_part(folder, "vae"))
+    text, text_config = read_part(folder, "text_encoder")
     if text_config["hidden_act"] == "quick_gelu":  # SD 1.x: OpenAI CLIP through transformers, names kept
-        state.update({f"cond_stage_model.transformer.{k}": v for k, v in text.items()
-                      if not k.endswith("position_ids")})
+        state.update({f"cond_stage_model.transformer.{k}": v for k, v in text.items()})
     else:
         state.update({f"cond_stage_model.model.{k}": v for k, v in open_clip_state(text).items()})
     return state
+
+
+def sgm_state(unet, unet_config, vae, vae_config, text, text_2) -> dict:
+    """SDXL's parts under the names of Stability's SGM checkpoints: `conditioner.embedders.0` is CLIP-L as
+    transformers names it, `conditioner.embedders.1` OpenCLIP bigG as OpenCLIP does."""
+    return {**ldm_image_parts(unet, unet_config, vae, vae_config),
+            **{f"conditioner.embedders.0.transformer.{k}": v for k, v in text.items()},
+            **{f"conditioner.embedders.1.model.{k}": v for k, v in open_clip_state(text_2).items()}}
+
+
+def sdxl_checkpoint(folder: Path) -> dict[str, np.ndarray]:
+    """The SDXL diffusers folder's weights in one SGM-layout state dict, as SDXL single files hold them."""
+    return sgm_state(*read_part(folder, "unet"), *read_part(folder, "vae"), read_part(folder, "text_encoder")[0],
+                     read_part(folder, "text_encoder_2")[0])
 
 
 def write_checkpoint(path: Path, state: dict[str, np.ndarray]) -> None:
@@ -136,64 +166,124 @@ def states(pipe) -> dict[str, dict[str, np.ndarray]]:
     return {name: module_state_dict(module) for name, module in pipe.modules().items()}
 
 
-@pytest.mark.parametrize("family, suffix", [("sd1", ".safetensors"), ("sd2", ".ckpt")])
-def test_ldm_file_converts_back_to_the_folder(family, suffix, sd1_dir, sd2_dir, tmp_path, cache):
-    folder = sd1_dir if family == "sd1" else sd2_dir
+@pytest.fixture
+def tiny_folders(sd1_dir, sd2_dir, sdxl_dir) -> dict[str, tuple[Path, object]]:
+    """Each tiny test model with the function that writes its single file."""
+    return {"sd1": (sd1_dir, ldm_checkpoint), "sd2": (sd2_dir, ldm_checkpoint), "sdxl": (sdxl_dir, sdxl_checkpoint)}
+
+
+@pytest.mark.parametrize("family, suffix", [("sd1", ".safetensors"), ("sd2", ".ckpt"), ("sdxl", ".safetensors")])
+def test_ldm_file_converts_back_to_the_folder(family, suffix, tiny_folders, tmp_path, cache):
+    folder, checkpoint_state = tiny_folders[family]
     checkpoint = tmp_path / f"tiny-{family}{suffix}"
-    write_checkpoint(checkpoint, ldm_checkpoint(folder))
-    pipe = load_pipeline(checkpoint, model_config=folder)
+    write_checkpoint(checkpoint, checkpoint_state(folder))
+    pipe = load_pipeline(checkpoint, model_config=folder, allow_sdxl=True)
     assert pipe.folder.is_relative_to(cache / "nsync-jax" / "single-file")
     assert pipe.folder.parent.name == single_file.file_digest(checkpoint)
-    original = load_pipeline(folder)
+    original = load_pipeline(folder, allow_sdxl=True)
+    assert type(pipe) is type(original)
     for part, expected in states(original).items():
         got = states(pipe)[part]
         assert got.keys() == expected.keys()
         for key in expected:
             np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{part} {key}")
-    assert pipe.scheduler_config["prediction_type"] == original.scheduler_config["prediction_type"]
-    assert pipe.tokenizer("a red star").input_ids == original.tokenizer("a red star").input_ids
+    assert pipe.scheduler_config == original.scheduler_config
+    for tokenizer in [name for name in ("tokenizer", "tokenizer_2") if hasattr(original, name)]:
+        ours, reference = getattr(pipe, tokenizer), getattr(original, tokenizer)
+        assert ours("a red star").input_ids == reference("a red star").input_ids
+        assert ours.pad_token == reference.pad_token
+    if family == "sdxl":  # callers that do not handle SDXL refuse its single files as they refuse its folders
+        with pytest.raises(UserError, match=r"a Stable Diffusion XL folder; only sampling \(sample, negatives\)"):
+            load_pipeline(checkpoint, model_config=folder)
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_sample_with_a_single_file_draws_the_folder_images_and_the_second_load_reads_the_cache(
-        sd1_dir, tmp_path, cache, capsys, monkeypatch):
+        family, tiny_folders, tmp_path, cache, capsys, monkeypatch):
+    folder, checkpoint_state = tiny_folders[family]
     checkpoint = tmp_path / "tiny.safetensors"
-    save_file(ldm_checkpoint(sd1_dir), str(checkpoint))
+    save_file(checkpoint_state(folder), str(checkpoint))
     args = ["--prompt", "a red star", "--steps", "2", "--height", "32", "--width", "32", "--seed", "3"]
-    for name, model in (("folder", [str(sd1_dir)]), ("file", [str(checkpoint), "--model-config", str(sd1_dir)])):
+    for name, model in (("folder", [str(folder)]), ("file", [str(checkpoint), "--model-config", str(folder)])):
         assert main(["sample", "--model", *model, *args, "--output", str(tmp_path / name)]) == 0, \
             capsys.readouterr().err
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "folder" / "000000.png")),
                                   np.asarray(Image.open(tmp_path / "file" / "000000.png")))
-    converted = sources.resolve_model(checkpoint, model_config=sd1_dir)
+    converted = sources.resolve_model(checkpoint, model_config=folder)
     monkeypatch.setattr(single_file, "_convert", lambda *a: pytest.fail("converted again"))
-    assert sources.resolve_model(checkpoint, model_config=sd1_dir) == converted
+    assert sources.resolve_model(checkpoint, model_config=folder) == converted
     assert [p.name for p in converted.parent.parent.iterdir()] == [converted.parent.name]  # nothing else cached
 
 
-def standard_unet_shapes(architecture: str) -> dict[str, tuple[int, ...]]:
-    """The LDM-layout UNet shapes of a shipped architecture, from a UNet built on the meta device (no memory)."""
+def meta_parts(architecture: str) -> dict[str, tuple[dict, dict]]:
+    """Each model of a shipped architecture as (state dict, config), built from its shipped configs on torch's meta
+    device: names and shapes, no memory."""
     import json
 
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    config = json.loads((single_file.ARCHITECTURES / architecture / "unet" / "config.json").read_text())
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(config)
-    return {f"model.diffusion_model.{unet_to_ldm(k, config)}": tuple(v.shape) for k, v in unet.state_dict().items()}
+    builders = {"unet": UNet2DConditionModel.from_config, "vae": AutoencoderKL.from_config,
+                "text_encoder": lambda c: CLIPTextModel(CLIPTextConfig(**c)),
+                "text_encoder_2": lambda c: CLIPTextModelWithProjection(CLIPTextConfig(**c))}
+    parts = {}
+    for part, build in builders.items():
+        file = single_file.ARCHITECTURES / architecture / part / "config.json"
+        if file.is_file():
+            config = json.loads(file.read_text())
+            with torch.device("meta"):
+                state = build({k: v for k, v in config.items() if k != "architectures"}).state_dict()
+            parts[part] = {k: v for k, v in state.items() if not k.endswith("position_ids")}, config
+    return parts
+
+
+def standard_shapes(architecture: str) -> dict[str, tuple[int, ...]]:
+    """The checkpoint key shapes of a shipped architecture: the UNet's (LDM layout) for SD, the whole SGM-layout
+    file's for SDXL (float16 zeros that take no memory but the fused q/k/v, 0.3 GB)."""
+    parts = meta_parts(architecture)
+    unet, unet_config = parts["unet"]
+    if "text_encoder_2" not in parts:
+        return {f"model.diffusion_model.{unet_to_ldm(k, unet_config)}": tuple(v.shape) for k, v in unet.items()}
+    zeros = {part: {k: np.broadcast_to(np.float16(0), v.shape) for k, v in state.items()}
+             for part, (state, _) in parts.items()}
+    state = sgm_state(zeros["unet"], unet_config, zeros["vae"], parts["vae"][1], zeros["text_encoder"],
+                      zeros["text_encoder_2"])
+    return {k: v.shape for k, v in state.items()}
 
 
 def test_standard_architectures_are_detected_from_their_shapes(tmp_path):
-    sd1, sd2 = standard_unet_shapes("sd1"), standard_unet_shapes("sd2-v")
+    sd1, sd2, sdxl = standard_shapes("sd1"), standard_shapes("sd2-v"), standard_shapes("sdxl-base")
     assert single_file.detect_architecture(sd1, None, source=tmp_path) == "sd1"
     assert single_file.detect_architecture(sd2, None, source=tmp_path) == "sd2-v"
     assert single_file.detect_architecture(sd2, 875000, source=tmp_path) == "sd2-base"
-    sdxl = {**sd1, "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (1280,)}
-    with pytest.raises(UserError, match=r"an SDXL checkpoint; SDXL is not supported yet"):
-        single_file.detect_architecture(sdxl, None, source=tmp_path)
-    inpainting = {**sd1, single_file.UNET_KEY: (320, 9, 3, 3)}
-    with pytest.raises(UserError, match=r"a checkpoint of type inpainting \(as diffusers names it\)"):
-        single_file.detect_architecture(inpainting, None, source=tmp_path)
+    assert single_file.detect_architecture(sdxl, None, source=tmp_path) == "sdxl-base"
+    refiner = {k.replace("embedders.1", "embedders.0"): v for k, v in sdxl.items() if "embedders.1" in k}
+    others = {"xl_refiner": {**sd1, **refiner}, "xl_inpaint": {**sdxl, single_file.UNET_KEY: (320, 9, 3, 3)},
+              "inpainting": {**sd1, single_file.UNET_KEY: (320, 9, 3, 3)}}
+    for model_type, shapes in others.items():
+        with pytest.raises(UserError, match=rf"^{tmp_path}: a checkpoint of type {model_type} \(as diffusers names "
+                                            r"it\); nsync-jax reads text-to-image Stable Diffusion 1.x, 2.x and SDXL "
+                                            r"base checkpoints$"):
+            single_file.detect_architecture(shapes, None, source=tmp_path)
+
+
+def test_shipped_sdxl_configs_are_the_released_ones(tmp_path):
+    """SDXL base's configs as stabilityai/stable-diffusion-xl-base-1.0 publishes them: the UNet and second text
+    encoder are those tests/test_sdxl.py builds in NNX, every model has the released parameter count in diffusers
+    and transformers, and the tokenizers are CLIP's 49408 tokens, the second padding with "!"."""
+    from transformers import CLIPTokenizer
+
+    parts = meta_parts("sdxl-base")
+    assert parts["unet"][1] == SDXL_BASE_UNET and parts["text_encoder_2"][1] == SDXL_BASE_TEXT_ENCODER_2
+    counts = {part: sum(v.numel() for v in state.values()) for part, (state, _) in parts.items()}
+    assert counts == {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
+                      "text_encoder_2": 694_659_840}
+    folder = single_file.shipped_config("sdxl-base", tmp_path / "sdxl-base")
+    for part, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
+        tokenizer = CLIPTokenizer.from_pretrained(folder / part)
+        assert len(tokenizer) == 49408 and tokenizer("a cat").input_ids == [49406, 320, 2368, 49407]
+        assert tokenizer.pad_token == pad
 
 
 def test_files_that_are_not_checkpoints_are_refused_in_one_line(sd1_dir, tmp_path, cache):
@@ -225,8 +315,15 @@ def test_files_that_are_not_checkpoints_are_refused_in_one_line(sd1_dir, tmp_pat
     with pytest.raises(UserError, match=r"a model config \(sd1\) describes a single-file checkpoint"):
         sources.resolve_model(sd1_dir, model_config="sd1")
     with pytest.raises(UserError, match=r"^nowhere: model config not found \(a diffusers folder, a Hugging Face Hub "
-                                        r"id, or one of sd1, sd2-base, sd2-v\)$"):
+                                        r"id, or one of sd1, sd2-base, sd2-v, sdxl-base\)$"):
         sources.resolve_model(good, model_config="nowhere")
+    inpainting = tmp_path / "inpainting"
+    inpainting.mkdir()
+    (inpainting / "model_index.json").write_text('{"_class_name": "StableDiffusionInpaintPipeline"}')
+    with pytest.raises(UserError, match=r"model_index.json: a StableDiffusionInpaintPipeline pipeline; single-file "
+                                        r"checkpoints convert with the configs of a StableDiffusionPipeline or "
+                                        r"StableDiffusionXLPipeline$"):
+        sources.resolve_model(good, model_config=inpainting)
     # Configs that do not fit the weights (the tiny file read as real SD 1.5, named or detected): one line, and
     # nothing converted is cached; the detection is kept.
     for model_config in ("stable-diffusion-v1-5/stable-diffusion-v1-5", None):
