@@ -286,6 +286,50 @@ def test_shipped_sdxl_configs_are_the_released_ones(tmp_path):
         assert tokenizer.pad_token == pad
 
 
+def write_sparse_safetensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A float16 `.safetensors` file of `shapes` holding zeros the disk does not store (a sparse file): a real-size
+    checkpoint's header without its gigabytes."""
+    import json
+    import struct
+
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        size = 2 * int(np.prod(shape))
+        header[key] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        f.truncate(8 + len(encoded) + offset)
+
+
+@pytest.mark.slow
+def test_a_file_of_the_real_sdxl_base_shapes_is_converted_with_the_shipped_configs(tmp_path, cache, monkeypatch):
+    """SDXL base's 2513 keys at their real shapes, 6.9 GB of float16 zeros in a sparse file: read from its header,
+    detected as diffusers' xl_base, and handed to diffusers' SDXL conversion with the shipped sdxl-base configs and
+    both tokenizers (the conversion itself is not run: it would hold the 7 GB in memory). Slow: the file is hashed."""
+    checkpoint = tmp_path / "sd_xl_base_1.0.safetensors"
+    write_sparse_safetensors(checkpoint, standard_shapes("sdxl-base"))
+    assert checkpoint.stat().st_size > 6.9e9
+    shapes, global_step = single_file.read_shapes(checkpoint)
+    assert shapes == standard_shapes("sdxl-base") and global_step is None
+    handed = {}
+
+    def convert(path, config, folder):
+        from transformers import CLIPTokenizer
+
+        handed.update(path=path, config=config.name, pipeline=(config / "model_index.json").read_text(),
+                      pads=[CLIPTokenizer.from_pretrained(config / t).pad_token for t in ("tokenizer", "tokenizer_2")])
+        (folder / "model_index.json").write_text("{}")
+
+    monkeypatch.setattr(single_file, "_convert", convert)
+    converted = sources.resolve_model(checkpoint)
+    assert converted.name == handed["config"] == "sdxl-base" and handed["path"] == checkpoint
+    assert '"StableDiffusionXLPipeline"' in handed["pipeline"] and handed["pads"] == ["<|endoftext|>", "!"]
+    assert (converted.parent / "detected-architecture").read_text() == "sdxl-base"
+
+
 def test_files_that_are_not_checkpoints_are_refused_in_one_line(sd1_dir, tmp_path, cache):
     import torch
 
