@@ -2,6 +2,7 @@
 the tiny diffusers test models (the inverse of diffusers' conversion, checked by converting back with diffusers' own
 converters), loaded through `load_pipeline` and `sample`, cached, detected, and refused in one line when they are
 not checkpoints."""
+import json
 import re
 from pathlib import Path
 
@@ -96,8 +97,6 @@ def open_clip_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def read_part(folder: Path, part: str) -> tuple[dict[str, np.ndarray], dict]:
     """A part's weights and config; a text encoder's keys with their `text_model.` prefix, as checkpoints have
     them (transformers 5 saves CLIPTextModel without it)."""
-    import json
-
     config = json.loads((folder / part / "config.json").read_text())
     if part.startswith("text_encoder"):
         state = load_file(str(folder / part / "model.safetensors"))
@@ -188,6 +187,10 @@ def test_ldm_file_converts_back_to_the_folder(family, suffix, tiny_folders, tmp_
         for key in expected:
             np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{part} {key}")
     assert pipe.scheduler_config == original.scheduler_config
+    # The settings no weight carries: model_index.json's (SDXL's force_zeros_for_empty_prompt), the VAE's
+    # scaling_factor and force_upcast, every model's config.
+    for config in ["model_index.json", *(f"{part}/config.json" for part in states(original))]:
+        assert json.loads((pipe.folder / config).read_text()) == json.loads((folder / config).read_text()), config
     for tokenizer in [name for name in ("tokenizer", "tokenizer_2") if hasattr(original, name)]:
         ours, reference = getattr(pipe, tokenizer), getattr(original, tokenizer)
         assert ours("a red star").input_ids == reference("a red star").input_ids
@@ -218,8 +221,6 @@ def test_sample_with_a_single_file_draws_the_folder_images_and_the_second_load_r
 def meta_parts(architecture: str) -> dict[str, tuple[dict, dict]]:
     """Each model of a shipped architecture as (state dict, config), built from its shipped configs on torch's meta
     device: names and shapes, no memory."""
-    import json
-
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -289,7 +290,6 @@ def test_shipped_sdxl_configs_are_the_released_ones(tmp_path):
 def write_sparse_safetensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     """A float16 `.safetensors` file of `shapes` holding zeros the disk does not store (a sparse file): a real-size
     checkpoint's header without its gigabytes."""
-    import json
     import struct
 
     header, offset = {}, 0
@@ -404,8 +404,6 @@ def test_a_file_of_a_real_architecture_loads_with_no_config_and_no_network(archi
                                                                            cache):
     """Random weights in the SD 1.5 or 2.1 layout (float16, as most released files): detected, converted with the
     shipped configs, and loaded with every UNet weight as written."""
-    import json
-
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
