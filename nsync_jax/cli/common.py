@@ -29,7 +29,7 @@ def add_model_flags(parser: argparse.ArgumentParser, *, required: bool = True, d
                         help="weight files of this variant, e.g. fp16 for *.fp16.safetensors")
     parser.add_argument("--model-config", default=None, metavar="DIR_OR_ID",
                         help="of a single-file checkpoint: a diffusers folder or Hub id with its architecture's "
-                             "configs, or sd1, sd2-base, sd2-v (default: detected, as diffusers does)")
+                             "configs, or sd1, sd2-base, sd2-v, sdxl-base (default: detected, as diffusers does)")
 
 
 def process_flags() -> argparse.ArgumentParser:
