@@ -57,9 +57,26 @@ def write_embeddings(path: Path, token: str, rows: np.ndarray, *, fmt: str = "di
         atomic_write(path, lambda tmp: torch.save(payload, str(tmp)))
     else:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    write_sidecar(path, metadata)
+
+
+def write_sdxl_embeddings(path: Path, clip_l: np.ndarray, clip_g: np.ndarray, *,
+                          metadata: dict[str, Any] | None = None) -> None:
+    """One SDXL token as A1111, ComfyUI and Civitai share it: a safetensors file with `clip_l` `(n, 768)` (text
+    encoder 1's rows) and `clip_g` `(n, 1280)` (encoder 2's), whose name is the token; a `.json` sidecar of
+    `metadata`."""
+    from safetensors.numpy import save_file
+
+    state = {name: np.ascontiguousarray(np.asarray(rows, np.float32)) for name, rows in
+             (("clip_l", clip_l), ("clip_g", clip_g))}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+    write_sidecar(path, metadata)
+
+
+def write_sidecar(path: Path, metadata: dict[str, Any] | None) -> None:
+    """`metadata` (where a run's file came from) as the `.json` next to the file at `path`."""
     if metadata is not None:
-        sidecar = Path(path).with_suffix(".json")
-        write_json(sidecar, metadata, sort_keys=True)
+        write_json(Path(path).with_suffix(".json"), metadata, sort_keys=True)
 
 
 def write_diffusers_pipeline(output: Path, base: Path, modules: dict[str, Any], variant: str | None = None) -> None:

@@ -13,7 +13,6 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
-from nsync_jax import tokens
 from nsync_jax.data import tfds_style
 from nsync_jax.data.latent_cache import mirrored_moments, sampled_once
 from nsync_jax.data.style_dataset import StyleDataset, build_style_dataset, find_style_items, mask_weights
@@ -34,7 +33,8 @@ class TrainingData:
 
 @dataclasses.dataclass
 class PreparedData:
-    ids: np.ndarray  # (N or templates, tokens) int32 prompt ids for each positive (captioned) or template
+    ids: np.ndarray  # (N or templates, tokens) int32 prompt ids for each positive (captioned) or template;
+    # SDXL: (N or templates, 2, tokens), each tokenizer's
     positives: np.ndarray  # (N, 2, h, w, 2c) posterior moments of each image and its mirror image
     negatives: np.ndarray | None
     captioned: bool
@@ -87,8 +87,8 @@ def prepare(pipe, dataset: StyleDataset, config, token: str, *, negative_word: s
     place of `token` (DreamArtist's negative prompts); `keep_images`: keep the pixels (for a reconstruction
     loss); `negated_negatives`: the negative images' prompts say "not in the style of" the token."""
     def prompt_ids(word, negated=False):
-        prompts = training_prompts(dataset, word, negated)
-        return tokens.tokenize(pipe.tokenizer, [tokens.expand_placeholders(p, pipe.tokenizer) for p in prompts])
+        ids = pipe.token_ids(training_prompts(dataset, word, negated))
+        return np.stack(ids, axis=1) if isinstance(ids, tuple) else ids  # SDXL: (prompts, 2 tokenizers, tokens)
 
     positives = image_latents(pipe, dataset.positives, config)
     loss_weights = None

@@ -21,6 +21,7 @@ from flax import nnx
 
 from nsync_jax.models.vae import sample_posterior
 from nsync_jax.schedulers import NoiseSchedule, add_noise, training_target
+from nsync_jax.sdxl import SDXLConditioner, encode_prompt
 from nsync_jax.train import trainables
 
 # gradients(trained, frozen, batch, key) -> (gradients, extra optimizer arguments, metrics)
@@ -39,6 +40,9 @@ class StepSpec:
     remat: bool = False
     max_timestep: int = 0  # 0: all of the schedule's timesteps
     trainable: trainables.Trainable = trainables.EMBEDDINGS  # how what is trained enters the modules
+    # SDXL: the micro-conditioning of every training image (the released SDXL scripts' fixed (res, res, 0, 0, res,
+    # res) for squashed images); empty for SD 1.x/2.x.
+    time_ids: tuple[float, ...] = ()
 
 
 def draw_latents(spec: StepSpec, key, mean, logvar):
@@ -64,9 +68,10 @@ def denoise(spec: StepSpec, group_params, frozen, ids, mean, logvar, group_keys,
       `(groups, batch, h, w, c)` and the timesteps `(groups, batch)`.
     """
     trainable = spec.trainable
+    sdxl = bool(spec.time_ids)
 
-    def run_unet(unet_states, x, t, context):
-        return nnx.merge(spec.graphdefs["unet"], *unet_states)(x, t, context)
+    def run_unet(unet_states, x, t, context, added_cond):
+        return nnx.merge(spec.graphdefs["unet"], *unet_states)(x, t, context, added_cond)
 
     if spec.remat:  # keep only the UNet's inputs for the backward pass and recompute the rest
         run_unet = jax.checkpoint(run_unet)
@@ -77,12 +82,26 @@ def denoise(spec: StepSpec, group_params, frozen, ids, mean, logvar, group_keys,
     def embed(params, ids):
         return trainable.embed(params, text_encoder_of(params).embeddings.token_embedding.embedding[...], ids)
 
+    def condition(params, ids):
+        """The UNet's text conditioning `(context, added_cond)` of prompt ids with one copy of what is trained.
+        SDXL (`ids` `(n, 2, tokens)`, one row per tokenizer): both encoders' states with the trained rows of each
+        encoder (`trainables.SDXLEmbeddings`), the pooled embedding of encoder 2 and the fixed `time_ids`."""
+        if not sdxl:
+            return text_encoder_of(params)(inputs_embeds=embed(params, ids), clip_skip=spec.clip_skip), None
+        names = SDXLConditioner.encoders
+        encoders = [nnx.merge(spec.graphdefs[name], *trainable.module_states(name, params, frozen)) for name in names]
+        context, pooled = encode_prompt(*encoders, ids[:, 0], ids[:, 1],
+                                        extra_token_rows=tuple(params[name] for name in names),
+                                        clip_skip=spec.clip_skip)
+        time_ids = jnp.broadcast_to(jnp.asarray(spec.time_ids, jnp.float32), (len(pooled), len(spec.time_ids)))
+        return context, {"text_embeds": pooled.astype(spec.compute_dtype), "time_ids": time_ids}
+
     def one_pass(params, ids, latents, noise, t):
         """Text encoder and UNet on a batch `(n, ...)` with one copy of what is trained."""
-        context = text_encoder_of(params)(inputs_embeds=embed(params, ids), clip_skip=spec.clip_skip)
+        context, added_cond = condition(params, ids)
         noisy = add_noise(spec.schedule.alphas_cumprod, latents, noise, t)
         prediction = run_unet(trainable.module_states("unet", params, frozen), noisy.astype(spec.compute_dtype), t,
-                              context.astype(spec.compute_dtype))
+                              context.astype(spec.compute_dtype), added_cond)
         target = training_target(spec.schedule, latents, noise, t)
         return prediction.astype(jnp.float32), target, noisy
 
@@ -93,9 +112,10 @@ def denoise(spec: StepSpec, group_params, frozen, ids, mean, logvar, group_keys,
     if shared:  # one set of weights: every group runs as one batch
         prediction, target, noisy = one_pass(group_params, flat(ids), flat(latents), flat(noise), flat(t))
         return by_group(prediction), by_group(target), by_group(noisy), t
-    if trainable.trains_modules:
+    if trainable.trains_modules or sdxl:
         # Each group runs with its own copy of the trained weights (vmapped), so one backward pass gives every
-        # group's gradient. The frozen weights are shared (not mapped).
+        # group's gradient. The frozen weights are shared (not mapped). SDXL's token rows take this path too: its
+        # two encoders embed and encode each group's prompts in one vmapped pass.
         prediction, target, noisy = jax.vmap(one_pass)(group_params, ids, latents, noise, t)
         return prediction, target, noisy, t
     # Only token rows differ between groups: each group embeds its prompts with its own copy, then every group
@@ -106,7 +126,7 @@ def denoise(spec: StepSpec, group_params, frozen, ids, mean, logvar, group_keys,
     latents, noise, t = flat(latents), flat(noise), flat(t)
     noisy = add_noise(spec.schedule.alphas_cumprod, latents, noise, t)
     prediction = run_unet(trainable.module_states("unet", None, frozen), noisy.astype(spec.compute_dtype), t,
-                          context.astype(spec.compute_dtype))
+                          context.astype(spec.compute_dtype), None)
     target = training_target(spec.schedule, latents, noise, t)
     return by_group(prediction.astype(jnp.float32)), by_group(target), by_group(noisy), by_group(t)
 

@@ -52,6 +52,14 @@ class Trainable:
         """The states `nnx.merge` takes for module `name` (`trained`: one copy, or None for the frozen model)."""
         return (frozen[name],)
 
+    def for_model(self, sdxl: bool, config, method) -> Trainable:
+        """The trainable for the loaded model (`sdxl`: a Stable Diffusion XL one); refuses what SDXL does not
+        support yet."""
+        if sdxl:
+            raise UserError(f"config trainable={self.name!r} is not supported on Stable Diffusion XL yet: use "
+                            "trainable='embeddings'")
+        return self
+
     def configured(self, config) -> Trainable:
         """The trainable a run with `config` uses (a variant of this one where a setting asks for it)."""
         return self
@@ -110,16 +118,33 @@ class Embeddings(Trainable):
     export_formats = export.FORMATS
 
     def split(self, pipe, config, method, names):
-        table = np.asarray(pipe.text_encoder.embeddings.token_embedding.embedding[...], np.float32)
-        rows = method.initial_rows(config, table, pipe.tokenizer)
-        method.add_words(pipe.tokenizer, config)  # row i is token id len(table) + i
-        graphdefs, frozen = {}, {}
-        for name in names:
-            graphdefs[name], frozen[name] = nnx.split(pipe.modules()[name])
-        return graphdefs, frozen, rows
+        rows = self.add_words(pipe.text_encoder, pipe.tokenizer, config, method)
+        return *split_frozen(pipe, names), rows
+
+    @staticmethod
+    def add_words(text_encoder, tokenizer, config, method) -> np.ndarray:
+        """The initial rows of the method's words for one text encoder, the words added to its tokenizer."""
+        table = np.asarray(text_encoder.embeddings.token_embedding.embedding[...], np.float32)
+        rows = method.initial_rows(config, table, tokenizer)
+        method.add_words(tokenizer, config)  # row i is token id len(table) + i
+        return rows
 
     def configured(self, config):
         return DECAYED_TABLE if config.train.weight_decay_scope == "table" else self
+
+    def for_model(self, sdxl, config, method):
+        if not sdxl:
+            return self
+        if not method.supports_sdxl:
+            raise UserError(f"config method={method.name!r} is not supported on Stable Diffusion XL yet: use "
+                            "textual_inversion or nsync")
+        if config.data.resize != "squash":  # the crops' offsets would have to enter each image's time_ids
+            raise UserError(f"config data.resize={config.data.resize!r} is not supported on Stable Diffusion XL yet: "
+                            "use 'squash' (as the released SDXL scripts)")
+        if config.initializer_embedding:
+            raise UserError("config initializer_embedding is not supported on Stable Diffusion XL yet: use "
+                            "initializer_token")
+        return SDXL_EMBEDDINGS
 
     def embed(self, trained, table, ids):
         return tokens.embed_tokens(table, trained, ids)
@@ -160,6 +185,12 @@ class DecayedTableEmbeddings(Embeddings):
     def show(self, pipe, trained):
         super().show(pipe, trained["rows"])
 
+    def for_model(self, sdxl, config, method):
+        if sdxl:
+            raise UserError("config train.weight_decay_scope='table' is not supported on Stable Diffusion XL yet: "
+                            "use 'rows'")
+        return self
+
     def metadata(self, config):
         return {"weight_decay_scope": "table"}
 
@@ -172,6 +203,44 @@ class DecayedTableEmbeddings(Embeddings):
         line = super().export(output, fmt, config, method, trained["rows"], dict(metadata, table_scale=scale), source)
         return (f"{line}; in training the rest of the vocabulary was decayed to {scale:.4f} of its values "
                 "(weight_decay_scope='table'): the files hold the token rows, for the original table")
+
+
+class SDXLEmbeddings(Embeddings):
+    """Token rows on Stable Diffusion XL, as the released SDXL NSYNC and Textual Inversion scripts train them: the
+    method's word in both tokenizers and rows for both text encoders, `{"text_encoder": (n, 768),
+    "text_encoder_2": (n, 1280)}`, each started from the initializer word's row in its own encoder. NSYNC's
+    `granularity="leaf"` projects each encoder's rows on their own (as released). Files: one safetensors with
+    `clip_l` and `clip_g` (A1111, ComfyUI, Civitai; diffusers loads each half into its encoder), for both
+    `--format diffusers` and `a1111`."""
+
+    def split(self, pipe, config, method, names):
+        rows = {name: self.add_words(getattr(pipe, name), getattr(pipe, tokenizer), config, method)
+                for name, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))}
+        return *split_frozen(pipe, dict.fromkeys((*names, "text_encoder_2"))), rows
+
+    def to_host(self, trained):
+        return jax.tree.map(super().to_host, trained)
+
+    def show(self, pipe, trained):
+        pipe.extra_token_rows = tuple(self.to_host(trained[name]) for name in ("text_encoder", "text_encoder_2"))
+
+    def write_outputs(self, workdir, config, method, trained, metadata):
+        path = workdir / "learned_embeds.safetensors"
+        export.write_sdxl_embeddings(path, trained["text_encoder"], trained["text_encoder_2"], metadata=metadata)
+        return [path]
+
+    def export(self, output, fmt, config, method, trained, metadata, source):
+        export.write_sdxl_embeddings(output, trained["text_encoder"], trained["text_encoder_2"], metadata=metadata)
+        return (f"wrote {output} (SDXL clip_l/clip_g, {config.num_vectors} vectors; the token is the file name: "
+                f"{Path(output).stem}), step {metadata['step']}")
+
+
+def split_frozen(pipe, names) -> tuple[dict, dict]:
+    """`(graphdefs, states)` of the modules `names`, all frozen."""
+    graphdefs, frozen = {}, {}
+    for name in names:
+        graphdefs[name], frozen[name] = nnx.split(pipe.modules()[name])
+    return graphdefs, frozen
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -410,5 +479,6 @@ class BranchedLoRA(LoRA):
 
 EMBEDDINGS = register(Embeddings())
 DECAYED_TABLE = DecayedTableEmbeddings()  # `embeddings` with train.weight_decay_scope="table"
+SDXL_EMBEDDINGS = SDXLEmbeddings()  # `embeddings` on Stable Diffusion XL
 LORA = register(LoRA())
 FULL = register(ModuleWeights("full", _unet_and(lambda config: config.full.train_text_encoder)))

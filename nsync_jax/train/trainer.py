@@ -32,6 +32,7 @@ from nsync_jax.errors import UserError
 from nsync_jax.pipeline import load_pipeline
 from nsync_jax.sampling import SampleSettings
 from nsync_jax.schedulers import NoiseSchedule
+from nsync_jax.sdxl import StableDiffusionXL, time_ids
 from nsync_jax.train import methods, outputs, trainables
 from nsync_jax.train.config import check_config, with_defaults
 from nsync_jax.train.step import StepSpec, make_train_step
@@ -68,6 +69,13 @@ def run_metadata(config, method: methods.Method, trainable: trainables.Trainable
     return {**metadata, **trainable.metadata(config), **method.metadata(config)}
 
 
+def training_time_ids(config) -> tuple[float, ...]:
+    """SDXL's micro-conditioning of the training images, as the released SDXL scripts: squashed to a square of
+    `data.resolution`, so original and target size are the resolution and the crop is (0, 0)."""
+    size = (config.data.resolution,) * 2
+    return tuple(float(x) for x in time_ids(size, (0, 0), size))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The training loop.
 # ------------------------------------------------------------------------------------------------------------
@@ -84,7 +92,9 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
     pipe = load_pipeline(config.model, dtype=dtype, param_dtype=trainable.load_dtype,
                          revision=config.model_revision or None, variant=config.model_variant or None,
                          model_config=config.model_config or None,
-                         vae=config.vae or None)
+                         vae=config.vae or None, allow_sdxl=True)
+    sdxl = isinstance(pipe, StableDiffusionXL)
+    trainable = trainable.for_model(sdxl, config, method)
     table_rows = pipe.text_encoder.embeddings.token_embedding.embedding.shape[0]
     if len(pipe.tokenizer) != table_rows:
         raise UserError(f"{config.model}: tokenizer has {len(pipe.tokenizer)} tokens, the text encoder "
@@ -111,7 +121,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
                             f"{schedule.num_train_timesteps} training timesteps")
         spec = StepSpec(graphdefs=graphdefs, schedule=schedule, scaling_factor=pipe.vae.config.scaling_factor,
                         compute_dtype=dtype, clip_skip=config.clip_skip, trainable=trainable, remat=config.train.remat,
-                        max_timestep=config.train.max_timestep)
+                        max_timestep=config.train.max_timestep, time_ids=training_time_ids(config) if sdxl else ())
         tx = make_optimizer(config, method)
         trained_sharding = trainable.shardings(mesh, initial)
         opt_sharding = trainable.shardings(mesh, jax.eval_shape(tx.init, initial))
@@ -172,7 +182,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path, *, progress: bool = 
                     stopping = distributed.any_process(bool(stop_requested))
                     if done % config.checkpoint.every_steps == 0 or done == config.train.steps or stopping:
                         checkpoints.save(manager, done, {trainable.checkpoint_key: trained, "opt_state": opt_state},
-                                         {"step": done, "config": config.to_dict()})
+                                         {"step": done, "config": config.to_dict(), "sdxl": sdxl})
                     if stopping:
                         stop_requested.append(True)
                         break
@@ -231,6 +241,7 @@ def export_run(workdir: Path, output: Path, fmt: str, step: int | None = None) -
     state, meta = checkpoints.read(workdir / "checkpoints", step)
     config = with_defaults(meta["config"])
     method, trainable = methods.get(config.method), trainables.get(config.trainable).configured(config)
+    trainable = trainable.for_model(meta.get("sdxl", False), config, method)
     if fmt not in trainable.export_formats:
         raise UserError(f"{workdir}: the run trained trainable={trainable.name!r}: export it with --format "
                         f"{' or '.join(trainable.export_formats)}, not {fmt}")

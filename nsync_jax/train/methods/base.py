@@ -41,6 +41,7 @@ class Method:
     # lora each has adapters of its own, written to `lora<suffix>.safetensors` (DreamArtist++).
     lora_branches: tuple[tuple[str, str], ...] = ()
     contrastive = False  # True: a step also draws each positive's negative and an anchor (NSYNC's groups)
+    supports_sdxl = False  # True: trains token rows on Stable Diffusion XL (`trainables.SDXLEmbeddings`)
 
     def check_config(self, config: ml_collections.ConfigDict) -> None:
         """Raises UserError naming the first of this method's settings that is invalid."""

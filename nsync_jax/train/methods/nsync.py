@@ -28,6 +28,7 @@ NEGATIVE_PROMPTS = ("in_style", "not_in_style")
 class NSYNC(Method):
     name = "nsync"
     contrastive = True
+    supports_sdxl = True
 
     def check_config(self, config):
         if config.nsync.variant not in VARIANTS:

@@ -9,6 +9,7 @@ from nsync_jax.train.step import group_gradients
 
 class TextualInversion(Method):
     name = "textual_inversion"
+    supports_sdxl = True
 
     def gradients(self, spec, config):
         return functools.partial(group_gradients, spec, 1, False)
