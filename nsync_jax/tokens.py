@@ -195,10 +195,18 @@ def load_learned_embeddings(path: Path) -> dict[str, np.ndarray]:
     return {str(name): _embedding_rows(value, name, path) for name, value in raw.items()}
 
 
+# The released SDXL NSYNC and Textual Inversion scripts save one file per text encoder:
+# `learned_embeds1-step-N.bin` and `learned_embeds2-step-N.bin`, `{token: row}` each.
+RELEASED_SDXL_PAIR = ("learned_embeds1", "learned_embeds2")
+
+
 def load_sdxl_embeddings(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """An SDXL embedding file as A1111, ComfyUI and Civitai share it (`clip_l` `(n, 768)`, `clip_g` `(n, 1280)`):
-    `({token: clip_l rows}, {token: clip_g rows})` float32, the token being the file stem."""
+    `({token: clip_l rows}, {token: clip_g rows})` float32, the token being the file stem. Or either file of the
+    released SDXL scripts' pair (`RELEASED_SDXL_PAIR`), the token being their key."""
     path = Path(path)
+    if path.name.startswith(RELEASED_SDXL_PAIR):
+        return _load_released_sdxl_pair(path)
     raw = _read_embedding_file(path)
     if not {"clip_l", "clip_g"} <= set(raw):
         raise UserError(f"{path}: not an SDXL embedding (it has no clip_l and clip_g entries; an SD 1.x/2.x "
@@ -207,6 +215,21 @@ def load_sdxl_embeddings(path: Path) -> tuple[dict[str, np.ndarray], dict[str, n
     if len(rows[0]) != len(rows[1]):
         raise UserError(f"{path}: clip_l has {len(rows[0])} vectors but clip_g {len(rows[1])}; they must match")
     return {path.stem: rows[0]}, {path.stem: rows[1]}
+
+
+def _load_released_sdxl_pair(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Both files of the released scripts' pair named by either (`learned_embeds1-step-8000.bin` reads
+    `learned_embeds2-step-8000.bin` next to it, and the reverse)."""
+    suffix = path.name[len(RELEASED_SDXL_PAIR[0]):]
+    files = [path.with_name(stem + suffix) for stem in RELEASED_SDXL_PAIR]
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"{file}: not found; the released SDXL scripts' {' and '.join(RELEASED_SDXL_PAIR)} files "
+                            "hold one text encoder's rows each and are read together")
+    pair = [load_learned_embeddings(file) for file in files]
+    if set(pair[0]) != set(pair[1]):
+        raise UserError(f"{files[1]}: holds tokens {sorted(pair[1])}, but {files[0].name} {sorted(pair[0])}")
+    return pair[0], pair[1]
 
 
 def _read_embedding_file(path: Path) -> dict:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from nsync_jax import tokens
 from nsync_jax.cli import main
 from nsync_jax.errors import UserError
 from nsync_jax.optim import orthogonal_projection
@@ -126,3 +127,21 @@ def test_what_sdxl_does_not_support_yet_is_refused_naming_the_key(sdxl_dir, styl
     with pytest.raises(UserError, match=re.escape(key)):
         trainer.train(sdxl_config(sdxl_dir, style_dir, **override), tmp_path / "work", progress=False)
     assert not (tmp_path / "work").exists()
+
+
+def test_the_released_scripts_pair_of_bin_files_reads_as_one_token(sdxl_dir, tmp_path):
+    """`learned_embeds1/2-step-N.bin` (`{token: row}` for encoder 1 and 2), named by either file."""
+    rng = np.random.default_rng(0)
+    rows = {"1": rng.standard_normal(24, np.float32), "2": rng.standard_normal(40, np.float32)}
+    for index, row in rows.items():
+        torch.save({"<illustration-special>": torch.from_numpy(row)}, tmp_path / f"learned_embeds{index}-step-8.bin")
+    pipe = load_pipeline(sdxl_dir, allow_sdxl=True)
+    assert pipe.add_embeddings(tmp_path / "learned_embeds2-step-8.bin") == ["<illustration-special>"]
+    np.testing.assert_array_equal(pipe.extra_token_rows[0], rows["1"][None])
+    np.testing.assert_array_equal(pipe.extra_token_rows[1], rows["2"][None])
+    first = tokens.load_sdxl_embeddings(tmp_path / "learned_embeds1-step-8.bin")
+    jax.tree.map(np.testing.assert_array_equal, first, ({"<illustration-special>": rows["1"][None]},
+                                                        {"<illustration-special>": rows["2"][None]}))
+    (tmp_path / "learned_embeds2-step-8.bin").unlink()
+    with pytest.raises(UserError, match=r"learned_embeds2-step-8\.bin: not found"):
+        tokens.load_sdxl_embeddings(tmp_path / "learned_embeds1-step-8.bin")
