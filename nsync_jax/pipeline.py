@@ -122,8 +122,8 @@ def load_pipeline(folder: str | Path, *, dtype=jnp.float32, attention_backend: s
     folder = sources.resolve_model(folder, revision=revision, variant=variant, model_config=model_config)
     if sdxl.is_sdxl_folder(folder):
         if not allow_sdxl:
-            raise UserError(f"{folder}: a Stable Diffusion XL folder; only sampling (sample, negatives) supports SDXL "
-                            "yet")
+            raise UserError(f"{folder}: a Stable Diffusion XL folder; on SDXL only sample, negatives and token "
+                            "training (textual_inversion, nsync) work yet")
         loaded = sdxl.load_sdxl(folder, dtype=dtype, attention_backend=attention_backend, param_dtype=param_dtype,
                                 variant=variant)
         if vae:

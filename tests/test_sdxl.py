@@ -174,8 +174,8 @@ def test_load_pipeline_detects_sdxl_folders(sdxl_dir, sd1_dir):
     # UNet sample_size 8 latents, the tiny VAE's factor 2 (SDXL base: 128 x 8 = 1024).
     assert (pipe.vae_scale_factor, pipe.default_resolution) == (2, 16)
     assert pipe.force_zeros_for_empty_prompt
-    # Callers that do not handle SDXL (training, editing) get one line, not an attribute error later.
-    with pytest.raises(UserError, match=f"{sdxl_dir}: a Stable Diffusion XL folder; only sampling"):
+    # Callers that do not handle SDXL (editing) get one line, not an attribute error later.
+    with pytest.raises(UserError, match=f"{sdxl_dir}: a Stable Diffusion XL folder; on SDXL only sample, negatives"):
         load_pipeline(sdxl_dir)
 
 

@@ -196,7 +196,7 @@ def test_ldm_file_converts_back_to_the_folder(family, suffix, tiny_folders, tmp_
         assert ours("a red star").input_ids == reference("a red star").input_ids
         assert ours.pad_token == reference.pad_token
     if family == "sdxl":  # callers that do not handle SDXL refuse its single files as they refuse its folders
-        with pytest.raises(UserError, match=r"a Stable Diffusion XL folder; only sampling \(sample, negatives\)"):
+        with pytest.raises(UserError, match=r"a Stable Diffusion XL folder; on SDXL only sample, negatives and "):
             load_pipeline(checkpoint, model_config=folder)
 
 

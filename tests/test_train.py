@@ -12,13 +12,12 @@ import pytest
 import torch
 
 from conftest import CONFIG, tiny_config, write_style_dataset
-from nsync_jax import tokens
+from nsync_jax import checkpoints, optim, tokens
 from nsync_jax.cli import main
 from nsync_jax.config import load_config
 from nsync_jax.data.style_dataset import load_style_dataset
 from nsync_jax.errors import UserError
 from nsync_jax.pipeline import encode_text, load_pipeline
-from nsync_jax import checkpoints
 from nsync_jax.schedulers import NoiseSchedule
 from nsync_jax.train import data as train_data, methods, step as train_step, trainer
 from nsync_jax.train.config import check_config
@@ -111,14 +110,21 @@ def test_nonfinite_steps_are_skipped_when_asked(sd1_dir, style_dir):
     assert np.isfinite(metrics["loss"]) and not np.allclose(new_rows, rows)
 
 
-def test_variants_without_the_anchor_term_do_not_run_the_anchor(sd1_dir, style_dir):
-    from nsync_jax.optim import VARIANTS, orthogonal_projection, refine_gradients
+# Each variant compiles its own step (about 10 s on 2 CPU cores): the default run checks the paper's rule, one
+# without the anchor and the released one; `-m slow` the rest.
+DEFAULT_RUN_VARIANTS = ("orthogonal_anchor", "orthogonal", "released")
+
+
+@pytest.mark.parametrize("variants", [DEFAULT_RUN_VARIANTS, pytest.param(
+    tuple(v for v in optim.VARIANTS if v not in DEFAULT_RUN_VARIANTS), marks=pytest.mark.slow)])
+def test_variants_without_the_anchor_term_do_not_run_the_anchor(sd1_dir, style_dir, variants):
+    from nsync_jax.optim import orthogonal_projection, refine_gradients
 
     spec, frozen, batch, rows = nsync_step_inputs(sd1_dir, style_dir)
     other_anchor = {k: jnp.concatenate([v[:2], v[1:2]]) for k, v in batch.items()}  # the negatives as anchors
     key = jax.random.key(3)
     pos, extra, _ = jax.jit(lambda b: train_step.group_gradients(spec, 3, False, rows, frozen, b, key))(batch)
-    for variant in VARIANTS:
+    for variant in variants:
         # The update is -1e4 x the refined gradient: large enough to stand out of the rows' float32 rounding.
         tx = optax.chain(orthogonal_projection(variant), optax.sgd(1e4))
         config = tiny_config(sd1_dir, style_dir, nsync__variant=variant)

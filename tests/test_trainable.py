@@ -110,8 +110,10 @@ def test_full_step_trains_only_the_chosen_modules(sd1_dir, style_dir):
     assert all(np.array_equal(frozen_text[k], v) for k, v in base_text.items())
 
 
-# Each run compiles its step anew (about 70 s for LoRA on 2 CPU cores); the full case runs with `-m slow`.
-@pytest.mark.parametrize("kind", ["lora", pytest.param("full", marks=pytest.mark.slow)])
+# Each run compiles its step anew (about 50-70 s on 2 CPU cores), so both cases run with `-m slow`; the default run
+# resumes a new trainable bit-identically in tests/test_extension_points.py.
+@pytest.mark.parametrize("kind", [pytest.param("lora", marks=pytest.mark.slow),
+                                  pytest.param("full", marks=pytest.mark.slow)])
 def test_resume_is_bit_identical(sd1_dir, style_dir, tmp_path, kind):
     if kind == "lora":  # NSYNC-LoRA, with adapters on the text encoder too
         config = lora_config(sd1_dir, style_dir, lora__text_encoder=True)
