@@ -89,17 +89,36 @@ CLIP_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, nu
                    image_size=32)
 
 
+def save_tiny_clip(folder: Path, tokenizer_dir: Path, scale: float = 0.1):
+    """A tiny random transformers CLIPModel (image tower CLIP_VISION) with the tiny tokenizer, saved in `folder` as
+    a metric network's folder; returns the model and tokenizer."""
+    import shutil
+
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    from conftest import _randomize
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    text = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=CLIP_VISION, projection_dim=16)).eval()
+    _randomize(clip, scale)
+    clip.save_pretrained(folder)
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tokenizer_dir / name, folder / name)
+    return clip, tokenizer
+
+
 @pytest.fixture(scope="module")
 def metric_weights(tmp_path_factory, tiny_tokenizer_dir):
     """A --weights folder: both Inceptions (random), a CLIP image tower, a CLIP model with tokenizer, CSD."""
-    import shutil
-
     import torch
     from safetensors.numpy import save_file
     from test_clip_vision import csd_checkpoint
     from test_inception import torch_state
-    from transformers import (CLIPConfig, CLIPModel, CLIPTokenizer, CLIPVisionConfig,
-                              CLIPVisionModelWithProjection)
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from conftest import _randomize
     from nsync_jax.convert import convert_csd
@@ -111,16 +130,7 @@ def metric_weights(tmp_path_factory, tiny_tokenizer_dir):
     vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VISION, projection_dim=24)).eval()
     _randomize(vision)
     vision.save_pretrained(folder / "clip-vit-large-patch14-336")
-    tokenizer = CLIPTokenizer.from_pretrained(tiny_tokenizer_dir)
-    text = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
-    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=CLIP_VISION, projection_dim=16)).eval()
-    _randomize(clip)
-    clip.save_pretrained(folder / "clip-vit-large-patch14")
-    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(tiny_tokenizer_dir / name, folder / "clip-vit-large-patch14" / name)
+    clip, tokenizer = save_tiny_clip(folder / "clip-vit-large-patch14", tiny_tokenizer_dir)
     fixture = np.load(Path(__file__).parent / "fixtures" / "openai_clip_tiny.npz")
     convert_csd(csd_checkpoint(fixture, folder / "csd.pth"), folder / "csd")
     return folder, vision, clip, tokenizer

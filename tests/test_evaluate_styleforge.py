@@ -4,7 +4,6 @@ pytorch-fid's input for FID, KID with the real images resized to 512 first, and 
 from __future__ import annotations
 
 import hashlib
-import shutil
 
 import numpy as np
 import pytest
@@ -13,8 +12,6 @@ from PIL import Image
 from nsync_jax import evaluate, metrics
 from nsync_jax.errors import UserError
 
-CLIP_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, patch_size=8,
-                   image_size=32)
 LONG = "a raccoon wearing formal clothes, wearing a tophat and holding a cane, in the style of Hokusai"
 # Prompt stem -> (prompt, images of it): "p3" repeats p0's text but is a prompt of its own (as prompt.txt repeats
 # "a girl"); "p2" is longer than 77 characters, so StyleForge's CLIP script skips it.
@@ -32,24 +29,13 @@ def weights_dir(tmp_path_factory, tiny_tokenizer_dir):
     """--weights with the FID Inception (random) and a tiny random CLIP under the ViT-B/16 name."""
     import torch
     from safetensors.numpy import save_file
+    from test_evaluate import save_tiny_clip
     from test_inception import torch_state
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    from conftest import _randomize
 
     folder = tmp_path_factory.mktemp("weights")
     save_file(torch_state("fid"), folder / "inception-fid.safetensors")
     torch.manual_seed(3)
-    tokenizer = CLIPTokenizer.from_pretrained(tiny_tokenizer_dir)
-    text = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
-    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=CLIP_VISION, projection_dim=16)).eval()
-    _randomize(clip, 0.3)
-    clip.save_pretrained(folder / "clip-vit-base-patch16")
-    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(tiny_tokenizer_dir / name, folder / "clip-vit-base-patch16" / name)
+    clip, tokenizer = save_tiny_clip(folder / "clip-vit-base-patch16", tiny_tokenizer_dir, 0.3)
     return folder, clip, tokenizer
 
 
