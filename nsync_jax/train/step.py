@@ -90,8 +90,8 @@ def denoise(spec: StepSpec, group_params, frozen, ids, mean, logvar, group_keys,
             return text_encoder_of(params)(inputs_embeds=embed(params, ids), clip_skip=spec.clip_skip), None
         names = SDXLConditioner.encoders
         encoders = [nnx.merge(spec.graphdefs[name], *trainable.module_states(name, params, frozen)) for name in names]
-        context, pooled = encode_prompt(*encoders, ids[:, 0], ids[:, 1],
-                                        extra_token_rows=tuple(params[name] for name in names),
+        rows = tuple(trainable.encoder_rows(params, name) for name in names)  # None: only the table's rows
+        context, pooled = encode_prompt(*encoders, ids[:, 0], ids[:, 1], extra_token_rows=rows,
                                         clip_skip=spec.clip_skip)
         time_ids = jnp.broadcast_to(jnp.asarray(spec.time_ids, jnp.float32), (len(pooled), len(spec.time_ids)))
         return context, {"text_embeds": pooled.astype(spec.compute_dtype), "time_ids": time_ids}

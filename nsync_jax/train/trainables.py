@@ -68,6 +68,10 @@ class Trainable:
         """The input embeddings of token ids `ids` with the text encoder's `table` (`trained`: one copy)."""
         return tokens.embed_tokens(table, jnp.zeros((0, table.shape[-1]), table.dtype), ids)
 
+    def encoder_rows(self, trained, name: str) -> jax.Array | None:
+        """The learned token rows of SDXL text encoder `name` in `trained` (one copy), or None: no rows."""
+        return None
+
     def branch_params(self, trained, count: int):
         """One copy of what is trained per branch of a fused prediction (DreamArtist's negative and positive
         prompts), stacked on a leading axis: the same copy for each, unless a trainable keeps weights per branch."""
@@ -217,6 +221,9 @@ class SDXLEmbeddings(Embeddings):
         rows = {name: self.add_words(getattr(pipe, name), getattr(pipe, tokenizer), config, method)
                 for name, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))}
         return *split_frozen(pipe, dict.fromkeys((*names, "text_encoder_2"))), rows
+
+    def encoder_rows(self, trained, name):
+        return trained[name]
 
     def to_host(self, trained):
         return jax.tree.map(super().to_host, trained)
