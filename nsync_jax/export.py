@@ -80,11 +80,11 @@ def write_sidecar(path: Path, metadata: dict[str, Any] | None) -> None:
 
 
 def write_diffusers_pipeline(output: Path, base: Path, modules: dict[str, Any], variant: str | None = None) -> None:
-    """A complete diffusers Stable Diffusion folder at `output`: every file of the base folder `base` (copied, not
-    linked, from a Hugging Face cache snapshot), with the weights of `unet/` and `text_encoder/` replaced by those
-    of `modules` (`{"unet": ..., "text_encoder": ...}`, NNX modules), as float32 safetensors. The base's `variant`
-    weight files (`*.fp16.safetensors`) take the plain names, so the folder loads without a variant. Written to a
-    temporary folder, then renamed: never half a folder."""
+    """A complete diffusers Stable Diffusion (or SDXL) folder at `output`: every file of the base folder `base`
+    (copied, not linked, from a Hugging Face cache snapshot), with the weights of the components in `modules`
+    (`{"unet": ..., "text_encoder": ..., "text_encoder_2": ...}`, NNX modules) replaced, as float32 safetensors.
+    The base's `variant` weight files (`*.fp16.safetensors`) take the plain names, so the folder loads without a
+    variant. Written to a temporary folder, then renamed: never half a folder."""
     output, base = Path(output), Path(base)
 
     def skip_weights(folder, names):
@@ -103,18 +103,19 @@ def write_diffusers_pipeline(output: Path, base: Path, modules: dict[str, Any], 
 
 # The weight file of each component in a diffusers folder.
 WEIGHT_FILES = {"vae": "diffusion_pytorch_model.safetensors", "unet": "diffusion_pytorch_model.safetensors",
-                "text_encoder": "model.safetensors"}
+                "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
 
 
 def write_module_weights(folder: Path, name: str, module) -> None:
     """Component `name`'s weights (an NNX module) as `folder/<its weight file>`: float32 safetensors under the
-    names diffusers and transformers read (`text_model.` before the text encoder's)."""
+    names diffusers and transformers read (`text_model.` before a text encoder's, except SDXL's `text_projection`,
+    which transformers' `CLIPTextModelWithProjection` keeps beside `text_model`)."""
     from safetensors.numpy import save_file
 
     from nsync_jax.weights import module_state_dict
 
     state = module_state_dict(module)
-    if name == "text_encoder":  # transformers' CLIPTextModel keeps its weights under text_model.
-        state = {f"text_model.{k}": v for k, v in state.items()}
+    if name.startswith("text_encoder"):  # transformers' CLIPTextModel keeps its weights under text_model.
+        state = {k if k.startswith("text_projection.") else f"text_model.{k}": v for k, v in state.items()}
     save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(Path(folder) / WEIGHT_FILES[name]),
               metadata={"format": "pt"})

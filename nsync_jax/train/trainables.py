@@ -11,8 +11,8 @@ trains only the UNet's normalisation layers).
 - `lora`: `nnx.LoRAParam` adapters that `lora.add_lora` puts on the targeted linear layers. With a method that
   fuses branches (`Method.lora_branches`: DreamArtist++) it is `BranchedLoRA`: the method's words and one set
   of adapters per branch.
-- `full`: every `nnx.Param` of the UNet (and of the text encoder with `full.train_text_encoder`), with float32
-  master copies split over `fsdp` like frozen weights.
+- `full`: every `nnx.Param` of the UNet (and of the text encoder with `full.train_text_encoder`; on SDXL of both
+  text encoders), with float32 master copies split over `fsdp` like frozen weights.
 Weights of modules come as flat dicts `{component: {path: array}}` (`lora.flat_params`); the VAE is always frozen.
 """
 from __future__ import annotations
@@ -139,12 +139,7 @@ class Embeddings(Trainable):
     def for_model(self, sdxl, config, method):
         if not sdxl:
             return self
-        if not method.supports_sdxl:
-            raise UserError(f"config method={method.name!r} is not supported on Stable Diffusion XL yet: use "
-                            "textual_inversion or nsync")
-        if config.data.resize != "squash":  # the crops' offsets would have to enter each image's time_ids
-            raise UserError(f"config data.resize={config.data.resize!r} is not supported on Stable Diffusion XL yet: "
-                            "use 'squash' (as the released SDXL scripts)")
+        check_sdxl(config, method)
         if config.initializer_embedding:
             raise UserError("config initializer_embedding is not supported on Stable Diffusion XL yet: use "
                             "initializer_token")
@@ -164,8 +159,13 @@ class Embeddings(Trainable):
 
     def export(self, output, fmt, config, method, trained, metadata, source):
         paths = method.write_words(output, config, trained, metadata, fmt)
-        written = [f"{path} ({word.token}, {word.count} vectors)" for path, word in zip(paths, method.words(config))]
+        written = [self.describe(path, word) for path, word in zip(paths, method.words(config))]
         return f"wrote {', '.join(written)}, step {metadata['step']}"
+
+    @staticmethod
+    def describe(path: Path, word) -> str:
+        """What an exported file of `word` (`methods.Word`) holds, for the export's line."""
+        return f"{path} ({word.token}, {word.count} vectors)"
 
 
 class DecayedTableEmbeddings(Embeddings):
@@ -211,11 +211,11 @@ class DecayedTableEmbeddings(Embeddings):
 
 class SDXLEmbeddings(Embeddings):
     """Token rows on Stable Diffusion XL, as the released SDXL NSYNC and Textual Inversion scripts train them: the
-    method's word in both tokenizers and rows for both text encoders, `{"text_encoder": (n, 768),
+    method's words in both tokenizers and rows for both text encoders, `{"text_encoder": (n, 768),
     "text_encoder_2": (n, 1280)}`, each started from the initializer word's row in its own encoder. NSYNC's
-    `granularity="leaf"` projects each encoder's rows on their own (as released). Files: one safetensors with
-    `clip_l` and `clip_g` (A1111, ComfyUI, Civitai; diffusers loads each half into its encoder), for both
-    `--format diffusers` and `a1111`."""
+    `granularity="leaf"` projects each encoder's rows on their own (as released). Files: per word one safetensors
+    with `clip_l` and `clip_g` (A1111, ComfyUI, Civitai; diffusers loads each half into its encoder), named as the
+    word is called at sampling, for both `--format diffusers` and `a1111`."""
 
     def split(self, pipe, config, method, names):
         rows = {name: self.add_words(getattr(pipe, name), getattr(pipe, tokenizer), config, method)
@@ -231,15 +231,23 @@ class SDXLEmbeddings(Embeddings):
     def show(self, pipe, trained):
         pipe.extra_token_rows = tuple(self.to_host(trained[name]) for name in ("text_encoder", "text_encoder_2"))
 
-    def write_outputs(self, workdir, config, method, trained, metadata):
-        path = workdir / "learned_embeds.safetensors"
-        export.write_sdxl_embeddings(path, trained["text_encoder"], trained["text_encoder_2"], metadata=metadata)
-        return [path]
+    @staticmethod
+    def describe(path, word):
+        return (f"{path} (SDXL clip_l/clip_g, {word.count} vectors; the token is the file name: "
+                f"{Path(path).stem})")
 
-    def export(self, output, fmt, config, method, trained, metadata, source):
-        export.write_sdxl_embeddings(output, trained["text_encoder"], trained["text_encoder_2"], metadata=metadata)
-        return (f"wrote {output} (SDXL clip_l/clip_g, {config.num_vectors} vectors; the token is the file name: "
-                f"{Path(output).stem}), step {metadata['step']}")
+
+def check_sdxl(config, method) -> None:
+    """Refuses, naming the key, what no trainable supports on Stable Diffusion XL yet."""
+    if not method.supports_sdxl:
+        from nsync_jax.train import methods  # here: the methods import the step, which imports this module
+
+        *others, last = (name for name, other in methods.REGISTRY.items() if other.supports_sdxl)
+        supported = f"{', '.join(others)} or {last}"
+        raise UserError(f"config method={method.name!r} is not supported on Stable Diffusion XL yet: use {supported}")
+    if config.data.resize != "squash":  # the crops' offsets would have to enter each image's time_ids
+        raise UserError(f"config data.resize={config.data.resize!r} is not supported on Stable Diffusion XL yet: "
+                        "use 'squash' (as the released SDXL scripts)")
 
 
 def split_frozen(pipe, names) -> tuple[dict, dict]:
@@ -257,13 +265,15 @@ def split_frozen(pipe, names) -> tuple[dict, dict]:
 @dataclasses.dataclass(frozen=True, eq=False)
 class ModuleWeights(Trainable):
     """The variables of the trained modules that `selected` picks (an NNX filter); `modules(config)` names the
-    modules trained. `full` is every `nnx.Param`; another filter gives another trainable."""
+    modules trained. `full` is every `nnx.Param`; another filter gives another trainable. On Stable Diffusion XL
+    (`for_model`) the second text encoder is trained wherever the first is, and exports are SDXL folders."""
 
     name: str
     modules: Callable[[Any], tuple[str, ...]]
     selected: Any = nnx.Param
     sharded: bool = True  # split over `fsdp` (a replicated copy when mesh.fsdp is 1); False: small, replicated
     load_dtype: Any = jnp.float32
+    sdxl: bool = False  # the variant for a Stable Diffusion XL model
     checkpoint_key = "params"
     norm_metric = "param_norm"
     trains_modules = True
@@ -281,11 +291,28 @@ class ModuleWeights(Trainable):
         """Whether this trainable learns `method`'s words along with the module weights."""
         return False
 
+    def for_model(self, sdxl, config, method):
+        if not sdxl:
+            return self
+        check_sdxl(config, method)
+        if config.train.max_timestep:  # the previews' base model would share text_encoder_2 with the trained one
+            raise UserError(f"config train.max_timestep={config.train.max_timestep} is not supported with "
+                            f"trainable={self.name!r} on Stable Diffusion XL yet: use 0")
+        return dataclasses.replace(self, sdxl=True)
+
+    def trained_modules(self, config) -> tuple[str, ...]:
+        """The modules trained: `modules(config)`, on SDXL with `text_encoder_2` where `text_encoder` is trained
+        (as diffusers' SDXL scripts train both encoders with `--train_text_encoder`)."""
+        names = self.modules(config)
+        return (*names, "text_encoder_2") if self.sdxl and "text_encoder" in names else names
+
     def prepare(self, module: nnx.Module, name: str, config, key: jax.Array) -> None:
         """Changes a module before it is split (LoRA: puts the adapters on it)."""
 
     def split(self, pipe, config, method, names):
-        trained_names = self.modules(config)
+        trained_names = self.trained_modules(config)
+        if self.sdxl:  # the step reads both text encoders (after the others: the others' init keys stay)
+            names = tuple(dict.fromkeys((*names, "text_encoder_2")))
         # Initialisation of new variables has its own stream, apart from the steps' fold_in(key(seed), step).
         init_key = jax.random.fold_in(jax.random.key(config.train.seed), 0x4C6F5241)
         graphdefs, frozen, trained = {}, {}, {}
@@ -324,7 +351,7 @@ class ModuleWeights(Trainable):
 
         pipe = load_pipeline(config.model, revision=config.model_revision or None,
                              variant=config.model_variant or None,
-                             model_config=config.model_config or None, vae=config.vae or None)
+                             model_config=config.model_config or None, vae=config.vae or None, allow_sdxl=self.sdxl)
         modules = {name: pipe.modules()[name] for name in trained}
         self.merge(modules, trained, config, source)
         if config.vae:  # the folder carries the VAE the run used (a drop-in: the base's vae/config.json fits)

@@ -41,7 +41,9 @@ class Method:
     # lora each has adapters of its own, written to `lora<suffix>.safetensors` (DreamArtist++).
     lora_branches: tuple[tuple[str, str], ...] = ()
     contrastive = False  # True: a step also draws each positive's negative and an anchor (NSYNC's groups)
-    supports_sdxl = False  # True: trains token rows on Stable Diffusion XL (`trainables.SDXLEmbeddings`)
+    # True: runs on Stable Diffusion XL (token rows of both encoders, `trainables.SDXLEmbeddings`, or module weights
+    # with `trainables.ModuleWeights.for_model`): its data and gradients have nothing SD 1.x/2.x-specific.
+    supports_sdxl = False
 
     def check_config(self, config: ml_collections.ConfigDict) -> None:
         """Raises UserError naming the first of this method's settings that is invalid."""
@@ -73,14 +75,21 @@ class Method:
                             f"({config.num_vectors}, {table.shape[1]})")
         return rows
 
-    def write_words(self, path: Path, config, rows: np.ndarray, metadata: dict, fmt: str) -> list[Path]:
+    def write_words(self, path: Path, config, rows, metadata: dict, fmt: str) -> list[Path]:
         """Writes each learned word in its own file: the first at `path`, the others at `<stem><suffix>.<ext>`
-        next to it. Returns the files written."""
+        next to it. Returns the files written. `rows`: the trained matrix, or on SDXL each encoder's
+        `{"text_encoder": ..., "text_encoder_2": ...}`, written as one clip_l/clip_g file per word in either
+        format (the file's name is the word)."""
         written, first = [], 0
         for word in self.words(config):
             target = export.sibling_path(Path(path), word.suffix)
-            export.write_embeddings(target, word.token, rows[first:first + word.count], fmt=fmt,
-                                    metadata=dict(metadata, token=word.token, num_vectors=word.count))
+            select = lambda x, first=first, count=word.count: x[first:first + count]
+            word_metadata = dict(metadata, token=word.token, num_vectors=word.count)
+            if isinstance(rows, dict):
+                export.write_sdxl_embeddings(target, select(rows["text_encoder"]), select(rows["text_encoder_2"]),
+                                             metadata=word_metadata)
+            else:
+                export.write_embeddings(target, word.token, select(rows), fmt=fmt, metadata=word_metadata)
             written.append(target)
             first += word.count
         return written

@@ -5,6 +5,11 @@ gamma, the negative's through (1 - gamma). Both words are rows of one trained ma
 the optimizer treats each as the separate torch parameter it is in the released code (`configs/dreamartist_*.py`
 hold the released settings).
 
+On Stable Diffusion XL (no released code; as the released SDXL Textual Inversion script trains a word) both words
+have rows in both text encoders (`trainables.SDXLEmbeddings`), each word of each encoder its own parameter to
+the optimizer (clipped, scaled and averaged on its own); each word is written as a clip_l/clip_g file, the
+negative one as `<name>-neg.safetensors`, its token `<name>-neg` at sampling.
+
 DreamArtist++ (`trainable="lora"`, HCP-Diffusion's `cfgs/train/examples/DreamArtist++.yaml` and
 `doc/guide_DA.md`; `configs/dreamartist_plus_sd15.py`): the two words, plus LoRA adapters of each branch on
 the same layers, the negative prompts' UNet and text encoder running with the negative adapters and the
@@ -84,7 +89,8 @@ def dreamartist_losses(spec: StepSpec, da: DreamArtistSpec, trained, frozen, bat
 
     Args:
       trained: the rows `(num_positive_vectors + num_negative_vectors, width)`, the positive word's then the
-        negative's; with trainable lora, `{"rows": rows, "negative": adapters, "positive": adapters}`.
+        negative's (on SDXL such rows per text encoder, `{"text_encoder": ..., "text_encoder_2": ...}`); with
+        trainable lora, `{"rows": rows, "negative": adapters, "positive": adapters}`.
       batch: ids `(2, batch, tokens)`, the negative word's prompts then the positive word's (as released);
         mean, logvar `(1, batch, h, w, c)`; with reconstruction, pixels `(1, batch, H, W, 3)` in [-1, 1]; with
         attention masks, weights `(1, batch, h, w)` of the squared error.
@@ -121,9 +127,10 @@ def dreamartist_gradients(spec: StepSpec, da: DreamArtistSpec, trained, frozen, 
     """The gradient of DreamArtist's loss on what is trained, no extra optimizer arguments, and metrics."""
     (loss, parts), grads = jax.value_and_grad(dreamartist_losses, argnums=2, has_aux=True)(
         spec, da, trained, frozen, batch, key)
-    with_adapters = isinstance(grads, dict)  # trainable lora: {"rows", "negative", "positive"}
+    with_adapters = spec.trainable.trains_modules  # trainable lora: {"rows", "negative", "positive"}
     rows = grads["rows"] if with_adapters else grads
-    positive, negative = rows[:da.num_positive_vectors], rows[da.num_positive_vectors:]
+    positive, negative = (jax.tree.map(lambda x: x[part], rows)  # SDXL: both encoders' rows of the word
+                          for part in (slice(None, da.num_positive_vectors), slice(da.num_positive_vectors, None)))
     metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(positive),
                "negative_grad_norm": optax.tree.norm(negative)}
     if with_adapters:
@@ -135,6 +142,7 @@ class DreamArtist(Method):
     name = "dreamartist"
     token_rows_only = True  # its negative word is learned token rows
     lora_branches = LORA_BRANCHES  # trainable lora: DreamArtist++
+    supports_sdxl = True
 
     def check_config(self, config):
         da = config.dreamartist
