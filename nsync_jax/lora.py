@@ -13,17 +13,21 @@ trainer selects the adapters with the NNX filter `nnx.LoRAParam` (`nnx.split(mod
 everything else stays frozen.
 
 Files: `lora_state_dict` writes one of two key layouts, both of which diffusers' `load_lora_weights` reads
-for Stable Diffusion 1.x/2.x:
+for Stable Diffusion 1.x/2.x and XL:
 
   diffusers  peft-style `unet.<module>.lora_A.weight` `(rank, in)`, `unet.<module>.lora_B.weight` `(out, rank)`,
-             `text_encoder.text_model.<module>...`; diffusers gives a file without alphas the scale 1, so
-             alpha/rank is folded into lora_B.
+             `text_encoder.text_model.<module>...` (SDXL's second encoder: `text_encoder_2.text_model.<module>`,
+             its projection `text_encoder_2.text_projection`); diffusers gives a file without alphas the scale 1,
+             so alpha/rank is folded into lora_B.
   kohya      kohya-ss's, which A1111 and ComfyUI read: `lora_unet_<module>.lora_down.weight` `(rank, in)`,
              `.lora_up.weight` `(out, rank)` and a scalar `.alpha`, text encoder `lora_te_text_model_<module>`;
              `<module>` is the diffusers module path with `_` for `.` (kohya trains SD 1.x on diffusers' UNet).
+             SDXL files name the encoders `lora_te1_`, `lora_te2_`, and the UNet's layers as in the SGM UNet kohya
+             trains SDXL on (`input_blocks.4.1.transformer_blocks.0.attn1.to_q` for diffusers'
+             `down_blocks.1.attentions.0...`: `sgm_module_path`).
 
 `read_lora_file` and `merge_lora` fold either into plain weights (W + alpha/rank B A; alpha = rank when a
-module has no `.alpha`).
+module has no `.alpha`); a kohya UNet name may be either model's (diffusers' or SGM's).
 """
 from __future__ import annotations
 
@@ -39,9 +43,12 @@ from nsync_jax.errors import UserError
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' attention projections
 FEED_FORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2")  # the transformer blocks' GEGLU input and output
-# The prefix of each component's keys in a diffusers LoRA file (transformers' CLIP keeps `text_model.`).
-FILE_PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder.text_model."}
-KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_text_model_"}
+# The prefix of each component's keys in a diffusers LoRA file; a text encoder's module follows `text_model.`
+# (`text_module_name`).
+FILE_PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder.", "text_encoder_2": "text_encoder_2."}
+# kohya's: SD 1.x/2.x's text encoder is `lora_te_`, SDXL's two are `lora_te1_` and `lora_te2_`.
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+KOHYA_SDXL_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 _LINEAR_ATTRIBUTES = ("in_features", "out_features", "use_bias", "dtype", "param_dtype", "precision",
                       "dot_general", "promote_dtype", "preferred_element_type")
 
@@ -143,10 +150,50 @@ def nested_params(flat: dict) -> dict:
 # LoRA files (diffusers and kohya layouts).
 # ------------------------------------------------------------------------------------------------------------
 
-def lora_state_dict(params: dict[str, dict[str, np.ndarray]], alpha: float,
-                    layout: str = "diffusers") -> dict[str, np.ndarray]:
+def text_module_name(module: str) -> str:
+    """A text encoder layer's name in transformers' state dict: under `text_model.`, except SDXL's
+    `text_projection`, which `CLIPTextModelWithProjection` keeps beside it."""
+    return module if module.split(".")[0] == "text_projection" else "text_model." + module
+
+
+# The SGM UNet's names of diffusers' linear layers outside the blocks, and of a resnet's one linear layer.
+_SGM_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+            "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+_SGM_RESNET = {"time_emb_proj": "emb_layers.1"}
+_BLOCK_LAYER = re.compile(r"^(?P<level>down_blocks|mid_block|up_blocks)\.(?:(?P<block>\d+)\.)?"
+                          r"(?P<kind>resnets|attentions)\.(?P<index>\d+)\.(?P<rest>.+)$")
+
+
+def sgm_module_path(path: str, layers_per_block: tuple[int, ...]) -> str | None:
+    """The name of the diffusers UNet's linear layer `path` in the SGM (LDM) UNet, which kohya trains SDXL on
+    and whose `input_blocks`, `middle_block` and `output_blocks` number a level's resnets and attentions
+    together: diffusers' `down_blocks.1.attentions.0.<rest>` is `input_blocks.4.1.<rest>` with 2 layers per block.
+    `layers_per_block`: the UNet's, per down block. None where the SGM UNet has no such linear layer."""
+    if path in _SGM_TOP:
+        return _SGM_TOP[path]
+    match = _BLOCK_LAYER.match(path)
+    if not match or (match["level"] == "mid_block") == bool(match["block"]):
+        return None
+    level, kind, index, rest = match["level"], match["kind"], int(match["index"]), match["rest"]
+    if kind == "resnets":
+        if rest not in _SGM_RESNET:
+            return None
+        rest = _SGM_RESNET[rest]
+    if level == "mid_block":
+        position = {("resnets", 0): 0, ("attentions", 0): 1, ("resnets", 1): 2}.get((kind, index))
+        return None if position is None else f"middle_block.{position}.{rest}"
+    block, inner = int(match["block"]), 0 if kind == "resnets" else 1
+    if level == "down_blocks":  # input_blocks.0 is conv_in; each level is its layers, then a downsampler
+        return f"input_blocks.{1 + sum(n + 1 for n in layers_per_block[:block]) + index}.{inner}.{rest}"
+    # Each up level has one layer more than its down level (the last one holds the upsampler too).
+    return f"output_blocks.{sum(n + 1 for n in layers_per_block[::-1][:block]) + index}.{inner}.{rest}"
+
+
+def lora_state_dict(params: dict[str, dict[str, np.ndarray]], alpha: float, layout: str = "diffusers",
+                    sdxl_layers_per_block: tuple[int, ...] | None = None) -> dict[str, np.ndarray]:
     """The file keys, in layout "diffusers" or "kohya" (see the module docstring), of trained adapters
-    `{component: {"<module>.lora_down": (in, r), ...}}` whose scale is alpha / r (r: each adapter's rank)."""
+    `{component: {"<module>.lora_down": (in, r), ...}}` whose scale is alpha / r (r: each adapter's rank).
+    `sdxl_layers_per_block`: an SDXL model's UNet `layers_per_block`, for kohya's SDXL names; None for SD 1.x/2.x."""
     state = {}
     for component, flat in params.items():
         for key, down in flat.items():
@@ -155,29 +202,38 @@ def lora_state_dict(params: dict[str, dict[str, np.ndarray]], alpha: float,
             module = key.removesuffix(".lora_down")
             down = np.ascontiguousarray(np.asarray(down, np.float32).T)
             up = np.ascontiguousarray(np.asarray(flat[module + ".lora_up"], np.float32).T)
+            name = module if component == "unet" else text_module_name(module)
             if layout == "diffusers":
-                prefix = FILE_PREFIXES[component] + module
+                prefix = FILE_PREFIXES[component] + name
                 state[prefix + ".lora_A.weight"] = down
                 state[prefix + ".lora_B.weight"] = up * np.float32(alpha / down.shape[0])
+                continue
+            if sdxl_layers_per_block is None:
+                prefix = KOHYA_PREFIXES[component] + name.replace(".", "_")
             else:
-                prefix = KOHYA_PREFIXES[component] + module.replace(".", "_")
-                state[prefix + ".lora_down.weight"], state[prefix + ".lora_up.weight"] = down, up
-                state[prefix + ".alpha"] = np.asarray(alpha, np.float32)
+                if component == "unet":
+                    name = sgm_module_path(module, sdxl_layers_per_block)
+                    if name is None:
+                        raise UserError(f"the UNet's layer {module!r} has no name in kohya's SDXL layout (its SGM "
+                                        "UNet): export with --format diffusers-lora")
+                prefix = KOHYA_SDXL_PREFIXES[component] + name.replace(".", "_")
+            state[prefix + ".lora_down.weight"], state[prefix + ".lora_up.weight"] = down, up
+            state[prefix + ".alpha"] = np.asarray(alpha, np.float32)
     return state
 
 
 # A down matrix's key in each layout read: diffusers/peft, diffusers' older `lora.down`, kohya; and its up key.
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<down>lora_A|lora\.down|lora_down)\.weight$")
 _UP = {"lora_A": "lora_B", "lora.down": "lora.up", "lora_down": "lora_up"}
-# Key prefixes per component, the first that matches wins (diffusers files may lack `text_model.`).
-_READ_PREFIXES = [(component, prefix) for prefixes in (FILE_PREFIXES, KOHYA_PREFIXES)
-                  for component, prefix in prefixes.items()] + [("text_encoder", "text_encoder.")]
+# Key prefixes per component in either layout (SD's and SDXL's kohya names).
+_READ_PREFIXES = [(component, prefix) for prefixes in (FILE_PREFIXES, KOHYA_PREFIXES, KOHYA_SDXL_PREFIXES)
+                  for component, prefix in prefixes.items()]
 
 
 def read_lora_file(path: Path) -> dict[str, dict[str, np.ndarray]]:
     """The weight deltas of a LoRA file (either layout): `{component: {module: delta kernel (in, out)}}`, in
     Flax layout (delta = alpha/rank B A, transposed); `module` is this project's module path (kohya files:
-    with `_` for `.`, which `merge_lora` matches)."""
+    with `_` for `.`, and SGM names for an SDXL UNet, which `merge_lora` matches)."""
     from nsync_jax.weights import read_state_dict
 
     return read_lora_state(read_state_dict(Path(path)), source=path)
@@ -186,7 +242,7 @@ def read_lora_file(path: Path) -> dict[str, dict[str, np.ndarray]]:
 def read_lora_state(state: dict[str, np.ndarray], source: Path | str) -> dict[str, dict[str, np.ndarray]]:
     """`read_lora_file` for a state dict already read."""
     path = source
-    deltas: dict[str, dict[str, np.ndarray]] = {"unet": {}, "text_encoder": {}}
+    deltas: dict[str, dict[str, np.ndarray]] = {component: {} for component in FILE_PREFIXES}
     used = set()
     for key in state:
         match = _KEY.match(key)
@@ -201,10 +257,13 @@ def read_lora_state(state: dict[str, np.ndarray], source: Path | str) -> dict[st
         alpha = float(np.asarray(state[name + ".alpha"])) if name + ".alpha" in state else rank
         for component, prefix in _READ_PREFIXES:
             if name.startswith(prefix):
-                deltas[component][name.removeprefix(prefix)] = ((alpha / rank) * (up @ down)).T
+                module = name.removeprefix(prefix)
+                if component != "unet":  # diffusers files may lack `text_model.`
+                    module = re.sub(r"^text_model[._]", "", module)
+                deltas[component][module] = ((alpha / rank) * (up @ down)).T
                 break
         else:
-            raise UserError(f"{path}: LoRA key {key!r} is not for the unet or the text_encoder")
+            raise UserError(f"{path}: LoRA key {key!r} is not for the unet or a text encoder")
         used.update({key, up_key, name + ".alpha"})
     unexpected = sorted(set(state) - used)
     if unexpected:
@@ -216,6 +275,18 @@ def read_lora_state(state: dict[str, np.ndarray], source: Path | str) -> dict[st
     return deltas
 
 
+def _linears_by_name(component: str, module: nnx.Module) -> dict[str, nnx.Linear]:
+    """The linear layers of `module` by module path with `_` for `.`, which matches both layouts' names (no two
+    layers differ only there); a UNet's also by their SGM names (kohya's SDXL files)."""
+    linears = {}
+    for path, m in nnx.iter_modules(module):
+        if isinstance(m, nnx.Linear):
+            dotted = ".".join(map(str, path))
+            names = [dotted, sgm_module_path(dotted, module.config.layers_per_block) if component == "unet" else None]
+            linears.update({name.replace(".", "_"): m for name in names if name})
+    return linears
+
+
 def merge_lora(modules: dict[str, nnx.Module], deltas: dict[str, dict[str, np.ndarray]], scale: float = 1.0,
                source: Path | str = "LoRA file") -> None:
     """Adds `scale * delta` to each targeted linear kernel of `modules` (`{"unet": ..., "text_encoder": ...}`),
@@ -223,9 +294,10 @@ def merge_lora(modules: dict[str, nnx.Module], deltas: dict[str, dict[str, np.nd
     for component, per_module in deltas.items():
         if not per_module:
             continue
-        # Keyed with `_` for `.`, which matches both layouts' module names (no two layers differ only there).
-        linears = {"_".join(map(str, path)): m for path, m in nnx.iter_modules(modules[component])
-                   if isinstance(m, nnx.Linear)}
+        if component not in modules:
+            raise UserError(f"{source}: holds LoRA weights for a {component}, which the model has not (an SDXL "
+                            "LoRA on Stable Diffusion 1.x/2.x?)")
+        linears = _linears_by_name(component, modules[component])
         for name, delta in per_module.items():
             if name.replace(".", "_") not in linears:
                 raise UserError(f"{source}: the {component} has no linear layer {name!r}")
@@ -259,7 +331,8 @@ def read_lora_metadata(path: Path) -> dict:
 
 
 def write_lora_file(path: Path, params: dict[str, dict[str, np.ndarray]], alpha: float,
-                    metadata: dict | None = None, layout: str = "diffusers") -> None:
+                    metadata: dict | None = None, layout: str = "diffusers",
+                    sdxl_layers_per_block: tuple[int, ...] | None = None) -> None:
     """Writes trained adapters as a LoRA `.safetensors` in `layout` (see `lora_state_dict`), atomically;
     `metadata` goes into the file's header as JSON under `nsync_jax`."""
     import json
@@ -268,7 +341,7 @@ def write_lora_file(path: Path, params: dict[str, dict[str, np.ndarray]], alpha:
 
     from nsync_jax.files import atomic_write
 
-    state = lora_state_dict(params, alpha, layout)
+    state = lora_state_dict(params, alpha, layout, sdxl_layers_per_block)
     header = {"format": "pt", "nsync_jax": json.dumps(metadata or {}, sort_keys=True)}
     atomic_write(Path(path), lambda tmp: save_file(state, str(tmp), metadata=header))
 

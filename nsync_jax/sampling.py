@@ -35,7 +35,6 @@ from nsync_jax.lora import merge_lora, read_lora_file, recorded_handoff
 from nsync_jax.models.vae import AutoencoderKL
 from nsync_jax.pipeline import Pipeline, load_pipeline
 from nsync_jax.schedulers import make_sampler
-from nsync_jax.sdxl import StableDiffusionXL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,8 +324,6 @@ def load_for_sampling(model: str | Path, *, embeddings: Sequence[Path] = (), lor
         return loaded
 
     pipe = load_with_embeddings()
-    if lora_files and isinstance(pipe, StableDiffusionXL):
-        raise UserError(f"{lora_files[0]}: LoRA files (--lora, --negative-lora) are not supported on SDXL yet")
     base = load_with_embeddings() if handoff_timestep else None  # the LoRA weights stay out of it
     for path in lora_files:
         merge_lora(pipe.modules(), read_lora_file(path), lora_scale, source=path)

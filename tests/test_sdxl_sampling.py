@@ -213,7 +213,7 @@ def test_sample_cli_draws_as_generate_and_refuses_what_sdxl_lacks(sdxl_dir, sd1_
     save_file({"lora_unet_x.alpha": np.ones((), np.float32)}, str(tmp_path / "lora.safetensors"))
     for model, flags, message in (
             (sdxl_dir, ("--lora", tmp_path / "lora.safetensors"),
-             "(--lora, --negative-lora) are not supported on SDXL yet"),
+             "lora.safetensors: unexpected key 'lora_unet_x.alpha'"),
             (sd1_dir, ("--original-size", 64, 64), "--original-size is SDXL's micro-conditioning; .* 1.x/2.x"),
             (sdxl_dir, ("--guidance", 1.0, "--guidance-rescale", 0.7), "--guidance-rescale must be in [0, 1] and "
                                                                        "needs --guidance above 1")):

@@ -120,7 +120,6 @@ def test_leaf_projection_refines_each_encoders_gradient_on_its_own(sdxl_dir, sty
 @pytest.mark.parametrize("override, key", [
     (dict(method="styleforge", trainable="full", data__negatives="", styleforge__generate_aux=1),
      "method='styleforge' is not supported on Stable Diffusion XL yet: use textual_inversion, nsync or dreamartist"),
-    (dict(trainable="lora"), "trainable='lora'"),
     (dict(train__weight_decay_scope="table"), "train.weight_decay_scope='table'"),
     (dict(data__resize="center_crop"), "data.resize='center_crop'"),
 ])

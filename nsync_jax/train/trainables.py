@@ -367,7 +367,8 @@ def _unet_and(config_flag: Callable[[Any], bool]) -> Callable[[Any], tuple[str, 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LoRA(ModuleWeights):
     """Low-rank adapters (`lora.add_lora`) on `lora.targets` of the UNet, and on the text encoder's attention
-    projections with `lora.text_encoder`; small, so replicated."""
+    projections with `lora.text_encoder` (on SDXL both encoders', as diffusers' SDXL LoRA script with
+    `--train_text_encoder`); small, so replicated. Files: `lora.lora_state_dict`'s layouts, SDXL's included."""
 
     name: str = "lora"
     modules: Callable = _unet_and(lambda config: config.lora.text_encoder)
@@ -429,8 +430,23 @@ class LoRA(ModuleWeights):
     def export(self, output, fmt, config, method, trained, metadata, source):
         if fmt not in export.LORA_FORMATS:
             return super().export(output, fmt, config, method, trained, metadata, source)
-        lora.write_lora_file(output, trained, config.lora.alpha, metadata=metadata, layout=export.LORA_FORMATS[fmt])
+        layout = export.LORA_FORMATS[fmt]
+        lora.write_lora_file(output, trained, config.lora.alpha, metadata=metadata, layout=layout,
+                             sdxl_layers_per_block=self.sdxl_layers_per_block(config) if layout == "kohya" else None)
         return f"wrote {output} (LoRA rank {lora_rank(config)}, {', '.join(trained)}), step {metadata['step']}"
+
+    def sdxl_layers_per_block(self, config) -> tuple[int, ...] | None:
+        """The `layers_per_block` of an SDXL base model's UNet, by which kohya's SDXL files number its layers (from
+        its unet/config.json, no weights read); None on SD 1.x/2.x."""
+        if not self.sdxl:
+            return None
+        from nsync_jax import sources, weights
+        from nsync_jax.models.unet import UNetConfig
+
+        folder = sources.resolve_model(config.model, revision=config.model_revision or None,
+                                       variant=config.model_variant or None, model_config=config.model_config or None)
+        path = folder / "unet" / "config.json"
+        return UNetConfig.from_dict(weights.read_json(path), path).layers_per_block
 
 
 def lora_rank(config) -> int | float:
@@ -450,6 +466,12 @@ class BranchedLoRA(LoRA):
     export_formats = (*export.FORMATS, *export.LORA_FORMATS)
 
     def configured(self, config):
+        return self
+
+    def for_model(self, sdxl, config, method):
+        if sdxl:  # its words' rows would need both SDXL encoders' (as `SDXLEmbeddings`)
+            raise UserError(f"config trainable='lora' with method={method.name!r} (adapters per branch and learned "
+                            "words, DreamArtist++) is not supported on Stable Diffusion XL yet")
         return self
 
     @property
