@@ -63,6 +63,13 @@ class TextConditioner:
         """`(context, added_cond)` for the UNet; SD has no added conditioning and no `extras`."""
         return encode_text(encoders["text_encoder"], extra_token_rows, ids, clip_skip=self.clip_skip), None
 
+    def from_embeds(self, encoders: dict[str, CLIPTextModel], embeds, ids, extras: dict) -> tuple[jax.Array, None]:
+        """`(context, None)` from the text encoder's input embeddings `embeds[0]` (the training step's, embedded by
+        what is trained); an SD UNet has no micro-conditioning, so `extras` must be empty."""
+        if extras:
+            raise ValueError(f"{', '.join(extras)}: SDXL's conditioning; a Stable Diffusion 1.x/2.x UNet takes none")
+        return encoders["text_encoder"](inputs_embeds=embeds[0], clip_skip=self.clip_skip), None
+
 
 @dataclasses.dataclass
 class StableDiffusion(Pipeline):

@@ -42,9 +42,11 @@ def is_sdxl_folder(folder: Path) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class SDXLConditioner:
-    """How the sampling loop conditions an SDXL UNet on token ids (diffusers' `StableDiffusionXLPipeline`): both
-    encoders' states, the pooled embedding and `extras["time_ids"]` `(6,)`. `clip_skip` applies to the prompt
-    only; `zero_negative`: the negative branch is all zeros (diffusers' `force_zeros_for_empty_prompt`)."""
+    """How an SDXL UNet is conditioned on token ids (diffusers' `StableDiffusionXLPipeline`): both encoders' states,
+    the pooled embedding and `extras["time_ids"]`, `(6,)` for every image or `(batch, 6)` one per image. The sampling
+    loop calls it with token ids and learned rows; the training step (`from_embeds`) with the input embeddings what
+    is trained gives. `clip_skip` applies to the prompt only; `zero_negative`: the negative branch is all zeros
+    (diffusers' `force_zeros_for_empty_prompt`)."""
     clip_skip: int = 0
     zero_negative: bool = False
     encoders = ("text_encoder", "text_encoder_2")
@@ -52,8 +54,15 @@ class SDXLConditioner:
     def __call__(self, encoders: dict[str, CLIPTextModel], extra_token_rows: tuple[jax.Array, jax.Array],
                  ids: tuple[jax.Array, jax.Array], extras: dict, *, negative: bool
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        embeds, pooled = encode_prompt(encoders["text_encoder"], encoders["text_encoder_2"], *ids,
-                                       extra_token_rows=extra_token_rows, clip_skip=0 if negative else self.clip_skip)
+        embeds = embed_ids([encoders[name] for name in self.encoders], ids, extra_token_rows)
+        return self.from_embeds(encoders, embeds, ids, extras, negative=negative)
+
+    def from_embeds(self, encoders: dict[str, CLIPTextModel], embeds, ids, extras: dict, *, negative: bool = False
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """`(context, added_cond)` from each encoder's input embeddings `embeds` and token ids `ids` (in the order
+        of `encoders`; encoder 2's ids place its pooled token)."""
+        embeds, pooled = encode_embeds(encoders["text_encoder"], encoders["text_encoder_2"], *embeds, ids[1],
+                                       clip_skip=0 if negative else self.clip_skip)
         if negative and self.zero_negative:
             embeds, pooled = jnp.zeros_like(embeds), jnp.zeros_like(pooled)
         return embeds, {"text_embeds": pooled,
@@ -168,6 +177,16 @@ def _check_widths(sdxl: StableDiffusionXL) -> None:
                         f"make {pooled}")
 
 
+def embed_ids(encoders, ids, extra_token_rows=None) -> list[jax.Array]:
+    """Each encoder's input embeddings of its token ids; ids past its table select its learned rows (None: none)."""
+    embeds = []
+    for encoder, encoder_ids, rows in zip(encoders, ids, extra_token_rows or (None,) * len(encoders)):
+        table = encoder.embeddings.token_embedding.embedding[...]
+        rows = jnp.zeros((0, table.shape[1]), table.dtype) if rows is None else rows.astype(table.dtype)
+        embeds.append(tokens.embed_tokens(table, rows, encoder_ids))
+    return embeds
+
+
 def encode_prompt(text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModelWithProjection, ids: jax.Array,
                   ids_2: jax.Array, *, extra_token_rows: tuple[jax.Array, jax.Array] | None = None,
                   clip_skip: int = 0) -> tuple[jax.Array, jax.Array]:
@@ -178,16 +197,20 @@ def encode_prompt(text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModelWith
     `extra_token_rows` (learned tokens, as `pipeline.encode_text`). `clip_skip` counts layers back from the
     penultimate one, which SDXL always starts from.
     """
+    embeds = embed_ids((text_encoder, text_encoder_2), (ids, ids_2), extra_token_rows)
+    return encode_embeds(text_encoder, text_encoder_2, *embeds, ids_2, clip_skip=clip_skip)
+
+
+def encode_embeds(text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModelWithProjection, embeds: jax.Array,
+                  embeds_2: jax.Array, ids_2: jax.Array, *, clip_skip: int = 0) -> tuple[jax.Array, jax.Array]:
+    """`encode_prompt` from each encoder's input embeddings `(batch, tokens, width)`; `ids_2` places the pooled
+    token (encoder 2's end-of-text)."""
     encoders = (text_encoder, text_encoder_2)
     fewest_layers = min(len(encoder.encoder.layers) for encoder in encoders)
     if not 0 <= clip_skip < fewest_layers:
         raise UserError(f"clip_skip={clip_skip} is out of range: SDXL's text encoders have {fewest_layers} layers "
                         f"or more (use 0 to {fewest_layers - 1})")
-    states = []
-    for encoder, encoder_ids, rows in zip(encoders, (ids, ids_2), extra_token_rows or (None, None)):
-        table = encoder.embeddings.token_embedding.embedding[...]
-        rows = jnp.zeros((0, table.shape[1]), table.dtype) if rows is None else rows.astype(table.dtype)
-        states.append(encoder.hidden_states(inputs_embeds=tokens.embed_tokens(table, rows, encoder_ids)))
+    states = [encoder.hidden_states(inputs_embeds=e) for encoder, e in zip(encoders, (embeds, embeds_2))]
     prompt_embeds = jnp.concatenate([s[-(clip_skip + 2)] for s in states], axis=-1)
     pooled = text_encoder_2.text_embeds(text_encoder_2.final_layer_norm(states[1][-1]), ids_2)
     return prompt_embeds, pooled
@@ -198,3 +221,10 @@ def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
     """SDXL's micro-conditioning `(6,)` float32, as diffusers' `_get_add_time_ids`: original (height, width), crop
     (top, left), target (height, width). diffusers' defaults are the output size, (0, 0), the output size."""
     return np.asarray([*original_size, *crop_top_left, *target_size], np.float32)
+
+
+def image_time_ids(crops: np.ndarray, target_size: tuple[int, int]) -> np.ndarray:
+    """Each training image's micro-conditioning `(..., 6)` float32 from its `style_dataset.crop_record` rows
+    `(..., 4)` (original size, crop top-left) and the training size, as diffusers' SDXL training scripts."""
+    target = np.broadcast_to(np.asarray(target_size, np.float32), (*crops.shape[:-1], 2))
+    return np.concatenate([crops.astype(np.float32), target], axis=-1)

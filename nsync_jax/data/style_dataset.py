@@ -9,7 +9,9 @@
 step 5000 on one bad file; folders and captions are read by `imageio`'s rules, as every command reads them.
 Images are resized to a square of `resolution` by squashing (as the released NSYNC code does), by a centre
 crop, or by a random crop of the short-side resize (as DreamBooth / StyleForge scripts do: drawn once, seeded
-per image), and returned as float32 NHWC in [-1, 1].
+per image), and returned as float32 NHWC in [-1, 1]. Where each square came from (`crop_record`: the image's size
+and the square's top-left in the short-side resize, for it and its mirror image) is kept with it: SDXL's
+micro-conditioning reads it.
 """
 from __future__ import annotations
 
@@ -36,6 +38,10 @@ class StyleDataset:
     negatives: np.ndarray | None  # same shape, or None for Textual Inversion without negatives
     captions: tuple[str, ...]
     masks: np.ndarray | None = None  # (N, resolution, resolution) grey levels of DreamArtist's attention masks
+    # (N, 2, 4) `crop_record` of each positive and its mirror image; None: the images are given squares (the
+    # record of every one is (resolution, resolution, 0, 0)).
+    crops: np.ndarray | None = None
+    negative_crops: np.ndarray | None = None  # the same for the negatives
 
 
 def images_by_stem(folder: Path, what: str) -> dict[str, Path]:
@@ -57,20 +63,46 @@ class StyleItem:
     mask: bytes | None = None  # DreamArtist's per-image loss weights (`<stem>_att.<ext>`, grey)
 
 
+def square_crop(width: int, height: int, resolution: int, resize: str, crop_seed=None
+                ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where the training square of a `width` x `height` image lies: the size (width, height) of the image resized
+    so that its short side is `resolution` (squash: the square itself), and the square's (left, top) in it.
+    "random_crop" draws the offset from `crop_seed`; "center_crop" cuts the short side's square from the middle."""
+    if resize == "squash":
+        return (resolution, resolution), (0, 0)
+    scale = resolution / min(width, height)
+    scaled = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    if resize == "center_crop":  # the offset of the square `decode_image` cuts before resizing, scaled
+        side = min(width, height)
+        return scaled, (round((width - side) // 2 * scale), round((height - side) // 2 * scale))
+    rng = np.random.default_rng(crop_seed)
+    left = int(rng.integers(0, scaled[0] - resolution + 1))
+    return scaled, (left, int(rng.integers(0, scaled[1] - resolution + 1)))
+
+
+def crop_record(data: bytes, resolution: int, resize: str, crop_seed=None) -> np.ndarray:
+    """`(2, 4)` float32: original (height, width) and crop (top, left) of an image's training square (row 0) and of
+    its mirror image (row 1), as diffusers' SDXL training scripts record them for SDXL's micro-conditioning (the
+    size before resizing; the crop in the short-side resize, measured in the mirrored image for the mirror, as
+    their flip comes before the crop). A squashed image is recorded as a square of `resolution` cropped at
+    (0, 0), as the released SDXL NSYNC script conditions it."""
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+    (scaled_width, _), (left, top) = square_crop(width, height, resolution, resize, crop_seed)
+    original = (resolution, resolution) if resize == "squash" else (height, width)
+    return np.asarray([[*original, top, left], [*original, top, scaled_width - resolution - left]], np.float32)
+
+
 def decode_image(data: bytes, resolution: int, resize: str, mode: str = "RGB", crop_seed=None) -> np.ndarray:
     """Encoded image bytes as float32 RGB `(resolution, resolution, 3)` in [-1, 1]; `mode="L"`: grey levels
     `(resolution, resolution)` in [0, 255]. `resize`: "squash" or "center_crop" to a square, then bicubic (as
     the released NSYNC code); "random_crop": the short side to `resolution` (bilinear, as torchvision's Resize
-    in DreamBooth scripts), then a square at a random offset drawn from `crop_seed`."""
+    in DreamBooth scripts), then a square at a random offset drawn from `crop_seed` (`square_crop`)."""
     with Image.open(io.BytesIO(data)) as image:
         image = image.convert(mode)
         if resize == "random_crop":
-            scale = resolution / min(image.size)
-            image = image.resize((max(resolution, round(image.width * scale)),
-                                  max(resolution, round(image.height * scale))), Image.Resampling.BILINEAR)
-            rng = np.random.default_rng(crop_seed)
-            left = int(rng.integers(0, image.width - resolution + 1))
-            top = int(rng.integers(0, image.height - resolution + 1))
+            scaled, (left, top) = square_crop(image.width, image.height, resolution, resize, crop_seed)
+            image = image.resize(scaled, Image.Resampling.BILINEAR)
             image = image.crop((left, top, left + resolution, top + resolution))
         else:
             if resize == "center_crop":
@@ -169,8 +201,14 @@ def build_style_dataset(items: list[StyleItem], resolution: int, resize: str = "
         raise UserError(f"data.resize must be one of {RESIZE_MODES}, got {resize!r}")
     with_negatives = items[0].negative is not None
 
+    def seed_of(item):
+        return [seed, zlib.crc32(item.stem.encode())]
+
     def decode(item, data, mode="RGB"):
-        return decode_image(data, resolution, resize, mode, crop_seed=[seed, zlib.crc32(item.stem.encode())])
+        return decode_image(data, resolution, resize, mode, crop_seed=seed_of(item))
+
+    def crops(field):
+        return np.stack([crop_record(getattr(item, field), resolution, resize, seed_of(item)) for item in items])
 
     return StyleDataset(
         stems=tuple(item.stem for item in items),
@@ -180,7 +218,8 @@ def build_style_dataset(items: list[StyleItem], resolution: int, resize: str = "
         # An image without a mask weighs every pixel 1 (grey 127).
         masks=np.stack([decode(item, item.mask, mode="L") if item.mask is not None
                         else np.full((resolution, resolution), 127, np.float32) for item in items])
-        if any(item.mask is not None for item in items) else None)
+        if any(item.mask is not None for item in items) else None,
+        crops=crops("image"), negative_crops=crops("negative") if with_negatives else None)
 
 
 def load_style_dataset(images: Path, *, captions: Path | None, negatives: Path | None, resolution: int,

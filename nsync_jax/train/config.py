@@ -57,7 +57,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.data.prepared = ""
     config.data.split = "train"
     config.data.resolution = 512
-    config.data.resize = "squash"  # as the released code; or "center_crop", "random_crop" (StyleForge)
+    # "squash" as the released code (SDXL: time_ids (res, res, 0, 0, res, res), as the released SDXL scripts), or
+    # "center_crop", "random_crop" (StyleForge): on SDXL each cropped image's original size and crop top-left in its
+    # short-side resize enter its own time_ids, as diffusers' SDXL training scripts record them.
+    config.data.resize = "squash"
     config.data.flip = True  # each example mirrored at random (NSYNC); the released DreamArtist and StyleForge do not
     # "per_step": a fresh latent from each image's cached VAE posterior at every step; "once": one draw per image,
     # kept for the run (the released DreamArtist).

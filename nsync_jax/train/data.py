@@ -17,6 +17,7 @@ from nsync_jax.data import tfds_style
 from nsync_jax.data.latent_cache import mirrored_moments, sampled_once
 from nsync_jax.data.style_dataset import StyleDataset, build_style_dataset, find_style_items, mask_weights
 from nsync_jax.errors import UserError
+from nsync_jax.sdxl import StableDiffusionXL, image_time_ids
 
 # Prompts for images without captions (Textual Inversion's style templates).
 STYLE_TEMPLATES = ("a painting in the style of {}", "a rendering in the style of {}", "a picture in the style of {}",
@@ -43,6 +44,10 @@ class PreparedData:
     negative_word_ids: np.ndarray | None = None  # DreamArtist: `ids` with the negative word for the token
     loss_weights: np.ndarray | None = None  # DreamArtist's attention masks: (N, 2, h, w), the mirror second
     images: np.ndarray | None = None  # (N, H, W, 3) in [-1, 1], for DreamArtist's pixel reconstruction
+    # SDXL: the micro-conditioning (N, 2, 6) of each positive and its mirror image, indexed as `positives`
+    # (`image_time_ids`); None on SD 1.x/2.x, whose UNet has none.
+    time_ids: np.ndarray | None = None
+    negative_time_ids: np.ndarray | None = None  # the same for the negatives
 
 
 def read_style_dataset(config: ml_collections.ConfigDict, *, masks: bool = False,
@@ -81,6 +86,17 @@ def image_latents(pipe, images: np.ndarray, config) -> np.ndarray:
     return sampled_once(moments, config.train.seed) if config.data.latent_sample == "once" else moments
 
 
+def time_ids_of(pipe, images: np.ndarray, crops: np.ndarray | None) -> np.ndarray | None:
+    """SDXL's micro-conditioning `(N, 2, 6)` of images `(N, H, W, 3)` and their mirror images from their
+    `style_dataset.crop_record`s (None: squares as given, (H, W) cropped at (0, 0)); None for an SD model."""
+    if not isinstance(pipe, StableDiffusionXL):
+        return None
+    size = images.shape[1:3]
+    if crops is None:
+        crops = np.broadcast_to(np.asarray([*size, 0, 0], np.float32), (len(images), 2, 4))
+    return image_time_ids(crops, size)
+
+
 def prepare(pipe, dataset: StyleDataset, config, token: str, *, negative_word: str | None = None,
             keep_images: bool = False, negated_negatives: bool = False) -> PreparedData:
     """Prompt ids and cached posteriors (`image_latents`). `negative_word`: also the same prompts with it in
@@ -100,7 +116,10 @@ def prepare(pipe, dataset: StyleDataset, config, token: str, *, negative_word: s
         negatives=image_latents(pipe, dataset.negatives, config) if dataset.negatives is not None else None,
         captioned=any(dataset.captions), negative_word_ids=prompt_ids(negative_word) if negative_word else None,
         negative_ids=prompt_ids(token, negated=True) if negated_negatives else None,
-        loss_weights=loss_weights, images=dataset.positives if keep_images else None)
+        loss_weights=loss_weights, images=dataset.positives if keep_images else None,
+        time_ids=time_ids_of(pipe, dataset.positives, dataset.crops),
+        negative_time_ids=time_ids_of(pipe, dataset.negatives, dataset.negative_crops)
+        if dataset.negatives is not None else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,16 +151,19 @@ def draw_examples(data: PreparedData, batch_size: int, seed: int, step: int, *, 
 
 def style_batch(data: PreparedData, draw: Draw) -> dict[str, np.ndarray]:
     """ids `(groups, batch, tokens)`, mean and logvar `(groups, batch, h, w, c)`: the positives, then for a
-    contrastive draw their negatives and the anchors."""
-    groups = [(data.positives, draw.index)]
+    contrastive draw their negatives and the anchors; on SDXL each example's own `time_ids` `(groups, batch, 6)`."""
+    groups = [(data.positives, data.time_ids, draw.index)]
     if draw.anchor is not None:
-        groups += [(data.negatives, draw.index), (data.positives, draw.anchor)]
-    moments = np.stack([source[i, draw.flips[g]] for g, (source, i) in enumerate(groups)])
+        groups += [(data.negatives, data.negative_time_ids, draw.index), (data.positives, data.time_ids, draw.anchor)]
+    moments = np.stack([source[i, draw.flips[g]] for g, (source, _, i) in enumerate(groups)])
     prompt_ids = [data.ids] + ([data.ids if data.negative_ids is None else data.negative_ids, data.ids]
                                if draw.anchor is not None else [])
     if data.captioned:
-        ids = np.stack([table[i] for table, (_, i) in zip(prompt_ids, groups)])
+        ids = np.stack([table[i] for table, (_, _, i) in zip(prompt_ids, groups)])
     else:
         ids = np.stack([table[draw.template] for table in prompt_ids])
     mean, logvar = np.split(moments, 2, axis=-1)
-    return {"ids": ids, "mean": mean, "logvar": logvar}
+    batch = {"ids": ids, "mean": mean, "logvar": logvar}
+    if data.time_ids is not None:
+        batch["time_ids"] = np.stack([time_ids[i, draw.flips[g]] for g, (_, time_ids, i) in enumerate(groups)])
+    return batch

@@ -19,13 +19,19 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from nsync_jax import tokens
 from nsync_jax.models.vae import sample_posterior
+from nsync_jax.pipeline import TextConditioner
 from nsync_jax.schedulers import NoiseSchedule, add_noise, training_target
-from nsync_jax.sdxl import SDXLConditioner, encode_prompt
+from nsync_jax.sdxl import SDXLConditioner
 from nsync_jax.train import trainables
 
 # gradients(trained, frozen, batch, key) -> (gradients, extra optimizer arguments, metrics)
 Gradients = Callable[[Any, Any, dict, jax.Array], tuple[Any, dict, dict]]
+
+
+# Batch entries that are the conditioner's per-image inputs `(groups, batch, ...)` (SDXL's micro-conditioning).
+CONDITIONING = ("time_ids",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +46,18 @@ class StepSpec:
     remat: bool = False
     max_timestep: int = 0  # 0: all of the schedule's timesteps
     trainable: trainables.Trainable = trainables.EMBEDDINGS  # how what is trained enters the modules
-    # SDXL: the micro-conditioning of every training image (the released SDXL scripts' fixed (res, res, 0, 0, res,
-    # res) for squashed images); empty for SD 1.x/2.x.
+    # SDXL: the micro-conditioning of the images of a batch that carries none of its own (`batch["time_ids"]`,
+    # each image's, from `data.style_batch`): the released SDXL scripts' fixed (res, res, 0, 0, res, res) for
+    # squashed images; empty for SD 1.x/2.x.
     time_ids: tuple[float, ...] = ()
+    # How prompts condition the UNet (`pipeline.TextConditioner`, `sdxl.SDXLConditioner`: what the model's
+    # `sampling_conditioning` gives); None: SDXL's where `time_ids` is set, else SD's.
+    conditioner: Any = None
+
+    def __post_init__(self):
+        if self.conditioner is None:
+            conditioner = SDXLConditioner(self.clip_skip) if self.time_ids else TextConditioner(self.clip_skip)
+            object.__setattr__(self, "conditioner", conditioner)
 
 
 def draw_latents(spec: StepSpec, key, mean, logvar):
@@ -55,20 +70,33 @@ def draw_latents(spec: StepSpec, key, mean, logvar):
     return latents, noise, t
 
 
-def denoise(spec: StepSpec, group_params, frozen, ids, mean, logvar, group_keys, shared: bool = False):
-    """One denoising pass over every group of a step: text encoder and UNet each run once on all groups.
+def conditioning(batch: dict) -> dict:
+    """The conditioner's per-image inputs a batch carries (`CONDITIONING`)."""
+    return {name: batch[name] for name in CONDITIONING if name in batch}
+
+
+def denoise(spec: StepSpec, group_params, frozen, ids, mean, logvar, group_keys, shared: bool = False,
+            extras: dict | None = None):
+    """One denoising pass over every group of a step: text encoders and UNet each run once on all groups.
 
     Args:
       group_params: one copy per group of what is trained (leading axis `groups`); with `shared`, one copy for
         every group.
-      ids: `(groups, batch, tokens)`; mean, logvar: `(groups, batch, h, w, c)` cached VAE posteriors.
+      ids: `(groups, batch, tokens)`, with several text encoders (SDXL) `(groups, batch, encoders, tokens)`;
+        mean, logvar: `(groups, batch, h, w, c)` cached VAE posteriors.
       group_keys: `(groups,)` keys; each group's latent sample, noise and timesteps come from its own key.
+      extras: the conditioner's per-image inputs `(groups, batch, ...)` (`conditioning(batch)`); SDXL's
+        `time_ids` default to `spec.time_ids` for every image.
     Returns:
       The UNet's float32 predictions and their training targets `(groups, batch, h, w, c)`, the noisy latents
       `(groups, batch, h, w, c)` and the timesteps `(groups, batch)`.
     """
-    trainable = spec.trainable
-    sdxl = bool(spec.time_ids)
+    trainable, conditioner = spec.trainable, spec.conditioner
+    groups, batch = ids.shape[:2]
+    extras = dict(extras or {})
+    if spec.time_ids and "time_ids" not in extras:
+        extras["time_ids"] = jnp.broadcast_to(jnp.asarray(spec.time_ids, jnp.float32),
+                                              (groups, batch, len(spec.time_ids)))
 
     def run_unet(unet_states, x, t, context, added_cond):
         return nnx.merge(spec.graphdefs["unet"], *unet_states)(x, t, context, added_cond)
@@ -76,64 +104,70 @@ def denoise(spec: StepSpec, group_params, frozen, ids, mean, logvar, group_keys,
     if spec.remat:  # keep only the UNet's inputs for the backward pass and recompute the rest
         run_unet = jax.checkpoint(run_unet)
 
-    def text_encoder_of(params):
-        return nnx.merge(spec.graphdefs["text_encoder"], *trainable.module_states("text_encoder", params, frozen))
+    def encoders_of(params):
+        """The conditioner's text encoders with one copy of what is trained (None: the frozen ones)."""
+        return {name: nnx.merge(spec.graphdefs[name], *trainable.module_states(name, params, frozen))
+                for name in conditioner.encoders}
 
-    def embed(params, ids):
-        return trainable.embed(params, text_encoder_of(params).embeddings.token_embedding.embedding[...], ids)
+    def encoder_ids(ids):
+        """Each encoder's token ids: with several encoders, one row each on the axis before the tokens."""
+        return (ids,) if len(conditioner.encoders) == 1 else tuple(jnp.moveaxis(ids, -2, 0))
 
-    def condition(params, ids):
-        """The UNet's text conditioning `(context, added_cond)` of prompt ids with one copy of what is trained.
-        SDXL (`ids` `(n, 2, tokens)`, one row per tokenizer): both encoders' states with the trained rows of each
-        encoder (`trainables.SDXLEmbeddings`), the pooled embedding of encoder 2 and the fixed `time_ids`."""
-        if not sdxl:
-            return text_encoder_of(params)(inputs_embeds=embed(params, ids), clip_skip=spec.clip_skip), None
-        names = SDXLConditioner.encoders
-        encoders = [nnx.merge(spec.graphdefs[name], *trainable.module_states(name, params, frozen)) for name in names]
-        rows = tuple(trainable.encoder_rows(params, name) for name in names)  # None: only the table's rows
-        context, pooled = encode_prompt(*encoders, ids[:, 0], ids[:, 1], extra_token_rows=rows,
-                                        clip_skip=spec.clip_skip)
-        time_ids = jnp.broadcast_to(jnp.asarray(spec.time_ids, jnp.float32), (len(pooled), len(spec.time_ids)))
-        return context, {"text_embeds": pooled.astype(spec.compute_dtype), "time_ids": time_ids}
+    def embed(params, encoders, ids):
+        """Each encoder's input embeddings of its ids with one copy of what is trained: a trainable with rows per
+        encoder (SDXL's) gives them by name (`encoder_rows`), any other embeds with the one encoder's table."""
+        embeds = []
+        for name, each in zip(conditioner.encoders, encoder_ids(ids)):
+            table = encoders[name].embeddings.token_embedding.embedding[...]
+            rows = trainable.encoder_rows(params, name)
+            embeds.append(trainable.embed(params, table, each) if rows is None
+                          else tokens.embed_tokens(table, rows.astype(table.dtype), each))
+        return embeds
 
-    def one_pass(params, ids, latents, noise, t):
-        """Text encoder and UNet on a batch `(n, ...)` with one copy of what is trained."""
-        context, added_cond = condition(params, ids)
+    def condition(encoders, embeds, ids, extras):
+        """The UNet's text conditioning `(context, added_cond)`, the context in the compute dtype."""
+        context, added_cond = conditioner.from_embeds(encoders, embeds, encoder_ids(ids), extras)
+        return context.astype(spec.compute_dtype), added_cond
+
+    def one_pass(params, ids, latents, noise, t, extras):
+        """Text encoders and UNet on a batch `(n, ...)` with one copy of what is trained."""
+        encoders = encoders_of(params)
+        context, added_cond = condition(encoders, embed(params, encoders, ids), ids, extras)
         noisy = add_noise(spec.schedule.alphas_cumprod, latents, noise, t)
         prediction = run_unet(trainable.module_states("unet", params, frozen), noisy.astype(spec.compute_dtype), t,
-                              context.astype(spec.compute_dtype), added_cond)
+                              context, added_cond)
         target = training_target(spec.schedule, latents, noise, t)
         return prediction.astype(jnp.float32), target, noisy
 
-    groups, batch = ids.shape[:2]
     flat = lambda x: x.reshape(groups * batch, *x.shape[2:])
     by_group = lambda x: x.reshape(groups, batch, *x.shape[1:])
     latents, noise, t = jax.vmap(functools.partial(draw_latents, spec))(group_keys, mean, logvar)
     if shared:  # one set of weights: every group runs as one batch
-        prediction, target, noisy = one_pass(group_params, flat(ids), flat(latents), flat(noise), flat(t))
+        prediction, target, noisy = one_pass(group_params, flat(ids), flat(latents), flat(noise), flat(t),
+                                             jax.tree.map(flat, extras))
         return by_group(prediction), by_group(target), by_group(noisy), t
-    if trainable.trains_modules or sdxl:
+    if trainable.trains_modules:
         # Each group runs with its own copy of the trained weights (vmapped), so one backward pass gives every
-        # group's gradient. The frozen weights are shared (not mapped). SDXL's token rows take this path too: its
-        # two encoders embed and encode each group's prompts in one vmapped pass.
-        prediction, target, noisy = jax.vmap(one_pass)(group_params, ids, latents, noise, t)
+        # group's gradient. The frozen weights are shared (not mapped).
+        prediction, target, noisy = jax.vmap(one_pass)(group_params, ids, latents, noise, t, extras)
         return prediction, target, noisy, t
     # Only token rows differ between groups: each group embeds its prompts with its own copy, then every group
-    # runs through the frozen text encoder and UNet as one batch.
-    text_encoder = text_encoder_of(None)
-    embeds = jax.vmap(embed)(group_params, ids)
-    context = text_encoder(inputs_embeds=flat(embeds), clip_skip=spec.clip_skip)
+    # runs through the frozen text encoders and UNet as one batch.
+    encoders = encoders_of(None)
+    embeds = jax.vmap(lambda params, ids: embed(params, encoders, ids))(group_params, ids)
+    context, added_cond = condition(encoders, [flat(e) for e in embeds], flat(ids), jax.tree.map(flat, extras))
     latents, noise, t = flat(latents), flat(noise), flat(t)
     noisy = add_noise(spec.schedule.alphas_cumprod, latents, noise, t)
     prediction = run_unet(trainable.module_states("unet", None, frozen), noisy.astype(spec.compute_dtype), t,
-                          context.astype(spec.compute_dtype), None)
+                          context, added_cond)
     target = training_target(spec.schedule, latents, noise, t)
     return by_group(prediction.astype(jnp.float32)), by_group(target), by_group(noisy), by_group(t)
 
 
-def denoising_losses(spec: StepSpec, group_params, frozen, ids, mean, logvar, group_keys, shared: bool = False):
+def denoising_losses(spec: StepSpec, group_params, frozen, ids, mean, logvar, group_keys, shared: bool = False,
+                     extras: dict | None = None):
     """Per-group denoising losses `(groups,)`: the mean over each group's elements (arguments as `denoise`)."""
-    prediction, target, _, _ = denoise(spec, group_params, frozen, ids, mean, logvar, group_keys, shared)
+    prediction, target, _, _ = denoise(spec, group_params, frozen, ids, mean, logvar, group_keys, shared, extras)
     return jnp.mean(jnp.square(prediction - target), axis=(2, 3, 4)).mean(axis=1)
 
 
@@ -152,7 +186,7 @@ def group_gradients(spec: StepSpec, groups: int, share_noise: bool, params, froz
 
     def total_loss(group_params):
         losses = denoising_losses(spec, group_params, frozen, batch["ids"], batch["mean"], batch["logvar"],
-                                  group_keys(key, groups, share_noise))
+                                  group_keys(key, groups, share_noise), extras=conditioning(batch))
         return losses.sum(), losses
 
     group_params = jax.tree.map(lambda x: jnp.broadcast_to(x, (groups, *x.shape)), params)
