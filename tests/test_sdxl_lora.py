@@ -84,6 +84,23 @@ def assert_moved(merged, base):
         assert max(np.abs(merged[name][k] - base[name][k]).max() for k in base[name]) > 1e-3, name
 
 
+def random_adapters(module, targets, key, scale=0.1) -> dict[str, np.ndarray]:
+    """Rank-1 adapters `{"<path>.lora_down": (in, 1), "<path>.lora_up": (1, out)}` of random values on the linear
+    layers of `module` whose last name is one of `targets` (all of them with `targets` None)."""
+    adapters = {}
+    for index, (path, linear) in enumerate(nnx.iter_modules(module)):
+        path = ".".join(map(str, path))
+        if type(linear) is not nnx.Linear or targets is not None and path.rsplit(".", 1)[-1] not in targets:
+            continue
+        down, up = (jax.random.normal(jax.random.fold_in(key, 2 * index + i), shape) * scale
+                    for i, shape in enumerate(((linear.in_features, 1), (1, linear.out_features))))
+        adapters.update({f"{path}.lora_down": np.asarray(down), f"{path}.lora_up": np.asarray(up)})
+    return adapters
+
+
+# The run (about 100 s on 2 CPU cores: NSYNC's three groups through both encoders and the UNet) is shared by the
+# next two tests: with `-m slow`.
+@pytest.mark.slow
 def test_nsync_lora_trains_both_encoders_and_its_file_loads_in_diffusers(sdxl_dir, lora_run):
     workdir, result = lora_run
     assert set(result.trained) == set(COMPONENTS)
@@ -92,7 +109,8 @@ def test_nsync_lora_trains_both_encoders_and_its_file_loads_in_diffusers(sdxl_di
         # ... but those of text encoder 1's last layer: SDXL reads its penultimate layer (encoder 2's last one
         # gives the pooled embedding).
         unread = "encoder.layers.2." if name == "text_encoder" else "-"
-        assert all((np.abs(v).max() > 0) != k.startswith(unread) for k, v in flat.items() if k.endswith("lora_up")), name
+        ups = {k: v for k, v in flat.items() if k.endswith("lora_up")}
+        assert all((np.abs(v).max() > 0) != k.startswith(unread) for k, v in ups.items()), name
     path = workdir / "lora.safetensors"
     assert result.files == [path]
     keys = load_file(path)
@@ -105,6 +123,7 @@ def test_nsync_lora_trains_both_encoders_and_its_file_loads_in_diffusers(sdxl_di
     assert_same_weights(ours, fused_weights(diffusers_with(sdxl_dir, path)))
 
 
+@pytest.mark.slow
 def test_kohya_export_uses_the_sgm_names_and_loads_like_the_diffusers_file(sdxl_dir, lora_run, tmp_path, capsys):
     """`export --format a1111-lora` on SDXL writes kohya's SDXL names (the SGM UNet's `input_blocks`,
     `middle_block`, `output_blocks`; `lora_te1_`, `lora_te2_`), which `sample --lora` reads back to the deltas of
@@ -141,12 +160,8 @@ def test_every_unet_linear_layer_has_a_kohya_sdxl_name_diffusers_reads(sdxl_dir,
     assert None not in names and len(set(names)) == len(names)
     assert {"time_embed.0", "label_emb.0.2", "input_blocks.1.0.emb_layers.1", "middle_block.2.emb_layers.1",
             "output_blocks.5.0.emb_layers.1", "output_blocks.1.1.proj_out"} <= set(names)
-    key = jax.random.key(0)
-    adapters = {}
-    for index, (path, linear) in enumerate(linears):
-        down, up = (jax.random.normal(jax.random.fold_in(key, 2 * index + i), shape) * 0.1
-                    for i, shape in enumerate(((linear.in_features, 1), (1, linear.out_features))))
-        adapters.update({f"{path}.lora_down": np.asarray(down), f"{path}.lora_up": np.asarray(up)})
+    adapters = random_adapters(pipe.unet, None, jax.random.key(0))
+    assert len(adapters) == 2 * len(linears)
     files = {layout: tmp_path / f"{layout}.safetensors" for layout in ("diffusers", "kohya")}
     for layout, path in files.items():
         lora.write_lora_file(path, {"unet": adapters}, alpha=2.0, layout=layout,
@@ -158,3 +173,69 @@ def test_every_unet_linear_layer_has_a_kohya_sdxl_name_diffusers_reads(sdxl_dir,
     assert_same_weights(merged["kohya"], merged["diffusers"])
     theirs = fused_weights(diffusers_with(sdxl_dir, files["kohya"]))
     assert_same_weights({"unet": merged["kohya"]["unet"], "text_encoder": {}, "text_encoder_2": {}}, theirs, 1e-5)
+
+
+def test_sgm_names_of_sdxl_base_layers():
+    """kohya's SDXL names of diffusers layers for SDXL base's UNet (two layers per block, three levels)."""
+    layers_per_block = (2, 2, 2)
+    for path, sgm in (
+            ("down_blocks.0.resnets.1.time_emb_proj", "input_blocks.2.0.emb_layers.1"),
+            ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+             "input_blocks.4.1.transformer_blocks.0.attn1.to_q"),
+            ("down_blocks.2.attentions.1.proj_in", "input_blocks.8.1.proj_in"),
+            ("mid_block.attentions.0.transformer_blocks.9.ff.net.2", "middle_block.1.transformer_blocks.9.ff.net.2"),
+            ("mid_block.resnets.1.time_emb_proj", "middle_block.2.emb_layers.1"),
+            ("up_blocks.0.attentions.2.transformer_blocks.0.attn2.to_out.0",
+             "output_blocks.2.1.transformer_blocks.0.attn2.to_out.0"),
+            ("up_blocks.1.attentions.0.proj_out", "output_blocks.3.1.proj_out"),
+            ("up_blocks.2.resnets.2.time_emb_proj", "output_blocks.8.0.emb_layers.1"),
+            ("time_embedding.linear_1", "time_embed.0"), ("add_embedding.linear_2", "label_emb.0.2")):
+        assert lora.sgm_module_path(path, layers_per_block) == sgm, path
+    for path in ("down_blocks.0.resnets.0.conv1", "mid_block.attentions.1.proj_in", "mid_block.0.resnets.0.norm1",
+                 "down_blocks.attentions.0.proj_in", "conv_in"):
+        assert lora.sgm_module_path(path, layers_per_block) is None, path
+
+
+@pytest.mark.slow  # the compiled SDXL sampling loop, and diffusers sampling (30 to 70 s on 2 CPU cores)
+def test_sample_lora_on_sdxl_draws_what_diffusers_draws_with_it(sdxl_dir, tmp_path, capsys):
+    """A LoRA file on the UNet and both text encoders: `sample --lora` on the SDXL folder draws diffusers' image with
+    `load_lora_weights` of the same file (from the same latents), and another image than without it."""
+    import torch
+    from PIL import Image
+
+    pipe = load_pipeline(sdxl_dir, allow_sdxl=True)
+    key = jax.random.key(1)
+    params = {name: random_adapters(pipe.modules()[name], ("to_q", "to_v", "q_proj", "v_proj"),
+                                    jax.random.fold_in(key, index), scale=0.5) for index, name in enumerate(COMPONENTS)}
+    path = tmp_path / "style.safetensors"
+    lora.write_lora_file(path, params, alpha=1.0)
+    latents = np.random.default_rng(3).standard_normal((1, 4, HEIGHT // 2, WIDTH // 2)).astype(np.float32)
+    np.save(tmp_path / "latents.npy", latents)
+
+    def draw(output, *flags):
+        args = ["sample", "--model", sdxl_dir, "--prompt", PROMPT, "--steps", 2, "--guidance", 4.0, "--height", HEIGHT,
+                "--width", WIDTH, "--latents", tmp_path / "latents.npy", "--batch-size", 1, "--output", output, *flags]
+        assert main(list(map(str, args))) == 0, capsys.readouterr().err
+        return np.asarray(Image.open(output / "000000.png"), np.float32) / 255
+
+    with_lora, without = draw(tmp_path / "lora", "--lora", path), draw(tmp_path / "base")
+    reference = diffusers_with(sdxl_dir, path)(PROMPT, num_inference_steps=2, guidance_scale=4.0, height=HEIGHT,
+                                               width=WIDTH, latents=torch.from_numpy(latents),
+                                               output_type="np").images[0]
+    assert np.abs(with_lora - reference).max() <= 3 / 255  # 2/255 and the PNG's rounding
+    assert np.abs(with_lora - without).max() > 20 / 255
+
+
+def test_what_sdxl_lora_does_not_support_is_refused(sdxl_dir, sd1_dir, style_dir, tmp_path):
+    config = tiny_config(sdxl_dir, style_dir, method="dreamartist", trainable="lora", data__negatives="")
+    with pytest.raises(UserError, match=r"trainable='lora' with method='dreamartist' \(adapters per branch"):
+        trainer.train(config, tmp_path / "work", progress=False)
+    assert not (tmp_path / "work").exists()
+    # An SDXL file's second text encoder on Stable Diffusion 1.x: one line naming the file.
+    path = tmp_path / "sdxl_lora.safetensors"
+    text_encoder_2 = load_pipeline(sdxl_dir, allow_sdxl=True).text_encoder_2
+    lora.write_lora_file(path, {"text_encoder_2": random_adapters(text_encoder_2, ("q_proj",), jax.random.key(0))},
+                         alpha=1.0)
+    with pytest.raises(UserError, match=r"sdxl_lora\.safetensors: holds LoRA weights for a text_encoder_2, which "
+                                        r"the model has not"):
+        lora.merge_lora(load_pipeline(sd1_dir).modules(), lora.read_lora_file(path), source=path)
