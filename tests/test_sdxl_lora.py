@@ -13,7 +13,7 @@ from nsync_jax import lora, weights
 from nsync_jax.cli import main
 from nsync_jax.errors import UserError
 from nsync_jax.pipeline import load_pipeline
-from nsync_jax.train import trainer
+from nsync_jax.train import methods, trainables, trainer
 from sdxl_fixtures import sdxl_dir  # noqa: F401 (a fixture)
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -98,6 +98,23 @@ def random_adapters(module, targets, key, scale=0.1) -> dict[str, np.ndarray]:
     return adapters
 
 
+@pytest.mark.parametrize("text_encoder", [True, False])
+def test_lora_on_sdxl_adapts_the_unet_and_with_lora_text_encoder_both_encoders(sdxl_dir, style_dir, text_encoder):
+    config = tiny_config(sdxl_dir, style_dir, trainable="lora", lora__text_encoder=text_encoder)
+    method = methods.get(config.method)
+    trainable = trainables.get("lora").configured(config).for_model(True, config, method)
+    assert trainable.export_formats == ("diffusers-lora", "a1111-lora", "diffusers-pipeline")
+    pipe = load_pipeline(sdxl_dir, allow_sdxl=True)
+    _, frozen, trained = trainable.split(pipe, config, method, method.frozen_modules(config))
+    assert set(frozen) == set(COMPONENTS)  # the step reads both encoders either way
+    assert set(trained) == set(COMPONENTS if text_encoder else ("unet",))
+    for name, flat in trained.items():
+        layers = {k.rsplit(".", 2)[-2] for k in flat}
+        expected = {"to_q", "to_k", "to_v", "0"} if name == "unet" else {"q_proj", "k_proj", "v_proj", "out_proj"}
+        assert layers == expected, name
+        assert all(np.abs(v).max() == 0 for k, v in flat.items() if k.endswith("lora_up"))
+
+
 # The run (about 100 s on 2 CPU cores: NSYNC's three groups through both encoders and the UNet) is shared by the
 # next two tests: with `-m slow`.
 @pytest.mark.slow
@@ -121,6 +138,14 @@ def test_nsync_lora_trains_both_encoders_and_its_file_loads_in_diffusers(sdxl_di
     ours = merged_with(sdxl_dir, path)
     assert_moved(ours, merged_with(sdxl_dir))
     assert_same_weights(ours, fused_weights(diffusers_with(sdxl_dir, path)))
+
+
+@pytest.mark.slow
+def test_lora_exports_an_sdxl_pipeline_folder_with_the_adapters_merged(sdxl_dir, lora_run, tmp_path, capsys):
+    workdir, _ = lora_run
+    folder = export(workdir, "diffusers-pipeline", tmp_path / "merged", capsys)
+    assert_same_weights(our_weights(load_pipeline(folder, allow_sdxl=True)),
+                        merged_with(sdxl_dir, workdir / "lora.safetensors"))
 
 
 @pytest.mark.slow
