@@ -221,7 +221,7 @@ def test_sgm_names_of_sdxl_base_layers():
         assert lora.sgm_module_path(path, layers_per_block) is None, path
 
 
-@pytest.mark.slow  # the compiled SDXL sampling loop, and diffusers sampling (30 to 70 s on 2 CPU cores)
+# About 15 s on 2 CPU cores (one compiled SDXL sampling loop, and diffusers').
 def test_sample_lora_on_sdxl_draws_what_diffusers_draws_with_it(sdxl_dir, tmp_path, capsys):
     """A LoRA file on the UNet and both text encoders: `sample --lora` on the SDXL folder draws diffusers' image with
     `load_lora_weights` of the same file (from the same latents), and another image than without it."""
