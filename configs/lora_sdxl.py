@@ -1,10 +1,10 @@
-"""NSYNC-LoRA on SDXL base: NSYNC's projected gradient on LoRA adapters of the UNet's attention projections (the
-paper's LoRA variant, as configs/nsync_lora_sd15.py), with the released SDXL NSYNC script's settings where they
-apply (giddyyupp/NSYNC f12f84f, `src/contrastive_training_sdxl.py`): bf16 compute with float32 adapters, 1024 px
-squashed images (the VAE's sample size) with time_ids (1024, 1024, 0, 0, 1024, 1024), batch 4, gradient
-checkpointing (remat), seed 42, Euler previews. Its learning rate (1e-6) is a token row's; the adapters take
-common LoRA settings (rank 16, lr 1e-4, 2000 steps). No token is added: "zwx" is a rare existing word used as
-plain text in the prompts ("<caption> in the style of zwx"). With lora.text_encoder set, both text encoders get
+"""NSYNC-LoRA on SDXL base: configs/nsync_lora_sd15.py (NSYNC's projected gradient on LoRA adapters of the UNet's
+attention projections, the paper's LoRA variant: rank 16, lr 1e-4, 2000 steps) with the released SDXL NSYNC
+script's settings where they apply (giddyyupp/NSYNC f12f84f, `src/contrastive_training_sdxl.py`, as
+configs/nsync_sdxl.py): bf16 compute with float32 adapters, 1024 px squashed images (the VAE's sample size) with
+time_ids (1024, 1024, 0, 0, 1024, 1024), batch 4, gradient checkpointing (remat), seed 42, Euler previews; its
+learning rate (1e-6) and steps are a token row's. No token is added: "zwx" is a rare existing word used as plain
+text in the prompts ("<caption> in the style of zwx"). With lora.text_encoder set, both text encoders get
 adapters too.
 
   nsync-jax train --config configs/lora_sdxl.py --workdir runs/monet-lora-sdxl \
@@ -17,29 +17,16 @@ adapters too.
 The run also writes WORKDIR/lora.safetensors in diffusers' layout (`StableDiffusionXLPipeline.load_lora_weights`
 reads it); `--format a1111-lora` writes kohya's SDXL keys, which A1111 and ComfyUI read.
 """
-from nsync_jax.train.config import default_config
+from configs import nsync_lora_sd15, nsync_sdxl
+
+# What configs/nsync_sdxl.py takes from the released SDXL script that applies to adapters as well as to token rows.
+RELEASED_SDXL_SETTINGS = (("data", "resolution"), ("train", "dtype"), ("train", "remat"), ("train", "batch_size"),
+                          ("train", "seed"), ("sample", "scheduler"))
 
 
 def get_config():
-    config = default_config()
-    config.method = "nsync"
-    config.nsync.variant = "orthogonal_anchor"
-    config.nsync.granularity = "global"  # one projection over all adapters, as the paper's single vector
-    config.trainable = "lora"
-    config.placeholder_token = "zwx"
-    config.lora.rank = 16
-    config.lora.alpha = 16.0
-    config.lora.targets = ("to_q", "to_k", "to_v", "to_out.0")
-    config.lora.text_encoder = False
-    config.data.resolution = 1024
-    config.train.dtype = "bfloat16"
-    config.train.remat = True
-    config.train.steps = 2000
-    config.train.batch_size = 4
-    config.train.learning_rate = 1e-4
-    config.train.scale_lr = False
-    config.train.weight_decay = 1e-2
-    config.train.seed = 42
-    config.checkpoint.every_steps = 500
-    config.sample.scheduler = "euler"  # SDXL's default, for the preview grids
+    config = nsync_lora_sd15.get_config()
+    released = nsync_sdxl.get_config()
+    for section, key in RELEASED_SDXL_SETTINGS:
+        config[section][key] = released[section][key]
     return config
