@@ -1,9 +1,11 @@
 """DreamArtist on the tiny SDXL: both words (positive and negative) train rows in both text encoders, are written as
 one clip_l/clip_g file per word that diffusers' `load_textual_inversion` loads into both encoders, and
-`nsync-jax sample` with both files and the negative word as the negative prompt draws what diffusers draws."""
+`nsync-jax sample` with both files and the negative word as the negative prompt draws what diffusers draws; cropped
+images condition the step on their own micro-conditioning."""
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,9 @@ from safetensors.numpy import load_file
 from conftest import tiny_config
 from nsync_jax.cli import main
 from nsync_jax.pipeline import load_pipeline
-from nsync_jax.train import trainer
+from nsync_jax.train import methods, trainables, trainer
+from nsync_jax.train.methods.dreamartist import DreamArtistSpec, dreamartist_losses
+from nsync_jax.train.step import NoiseSchedule, StepSpec
 from sdxl_fixtures import sdxl_dir  # noqa: F401 (a fixture)
 
 POSITIVE, NEGATIVE = 2, 3  # rows of each word
@@ -103,3 +107,26 @@ def test_resume_is_bit_identical(run, sdxl_dir, style_dir, tmp_path):
         config = tiny_config(sdxl_dir, style_dir, train__steps=steps, checkpoint__every_steps=1, **OVERRIDES)
         resumed = trainer.train(config, tmp_path / "work", progress=False).trained
     jax.tree.map(np.testing.assert_array_equal, straight, resumed)
+
+
+def test_cropped_images_condition_the_step_on_their_own_time_ids(sdxl_dir, style_dir):
+    """With a cropping `data.resize` (accepted on SDXL), the loss of both words' fused prediction reads each image's
+    `time_ids` from the batch: the squashed images' (res, res, 0, 0, res, res), the step's default, give another."""
+    config = tiny_config(sdxl_dir, style_dir, **{**OVERRIDES, "dreamartist__reconstruction": False},
+                         data__resize="center_crop")
+    method = methods.get("dreamartist")
+    trainable = trainables.get("embeddings").for_model(True, config, method)
+    pipe = load_pipeline(sdxl_dir, allow_sdxl=True)
+    graphdefs, frozen, rows = trainable.split(pipe, config, method, method.frozen_modules(config))
+    data = method.prepare(pipe, method.read_data(config), config, None, False)
+    spec = StepSpec(graphdefs, NoiseSchedule.from_config(pipe.scheduler_config), pipe.vae.config.scaling_factor,
+                    jnp.float32, 0, trainable=trainable, time_ids=trainer.training_time_ids(config))
+    batch = {k: jnp.asarray(v) for k, v in data.batch(0).items()}
+    squashed = jnp.broadcast_to(jnp.asarray(spec.time_ids), batch["time_ids"].shape)
+    assert batch["time_ids"].shape == (1, config.train.batch_size, 6)
+    assert not np.array_equal(batch["time_ids"], squashed)  # 40 x 48 images: another original size and crop
+    loss = jax.jit(lambda batch: dreamartist_losses(spec, DreamArtistSpec.from_config(config), rows, frozen, batch,
+                                                    jax.random.key(0))[0])
+    cropped, as_squashed = float(loss(batch)), float(loss({**batch, "time_ids": squashed}))
+    assert float(loss({k: v for k, v in batch.items() if k != "time_ids"})) == pytest.approx(as_squashed, rel=1e-6)
+    assert abs(cropped - as_squashed) > 1e-6 * abs(cropped)

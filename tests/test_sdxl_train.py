@@ -121,7 +121,6 @@ def test_leaf_projection_refines_each_encoders_gradient_on_its_own(sdxl_dir, sty
     (dict(method="styleforge", trainable="full", data__negatives="", styleforge__generate_aux=1),
      "method='styleforge' is not supported on Stable Diffusion XL yet: use textual_inversion, nsync or dreamartist"),
     (dict(train__weight_decay_scope="table"), "train.weight_decay_scope='table'"),
-    (dict(data__resize="center_crop"), "data.resize='center_crop'"),
 ])
 def test_what_sdxl_does_not_support_yet_is_refused_naming_the_key(sdxl_dir, style_dir, tmp_path, override, key):
     with pytest.raises(UserError, match=re.escape(key)):

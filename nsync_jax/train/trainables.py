@@ -245,9 +245,6 @@ def check_sdxl(config, method) -> None:
         *others, last = (name for name, other in methods.REGISTRY.items() if other.supports_sdxl)
         supported = f"{', '.join(others)} or {last}"
         raise UserError(f"config method={method.name!r} is not supported on Stable Diffusion XL yet: use {supported}")
-    if config.data.resize != "squash":  # the crops' offsets would have to enter each image's time_ids
-        raise UserError(f"config data.resize={config.data.resize!r} is not supported on Stable Diffusion XL yet: "
-                        "use 'squash' (as the released SDXL scripts)")
 
 
 def split_frozen(pipe, names) -> tuple[dict, dict]:

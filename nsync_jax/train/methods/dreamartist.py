@@ -42,7 +42,7 @@ from nsync_jax.optim import clip_row_blocks, ema_reset, scale_row_blocks
 from nsync_jax.schedulers import predicted_original
 from nsync_jax.train import data as train_data
 from nsync_jax.train.methods.base import Method, Word
-from nsync_jax.train.step import StepSpec, denoise, group_keys
+from nsync_jax.train.step import StepSpec, conditioning, denoise, group_keys
 
 # gamma(t) = lo + (hi - lo) r(t / (T - 1)), as the released extension's dynamic CFG.
 GUIDANCE_SCHEDULES = ("constant", "ln", "cos", "cos2")
@@ -93,14 +93,16 @@ def dreamartist_losses(spec: StepSpec, da: DreamArtistSpec, trained, frozen, bat
         trainable lora, `{"rows": rows, "negative": adapters, "positive": adapters}`.
       batch: ids `(2, batch, tokens)`, the negative word's prompts then the positive word's (as released);
         mean, logvar `(1, batch, h, w, c)`; with reconstruction, pixels `(1, batch, H, W, 3)` in [-1, 1]; with
-        attention masks, weights `(1, batch, h, w)` of the squared error.
+        attention masks, weights `(1, batch, h, w)` of the squared error; on SDXL each image's `time_ids`
+        `(1, batch, 6)`.
     """
     # Both groups read the same posteriors with the same key: the two words see the same noisy latents and
     # timesteps; the UNet runs once on the batch of both (with LoRA, each group with its branch's adapters).
     both = lambda x: jnp.broadcast_to(x, (2, *x.shape[1:]))
     prediction, target, noisy, t = denoise(spec, spec.trainable.branch_params(trained, 2), frozen, batch["ids"],
                                            both(batch["mean"]), both(batch["logvar"]),
-                                           group_keys(key, 2, share_noise=True))
+                                           group_keys(key, 2, share_noise=True),
+                                           extras=jax.tree.map(both, conditioning(batch)))
     negative, positive = prediction[0], prediction[1]
     gamma = fusion_guidance(da, t[1], spec.schedule.num_train_timesteps)[:, None, None, None]
     fused = negative + gamma * (positive - negative)
