@@ -5,16 +5,18 @@ allocated and nothing is downloaded.
 (a) Parameters of each part, counted on the modules built from the folder's configs (`nnx.eval_shape`), and their
     bytes in 16-bit and float32 (arithmetic: *derived*).
 (b) The jitted NSYNC step as `trainer.train` builds it with `configs/nsync_sdxl.py` (variant `released`, so three
-    groups: positive, negative, anchor; both encoders' rows; bfloat16 weights and compute), lowered for
+    groups: positive, negative, anchor; both encoders' rows), weights and compute in `--dtype`, lowered for
     `jax.ShapeDtypeStruct`s at `--resolution` and compiled on one device for each of `--triples` and with and
     without `train.remat`: `compiled.memory_analysis()` (*measured*, XLA's buffer assignment of the backend that
-    compiles; on CPU bfloat16 convolutions and matmuls are computed through float32, so temporaries there are an
-    upper bound for a TPU or GPU).
+    compiles). float32 by default: XLA's CPU backend computes bfloat16 convolutions and matmuls through float32
+    and plans float32 copies of bfloat16 weights among the temporaries, so a CPU's bfloat16 plan says little
+    about an accelerator's; its attention (the einsum path) keeps every attention probability, as a TPU's does
+    and a GPU's cuDNN flash attention does not (docs/scaling.md derives the bfloat16 figures from these).
 (c) With `--meshes`, the same step on 8 simulated CPU devices (a child process with
     `--xla_force_host_platform_device_count=8`) at one triple per device, for each `data x fsdp` mesh: frozen
     weights replicated on (8, 1), split over fsdp (`mesh.shard_frozen_weights=True`) on the others.
 
-  python benchmarks/sdxl_memory.py                                   # SDXL base (the shipped config), 1024 px
+  python benchmarks/sdxl_memory.py --triples 1                       # SDXL base (the shipped config), 1024 px
   python benchmarks/sdxl_memory.py --meshes 8x1 2x4 1x8              # and the per-device plans of three meshes
   python benchmarks/sdxl_memory.py --model DIR --resolution 64 --no-write   # another SDXL folder's configs
 """
