@@ -93,7 +93,7 @@ def test_exported_folder_loads_in_diffusers_and_conditions_and_denoises_as_ours(
     assert np.abs(before - expected).max() > 1e-2 * np.abs(expected).max()
 
 
-# A compiled full step of the UNet and both encoders (about a minute on 2 busy cores): `-m slow`.
+# A compiled full step of the UNet and both encoders (about 2 minutes on 2 busy cores): `-m slow`.
 @pytest.mark.slow
 def test_trains_the_unet_and_both_text_encoders_and_exports_them(sdxl_dir, style_dir, tmp_path):
     workdir = tmp_path / "work"
@@ -130,7 +130,7 @@ def test_what_full_fine_tuning_cannot_do_on_sdxl_is_refused(sdxl_dir, style_dir,
     assert not (tmp_path / "work").exists()
 
 
-# Two compiled full steps in a child process with 8 simulated devices (about a minute on 2 cores): `-m slow`.
+# Two compiled full steps in a child process with 8 simulated devices (3 to 4 minutes on 2 busy cores): `-m slow`.
 @pytest.mark.slow
 def test_fsdp_splits_the_trained_weights_and_learns_what_one_device_learns(sdxl_dir, style_dir, tmp_path):
     from test_sharding import FULL_RUNS, run_child
