@@ -82,7 +82,7 @@ def peer_rows(args, folder: Path) -> dict:
 
     if "sampling" in args.parts:
         half = torch.float16 if device == "cuda" else torch.float32
-        pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=half).to(device)
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=half).to(device)
         pipe.set_progress_bar_config(disable=True)
         latents = torch.tensor(data["latents"], dtype=half, device=device)
 
@@ -109,7 +109,7 @@ def released_nsync_step(folder: Path, data: dict, args, device: str, weight_dtyp
     import torch.nn.functional as F
     from diffusers import StableDiffusionXLPipeline
 
-    base = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=weight_dtype)
+    base = StableDiffusionXLPipeline.from_pretrained(folder, dtype=weight_dtype)
     tok1, tok2, te1, te2 = base.tokenizer, base.tokenizer_2, base.text_encoder, base.text_encoder_2
     unet, vae, scheduler = base.unet, base.vae, base.scheduler
     placeholder_ids = []
