@@ -180,3 +180,20 @@ def test_sd_crops_the_same_pixels_and_takes_no_time_ids(sd1_dir, sized_style_dir
     batch["time_ids"] = np.zeros((3, 2, 6), np.float32)
     with pytest.raises(ValueError, match="time_ids"):
         method.gradients(spec, config)(rows, frozen, batch, jax.random.key(0))
+
+
+# Three short runs (about a minute on 2 busy CPU cores): with `-m slow`.
+@pytest.mark.slow
+def test_a_run_on_random_crops_resumes_bit_identically(sdxl_dir, sized_style_dir, tmp_path):
+    """`trainer.train` on SDXL with random crops, each step in two microbatches (the batch's time_ids split with
+    its posteriors): stopped after step 1 and resumed, it trains what the run without a stop trains."""
+    from nsync_jax.train import trainer
+
+    def config(steps):
+        return tiny_config(sdxl_dir, sized_style_dir, data__resize="random_crop", train__grad_accum_steps=2,
+                           train__steps=steps, checkpoint__every_steps=1)
+
+    straight = trainer.train(config(2), tmp_path / "straight", progress=False).trained
+    trainer.train(config(1), tmp_path / "resumed", progress=False)
+    resumed = trainer.train(config(2), tmp_path / "resumed", progress=False).trained
+    jax.tree.map(np.testing.assert_array_equal, straight, resumed)
