@@ -206,7 +206,7 @@ def test_min_snr_weighting_is_hcps(monkeypatch, sd1_dir):
     rng = np.random.default_rng(0)
     prediction, target = (jnp.asarray(rng.standard_normal((2, 3, 4, 4, 4)), jnp.float32) for _ in range(2))
     t = jnp.asarray([[10, 500, 990]] * 2)
-    monkeypatch.setattr(dreamartist, "denoise", lambda *args: (prediction, target, target, t))
+    monkeypatch.setattr(dreamartist, "denoise", lambda *args, **kwargs: (prediction, target, target, t))
     spec = StepSpec(None, schedule, 1.0, jnp.float32, 0)
     batch = {"ids": np.zeros((2, 3, 4), np.int32), "mean": np.zeros((1, 3, 4, 4, 4), np.float32),
              "logvar": np.zeros((1, 3, 4, 4, 4), np.float32)}

@@ -6,7 +6,7 @@ the step's randomness is `fold_in(key(seed), step)`. A batch holds groups `(grou
 positive, negative, anchor); `denoise` runs the text encoder and the UNet once over all of them, each group
 reading its own copy of what is trained, so one backward pass returns every group's gradient. What a method
 does with those predictions is its `gradients` function (`methods/`); what is trained and how it enters the
-modules is the trainable's (`trainables.py`).
+modules is the trainable's (`trainables/`).
 """
 from __future__ import annotations
 

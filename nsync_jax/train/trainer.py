@@ -4,7 +4,7 @@ Read top to bottom: check the config and read the data, load the frozen model, s
 cache the VAE posteriors, build the optimizer and the jitted step, restore a checkpoint if the workdir has one,
 loop, write the run's files. The method (`methods/`: Textual Inversion, NSYNC, DreamArtist, StyleForge) gives
 the data of each step, the gradient function and the optimizer's transformations; the trainable
-(`trainables.py`: token rows, LoRA, full weights) gives what is trained, its sharding and its files. Neither
+(`trainables/`: token rows, LoRA, full weights) gives what is trained, its sharding and its files. Neither
 is named here.
 
 Every step is one pure function `train_step(trained, opt_state, frozen, batch, key)` under `jax.jit`
