@@ -48,10 +48,14 @@ def latents_nchw(count=2, seed=0):
     pytest.param("ddim", "blue", dict(guidance_rescale=0.3), 0, marks=pytest.mark.slow),
     pytest.param("dpm", None, {}, 0, marks=pytest.mark.slow),
     pytest.param("dpm", "blue", dict(crops_coords_top_left=(16, 0)), 1, marks=pytest.mark.slow),
+    pytest.param("pndm", None, {}, 0, marks=pytest.mark.slow),
+    pytest.param("pndm", "blue", dict(target_size=(32, 24)), 0, marks=pytest.mark.slow),
 ])
 def test_sampling_matches_diffusers(scheduler, negative, options, clip_skip, pipe, torch_pipe):
     latents = latents_nchw()
-    torch_pipe.scheduler = TORCH_SCHEDULERS[scheduler or "euler"].from_config(torch_pipe.scheduler.config)
+    # PNDM over a config that does not say skip_prk_steps: ours runs PLMS (schedulers.py), so the reference does too.
+    plms = {"skip_prk_steps": True} if scheduler == "pndm" else {}
+    torch_pipe.scheduler = TORCH_SCHEDULERS[scheduler or "euler"].from_config(torch_pipe.scheduler.config, **plms)
     reference = torch_pipe(PROMPTS, negative_prompt=negative and [negative] * 2, num_inference_steps=3,
                            guidance_scale=5.0, height=HEIGHT, width=WIDTH, latents=torch.from_numpy(latents),
                            clip_skip=clip_skip or None, output_type="np", **options).images
