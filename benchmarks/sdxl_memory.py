@@ -168,19 +168,20 @@ def report(args, counts: dict[str, int], plans: list[dict], meshes: list[dict]) 
               f"{2 * step_weights / 1e9:.2f} | {4 * step_weights / 1e9:.2f} |",
               f"| full fine-tuning state of UNet + both encoders (float32 weights, gradients, Adam m and v: "
               f"16 B a parameter) | | | {16 * step_weights / 1e9:.1f} |"]
-    lines += [
-        f"\nNSYNC step (configs/nsync_sdxl.py: variant released, 3 groups; weights and compute {args.dtype}), "
-        f"{args.resolution} px "
-        f"(latents {args.resolution // 8}x{args.resolution // 8}), one device, *measured* (compiled plan, "
-        "`memory_analysis()`):\n",
-        "| triples | remat | frozen weights GiB | arguments GiB | temporaries GiB | total GiB (arguments + outputs - "
-        "donated + temporaries) | compile s |", "|---|---|---|---|---|---|---|",
-        *(f"| {p['triples']} | {p['remat']} | {p['frozen'] / GiB:.2f} | {p['argument'] / GiB:.2f} | "
-          f"{p['temp'] / GiB:.2f} | {total(p) / GiB:.2f} | {p['compile_s']:.0f} |" for p in plans),
-    ]
+    if plans:
+        lines += [
+            f"\nNSYNC step (configs/nsync_sdxl.py: variant released, 3 groups; weights and compute {args.dtype}), "
+            f"{args.resolution} px "
+            f"(latents {args.resolution // 8}x{args.resolution // 8}), one device, *measured* (compiled plan, "
+            "`memory_analysis()`):\n",
+            "| triples | remat | frozen weights GiB | arguments GiB | temporaries GiB | total GiB (arguments + outputs - "
+            "donated + temporaries) | compile s |", "|---|---|---|---|---|---|---|",
+            *(f"| {p['triples']} | {p['remat']} | {p['frozen'] / GiB:.2f} | {p['argument'] / GiB:.2f} | "
+              f"{p['temp'] / GiB:.2f} | {total(p) / GiB:.2f} | {p['compile_s']:.0f} |" for p in plans),
+        ]
     if meshes:
         lines += [
-            f"\nThe same step on 8 simulated devices, one triple per device (global batch 8), remat "
+            f"\nThe NSYNC step on 8 simulated devices, one triple per device (global batch 8), remat "
             f"{args.mesh_remat}, per device, *measured* (compiled plan):\n",
             "| mesh data x fsdp | frozen leaves split | frozen weights per device GiB | arguments GiB | "
             "temporaries GiB | total GiB | compile s |", "|---|---|---|---|---|---|---|",
