@@ -17,9 +17,11 @@ from nsync_jax.tokens import write_clip_tokenizer
 
 # The tests' models are tiny, so their time goes to XLA compiling steps: LLVM at optimisation level 0 compiles
 # faster (three of the slowest tests: 108 s against 128 s) and changes no result beyond float rounding. Read when
-# JAX first uses a device, so setting it here, before any test runs, is in time; child processes inherit it.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):  # a level set by the caller wins
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+# JAX first uses a device, so setting it when pytest configures, before any test runs, is in time; child processes
+# inherit it. A hook, not import time: the benchmarks import this module's builders and must compile as users do.
+def pytest_configure(config):
+    if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):  # a level set by the caller wins
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 
 @pytest.fixture(scope="session", autouse=True)
