@@ -70,3 +70,32 @@ def build_tiny_sdxl(folder: Path, tokenizer_dir: Path) -> Path:
 def sdxl_dir(tmp_path_factory, tiny_tokenizer_dir):
     """The tiny SDXL folder, built once per session (import this fixture into a test module to use it)."""
     return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl"), tiny_tokenizer_dir)
+
+
+def build_random_sdxl_base(folder: Path) -> Path:
+    """Saves SDXL base's architecture with random weights under `folder`: the configs and CLIP tokenizers shipped
+    in nsync_jax/architectures/sdxl-base (`single_file.shipped_config`: the real 49408-token vocabulary), each
+    model part built in float16 and written before the next is built, so that no more than the UNet (2.6 B
+    parameters, 5.2 GB) is held at once."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from nsync_jax.single_file import shipped_config
+
+    shipped_config("sdxl-base", folder)
+    parts = {"text_encoder": lambda path: CLIPTextModel(CLIPTextConfig.from_pretrained(path)),
+             "text_encoder_2": lambda path: CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(path)),
+             "vae": lambda path: AutoencoderKL.from_config(AutoencoderKL.load_config(path)),
+             "unet": lambda path: UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(path))}
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)  # initialised in float16: a float32 UNet alone would be 10.4 GB
+    try:
+        for part, build in parts.items():
+            module = build(folder / part)
+            module.save_pretrained(folder / part)
+            del module
+    finally:
+        torch.set_default_dtype(default)
+    return folder

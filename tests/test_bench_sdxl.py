@@ -37,6 +37,8 @@ def test_nsync_step_plan_holds_the_frozen_weights_and_the_activations(sdxl_dir):
     assert "| 2 | False |" in line
 
 
+# Both sides' sampling loops compile (about 20 s): with -m slow.
+@pytest.mark.slow
 def test_sampling_rows_time_both_sides(sdxl_dir):
     """In this process (the training rows, with the script's child process: `test_scripts_run_end_to_end`)."""
     args = argparse.Namespace(resolution=32, parts=["sampling"], batch=1, steps=1, guidance=5.0, repeats=1,

@@ -138,6 +138,8 @@ def test_deleted_and_truncated_negatives_come_back_byte_identical(pipe, first_se
         draw(pipe, captions, out, dataclasses.replace(BYTES_SETTINGS, batch_size=2))
 
 
+# 33 s on 2 cores; test_sampling's same-bits test checks the batch independence by default.
+@pytest.mark.slow
 def test_eight_devices_write_the_same_bytes_as_one(sd1_dir, first_set, tmp_path):
     captions, first = first_set
     env = {**os.environ, "JAX_PLATFORMS": "cpu",  # the test's own XLA flags, and 8 devices

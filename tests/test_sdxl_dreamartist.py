@@ -91,7 +91,7 @@ def test_exported_words_load_in_diffusers_and_sample_with_the_negative_word(run,
     expected = reference(prompt, negative_prompt="style-neg", num_inference_steps=2, guidance_scale=5.0,
                          height=HEIGHT, width=WIDTH, latents=torch.from_numpy(latents), output_type="np").images[0]
     drawn = np.asarray(Image.open(tmp_path / "out" / "000000.png"), np.float32) / 255
-    assert np.abs(drawn - expected).max() <= 3 / 255  # 2/255 and the PNG's rounding
+    assert np.abs(drawn - np.round(expected * 255) / 255).max() <= 2 / 255  # both as 8-bit images
     # ... and the negative word made a difference, so the comparison says something about it.
     plain = reference(prompt, num_inference_steps=2, guidance_scale=5.0, height=HEIGHT, width=WIDTH,
                       latents=torch.from_numpy(latents), output_type="np").images[0]
@@ -109,6 +109,8 @@ def test_resume_is_bit_identical(run, sdxl_dir, style_dir, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, straight, resumed)
 
 
+# test_sdxl_data checks per-image time_ids in the step's loss by default; this, DreamArtist's groups, with -m slow.
+@pytest.mark.slow
 def test_cropped_images_condition_the_step_on_their_own_time_ids(sdxl_dir, style_dir):
     """With a cropping `data.resize` (accepted on SDXL), the loss of both words' fused prediction reads each image's
     `time_ids` from the batch: the squashed images' (res, res, 0, 0, res, res), the step's default, give another."""

@@ -149,6 +149,8 @@ def test_config_errors_name_the_key(sd1_dir, style_dir, aux_dir, change, message
         check_config(config)
 
 
+# 42 s on 2 cores; a StyleForge run trains and exports by default in the replacement-VAE test.
+@pytest.mark.slow
 def test_multi_concept_run_with_generated_aux_images(sd1_dir, style_dir, aux_dir, tmp_path):
     """Two concepts trained jointly (LoRA, two steps of two microbatches): one with its Aux images, one whose
     Aux images are drawn with its class prompt first; both concepts' prompts reach the step and the metrics

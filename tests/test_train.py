@@ -110,9 +110,9 @@ def test_nonfinite_steps_are_skipped_when_asked(sd1_dir, style_dir):
     assert np.isfinite(metrics["loss"]) and not np.allclose(new_rows, rows)
 
 
-# Each variant compiles its own step (about 10 s on 2 CPU cores): the default run checks the paper's rule, one
-# without the anchor and the released one; `-m slow` the rest.
-DEFAULT_RUN_VARIANTS = ("orthogonal_anchor", "orthogonal", "released")
+# Each variant compiles its own step (about 10 s on 2 CPU cores): the default run checks the paper's rule and one
+# without the anchor (the released one is rerun against torch below); `-m slow` the rest.
+DEFAULT_RUN_VARIANTS = ("orthogonal_anchor", "orthogonal")
 
 
 @pytest.mark.parametrize("variants", [DEFAULT_RUN_VARIANTS, pytest.param(

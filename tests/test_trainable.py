@@ -313,6 +313,8 @@ def test_full_export_is_a_diffusers_pipeline(sd1_dir, style_dir, tmp_path, capsy
     assert rel_error(ours_text, text) <= 1e-4
 
 
+# 48 s on 2 cores; test_sampling's handoff test covers the sampling side by default.
+@pytest.mark.slow
 def test_lora_trained_below_a_timestep_previews_as_sample_draws_it(sd1_dir, style_dir, tmp_path):
     """A LoRA trained with train.max_timestep: its preview grid hands the high timesteps to the base model, and
     is the picture `sample --lora` draws from the exported file (whose header records the handoff)."""
